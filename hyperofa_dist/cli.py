@@ -1,0 +1,88 @@
+"""`hyperofa <command> [--config FILE] [key=value ...]`: the one entry point of every stage.
+
+Each command resolves its config (YAML + overrides, validated before any work), opens the MLflow parent run of
+this invocation, and calls the stage function with the config and the tracker. A `HyperofaError` becomes one
+line on stderr and exit status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Callable, Optional
+
+from .errors import HyperofaError
+
+# command -> (module, function, help). Modules are imported only when their command runs, so --help is fast.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "tokenizer": ("hyperofa_dist.tokenizer_build", "run_tokenizer_stage", "build the target tokenizer (extend or train)"),
+    "prepare": ("data_prep.prepare", "run_prepare_stage", "Ray job: corpus -> sampled, tokenized, packed webdataset shards"),
+}
+
+# `hyperofa bench <name>`: one JSON line with the figure and its same-run baseline.
+BENCHES: dict[str, tuple[str, str, str]] = {
+    "prepare": ("data_prep.bench", "bench_prepare", "throughput of prepare vs the raw tokenizer; 1 vs 2 workers"),
+}
+
+
+def _load(target: tuple[str, str, str]) -> Callable:
+    module, function, _ = target
+    return getattr(importlib.import_module(module), function)
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", help="YAML config file (see README: config reference)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. run.seed=3")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="hyperofa",
+        description="HyperOFA: expand a multilingual model's vocabulary and continue pretraining, distributed.",
+    )
+    parser.add_argument("--version", action="version", version=f"hyperofa-dist {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    for name, target in COMMANDS.items():
+        _add_config_args(sub.add_parser(name, help=target[2], description=target[2]))
+    bench = sub.add_parser("bench", help="benchmarks that print one JSON line", description="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench", metavar="<bench>")
+    for name, target in BENCHES.items():
+        p = bench_sub.add_parser(name, help=target[2], description=target[2])
+        _add_config_args(p)
+        p.add_argument("--corpus", help="use this corpus directory instead of a generated one")
+        p.add_argument("--workdir", help="keep the benchmark's files here (default: a temporary directory)")
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        from .config import load_config
+
+        config = load_config(args.config, args.overrides)
+        if args.command == "bench":
+            if args.bench is None:
+                parser.parse_args(["bench", "--help"])
+            return int(_load(BENCHES[args.bench])(config, args) or 0)
+        from .tracking import make_tracker
+
+        tracker = make_tracker(config)
+        with tracker.session(args.command, config):
+            return int(_load(COMMANDS[args.command])(config, tracker) or 0)
+    except HyperofaError as exc:
+        print(f"hyperofa {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"hyperofa {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""One typed config tree for every stage: a YAML file plus `key=value` overrides, validated up front.
+
+Every section is a pydantic model with `extra="forbid"`, so an unknown key, a wrong type or an impossible
+value is rejected before any work starts, and the error names the dotted key. Stages receive the whole
+validated tree; the effective config (defaults filled in) is what manifests store and MLflow logs.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import HyperofaError
+
+LANG_CODE = re.compile(r"^[a-z]{2,3}_[A-Z][a-z]{3}$")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
+
+
+class RunConfig(Section):
+    dir: str = Field("runs/default", description="Run directory; every stage writes <dir>/<stage>/.")
+    seed: int = Field(0, ge=0, description="Global seed: every random choice of every stage derives from it.")
+
+
+class TrackingConfig(Section):
+    enabled: bool = Field(True, description="Log to MLflow; false gives a no-op tracker.")
+    tracking_uri: Optional[str] = Field(
+        None, description="MLflow tracking URI; unset means sqlite:///<run.dir>/mlflow.db."
+    )
+    experiment: str = Field("hyperofa", min_length=1, description="MLflow experiment name.")
+
+
+class RayConfig(Section):
+    address: Optional[str] = Field(
+        None, description="Ray cluster to join ('auto', 'ray://head:10001'); unset starts a local Ray."
+    )
+    num_cpus: int = Field(2, ge=1, description="CPUs of the local Ray started when address is unset.")
+
+
+class SourceConfig(Section):
+    model: str = Field("xlm-roberta-base", min_length=1, description="Source model: HF hub name or local directory.")
+    tokenizer: Optional[str] = Field(None, description="Source tokenizer; unset means the source model's.")
+
+
+class CorpusConfig(Section):
+    path: Optional[str] = Field(
+        None, description="Corpus location: a directory (format dir or glot500_local); unused for format hub."
+    )
+    format: Literal["dir", "glot500_local", "hub"] = Field(
+        "dir",
+        description="dir: <lang_Script>.txt[.gz] files; glot500_local: per-language folders of parquet/jsonl "
+        "with a text column; hub: the HF dataset named by hub_name.",
+    )
+    hub_name: str = Field("cis-lmu/Glot500", description="HF dataset used when format is hub.")
+    languages: Optional[list[str]] = Field(
+        None, description="Languages to use (lang_Script codes); unset means every language found."
+    )
+
+    @field_validator("languages")
+    @classmethod
+    def _codes(cls, value: Optional[list[str]]) -> Optional[list[str]]:
+        if value is not None:
+            if not value:
+                raise ValueError("must be unset or a non-empty list")
+            for code in value:
+                if not LANG_CODE.match(code):
+                    raise ValueError(f"{code!r} is not a lang_Script code such as eng_Latn")
+        return value
+
+
+class TokenizerConfig(Section):
+    mode: Literal["extend", "train"] = Field(
+        "extend", description="extend: keep the source vocabulary and append new pieces; train: a fresh tokenizer."
+    )
+    new_tokens: int = Field(150_000, ge=1, description="extend: number of new pieces to append.")
+    vocab_size: int = Field(250_000, ge=16, description="train: size of the fresh vocabulary.")
+    model_type: Literal["unigram", "bpe"] = Field("unigram", description="train: the tokenizer model.")
+    sentences_per_language: int = Field(
+        200_000, ge=1, description="Sentences read per language to learn pieces (the first ones of each file)."
+    )
+    path: Optional[str] = Field(
+        None, description="Use this existing target tokenizer instead of <run.dir>/tokenizer (later stages)."
+    )
+
+
+class SamplingConfig(Section):
+    cap_per_language: Optional[int] = Field(
+        None, ge=1, description="At most this many training sentences per language (after temperature sampling)."
+    )
+    alpha: float = Field(0.3, gt=0.0, le=1.0, description="Temperature sampling exponent: p_i ~ n_i^alpha.")
+    total_sentences: Optional[int] = Field(
+        None, ge=1, description="Budget of training sentences spread by p_i; unset keeps every sentence once."
+    )
+    upsample: bool = Field(True, description="Let small languages repeat sentences to reach their share.")
+
+
+class PrepareConfig(Section):
+    block_size: int = Field(512, ge=8, description="Tokens per packed block, special tokens included.")
+    blocks_per_sample: int = Field(32, ge=1, description="Blocks stored together in one webdataset sample.")
+    samples_per_shard: int = Field(256, ge=1, description="Samples per tar shard before rolling to the next.")
+    chunk_bytes: int = Field(
+        64 * 2**20, ge=1024, description="Target bytes of raw text per Ray task; small languages are grouped."
+    )
+    normalization: Literal["NFC", "NFKC", "NFD", "NFKD", "none"] = Field(
+        "NFC", description="Unicode normal form applied to every line."
+    )
+    heldout_fraction: float = Field(
+        0.01, ge=0.0, lt=1.0, description="Share of each language's sentences held out for evaluation."
+    )
+    tokenize_batch_size: int = Field(1000, ge=1, description="Sentences per batched tokenizer call.")
+    max_retries: int = Field(3, ge=0, description="Ray retries of a task after a worker dies.")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+
+    @model_validator(mode="after")
+    def _sample_fits(self) -> "PrepareConfig":
+        if self.blocks_per_sample * self.block_size * 4 > 2**31:
+            raise ValueError("blocks_per_sample * block_size is too large for one sample")
+        return self
+
+
+class Config(Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    source: SourceConfig = Field(default_factory=SourceConfig)
+    corpus: CorpusConfig = Field(default_factory=CorpusConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    prepare: PrepareConfig = Field(default_factory=PrepareConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir).resolve()
+
+    def effective(self) -> dict[str, Any]:
+        """The config as plain JSON-able data, defaults filled in: what manifests store."""
+        return self.model_dump(mode="json")
+
+    def section(self, *names: str) -> dict[str, Any]:
+        """Sub-dict of the named sections, for a stage's input fingerprint."""
+        data = self.effective()
+        return {name: data[name] for name in names}
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (['a','b','c'], value); the value is read as YAML so 3, 0.5, true, null, [x, y] work."""
+    if "=" not in text:
+        raise HyperofaError(f"override {text!r} is not key=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise HyperofaError(f"override {text!r} has an empty key part")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise HyperofaError(f"override {text!r}: value is not valid YAML ({exc.__class__.__name__})") from None
+    return parts, value
+
+
+def _apply(tree: dict[str, Any], parts: list[str], value: Any, origin: str) -> None:
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise HyperofaError(f"config key {'.'.join(parts[: i + 1])} is not a section ({origin})")
+        node = child
+    node[parts[-1]] = value
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "<root>"
+    if first["type"] == "extra_forbidden":
+        return f"config key {key} does not exist"
+    return f"config key {key}: {first['msg']} (got {first.get('input')!r})"
+
+
+def build_config(tree: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        raise HyperofaError(_describe(exc)) from None
+
+
+def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
+    """Read YAML (optional), apply `key=value` overrides in order, validate; raise HyperofaError naming the key."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise HyperofaError(f"{path}: config file not found")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise HyperofaError(f"{path}: not valid YAML ({exc.__class__.__name__})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise HyperofaError(f"{path}: top level must be a mapping of sections")
+        tree = loaded or {}
+    for text in overrides:
+        parts, value = parse_override(text)
+        _apply(tree, parts, value, f"override {text!r}")
+    return build_config(tree)
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}: the form MLflow params take."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out

@@ -1,0 +1,63 @@
+import pytest
+
+from hyperofa_dist.config import Config, flatten, load_config, parse_override
+from hyperofa_dist.errors import HyperofaError
+
+
+def test_defaults_fill_every_section():
+    cfg = load_config()
+    assert cfg.prepare.block_size == 512
+    assert cfg.prepare.sampling.alpha == 0.3
+    assert cfg.tracking.enabled is True
+    assert set(cfg.effective()) == set(Config.model_fields)
+
+
+def test_yaml_then_overrides_in_order(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("run:\n  seed: 5\nprepare:\n  block_size: 128\n  sampling:\n    alpha: 0.5\n")
+    cfg = load_config(path, ["prepare.block_size=64", "corpus.languages=[eng_Latn, deu_Latn]", "ray.address=auto"])
+    assert cfg.run.seed == 5
+    assert cfg.prepare.block_size == 64
+    assert cfg.prepare.sampling.alpha == 0.5
+    assert cfg.corpus.languages == ["eng_Latn", "deu_Latn"]
+    assert cfg.ray.address == "auto"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("prepare.blocksize=3", "config key prepare.blocksize does not exist"),
+        ("nosuch.key=1", "config key nosuch does not exist"),
+        ("prepare.block_size=abc", "config key prepare.block_size: Input should be a valid integer"),
+        ("prepare.block_size=4", "config key prepare.block_size: Input should be greater than or equal to 8"),
+        ("prepare.sampling.alpha=0", "config key prepare.sampling.alpha: Input should be greater than 0"),
+        ("prepare.heldout_fraction=1.0", "config key prepare.heldout_fraction"),
+        ("corpus.format=csv", "config key corpus.format"),
+        ("corpus.languages=[english]", "'english' is not a lang_Script code"),
+        ("tracking.enabled=maybe", "config key tracking.enabled"),
+        ("run.seed='7'", "config key run.seed"),
+    ],
+)
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(HyperofaError) as info:
+        load_config(None, [override])
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(HyperofaError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(HyperofaError, match="top level must be a mapping"):
+        load_config(bad)
+    with pytest.raises(HyperofaError, match="is not key=value"):
+        parse_override("prepare.block_size")
+
+
+def test_flatten_for_mlflow_params():
+    flat = flatten(load_config(None, ["run.seed=3"]).effective())
+    assert flat["run.seed"] == 3
+    assert flat["prepare.sampling.alpha"] == 0.3
+    assert all(not isinstance(v, dict) for v in flat.values())
