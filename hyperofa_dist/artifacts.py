@@ -147,3 +147,12 @@ class Stage:
     def remove(self) -> None:
         if self.path.exists():
             shutil.rmtree(self.path)
+
+
+def fingerprint_path(path: str | Path) -> str:
+    """Identity of a file together with its companions (`x.kv` + `x.kv.vectors.npy`, as gensim saves them)."""
+    path = Path(path)
+    if not path.is_file():
+        raise HyperofaError(f"{path}: file not found")
+    files = [path] + sorted(p for p in path.parent.glob(path.name + ".*") if p.is_file())
+    return digest({p.name: sha256_file(p) for p in files})

@@ -48,3 +48,16 @@ def test_fingerprints(tmp_path):
     with pytest.raises(HyperofaError, match="directory not found"):
         fingerprint_dir(tmp_path / "nope")
     os.remove(tmp_path / "other.txt")
+
+
+def test_fingerprint_path_covers_companion_files(tmp_path):
+    from hyperofa_dist.artifacts import fingerprint_path
+
+    main = tmp_path / "w.kv"
+    main.write_bytes(b"kv")
+    (tmp_path / "w.kv.vectors.npy").write_bytes(b"1")
+    first = fingerprint_path(main)
+    (tmp_path / "w.kv.vectors.npy").write_bytes(b"2")
+    assert fingerprint_path(main) != first
+    with pytest.raises(HyperofaError, match="file not found"):
+        fingerprint_path(tmp_path / "absent.kv")
