@@ -1,0 +1,107 @@
+import gzip
+import json
+
+import pytest
+
+from hyperofa_dist.config import CorpusConfig
+from hyperofa_dist.corpus import (
+    discover,
+    iter_sentences,
+    normalize_line,
+    plan_units,
+    read_unit,
+    read_unit_sentences,
+)
+from hyperofa_dist.errors import HyperofaError
+
+
+def lines_of(path):
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rb") as handle:
+        return handle.read().decode().split("\n")[:-1]
+
+
+def test_discover_dir_layout(small_corpus):
+    sources = discover(CorpusConfig(path=str(small_corpus)))
+    assert [s.lang for s in sources] == sorted(s.lang for s in sources)
+    assert len(sources) == 6 and {s.lang.split("_")[1] for s in sources} == {"Latn", "Cyrl", "Grek"}
+    chosen = discover(CorpusConfig(path=str(small_corpus), languages=["qad_Grek", "qaa_Latn"]))
+    assert [s.lang for s in chosen] == ["qaa_Latn", "qad_Grek"]
+
+
+@pytest.mark.parametrize("chunk_bytes", [1024, 5000, 1 << 30])
+def test_units_cover_every_line_once_in_order(small_corpus, chunk_bytes):
+    sources = discover(CorpusConfig(path=str(small_corpus)))
+    units = plan_units(sources, chunk_bytes)
+    for source in sources:
+        mine = [u for u in units if u.lang == source.lang]
+        assert [u.chunk for u in mine] == list(range(len(mine)))
+        got = [x.decode() if isinstance(x, bytes) else x for u in mine for x in read_unit(u)]
+        assert got == lines_of(source.files[0])
+    if chunk_bytes == 1024:
+        big = [u for u in units if u.lang == "qaa_Latn"]
+        assert len(big) > 10 and all(u.kind == "bytes" for u in big)
+        assert {u.kind for u in units if u.lang == "qab_Cyrl"} == {"lines"}
+
+
+def test_discover_errors(tmp_path):
+    with pytest.raises(HyperofaError, match="corpus directory not found"):
+        discover(CorpusConfig(path=str(tmp_path / "absent")))
+    (tmp_path / "eng_Latn.txt").write_text("a\n")
+    (tmp_path / "english.txt").write_text("b\n")
+    with pytest.raises(HyperofaError, match=r"english.txt: name is not a lang_Script code"):
+        discover(CorpusConfig(path=str(tmp_path)))
+    assert [s.lang for s in discover(CorpusConfig(path=str(tmp_path), languages=["eng_Latn"]))] == ["eng_Latn"]
+    with pytest.raises(HyperofaError, match="requested language.*deu_Latn"):
+        discover(CorpusConfig(path=str(tmp_path), languages=["eng_Latn", "deu_Latn"]))
+    (tmp_path / "english.txt").unlink()
+    (tmp_path / "eng_Latn.txt.gz").write_bytes(gzip.compress(b"x\n"))
+    with pytest.raises(HyperofaError, match="appears twice"):
+        discover(CorpusConfig(path=str(tmp_path)))
+
+
+def test_empty_language_has_no_units(tmp_path):
+    (tmp_path / "eng_Latn.txt").write_text("")
+    (tmp_path / "deu_Latn.txt.gz").write_bytes(gzip.compress(b""))
+    assert plan_units(discover(CorpusConfig(path=str(tmp_path))), 1024) == []
+
+
+def test_normalisation_and_invalid_utf8(tmp_path):
+    assert normalize_line(b"  caf\xc3\xa9 \r") == ("café", False)
+    assert normalize_line("cafe\u0301", "NFC") == ("café", False)
+    assert normalize_line("cafe\u0301", "none") == ("cafe\u0301", False)
+    assert normalize_line(b"ab\xffcd") == ("ab\ufffdcd", True)
+    (tmp_path / "eng_Latn.txt").write_bytes(b"good line\n\xff\xfe bad\n   \n\nlast\n")
+    [unit] = plan_units(discover(CorpusConfig(path=str(tmp_path))), 1 << 20)
+    sentences, stats = read_unit_sentences(unit)
+    assert sentences == ["good line", "\ufffd\ufffd bad", "last"]
+    assert (stats.lines, stats.empty, stats.invalid_utf8) == (5, 2, 1)
+    assert list(iter_sentences(discover(CorpusConfig(path=str(tmp_path)))[0], limit=2)) == ["good line", "\ufffd\ufffd bad"]
+
+
+def test_glot500_local_layout_parquet_and_jsonl(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "eng_Latn").mkdir()
+    pq.write_table(pa.table({"text": [f"sentence {i}" for i in range(50)]}), tmp_path / "eng_Latn" / "a.parquet")
+    (tmp_path / "rus_Cyrl").mkdir()
+    (tmp_path / "rus_Cyrl" / "x.jsonl").write_text("".join(json.dumps({"text": f"строка {i}"}) + "\n" for i in range(30)))
+    sources = discover(CorpusConfig(path=str(tmp_path), format="glot500_local"))
+    assert [s.lang for s in sources] == ["eng_Latn", "rus_Cyrl"]
+    units = plan_units(sources, 200)
+    eng = [x for u in units if u.lang == "eng_Latn" for x in read_unit(u)]
+    assert eng == [f"sentence {i}" for i in range(50)]
+    assert len([u for u in units if u.lang == "eng_Latn"]) > 1
+    assert list(iter_sentences(sources[1], limit=3)) == ["строка 0", "строка 1", "строка 2"]
+    (tmp_path / "deu_Latn").mkdir()
+    (tmp_path / "deu_Latn" / "y.jsonl").write_text(json.dumps({"content": "x"}) + "\n")
+    with pytest.raises(HyperofaError, match="no 'text' column"):
+        plan_units(discover(CorpusConfig(path=str(tmp_path), format="glot500_local", languages=["deu_Latn"])), 200)
+
+
+def test_hub_offline_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(HyperofaError, match="cis-lmu/Glot500: cannot reach the dataset on the HF hub"):
+        discover(CorpusConfig(format="hub", languages=["eng_Latn"]))
