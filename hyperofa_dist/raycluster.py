@@ -1,0 +1,48 @@
+"""One way to get a Ray cluster for a stage: start a local one, or join the one `ray.address` names.
+
+`ray_session(config)` is a context manager. With `ray.address` unset it starts a local Ray with
+`ray.num_cpus` CPUs; set (`auto`, `ray://head:10001`, `head:6379`) it joins that cluster. Either way workers
+get `TOKENIZERS_PARALLELISM=false`: one Rust tokenizer thread per single-CPU task, so tasks never
+oversubscribe cores nor hit the tokenizers fork warning. It shuts down only what it started: inside an
+already initialised Ray (a benchmark that times start-up itself, a caller running several stages) it
+leaves that Ray running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator
+
+from .config import Config
+from .errors import HyperofaError
+
+WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false"}
+
+
+@contextlib.contextmanager
+def ray_session(config: Config) -> Iterator[object]:
+    import ray
+
+    if ray.is_initialized():
+        yield ray
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    runtime_env = {"env_vars": dict(WORKER_ENV)}
+    try:
+        if config.ray.address:
+            ray.init(address=config.ray.address, runtime_env=runtime_env, log_to_driver=True)
+        else:
+            ray.init(
+                num_cpus=config.ray.num_cpus,
+                runtime_env=runtime_env,
+                include_dashboard=False,
+                log_to_driver=True,
+            )
+    except (ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:
+        what = f"config key ray.address={config.ray.address}: cannot join" if config.ray.address else "cannot start"
+        raise HyperofaError(f"{what} the Ray cluster ({str(exc).strip()[:200]})") from None
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
