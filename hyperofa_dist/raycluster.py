@@ -1,7 +1,8 @@
 """One way to get a Ray cluster for a stage: start a local one, or join the one `ray.address` names.
 
 `ray_session(config)` is a context manager. With `ray.address` unset it starts a local Ray with
-`ray.num_cpus` CPUs; set (`auto`, `ray://head:10001`, `head:6379`) it joins that cluster. Either way workers
+`ray.num_cpus` CPUs (always a new one, even when another Ray runs on the machine); set (`auto`,
+`ray://head:10001`, `head:6379`) it joins that cluster. Either way workers
 get `TOKENIZERS_PARALLELISM=false`: one Rust tokenizer thread per single-CPU task, so tasks never
 oversubscribe cores nor hit the tokenizers fork warning. It shuts down only what it started: inside an
 already initialised Ray (a benchmark that times start-up itself, a caller running several stages) it
@@ -33,7 +34,9 @@ def ray_session(config: Config) -> Iterator[object]:
         if config.ray.address:
             ray.init(address=config.ray.address, runtime_env=runtime_env, log_to_driver=True)
         else:
+            # "local": always a fresh instance, never one another job left in /tmp/ray or RAY_ADDRESS names.
             ray.init(
+                address="local",
                 num_cpus=config.ray.num_cpus,
                 runtime_env=runtime_env,
                 include_dashboard=False,

@@ -1,0 +1,258 @@
+"""`hyperofa prepare` end to end on a real local Ray (one Ray for the whole module: it takes seconds to start).
+
+The corpus is conftest's small_corpus (6 languages, 3 scripts, skewed sizes, one gzipped file); the target
+tokenizer is an XLM-R-style Unigram trained here on all its languages. Expectations are computed from the
+corpus files directly, not from the stage's own records.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from data_prep.packing import unpack_blocks
+from data_prep.prepare import run_prepare_stage
+from data_prep.sampling import heldout_count, kept_order, plan_chunks, select_sentences, temperature_budgets
+from data_prep.shards import read_shard_blocks
+from hyperofa_dist import synthetic
+from hyperofa_dist.artifacts import sha256_file
+from hyperofa_dist.config import load_config
+from hyperofa_dist.corpus import discover, plan_units, read_unit_sentences
+from hyperofa_dist.raycluster import ray_session
+from hyperofa_dist.tracking import NullTracker
+
+pytestmark = pytest.mark.slow
+
+BLOCK = 64
+TOTAL = 6000  # training sentences spread by temperature: the small languages repeat, the largest is subsampled
+HELDOUT = 0.05
+
+
+@pytest.fixture(scope="module")
+def prep_tokenizer(tmp_path_factory, small_corpus) -> Path:
+    texts = [line for path in sorted(small_corpus.iterdir()) for line in synthetic.read_lines(path)]
+    return synthetic.train_source_tokenizer("xlmr", texts, 600, tmp_path_factory.mktemp("prep_tok") / "tok")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    with ray_session(load_config(None, ["ray.num_cpus=2"])) as ray:
+        yield ray
+
+
+def make_config(run_dir, corpus, tokenizer, seed=0, chunk_bytes=16384, **extra):
+    overrides = [
+        f"run.dir={run_dir}",
+        f"run.seed={seed}",
+        f"corpus.path={corpus}",
+        f"tokenizer.path={tokenizer}",
+        "tracking.enabled=false",
+        f"prepare.block_size={BLOCK}",
+        "prepare.blocks_per_sample=4",
+        "prepare.samples_per_shard=3",
+        f"prepare.chunk_bytes={chunk_bytes}",
+        f"prepare.heldout_fraction={HELDOUT}",
+        f"prepare.sampling.total_sentences={TOTAL}",
+        "prepare.tokenize_batch_size=64",
+        *(f"{k.replace('__', '.')}={v}" for k, v in extra.items()),
+    ]
+    return load_config(None, overrides)
+
+
+def prepare(config) -> dict:
+    assert run_prepare_stage(config, NullTracker()) == 0
+    return json.loads((config.run_dir / "prepare" / "manifest.json").read_text())
+
+
+def shard_files(run_dir: Path) -> dict[str, Path]:
+    stage = run_dir / "prepare"
+    return {p.relative_to(stage).as_posix(): p for p in sorted(stage.glob("*/*/*.tar"))}
+
+
+def without_run_dir(manifest: dict) -> dict:
+    manifest = json.loads(json.dumps(manifest))
+    manifest["config"]["run"].pop("dir")
+    return manifest
+
+
+@pytest.fixture(scope="module")
+def run_a(tmp_path_factory, small_corpus, prep_tokenizer, ray_cluster):
+    config = make_config(tmp_path_factory.mktemp("run_a"), small_corpus, prep_tokenizer)
+    return config, prepare(config)
+
+
+def test_shard_token_counts_sum_to_manifest_totals(run_a):
+    config, manifest = run_a
+    files = shard_files(config.run_dir)
+    assert sorted(files) == [o["path"] for o in manifest["outputs"]]
+    per = defaultdict(lambda: defaultdict(int))
+    for entry in manifest["outputs"]:
+        assert sha256_file(files[entry["path"]]) == entry["sha256"]
+    for rel, path in files.items():
+        split, lang = rel.split("/")[:2]
+        for _, sample_lang, ids in read_shard_blocks(path):
+            assert sample_lang == lang and ids.dtype == np.uint32 and ids.shape[1] == BLOCK
+            per[lang][f"{split}_blocks"] += ids.shape[0]
+            per[lang][f"{split}_tokens_in_blocks"] += int(np.count_nonzero(ids[:, 1:-1] != manifest["special_tokens"]["sep"]))
+            per[lang]["all_tokens"] += ids.size
+        per[lang][f"{split}_shards"] += 1
+    languages = manifest["counts"]["languages"]
+    for lang, stats in languages.items():
+        for key in ("train_blocks", "heldout_blocks", "train_tokens_in_blocks", "heldout_tokens_in_blocks",
+                    "train_shards", "heldout_shards"):
+            assert per[lang][key] == stats[key], (lang, key)
+        assert stats["train_blocks"] > 0 and stats["heldout_blocks"] > 0
+        assert stats["train_tokens_in_blocks"] + stats["train_tokens_lost"] == stats["train_tokens"]
+    totals = manifest["counts"]["totals"]
+    assert sum(p["all_tokens"] for p in per.values()) == (totals["train_blocks"] + totals["heldout_blocks"]) * BLOCK
+    assert sum(p["train_tokens_in_blocks"] for p in per.values()) == totals["train_tokens_in_blocks"]
+
+
+def test_blocks_decode_to_the_kept_sentences_in_order(run_a, prep_tokenizer):
+    from tokenizers import Tokenizer
+
+    config, manifest = run_a
+    tokenizer = Tokenizer.from_file(str(prep_tokenizer / "tokenizer.json"))
+    sep = manifest["special_tokens"]["sep"]
+    units = plan_units(discover(config.corpus), config.prepare.chunk_bytes)
+    read = {(u.lang, u.chunk): read_unit_sentences(u)[0] for u in units}
+    counts = defaultdict(list)
+    for unit in units:
+        counts[unit.lang].append(len(read[(unit.lang, unit.chunk)]))
+    sampling = config.prepare.sampling
+    plans = plan_chunks(counts, HELDOUT, sampling.alpha, sampling.total_sentences, None, True)
+    blocks = defaultdict(list)
+    for entry in manifest["shards"]:  # sorted by path: chunk, then shard index
+        for _, _, ids in read_shard_blocks(config.run_dir / "prepare" / entry["path"]):
+            blocks[(entry["split"], entry["lang"], entry["chunk"])].append(ids)
+    checked = 0
+    for unit in units:
+        sentences = read[(unit.lang, unit.chunk)]
+        heldout, multiplicity = select_sentences(plans[unit.lang][unit.chunk], 0, unit.lang, unit.chunk)
+        expected = {"train": [sentences[i] for i in kept_order(multiplicity)], "heldout": [sentences[i] for i in heldout]}
+        for split in ("train", "heldout"):
+            arrays = blocks.get((split, unit.lang, unit.chunk))
+            if not arrays:
+                continue
+            pieces = unpack_blocks(np.concatenate(arrays), sep)
+            decoded = [tokenizer.decode(p.tolist()) for p in pieces[:-1]]
+            assert decoded == expected[split][: len(decoded)], (split, unit.lang, unit.chunk)
+            tail = pieces[-1].tolist()
+            if len(decoded) < len(expected[split]):
+                full = tokenizer.encode(expected[split][len(decoded)], add_special_tokens=False).ids
+                assert tail == full[: len(tail)]
+            checked += len(decoded)
+    assert checked > 0.9 * (manifest["counts"]["totals"]["train_sentences"] + manifest["counts"]["totals"]["heldout_sentences"])
+
+
+def test_per_language_counts_match_a_direct_count(run_a, small_corpus):
+    config, manifest = run_a
+    languages = manifest["counts"]["languages"]
+    assert sorted(languages) == [lang.code for lang in synthetic.default_languages(6)]
+    direct = {}
+    for path in small_corpus.iterdir():
+        lines = synthetic.read_lines(path)
+        direct[path.name.split(".")[0]] = (len(lines), sum(1 for line in lines if line.strip()))
+    held = {lang: heldout_count(n, HELDOUT) for lang, (_, n) in direct.items()}
+    budgets = temperature_budgets({lang: n - held[lang] for lang, (_, n) in direct.items()}, 0.3, TOTAL, None, True)
+    for lang, (lines, sentences) in direct.items():
+        stats = languages[lang]
+        assert stats["lines"] == lines and stats["sentences"] == sentences and stats["empty"] == lines - sentences
+        assert stats["heldout_sentences"] == held[lang]
+        assert stats["train_sentences"] == budgets[lang]
+    assert sum(s["train_sentences"] for s in languages.values()) == TOTAL
+    smallest, largest = languages["qaf_Cyrl"], languages["qaa_Latn"]
+    assert smallest["train_sentences"] > smallest["sentences"]  # upsampled
+    assert largest["train_unique"] == largest["train_sentences"] < largest["sentences"]  # subsampled, no repeats
+    assert manifest["counts"]["skipped_languages"] == {}
+
+
+def test_same_seed_identical_shards_other_seed_other_sampling(run_a, tmp_path, small_corpus, prep_tokenizer):
+    config_a, manifest_a = run_a
+    manifest_b = prepare(make_config(tmp_path / "b", small_corpus, prep_tokenizer))
+    files_a, files_b = shard_files(config_a.run_dir), shard_files(tmp_path / "b")
+    assert sorted(files_a) == sorted(files_b)
+    assert all(files_a[k].read_bytes() == files_b[k].read_bytes() for k in files_a)
+    assert without_run_dir(manifest_a) == without_run_dir(manifest_b)
+
+    manifest_c = prepare(make_config(tmp_path / "c", small_corpus, prep_tokenizer, seed=1))
+    langs_a, langs_c = manifest_a["counts"]["languages"], manifest_c["counts"]["languages"]
+    # the same budgets, different sentences behind them
+    assert {k: v["train_sentences"] for k, v in langs_a.items()} == {k: v["train_sentences"] for k, v in langs_c.items()}
+    hashes_a = {o["path"]: o["sha256"] for o in manifest_a["outputs"]}
+    hashes_c = {o["path"]: o["sha256"] for o in manifest_c["outputs"]}
+    common = set(hashes_a) & set(hashes_c)
+    assert sum(hashes_a[p] != hashes_c[p] for p in common) > 0.9 * len(common)
+
+
+def _mtimes(stage: Path) -> dict[str, int]:
+    return {p.relative_to(stage).as_posix(): p.stat().st_mtime_ns for p in stage.rglob("*") if p.is_file()}
+
+
+def test_rerun_rewrites_nothing_and_a_deleted_shard_comes_back_identical(run_a, tmp_path):
+    config_a, manifest_a = run_a
+    run_dir = tmp_path / "copy"
+    shutil.copytree(config_a.run_dir, run_dir)
+    config = config_a.model_copy(update={"run": config_a.run.model_copy(update={"dir": str(run_dir)})})
+    stage = run_dir / "prepare"
+    before = _mtimes(stage)
+    time.sleep(0.01)
+    assert prepare(config) == manifest_a
+    assert _mtimes(stage) == before  # up to date: not even the manifest is rewritten
+
+    victim = manifest_a["outputs"][len(manifest_a["outputs"]) // 2]["path"]
+    original = (stage / victim).read_bytes()
+    (stage / victim).unlink()
+    manifest = prepare(config)
+    assert (stage / victim).read_bytes() == original
+    after = _mtimes(stage)
+    rewritten = {p for p in before if p.endswith(".tar") and after.get(p) != before[p]}
+    assert rewritten == {victim}
+    assert without_run_dir(manifest) == without_run_dir(manifest_a)
+
+
+def test_killed_worker_is_retried_and_manifest_equals_uninterrupted_run(tmp_path, world, prep_tokenizer, ray_cluster):
+    corpus = tmp_path / "corpus"
+    synthetic.write_corpus(corpus, world, synthetic.skewed_sizes(world.languages, 12000, 0.5), seed=3)
+    reference = prepare(make_config(tmp_path / "ref", corpus, prep_tokenizer, prepare__max_retries=3))
+    n_chunks = len(list((tmp_path / "ref" / "prepare" / "chunks").iterdir()))
+    assert n_chunks > 50
+
+    config = make_config(tmp_path / "killed", corpus, prep_tokenizer, prepare__max_retries=3)
+    outcome = {}
+
+    def target():
+        try:
+            outcome["manifest"] = prepare(config)
+        except BaseException as exc:  # handed to the test thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    killed, done_at_kill = None, None
+    deadline = time.time() + 120
+    while killed is None and thread.is_alive() and time.time() < deadline:
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            cmdline = proc.info["cmdline"] or []
+            if cmdline and cmdline[0].startswith("ray::prepare_chunks"):
+                records = config.run_dir / "prepare" / "chunks"
+                done_at_kill = len(list(records.iterdir())) if records.is_dir() else 0
+                proc.kill()
+                killed = proc.info["pid"]
+                break
+        time.sleep(0.005)
+    thread.join(timeout=300)
+    assert killed is not None, "no ray::prepare_chunks worker was seen"
+    assert not psutil.pid_exists(killed) or psutil.Process(killed).status() == psutil.STATUS_ZOMBIE
+    assert done_at_kill < n_chunks  # killed in the middle of the prepare round
+    assert "error" not in outcome, outcome.get("error")
+    assert without_run_dir(outcome["manifest"]) == without_run_dir(reference)
+    assert not list((config.run_dir / "prepare").rglob(".*.tmp-*"))
