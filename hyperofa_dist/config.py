@@ -87,6 +87,12 @@ class TokenizerConfig(Section):
     path: Optional[str] = Field(
         None, description="Use this existing target tokenizer instead of <run.dir>/tokenizer (later stages)."
     )
+    min_frequency: int = Field(
+        2, ge=1, description="BPE/WordPiece: a learned merge must occur at least this often in the sample."
+    )
+    fertility_sentences: int = Field(
+        2000, ge=1, description="Sentences per language (the first of the sample) for fertility statistics."
+    )
 
 
 class SamplingConfig(Section):

@@ -1,0 +1,322 @@
+"""`hyperofa tokenizer`: build the target tokenizer from the corpus and save it in HF format.
+
+The stage shell around `tokenizer_learn`: load the source tokenizer (`source.tokenizer`, else `source.model`),
+read the first `tokenizer.sentences_per_language` sentences of every corpus language, extend or train, save
+into `<run_dir>/tokenizer/` (built in a sibling temporary directory, checked, then renamed into place), write
+the manifest last and log counts and per-language fertility to MLflow.
+
+The saved `tokenizer_config.json` names the generic `PreTrainedTokenizerFast` class on purpose: family classes
+such as XLMRobertaTokenizer or BertTokenizer rebuild their model, normalizer and pre-tokenizer from vocabulary
+arguments in transformers 5, so the `tokenizer.json` written here would not be what gets used. Before the
+directory is renamed into place, stock `AutoTokenizer.from_pretrained` must reproduce the `tokenizers` object
+exactly (size, vocabulary, ids on the sample); a mismatch is a bug and stops the stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from .artifacts import Stage, digest
+from .config import Config
+from .errors import HyperofaError
+from . import tokenizer_learn as learn
+
+STAGE = "tokenizer"
+ROLES = ("bos", "eos", "unk", "sep", "pad", "cls", "mask")
+SAMPLE_FILE = ".sample.txt"
+
+
+# --- source tokenizer -----------------------------------------------------------------------------------------
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def load_source_tokenizer(config: Config) -> Any:
+    """The source tokenizer as a fast HF tokenizer; a one-line HyperofaError naming the key when it is missing."""
+    key = "source.tokenizer" if config.source.tokenizer else "source.model"
+    name = config.source.tokenizer or config.source.model
+    path = Path(name).expanduser()
+    local = path.exists()
+    if not local and _looks_like_path(name):
+        raise HyperofaError(f"{name}: source tokenizer not found ({key})")
+    if local and not path.is_dir():
+        raise HyperofaError(f"{name}: source tokenizer must be a directory ({key})")
+    import logging
+
+    from transformers import AutoTokenizer
+
+    # huggingface_hub logs every retry of an unreachable hub; the one-line error below says it all.
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path) if local else name)
+    except Exception as exc:  # transformers/hub raise many types; the user needs the name and the first line
+        first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:200]
+        if local:
+            raise HyperofaError(f"{name}: cannot load the source tokenizer ({key}; {exc.__class__.__name__}: {first})") from None
+        offline = any(os.environ.get(v, "") not in ("", "0") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+        hint = "the hub is offline (HF_HUB_OFFLINE); " if offline else ""
+        raise HyperofaError(
+            f"{name}: source tokenizer is not a local directory and cannot be loaded from the HF hub ({key}; "
+            f"{hint}{exc.__class__.__name__}: {first})"
+        ) from None
+    finally:
+        hub_log.setLevel(level)
+    if getattr(tokenizer, "backend_tokenizer", None) is None:
+        raise HyperofaError(f"{name}: source tokenizer has no fast (tokenizers) backend ({key})")
+    return tokenizer
+
+
+def special_roles(hf_tokenizer: Any) -> dict[str, str]:
+    """role -> token string (`mask` -> '<mask>'), for the roles the tokenizer defines."""
+    out = {}
+    for role in ROLES:
+        token = getattr(hf_tokenizer, f"{role}_token", None)
+        if token is not None:
+            out[role] = str(token)
+    return out
+
+
+def source_fingerprint(hf_tokenizer: Any) -> dict[str, Any]:
+    """Identity of the source tokenizer: its serialised backend and special-token roles (hub or directory alike)."""
+    backend = hf_tokenizer.backend_tokenizer.to_str()
+    return {
+        "tokenizer_json_sha256": hashlib.sha256(backend.encode("utf-8")).hexdigest(),
+        "roles": special_roles(hf_tokenizer),
+        "model_max_length": int(min(hf_tokenizer.model_max_length, 2**31 - 1)),
+    }
+
+
+# --- corpus sample --------------------------------------------------------------------------------------------
+
+
+class SampleFile:
+    """The sentence sample, one per line, re-iterable (trainers read it once per round) without holding it in RAM."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __iter__(self) -> Iterator[str]:
+        with open(self.path, encoding="utf-8", newline="\n") as handle:
+            for line in handle:
+                yield line[:-1] if line.endswith("\n") else line
+
+
+@dataclass
+class Sample:
+    file: SampleFile
+    sentences: dict[str, int]  # lang -> sentences sampled
+    sha256: dict[str, str]  # lang -> sha256 of its sampled sentences
+    heads: dict[str, list[str]]  # lang -> first sentences, for fertility
+    skipped: list[str]  # languages without a single sentence
+
+
+def read_sample(config: Config, sources: list, path: Path) -> Sample:
+    """The first `sentences_per_language` sentences of each language into `path`, hashed per language."""
+    from tqdm import tqdm
+
+    from .corpus import iter_sentences
+
+    limit = config.tokenizer.sentences_per_language
+    keep = config.tokenizer.fertility_sentences
+    sentences, hashes, heads, skipped = {}, {}, {}, []
+    with open(path, "w", encoding="utf-8", newline="\n") as out:
+        for source in tqdm(sources, desc="tokenizer sample", unit="lang", disable=not sys.stderr.isatty()):
+            h, n, head = hashlib.sha256(), 0, []
+            for text in iter_sentences(source, config.prepare.normalization, limit):
+                # A line separator inside a sentence would split it when the sample is read back.
+                text = text.replace("\n", " ").replace("\r", " ")
+                out.write(text + "\n")
+                h.update(text.encode("utf-8") + b"\n")
+                if n < keep:
+                    head.append(text)
+                n += 1
+            if n == 0:
+                skipped.append(source.lang)
+                continue
+            sentences[source.lang], hashes[source.lang], heads[source.lang] = n, h.hexdigest(), head
+    if not sentences:
+        where = config.corpus.path or config.corpus.hub_name
+        raise HyperofaError(f"{where}: the corpus has no sentences to learn a tokenizer from")
+    return Sample(SampleFile(path), sentences, hashes, heads, skipped)
+
+
+# --- saving and checking --------------------------------------------------------------------------------------
+
+
+def save_hf(tokenizer: Any, roles: dict[str, str], model_max_length: int, out_dir: Path) -> list[str]:
+    """Save a `tokenizers.Tokenizer` as an HF tokenizer directory; returns the file names written."""
+    from transformers import PreTrainedTokenizerFast
+
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        model_max_length=model_max_length,
+        **{f"{role}_token": token for role, token in roles.items()},
+    )
+    hf.save_pretrained(str(out_dir))
+    config_path = out_dir / "tokenizer_config.json"
+    data = json.loads(config_path.read_text(encoding="utf-8"))
+    data["tokenizer_class"] = "PreTrainedTokenizerFast"  # the name transformers 4 and 5 both resolve
+    config_path.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+    return sorted(p.name for p in out_dir.iterdir() if p.is_file())
+
+
+def verify_hf(out_dir: Path, tokenizer: Any, roles: dict[str, str], texts: list[str]) -> None:
+    """Stock AutoTokenizer must give exactly what the `tokenizers` object gives; otherwise this is a bug."""
+    from transformers import AutoTokenizer
+
+    loaded = AutoTokenizer.from_pretrained(str(out_dir))
+    size = tokenizer.get_vocab_size(with_added_tokens=True)
+    problems = []
+    if len(loaded) != size:
+        problems.append(f"len {len(loaded)} != {size}")
+    if loaded.get_vocab() != tokenizer.get_vocab(with_added_tokens=True):
+        problems.append("vocabulary differs")
+    for role, token in roles.items():
+        if getattr(loaded, f"{role}_token_id", None) != tokenizer.token_to_id(token):
+            problems.append(f"{role} token id differs")
+    batch = loaded(texts, add_special_tokens=True)["input_ids"] if texts else []
+    expected = [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=True)]
+    if batch != expected:
+        problems.append("ids differ on the sample")
+    if problems:
+        raise AssertionError(f"AutoTokenizer does not reproduce the built tokenizer: {'; '.join(problems)}")
+
+
+def _swap_into_place(built: Path, final: Path) -> None:
+    """Replace `final` by `built` with renames only: `final` is either the old or the new directory, never half."""
+    old = final.with_name(f".{final.name}.old-{socket.gethostname()}-{os.getpid()}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(built, final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+# --- the stage ------------------------------------------------------------------------------------------------
+
+
+def build_target(config: Config, source: Any, texts: SampleFile) -> tuple[Any, dict[str, Any]]:
+    """The target `tokenizers.Tokenizer` for the configured mode, and what to record about how it was made."""
+    cfg = config.tokenizer
+    backend = source.backend_tokenizer
+    progress = sys.stderr.isatty()
+    if cfg.mode == "extend":
+        ext = learn.extend(backend, texts, cfg.new_tokens, min_frequency=cfg.min_frequency, show_progress=progress)
+        if ext.shortfall:
+            print(f"hyperofa tokenizer: appended {len(ext.new_pieces)} of {cfg.new_tokens} new pieces: {ext.shortfall}",
+                  file=sys.stderr)
+        info = {
+            "new_pieces": len(ext.new_pieces),
+            "new_merges": ext.new_merges,
+            "learned_vocab_size": ext.learned_vocab_size,
+            "training_rounds": ext.rounds,
+            "shortfall": ext.shortfall,
+        }
+        return ext.tokenizer, info
+    unk = getattr(source, "unk_token", None)
+    target = learn.train(
+        backend, texts, cfg.model_type, cfg.vocab_size,
+        unk_token=str(unk) if unk is not None else None, min_frequency=cfg.min_frequency, show_progress=progress,
+    )
+    size = target.get_vocab_size(with_added_tokens=True)
+    shortfall = None
+    if size < cfg.vocab_size:
+        shortfall = f"the corpus sample supports only {size} of {cfg.vocab_size} entries"
+        print(f"hyperofa tokenizer: trained vocabulary is smaller than requested: {shortfall}", file=sys.stderr)
+    return target, {"shortfall": shortfall}
+
+
+def run_tokenizer_stage(config: Config, tracker: Any) -> int:
+    from .corpus import discover
+
+    sources = discover(config.corpus)
+    source = load_source_tokenizer(config)
+    stage = Stage(config.run_dir, STAGE)
+    config.run_dir.mkdir(parents=True, exist_ok=True)
+    build = config.run_dir / f".{STAGE}.build-{socket.gethostname()}-{os.getpid()}"
+    if build.exists():
+        shutil.rmtree(build)
+    build.mkdir()
+    with tracker.stage(STAGE, config) as t:
+        try:
+            started = time.perf_counter()
+            sample = read_sample(config, sources, build / SAMPLE_FILE)
+            inputs = {
+                "source_tokenizer": source_fingerprint(source),
+                "corpus_sample": sample.sha256,
+                # tokenizer.path is where later stages look, not how this stage builds.
+                "tokenizer": {k: v for k, v in config.section("tokenizer")["tokenizer"].items() if k != "path"},
+                "normalization": config.prepare.normalization,
+            }
+            if stage.is_complete(digest(inputs)):
+                print(f"hyperofa tokenizer: up to date ({stage.manifest_path})", file=sys.stderr)
+                t.set_tags({"hyperofa.up_to_date": "true"})
+                return 0
+            sample_s = time.perf_counter() - started
+            target, info = build_target(config, source, sample.file)
+            build_s = time.perf_counter() - started - sample_s
+            sample.file.path.unlink()
+
+            roles = special_roles(source)
+            max_length = inputs["source_tokenizer"]["model_max_length"]
+            files = save_hf(target, roles, max_length, build)
+            check_texts = [s for lang in sorted(sample.heads) for s in sample.heads[lang][:50]]
+            verify_hf(build, target, roles, check_texts)
+
+            backend = source.backend_tokenizer
+            source_size = backend.get_vocab_size(with_added_tokens=True)
+            fertility = {lang: learn.fertility(backend, target, sample.heads[lang]).as_dict() for lang in sorted(sample.heads)}
+            heads = [s for lang in sorted(sample.heads) for s in sample.heads[lang]]
+            counts = {
+                "source_size": source_size,
+                "target_size": target.get_vocab_size(with_added_tokens=True),
+                "sample_sentences": dict(sorted(sample.sentences.items())),
+                "skipped_languages": sample.skipped,
+                **{k: v for k, v in info.items() if k != "shortfall"},
+            }
+            if config.tokenizer.mode == "extend":
+                counts["new_pieces_used_in_sample"] = learn.pieces_used(target, heads, source_size)
+            specials = {role: [tok, target.token_to_id(tok)] for role, tok in roles.items()}
+            extra = {"fertility": fertility, "shortfall": info["shortfall"], "special_tokens": specials}
+
+            stage.begin(digest(inputs))
+            _swap_into_place(build, stage.path)
+            manifest = stage.write_manifest(
+                config=config.effective(), inputs=inputs, outputs=files, counts=counts, extra=extra
+            )
+        finally:
+            if build.exists():
+                shutil.rmtree(build)
+        _log(t, manifest, sample_s, build_s)
+        t.log_artifact(stage.manifest_path)
+    print(
+        f"hyperofa tokenizer: {config.tokenizer.mode}: {counts['source_size']} -> {counts['target_size']} tokens "
+        f"in {stage.path}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _log(tracker: Any, manifest: dict[str, Any], sample_s: float, build_s: float) -> None:
+    counts = manifest["counts"]
+    metrics = {k: v for k, v in counts.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    metrics.update(sample_s=sample_s, build_s=build_s, languages=len(counts["sample_sentences"]))
+    for lang, report in manifest["fertility"].items():
+        for key, value in report.items():
+            metrics[f"{key}/{lang}"] = value
+        metrics[f"sample_sentences/{lang}"] = counts["sample_sentences"][lang]
+    tracker.log_metrics(metrics)
+    tracker.set_tags({"hyperofa.up_to_date": "false", "hyperofa.shortfall": manifest.get("shortfall") or ""})
