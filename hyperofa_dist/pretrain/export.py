@@ -1,0 +1,107 @@
+"""From DeepSpeed checkpoints to a stock HF model directory, and to universal checkpoints.
+
+Export (INFRA_NOTES 0.6): `get_fp32_state_dict_from_zero_checkpoint` consolidates the ZeRO-1/2/3 partitions into
+one fp32 state dict; it is loaded into the stock HF class built from the starting model's config and written with
+`save_pretrained`, which re-ties the shared embedding/decoder matrix (`zero_to_fp32.py --safe_serialization`
+fails on the tied tensors). The result loads with `AutoModelForMaskedLM.from_pretrained` and no custom code.
+
+Universal checkpoints (INFRA_NOTES 0.7) let a job resume on a different number of ranks:
+
+    python -m deepspeed.checkpoint.ds_to_universal --input_folder ckpt/<tag> \\
+        --output_folder ckpt/<tag>_universal --inject_missing_state
+
+then `"checkpoint": {"load_universal": true}` and `load_checkpoint(ckpt, tag="<tag>_universal")`. The
+`--inject_missing_state` flag is required for a non-Megatron loop. `hyperofa pretrain pretrain.resume=true
+pretrain.universal=true` does both. Command line: `python -m hyperofa_dist.pretrain.export CKPT_DIR OUT_DIR
+--model START_MODEL_DIR [--tag TAG]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+from ..errors import HyperofaError
+
+PREFIX = "model."  # the training wrapper (train.MaskedLMObjective) holds the HF model as `.model`
+TOKENIZER_GLOBS = ("tokenizer*", "special_tokens_map.json", "sentencepiece.bpe.model", "vocab.*", "merges.txt")
+
+
+def consolidated_state_dict(ckpt_dir: str | Path, tag: Optional[str] = None) -> dict:
+    """The full fp32 state dict of the HF model inside a (ZeRO-partitioned) checkpoint."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    return {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in state.items()}
+
+
+def export_hf(ckpt_dir: str | Path, tag: Optional[str], start_model: str | Path, out_dir: str | Path) -> Path:
+    """Write `out_dir` as a stock HF masked-LM directory (weights + config + tokenizer) from a checkpoint."""
+    import torch
+    from transformers import AutoConfig, AutoModelForMaskedLM
+
+    out_dir, start_model = Path(out_dir), Path(start_model)
+    state = consolidated_state_dict(ckpt_dir, tag)
+    config = AutoConfig.from_pretrained(str(start_model))
+    model = AutoModelForMaskedLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or {})
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise HyperofaError(
+            f"{ckpt_dir}: checkpoint does not match {start_model}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    model.tie_weights()
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    for pattern in TOKENIZER_GLOBS:
+        for path in start_model.glob(pattern):
+            if path.is_file():
+                shutil.copy2(path, tmp / path.name)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def to_universal(ckpt_dir: str | Path, tag: str) -> str:
+    """Convert `ckpt_dir/<tag>` to `ckpt_dir/<tag>_universal` once (ds_to_universal); returns the new tag."""
+    ckpt_dir = Path(ckpt_dir)
+    target = f"{tag}_universal"
+    if not (ckpt_dir / target).is_dir():
+        tmp = ckpt_dir / f".{target}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        cmd = [
+            sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+            "--input_folder", str(ckpt_dir / tag), "--output_folder", str(tmp),
+            "--inject_missing_state", "--num_extract_workers", "1", "--num_merge_workers", "1",
+        ]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise HyperofaError(f"{ckpt_dir / tag}: conversion to a universal checkpoint failed: {tail[0][:300]}")
+        tmp.rename(ckpt_dir / target)
+    return target
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description="export a DeepSpeed pretraining checkpoint as an HF model dir")
+    parser.add_argument("checkpoint_dir")
+    parser.add_argument("out_dir")
+    parser.add_argument("--model", required=True, help="the model directory training started from (config, tokenizer)")
+    parser.add_argument("--tag", default=None, help="checkpoint tag (default: the one `latest` names)")
+    args = parser.parse_args(argv)
+    try:
+        export_hf(args.checkpoint_dir, args.tag, args.model, args.out_dir)
+    except HyperofaError as exc:
+        print(f"export: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

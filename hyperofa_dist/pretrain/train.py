@@ -1,0 +1,370 @@
+"""The continued-pretraining job, run on every rank under the `deepspeed` launcher.
+
+    deepspeed [--hostfile H --num_nodes N --launcher L] --module hyperofa_dist.pretrain.train --job job.json
+
+`hyperofa pretrain` (stage.py) writes `job.json` (the effective config, resolved paths and the filled DeepSpeed
+config) and launches this module; it can also be launched by hand with the same file (see launch/README.md).
+
+The loop, top to bottom: load the HF masked LM, wrap it so the engine's forward returns the masked-positions-only
+MLM loss, `deepspeed.initialize` with our AdamW groups, optionally resume, then per data epoch (checkpoint
+interval) build a loader that yields exactly the epoch's micro-batches on every rank and train. Each micro-step's
+dropout seed and each batch's mask are functions of (seed, rank, step), so a resumed run repeats the
+uninterrupted one. A non-finite loss (checked on all ranks together, before backward) stops the job at once:
+nothing is saved after it, so `latest` still names the last good checkpoint, and the message says which.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from ..artifacts import atomic_write_json
+from ..config import build_config
+from . import data as data_mod
+from .mlm import masked_lm_loss
+from .optim import EmbeddingWarmup, apply_settings, group_settings, lr_at, param_groups
+from .perf import model_flops_per_token, mfu, peak_flops
+
+NAN_EXIT = 3
+FAULT_ENV = "HYPEROFA_FAULT"  # test hook: "nan@<step>" or "kill@<step>" exercises the guards through the launcher
+
+
+class MaskedLMObjective(torch.nn.Module):
+    """Wraps the HF model so `engine(input_ids, labels)` is the MLM loss with logits only at masked positions.
+
+    Going through the engine's forward (rather than calling submodules from outside) is what lets ZeRO-3 gather
+    and release the partitioned parameters around every submodule, the tied decoder included."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        loss, n_masked = masked_lm_loss(self.model, input_ids, labels)
+        return loss, torch.tensor(float(n_masked), device=loss.device)
+
+
+def tag_of(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def _fault() -> tuple[Optional[str], int]:
+    spec = os.environ.get(FAULT_ENV, "")
+    if "@" not in spec:
+        return None, -1
+    kind, step = spec.split("@", 1)
+    return kind, int(step)
+
+
+def _memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    except Exception:  # noqa: BLE001 - memory is a nice-to-have metric
+        return float("nan")
+
+
+class Job:
+    def __init__(self, spec: dict[str, Any]):
+        import deepspeed
+        from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+        self.spec = spec
+        self.config = build_config(spec["config"])
+        self.p = self.config.pretrain
+        self.seed = self.config.run.seed
+        self.out = Path(spec["stage_dir"])
+        self.ckpt_dir = Path(spec["checkpoint_dir"])
+        on_gpu = torch.cuda.is_available()
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+        self.rank = torch.distributed.get_rank()
+        self.world = torch.distributed.get_world_size()
+        self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if on_gpu else torch.device("cpu")
+        if on_gpu:
+            torch.cuda.set_device(self.device)
+
+        tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
+        self.mask = data_mod.mask_spec(tokenizer, self.p.mlm_probability)
+        torch.manual_seed(self.seed)
+        model = AutoModelForMaskedLM.from_pretrained(spec["model_dir"], dtype=torch.float32)
+        self.seq_len = int(spec["block_size"])
+        self.flops_token = model_flops_per_token(model, self.seq_len, self.p.mlm_probability)
+        self.peak = peak_flops(self.p.peak_tflops)
+        self.warmup: Optional[EmbeddingWarmup] = None
+        if self.p.embedding_warmup_steps > 0:
+            rows = torch.load(spec["trainable_rows"], weights_only=True)
+            self.warmup = EmbeddingWarmup(model, rows)
+        if self.p.compile:
+            base = getattr(model, model.base_model_prefix)
+            setattr(model, model.base_model_prefix, torch.compile(base))
+        groups = param_groups(model, self.p.weight_decay)
+        self.group_names = [g["name"] for g in groups]
+        optimizer = torch.optim.AdamW(
+            groups, lr=self.p.lr, betas=tuple(self.p.betas), eps=self.p.eps, fused=on_gpu or None
+        )
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=MaskedLMObjective(model), optimizer=optimizer, config=spec["ds_config"]
+        )
+        self.shardset = data_mod.ShardSet(spec["train_shards"], spec["heldout_shards"], spec["train_blocks"])
+        self.probs = data_mod.mixing_probabilities(
+            sorted(self.shardset.train), self.shardset.blocks, self.p.language_weights
+        )
+        self.step, self.tokens_seen = 0, 0
+        self.last_good: Optional[str] = None
+        self.eval_sets = {
+            lang: data_mod.heldout_batches(shards, self.p.eval_blocks, self.p.micro_batch_size, self.mask, self.seed, lang)
+            for lang, shards in sorted(self.shardset.heldout.items())
+        }
+
+    # --- checkpoints ------------------------------------------------------------------------------------------
+
+    def resume(self) -> None:
+        tag = self.spec.get("resume_tag")
+        path, client = self.engine.load_checkpoint(
+            str(self.ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+        if path is None:
+            raise SystemExit(f"hyperofa pretrain: error: no checkpoint to resume from in {self.ckpt_dir}")
+        self.step = int(client["step"])
+        self.tokens_seen = int(client["tokens_seen"])
+        self.last_good = str(path)
+        self.say(f"resumed from {path} at step {self.step} ({self.tokens_seen} tokens seen)")
+
+    def save(self) -> None:
+        tag = tag_of(self.step)
+        client = {"step": self.step, "data_seed": self.seed, "tokens_seen": self.tokens_seen, "world_size": self.world}
+        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client, save_latest=True)
+        torch.distributed.barrier()
+        if self.rank == 0:
+            atomic_write_json(self.ckpt_dir / tag / "hyperofa.json", client)
+        self.last_good = str(self.ckpt_dir / tag)
+
+    # --- evaluation -------------------------------------------------------------------------------------------
+
+    def _loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = batch["input_ids"].to(self.device, non_blocking=True)
+        labels = batch["labels"].to(self.device, non_blocking=True)
+        return self.engine(ids, labels)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Held-out MLM loss per language (masked-token mean), the batches spread over all ranks."""
+        self.engine.eval()
+        out: dict[str, float] = {}
+        for lang, batches in self.eval_sets.items():
+            total = torch.zeros(2, dtype=torch.float64, device=self.device)
+            n_rounds = -(-len(batches) // self.world)
+            for r in range(n_rounds):
+                index = r * self.world + self.rank
+                # Every rank runs the same number of forwards (ZeRO-3 gathers parameters collectively).
+                batch = batches[index if index < len(batches) else 0]
+                loss, n = self._loss(batch)
+                if index < len(batches):
+                    total += torch.stack([loss.double() * n.double(), n.double()])
+            torch.distributed.all_reduce(total)
+            if total[1] > 0:
+                out[lang] = float(total[0] / total[1])
+        self.engine.train()
+        return out
+
+    # --- the loop -----------------------------------------------------------------------------------------------
+
+    def say(self, text: str) -> None:
+        if self.rank == 0:
+            print(f"hyperofa pretrain: {text}", file=sys.stderr, flush=True)
+
+    def run(self, tracker) -> int:
+        p = self.p
+        if self.spec.get("resume"):
+            self.resume()
+        if self.warmup is not None and self.step >= p.embedding_warmup_steps:
+            self.warmup.remove()
+        fault, fault_step = _fault()
+        log_path = self.out / "train_log.jsonl"
+        audit = open(self.out / "audit" / f"rank{self.rank}.jsonl", "a") if p.data_audit else None
+        micro_steps, window_tokens, window_blocks, window_loss, window_steps = 0, 0, 0, 0.0, 0
+        window_start = time.perf_counter()
+        engine = self.engine
+        engine.train()
+        while self.step < p.steps:
+            epoch_start = self.step
+            epoch_steps = min(p.save_every - self.step % p.save_every, p.steps - self.step)
+            loader = data_mod.train_loader(
+                self.shardset,
+                self.probs,
+                seed=self.seed,
+                epoch_start=epoch_start,
+                rank=self.rank,
+                world_size=self.world,
+                micro_batch_size=p.micro_batch_size,
+                n_batches=epoch_steps * p.grad_accum,
+                shuffle_buffer=p.shuffle_buffer,
+                mask=self.mask,
+                num_workers=p.num_workers,
+                prefetch_factor=p.prefetch_factor,
+                audit=p.data_audit,
+            )
+            step_loss = torch.zeros(2, dtype=torch.float64, device=self.device)
+            for index, batch in enumerate(loader):
+                micro = index % p.grad_accum
+                if micro == 0:
+                    if fault == "kill" and self.step + 1 == fault_step and self.rank == 0:
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    settings = group_settings(
+                        self.step,
+                        lr=lr_at(self.step, peak=p.lr, warmup=p.warmup_steps, total=p.steps, schedule=p.schedule),
+                        weight_decay=p.weight_decay,
+                        warmup_embedding_steps=p.embedding_warmup_steps,
+                    )
+                    apply_settings(self.optimizer, self.group_names, settings)
+                torch.manual_seed(data_mod.mix_seed(self.seed, "dropout", self.rank, self.step, micro))
+                loss, n_masked = self._loss(batch)
+                if fault == "nan" and self.step + 1 == fault_step:
+                    loss = loss * float("nan")
+                check = torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=self.device)])
+                torch.distributed.all_reduce(check)
+                if not torch.isfinite(check[0]):
+                    return self.stop_non_finite(float(check[0]), micro)
+                engine.backward(loss)
+                engine.step()
+                step_loss += check
+                micro_steps += 1
+                window_tokens += batch["input_ids"].numel() * self.world
+                window_blocks += batch["input_ids"].shape[0] * self.world
+                if audit is not None:
+                    audit.write(json.dumps({"step": self.step + 1, "blocks": batch["block_ids"]}) + "\n")
+                if micro != p.grad_accum - 1:
+                    continue
+                self.step += 1
+                self.tokens_seen += p.grad_accum * p.micro_batch_size * self.seq_len * self.world
+                loss_value = float(step_loss[0] / step_loss[1])
+                step_loss.zero_()
+                window_loss += loss_value
+                window_steps += 1
+                grad_norm = engine.get_global_grad_norm()
+                grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+                lr_now = settings["embedding"][0] if "embedding" in settings else p.lr
+                if self.rank == 0:
+                    with open(log_path, "a", encoding="utf-8") as handle:
+                        handle.write(
+                            json.dumps(
+                                {
+                                    "step": self.step,
+                                    "loss": loss_value,
+                                    "lr": lr_now,
+                                    "grad_norm": grad_norm,
+                                    "tokens_seen": self.tokens_seen,
+                                }
+                            )
+                            + "\n"
+                        )
+                if self.warmup is not None and self.step == p.embedding_warmup_steps:
+                    self.warmup.remove()
+                    self.say(f"embedding warm-up done at step {self.step}; training every parameter")
+                if self.step % p.log_every == 0 or self.step == p.steps:
+                    elapsed = max(time.perf_counter() - window_start, 1e-9)
+                    tok_s = window_tokens / elapsed
+                    metrics = {
+                        "train/loss": window_loss / window_steps,
+                        "train/lr": lr_now,
+                        "train/grad_norm": grad_norm,
+                        "perf/tokens_per_s": tok_s,
+                        "perf/samples_per_s": window_blocks / elapsed,
+                        "perf/memory_gb": _memory_gb(self.device),
+                        "train/tokens_seen": self.tokens_seen,
+                    }
+                    share = mfu(tok_s / self.world, self.flops_token, self.peak)
+                    if share is not None:
+                        metrics["perf/mfu"] = share
+                    tracker.log_metrics(metrics, step=self.step)
+                    self.say(
+                        f"step {self.step}/{p.steps} loss {metrics['train/loss']:.4f} lr {lr_now:.3g} "
+                        f"{tok_s:,.0f} tok/s" + (f" mfu {share:.3f}" if share is not None else "")
+                    )
+                    window_tokens = window_blocks = window_steps = 0
+                    window_loss = 0.0
+                if self.step % p.eval_every == 0 or self.step == p.steps:
+                    losses = self.evaluate()
+                    evals = {f"eval/{lang}/loss": v for lang, v in losses.items()}
+                    if losses:
+                        evals["eval/loss"] = sum(losses.values()) / len(losses)
+                    tracker.log_metrics(evals, step=self.step)
+                    if self.rank == 0:
+                        with open(self.out / "eval_log.jsonl", "a", encoding="utf-8") as handle:
+                            handle.write(json.dumps({"step": self.step, "loss": losses}) + "\n")
+                if self.step % p.save_every == 0 or self.step == p.steps:
+                    self.save()
+                window_start = time.perf_counter() if self.step % p.log_every == 0 else window_start
+        if audit is not None:
+            audit.close()
+        self.finish(micro_steps)
+        return 0
+
+    def stop_non_finite(self, value: float, micro: int) -> int:
+        where = (
+            f"the last good checkpoint is {self.last_good} and `latest` still names it; "
+            "resume with pretrain.resume=true after lowering pretrain.lr or checking the data"
+            if self.last_good
+            else "no checkpoint had been written yet"
+        )
+        message = f"loss became {value} at step {self.step + 1} (micro-batch {micro}); stopped without saving: {where}"
+        if self.rank == 0:
+            atomic_write_json(self.out / "failure.json", {"reason": "non-finite loss", "message": message})
+        self.say(message)
+        return NAN_EXIT
+
+    def finish(self, micro_steps: int) -> None:
+        atomic_write_json(
+            self.out / "ranks" / f"rank{self.rank}.json",
+            {"rank": self.rank, "world_size": self.world, "steps": self.step, "micro_steps": micro_steps},
+        )
+        # The engine's own loss on a fixed held-out batch: the exported HF model must reproduce it.
+        probe = next((batches[0] for _, batches in sorted(self.eval_sets.items()) if batches), None)
+        if probe is not None:
+            self.engine.eval()
+            with torch.no_grad():
+                loss, _ = self._loss(probe)
+            self.engine.train()
+            if self.rank == 0:
+                torch.save(
+                    {"input_ids": probe["input_ids"], "labels": probe["labels"], "loss": float(loss)},
+                    self.out / "probe.pt",
+                )
+        torch.distributed.barrier()
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description="hyperofa continued-pretraining job (one rank)")
+    parser.add_argument("--job", required=True, help="job.json written by `hyperofa pretrain`")
+    parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
+    args = parser.parse_args(argv)
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    spec = json.loads(Path(args.job).read_text(encoding="utf-8"))
+    from ..tracking import make_tracker
+
+    job = Job(spec)
+    for sub in ("ranks", "audit"):
+        (job.out / sub).mkdir(parents=True, exist_ok=True)
+    tracker = make_tracker(job.config)
+    with tracker.session("pretrain", job.config), tracker.stage("pretrain-train") as run:
+        run.set_tags({"hyperofa.world_size": job.world, "hyperofa.zero": job.p.zero})
+        if job.rank == 0:
+            run.log_params({"ds_config": json.dumps(spec["ds_config"], sort_keys=True)})
+        code = job.run(run)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
