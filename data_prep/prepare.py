@@ -2,8 +2,9 @@
 
 Ray core tasks work on (language, chunk) units planned by the corpus readers; small units are grouped so every
 task reads about `prepare.chunk_bytes`. Two rounds:
-1. count: the number of non-empty sentences of every unit, so the sampling plan (held-out share, temperature
-   sampling, cap) can be fixed per chunk before anything is written (data_prep.sampling);
+1. count (only with a sentence budget or cap): the non-empty sentences of every unit, so the sampling plan can
+   be fixed per chunk before anything is written (data_prep.sampling); without one a chunk's plan needs only
+   its own size and the task makes it;
 2. prepare: each task reads and normalises its units, selects sentences with a generator seeded by
    (seed, lang, chunk), tokenizes them with the target tokenizer's Rust backend (loaded once per worker
    process), packs them into blocks (data_prep.packing), writes deterministic tar shards (data_prep.shards)
@@ -33,7 +34,7 @@ from hyperofa_dist.errors import HyperofaError
 from hyperofa_dist.target import target_tokenizer_dir, tokenizer_fingerprint
 
 from .packing import Specials, flatten_ids, pack_sentences
-from .sampling import ChunkPlan, kept_order, plan_chunks, select_sentences
+from .sampling import ChunkPlan, kept_order, needs_corpus_counts, plan_chunks, select_sentences, unbudgeted_plan
 from .shards import build_shards, write_shard
 
 STAGE = "prepare"
@@ -54,6 +55,7 @@ class Settings:
     specials: Specials
     seed: int
     normalization: str
+    heldout_fraction: float
     block_size: int
     blocks_per_sample: int
     samples_per_shard: int
@@ -63,7 +65,7 @@ class Settings:
 @dataclass(frozen=True)
 class ChunkJob:
     unit: Unit
-    plan: ChunkPlan
+    plan: Optional[ChunkPlan]  # None: keep every sentence once, the task plans from its own sentence count
     record_digest: str
     keep_existing: bool  # True: the chunk was finished before and lost shards; leave the others untouched
 
@@ -112,11 +114,11 @@ def count_unit(unit: Unit, normalization: str) -> int:
 
 def encode(tokenizer: Any, sentences: list[str], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Flat uint32 ids and per-sentence offsets from the Rust tokenizer's batched encoder (no specials)."""
-    id_lists: list[list[int]] = []
-    for start in range(0, len(sentences), batch_size):
-        encodings = tokenizer.encode_batch_fast(sentences[start : start + batch_size], add_special_tokens=False)
-        id_lists.extend(e.ids for e in encodings)
-    return flatten_ids(id_lists)
+    batches = (
+        tokenizer.encode_batch_fast(sentences[start : start + batch_size], add_special_tokens=False)
+        for start in range(0, len(sentences), batch_size)
+    )
+    return flatten_ids(encoding.ids for batch in batches for encoding in batch)
 
 
 def record_path(stage_dir: Path, lang: str, chunk: int) -> Path:
@@ -127,7 +129,9 @@ def process_chunk(job: ChunkJob, settings: Settings, tokenizer: Any) -> dict[str
     """Read, normalise, select, tokenize, pack and shard one unit; write its record; return the record."""
     unit, plan = job.unit, job.plan
     sentences, line_stats = read_unit_sentences(unit, settings.normalization)
-    if len(sentences) != plan.n:
+    if plan is None:
+        plan = unbudgeted_plan(len(sentences), settings.heldout_fraction)
+    elif len(sentences) != plan.n:
         raise HyperofaError(
             f"{unit.path}: chunk {unit.chunk} of {unit.lang} has {len(sentences)} sentences now but had {plan.n} "
             "when counted; the corpus changed during prepare"
@@ -336,6 +340,29 @@ def _metrics(per_lang: dict[str, dict[str, int]], totals: dict[str, int]) -> dic
     return metrics
 
 
+def _count_and_plan(units: list[Unit], previous: list[Optional[dict]], prep) -> dict[str, list[ChunkPlan]]:
+    """Count the sentences of every unit not finished before (a Ray round), then plan every chunk."""
+    to_count = [u for u, r in zip(units, previous) if r is None]
+    groups = group_units(to_count, prep.chunk_bytes)
+    counted = run_tasks(count_sentences, [(g, prep.normalization) for g in groups], prep.max_retries, "prepare: count")
+    n_of = {(u.lang, u.chunk): n for g, ns in zip(groups, counted) for u, n in zip(g, ns)}
+    for unit, record in zip(units, previous):
+        if record is not None:
+            n_of[(unit.lang, unit.chunk)] = record["plan"]["n"]
+    chunk_counts: dict[str, list[int]] = {}
+    for unit in units:
+        chunk_counts.setdefault(unit.lang, []).append(n_of[(unit.lang, unit.chunk)])
+    sampling = prep.sampling
+    return plan_chunks(
+        chunk_counts,
+        prep.heldout_fraction,
+        sampling.alpha,
+        sampling.total_sentences,
+        sampling.cap_per_language,
+        sampling.upsample,
+    )
+
+
 def run_prepare_stage(config: Config, tracker) -> int:
     from hyperofa_dist.raycluster import ray_session
 
@@ -383,37 +410,17 @@ def run_prepare_stage(config: Config, tracker) -> int:
             specials=specials,
             seed=config.run.seed,
             normalization=prep.normalization,
+            heldout_fraction=prep.heldout_fraction,
             block_size=prep.block_size,
             blocks_per_sample=prep.blocks_per_sample,
             samples_per_shard=prep.samples_per_shard,
             batch_size=prep.tokenize_batch_size,
         )
         with ray_session(config):
-            to_count = [u for u, r in zip(units, previous) if r is None]
-            count_groups = group_units(to_count, prep.chunk_bytes)
-            counted = run_tasks(
-                count_sentences, [(g, prep.normalization) for g in count_groups], prep.max_retries, "prepare: count"
-            )
-            n_of = {(u.lang, u.chunk): n for g, ns in zip(count_groups, counted) for u, n in zip(g, ns)}
-            for unit, record in zip(units, previous):
-                if record is not None:
-                    n_of[(unit.lang, unit.chunk)] = record["plan"]["n"]
+            plans: Optional[dict[str, list[ChunkPlan]]] = None
+            if needs_corpus_counts(prep.sampling.total_sentences, prep.sampling.cap_per_language):
+                plans = _count_and_plan(units, previous, prep)
             count_s = time.perf_counter() - started
-
-            chunk_counts: dict[str, list[int]] = {}
-            for unit in units:
-                chunk_counts.setdefault(unit.lang, []).append(n_of[(unit.lang, unit.chunk)])
-            plans = plan_chunks(
-                chunk_counts,
-                prep.heldout_fraction,
-                prep.sampling.alpha,
-                prep.sampling.total_sentences,
-                prep.sampling.cap_per_language,
-                prep.sampling.upsample,
-            )
-            for lang, counts in chunk_counts.items():
-                if sum(counts) == 0:
-                    skipped[lang] = "no non-empty sentence"
 
             jobs: list[ChunkJob] = []
             records: list[dict[str, Any]] = []
@@ -421,7 +428,7 @@ def run_prepare_stage(config: Config, tracker) -> int:
                 if record is not None and _shards_intact(stage.path, record["shards"]):
                     records.append(record)
                     continue
-                plan = plans[unit.lang][unit.chunk]
+                plan = plans[unit.lang][unit.chunk] if plans is not None else None
                 jobs.append(ChunkJob(unit, plan, record_digest, keep_existing=record is not None))
             by_unit = {job.unit: job for job in jobs}
             job_groups = [[by_unit[u] for u in g] for g in group_units([j.unit for j in jobs], prep.chunk_bytes)]
@@ -430,6 +437,9 @@ def run_prepare_stage(config: Config, tracker) -> int:
         wall_s = time.perf_counter() - started
 
         records.sort(key=lambda r: (r["lang"], r["chunk"]))
+        for lang in languages:
+            if lang not in skipped and not any(r["plan"]["n"] for r in records if r["lang"] == lang):
+                skipped[lang] = "no non-empty sentence"
         shard_files = [s for r in records for s in r["shards"]]
         keep = {s["path"] for s in shard_files} | {
             record_path(stage.path, r["lang"], r["chunk"]).relative_to(stage.path).as_posix() for r in records

@@ -1,10 +1,11 @@
 """Seeded language sampling: how many sentences each language and each chunk keeps, held-out or for training.
 
 The plan is decided in two steps so that it never depends on how Ray schedules tasks:
-1. per language, from the sentence counts of the whole corpus: the held-out count H_i = round(f * n_i) and the
-   training budget T_i (temperature sampling p_i ∝ m_i^alpha to `total_sentences`, m_i = n_i - H_i, then the
-   per-language cap), each spread over the language's chunks in proportion to their sizes (largest remainder,
-   exact integers, ties to the lower chunk index);
+1. per chunk, the held-out count h = round(f * n) of its n sentences; per language, from the counts of the
+   whole corpus, the training budget T_i (temperature sampling p_i ∝ m_i^alpha to `total_sentences`, m_i the
+   language's non-held-out sentences, then the per-language cap), spread over the language's chunks in
+   proportion to their training sentences (largest remainder, exact integers, ties to the lower chunk index).
+   Without a budget or a cap every training sentence is kept once, and a chunk's plan needs only its own n;
 2. per chunk, from a generator seeded by (seed, lang, chunk) alone: which sentences are held out, and each
    training sentence's multiplicity (every sentence `t // m` times, `t % m` distinct ones once more).
 """
@@ -83,6 +84,17 @@ class ChunkPlan:
     train: int
 
 
+def needs_corpus_counts(total: Optional[int], cap: Optional[int]) -> bool:
+    """Whether chunk plans depend on other chunks' sizes (a budget or a cap), i.e. whether to count first."""
+    return total is not None or cap is not None
+
+
+def unbudgeted_plan(n: int, heldout_fraction: float) -> ChunkPlan:
+    """The plan of a chunk when every training sentence is kept once: it needs only the chunk's own size."""
+    heldout = heldout_count(n, heldout_fraction)
+    return ChunkPlan(n, heldout, n - heldout)
+
+
 def plan_chunks(
     chunk_counts: dict[str, list[int]],
     heldout_fraction: float,
@@ -92,12 +104,12 @@ def plan_chunks(
     upsample: bool,
 ) -> dict[str, list[ChunkPlan]]:
     """Per language, the plan of each of its chunks (in chunk order) from every chunk's sentence count."""
-    n_lang = {lang: sum(counts) for lang, counts in chunk_counts.items()}
-    h_lang = {lang: heldout_count(n, heldout_fraction) for lang, n in n_lang.items()}
-    budgets = temperature_budgets({lang: n_lang[lang] - h_lang[lang] for lang in n_lang}, alpha, total, cap, upsample)
+    heldouts = {lang: [heldout_count(n, heldout_fraction) for n in counts] for lang, counts in chunk_counts.items()}
+    train_counts = {lang: sum(counts) - sum(heldouts[lang]) for lang, counts in chunk_counts.items()}
+    budgets = temperature_budgets(train_counts, alpha, total, cap, upsample)
     plans: dict[str, list[ChunkPlan]] = {}
     for lang, counts in chunk_counts.items():
-        heldout = split_proportionally(h_lang[lang], counts)
+        heldout = heldouts[lang]
         train_sizes = [n - h for n, h in zip(counts, heldout)]
         train = split_proportionally(budgets[lang], train_sizes)
         plans[lang] = [ChunkPlan(n, h, t) for n, h, t in zip(counts, heldout, train)]

@@ -13,10 +13,12 @@ from data_prep.sampling import (
     ChunkPlan,
     heldout_count,
     kept_order,
+    needs_corpus_counts,
     plan_chunks,
     select_sentences,
     split_proportionally,
     temperature_budgets,
+    unbudgeted_plan,
 )
 from data_prep.shards import build_shards, read_shard_blocks, shard_name, write_shard
 from hyperofa_dist.corpus import Unit
@@ -68,6 +70,13 @@ def test_plan_chunks_spreads_language_budgets_over_chunks():
     assert sum(p.train for p in a) + sum(p.train for p in b) == 700
     # budget proportional to the training sentences of each chunk
     assert [p.train for p in a] == split_proportionally(sum(p.train for p in a), [p.n - p.heldout for p in a])
+
+
+def test_unbudgeted_plan_is_what_plan_chunks_gives_without_budget_or_cap():
+    counts = {"aaa_Latn": [1000, 999, 7], "bbb_Cyrl": [1]}
+    plans = plan_chunks(counts, 0.05, alpha=0.3, total=None, cap=None, upsample=True)
+    assert plans == {lang: [unbudgeted_plan(n, 0.05) for n in ns] for lang, ns in counts.items()}
+    assert not needs_corpus_counts(None, None) and needs_corpus_counts(10, None) and needs_corpus_counts(None, 3)
 
 
 def test_select_sentences_is_seeded_by_lang_and_chunk_only():

@@ -161,7 +161,11 @@ def test_per_language_counts_match_a_direct_count(run_a, small_corpus):
     for path in small_corpus.iterdir():
         lines = synthetic.read_lines(path)
         direct[path.name.split(".")[0]] = (len(lines), sum(1 for line in lines if line.strip()))
-    held = {lang: heldout_count(n, HELDOUT) for lang, (_, n) in direct.items()}
+    # held out per chunk: round(f * n) of each chunk's sentences
+    held = defaultdict(int)
+    for unit in plan_units(discover(config.corpus), config.prepare.chunk_bytes):
+        held[unit.lang] += heldout_count(len(read_unit_sentences(unit)[0]), HELDOUT)
+    assert all(abs(held[lang] - HELDOUT * n) <= 1 + HELDOUT * n / 10 for lang, (_, n) in direct.items())
     budgets = temperature_budgets({lang: n - held[lang] for lang, (_, n) in direct.items()}, 0.3, TOTAL, None, True)
     for lang, (lines, sentences) in direct.items():
         stats = languages[lang]
@@ -222,11 +226,16 @@ def test_rerun_rewrites_nothing_and_a_deleted_shard_comes_back_identical(run_a, 
 def test_killed_worker_is_retried_and_manifest_equals_uninterrupted_run(tmp_path, world, prep_tokenizer, ray_cluster):
     corpus = tmp_path / "corpus"
     synthetic.write_corpus(corpus, world, synthetic.skewed_sizes(world.languages, 12000, 0.5), seed=3)
-    reference = prepare(make_config(tmp_path / "ref", corpus, prep_tokenizer, prepare__max_retries=3))
+    # no sentence budget here: the tasks plan their chunks themselves (the other path of the stage)
+    options = {"prepare__max_retries": 3, "prepare__sampling__total_sentences": "null"}
+    reference = prepare(make_config(tmp_path / "ref", corpus, prep_tokenizer, **options))
+    assert reference["counts"]["totals"]["train_sentences"] + reference["counts"]["totals"]["heldout_sentences"] == sum(
+        synthetic.skewed_sizes(world.languages, 12000, 0.5).values()
+    )
     n_chunks = len(list((tmp_path / "ref" / "prepare" / "chunks").iterdir()))
     assert n_chunks > 50
 
-    config = make_config(tmp_path / "killed", corpus, prep_tokenizer, prepare__max_retries=3)
+    config = make_config(tmp_path / "killed", corpus, prep_tokenizer, **options)
     outcome = {}
 
     def target():
