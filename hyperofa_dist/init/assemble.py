@@ -1,0 +1,214 @@
+"""Assembly of the target coordinate matrix F_t with a provenance for every row (METHOD_REFERENCE §1.9).
+
+Order: copy (overlap and special tokens by role) -> predicted (HyperOFA or OFA) -> random. The reference marks
+"not yet set" rows by being all zero and later overwrites every all-zero row; a legitimately zero row (e.g. a
+zero-initialised padding embedding that was copied) would then be replaced. Here the provenance array is the only
+record of what each row is, and every row is set exactly once by the first rule that applies.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+
+from ..errors import HyperofaError
+from .random import random_rows
+
+PROVENANCE_NAMES = ("copy", "hyperofa", "ofa", "random")
+COPY, HYPEROFA, OFA, RANDOM = range(4)
+UNSET = np.uint8(255)
+NO_WORDS = "no_words"
+
+# Rows of F_t multiplied by P at once.
+_PRODUCT_CHUNK = 1 << 15
+
+
+@dataclass
+class Assembly:
+    coordinates: np.ndarray  # F_t, float32 [V_t, k]
+    provenance: np.ndarray  # uint8 [V_t], index into PROVENANCE_NAMES
+    predictions_overridden: int  # predictions dropped because the token is copied
+
+
+def assemble_coordinates(
+    vocab_size: int,
+    source_coordinates: np.ndarray,
+    copy_target_ids: np.ndarray,
+    copy_source_ids: np.ndarray,
+    predicted_ids: Optional[np.ndarray],
+    predicted_rows: Optional[np.ndarray],
+    predicted_kind: Optional[str],
+    random_mean: np.ndarray,
+    random_std: np.ndarray,
+    seed: int,
+) -> Assembly:
+    """F_t: copied rows, then predicted rows for tokens not copied, then seeded random rows for the rest."""
+    k = source_coordinates.shape[1]
+    copy_target_ids = np.asarray(copy_target_ids, dtype=np.int64)
+    copy_source_ids = np.asarray(copy_source_ids, dtype=np.int64)
+    if copy_target_ids.shape != copy_source_ids.shape:
+        raise HyperofaError("copy pairs: target_ids and source_ids differ in length")
+    _check_ids(copy_target_ids, vocab_size, "copy target ids")
+    _check_ids(copy_source_ids, len(source_coordinates), "copy source ids")
+    if len(np.unique(copy_target_ids)) != len(copy_target_ids):
+        raise HyperofaError("copy pairs: a target id is copied from two source tokens")
+
+    coordinates = np.empty((vocab_size, k), dtype=np.float32)
+    provenance = np.full(vocab_size, UNSET, dtype=np.uint8)
+    order = np.argsort(copy_source_ids, kind="stable")  # sorted reads of a memory-mapped F_s
+    coordinates[copy_target_ids[order]] = np.asarray(source_coordinates[copy_source_ids[order]], dtype=np.float32)
+    provenance[copy_target_ids] = COPY
+
+    overridden = 0
+    if predicted_ids is not None and len(predicted_ids):
+        if predicted_kind not in ("hyperofa", "ofa"):
+            raise ValueError(f"predicted_kind must be hyperofa or ofa, not {predicted_kind!r}")
+        predicted_ids = np.asarray(predicted_ids, dtype=np.int64)
+        check_predictions(predicted_ids, predicted_rows, vocab_size, k, "predictions")
+        keep = provenance[predicted_ids] == UNSET
+        overridden = int((~keep).sum())
+        coordinates[predicted_ids[keep]] = predicted_rows[keep]
+        provenance[predicted_ids[keep]] = HYPEROFA if predicted_kind == "hyperofa" else OFA
+
+    rest = np.flatnonzero(provenance == UNSET)
+    coordinates[rest] = random_rows(rest, random_mean, random_std, seed)
+    provenance[rest] = RANDOM
+    return Assembly(coordinates, provenance, overridden)
+
+
+def _check_ids(ids: np.ndarray, size: int, what: str) -> None:
+    if len(ids) and (ids.min() < 0 or ids.max() >= size):
+        bad = int(ids[(ids < 0) | (ids >= size)][0])
+        raise HyperofaError(f"{what}: id {bad} is out of range [0, {size})")
+
+
+def check_predictions(ids: np.ndarray, rows: np.ndarray, vocab_size: int, k: int, what: str) -> None:
+    """The validation the reference never did (§7.4): shapes, k, id range, duplicates, finiteness."""
+    if ids.ndim != 1 or rows is None or rows.ndim != 2 or len(rows) != len(ids):
+        shape = None if rows is None else tuple(rows.shape)
+        raise HyperofaError(f"{what}: expected ids [n] and rows [n, k], got {tuple(ids.shape)} and {shape}")
+    if rows.shape[1] != k:
+        raise HyperofaError(f"{what}: rows have dimension {rows.shape[1]} but the mapping's k is {k}")
+    _check_ids(ids, vocab_size, f"{what}: token ids (target vocabulary)")
+    if len(np.unique(ids)) != len(ids):
+        raise HyperofaError(f"{what}: a token id appears twice")
+    if not np.isfinite(rows).all():
+        raise HyperofaError(f"{what}: rows contain NaN or infinity")
+
+
+def is_identity(primitives: np.ndarray) -> bool:
+    """P is the D x D identity exactly when the mapping did not factorise (k = D)."""
+    k, d = primitives.shape
+    return k == d and np.array_equal(primitives, np.eye(k, dtype=primitives.dtype))
+
+
+def full_embeddings(coordinates: np.ndarray, primitives: np.ndarray) -> np.ndarray:
+    """E_t = F_t P, or F_t itself when there is no factorisation (k = D and P the identity)."""
+    k, d = primitives.shape
+    if coordinates.shape[1] != k:
+        raise HyperofaError(f"F_t has {coordinates.shape[1]} columns but P has {k} rows")
+    if is_identity(primitives):
+        return np.array(coordinates, dtype=np.float32, copy=True)
+    out = np.empty((len(coordinates), d), dtype=np.float32)
+    p = np.asarray(primitives, dtype=np.float32)
+    for a in range(0, len(coordinates), _PRODUCT_CHUNK):
+        out[a : a + _PRODUCT_CHUNK] = coordinates[a : a + _PRODUCT_CHUNK] @ p
+    return out
+
+
+# --- provenance counts ------------------------------------------------------------------------------------
+
+
+def provenance_counts(provenance: np.ndarray) -> dict[str, int]:
+    counts = np.bincount(provenance, minlength=len(PROVENANCE_NAMES))
+    if len(counts) > len(PROVENANCE_NAMES):
+        raise ValueError("provenance has values outside copy/hyperofa/ofa/random")
+    return {name: int(c) for name, c in zip(PROVENANCE_NAMES, counts)}
+
+
+_KEY = re.compile(r"^([a-z]{2,3}(?:_[A-Z][a-z]{3})?):(.+)$")
+_SCRIPT_NAMES = {
+    "LATIN": "Latn", "CYRILLIC": "Cyrl", "GREEK": "Grek", "ARABIC": "Arab", "HEBREW": "Hebr",
+    "DEVANAGARI": "Deva", "BENGALI": "Beng", "CJK": "Hani", "HIRAGANA": "Hira", "KATAKANA": "Kana",
+    "HANGUL": "Hang", "THAI": "Thai", "ARMENIAN": "Armn", "GEORGIAN": "Geor", "ETHIOPIC": "Ethi",
+    "TAMIL": "Taml", "TELUGU": "Telu", "KANNADA": "Knda", "MALAYALAM": "Mlym", "GUJARATI": "Gujr",
+    "GURMUKHI": "Guru", "ORIYA": "Orya", "SINHALA": "Sinh", "KHMER": "Khmr", "LAO": "Laoo",
+    "MYANMAR": "Mymr", "TIBETAN": "Tibt", "MONGOLIAN": "Mong", "SYRIAC": "Syrc", "THAANA": "Thaa",
+}
+
+
+def word_language(key: str) -> str:
+    """`lang:word` / `lang_Script:word` keys (ColexNet+ style) name their language; others are 'und'."""
+    match = _KEY.match(key)
+    return match.group(1) if match else "und"
+
+
+def word_script(key: str) -> str:
+    """ISO 15924-style script of a word key: from a `lang_Script:` prefix, else from its first letter."""
+    match = _KEY.match(key)
+    if match and "_" in match.group(1):
+        return match.group(1).split("_", 1)[1]
+    word = match.group(2) if match else key
+    for char in word:
+        if char.isalpha():
+            name = unicodedata.name(char, "")
+            first = name.split(" ", 1)[0] if name else ""
+            return _SCRIPT_NAMES.get(first, first.title()[:4] or "Zyyy")
+    return "Zyyy"
+
+
+def group_codes(labels: Iterable[str]) -> tuple[np.ndarray, list[str]]:
+    """Labels -> (int32 code per label, sorted distinct names)."""
+    labels = list(labels)
+    names = sorted(set(labels))
+    index = {name: i for i, name in enumerate(names)}
+    return np.fromiter((index[label] for label in labels), dtype=np.int32, count=len(labels)), names
+
+
+def provenance_by_group(
+    provenance: np.ndarray,
+    indptr: np.ndarray,
+    indices: np.ndarray,
+    word_groups: np.ndarray,
+    group_names: Sequence[str],
+    chunk: int = 1 << 16,
+) -> dict[str, dict[str, int]]:
+    """For each group (language or script): provenance counts of the target tokens having a word of that group.
+
+    A token whose words span several groups counts once in each; tokens without words form `no_words`.
+    """
+    n_groups = len(group_names)
+    n_kinds = len(PROVENANCE_NAMES)
+    table = np.zeros((n_groups + 1, n_kinds), dtype=np.int64)
+    vocab_size = len(provenance)
+    for a in range(0, vocab_size, chunk):
+        b = min(a + chunk, vocab_size)
+        lengths = np.diff(np.asarray(indptr[a : b + 1], dtype=np.int64))
+        tokens = np.repeat(np.arange(a, b, dtype=np.int64), lengths)
+        groups = word_groups[np.asarray(indices[int(indptr[a]) : int(indptr[b])], dtype=np.int64)]
+        pairs = np.unique(tokens * n_groups + groups)
+        cells = (pairs % n_groups) * n_kinds + provenance[pairs // n_groups]
+        table[:n_groups] += np.bincount(cells, minlength=n_groups * n_kinds).reshape(n_groups, n_kinds)
+        empty = np.arange(a, b)[lengths == 0]
+        table[n_groups] += np.bincount(provenance[empty], minlength=n_kinds)
+    out = {}
+    for g, name in enumerate(list(group_names) + [NO_WORDS]):
+        if table[g].any():
+            out[name] = {kind: int(c) for kind, c in zip(PROVENANCE_NAMES, table[g])}
+    return out
+
+
+def mean_cosine(estimates: np.ndarray, truth: np.ndarray) -> float:
+    """Mean over rows of cos(estimate, true row); a zero row has cosine 0. The held-out quality of every method."""
+    e = np.asarray(estimates, dtype=np.float64)
+    t = np.asarray(truth, dtype=np.float64)
+    if e.shape != t.shape or len(e) == 0:
+        raise ValueError(f"mean_cosine needs two equal non-empty shapes, got {e.shape} and {t.shape}")
+    norms = np.linalg.norm(e, axis=1) * np.linalg.norm(t, axis=1)
+    dots = (e * t).sum(1)
+    cos = np.divide(dots, norms, out=np.zeros_like(dots), where=norms > 0)
+    return float(cos.mean())

@@ -1,0 +1,195 @@
+"""`hyperofa bench init`: OFA assembly at XLM-R-to-Glot500 scale on generated inputs.
+
+Scale (METHOD_REFERENCE §8): V_t 401,145; V_s 250,002 of which 103k have words; word dim 200; k 400; 255k copied
+target tokens; about 85k covered new tokens to predict; the rest random. Inputs are generated into a work
+directory as memory-mapped .npy files (the way the stage reads the mapping), then a fresh process runs the
+measured part: column statistics of F_s, mean word vectors, the chunked top-k OFA search and the assembly of F_t.
+Its wall time and peak RSS are reported. The baseline, measured in the same run, is the reference algorithm
+(dense float64 cosine of a batch against every source token, argpartition per row) on a sample of tokens,
+extrapolated linearly to all tokens predicted.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import resource
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class BenchScale:
+    target_vocab: int = 401_145
+    source_vocab: int = 250_002
+    source_covered: int = 103_000
+    copied: int = 255_000
+    predicted: int = 85_000
+    n_words: int = 400_000
+    word_dim: int = 200
+    k: int = 400
+    mean_postings: int = 8
+    baseline_tokens: int = 1024  # one reference batch, so its per-batch normalisation is counted once per 1024
+
+
+def _postings(rng: np.random.Generator, vocab: int, covered: np.ndarray, n_words: int, mean: int):
+    lengths = np.zeros(vocab, dtype=np.int64)
+    lengths[covered] = np.minimum(rng.geometric(1.0 / mean, len(covered)), 256)
+    indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    indices = rng.integers(0, n_words, int(indptr[-1]), dtype=np.int32)
+    return indptr, indices
+
+
+def generate_inputs(root: Path, scale: BenchScale, seed: int = 0) -> None:
+    """Mapping-like arrays under root, written in chunks so generation itself stays small in memory."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    words = np.lib.format.open_memmap(root / "word_vectors.npy", "w+", np.float32, (scale.n_words, scale.word_dim))
+    for a in range(0, scale.n_words, 1 << 16):
+        b = min(a + (1 << 16), scale.n_words)
+        words[a:b] = rng.standard_normal((b - a, scale.word_dim), dtype=np.float32)
+    words.flush()
+    del words
+    f_s = np.lib.format.open_memmap(root / "coordinates_source.npy", "w+", np.float32, (scale.source_vocab, scale.k))
+    for a in range(0, scale.source_vocab, 1 << 16):
+        b = min(a + (1 << 16), scale.source_vocab)
+        f_s[a:b] = rng.standard_normal((b - a, scale.k), dtype=np.float32) / np.sqrt(scale.source_vocab)
+    f_s.flush()
+    del f_s
+    s_covered = np.sort(rng.choice(scale.source_vocab, scale.source_covered, replace=False))
+    s_indptr, s_indices = _postings(rng, scale.source_vocab, s_covered, scale.n_words, scale.mean_postings)
+    order = rng.permutation(scale.target_vocab)
+    copied = np.sort(order[: scale.copied])
+    new_covered = np.sort(order[scale.copied : scale.copied + scale.predicted])
+    # copied tokens have words too (they are real pieces); only the new covered ones are predicted
+    t_covered = np.union1d(copied[: scale.copied // 2], new_covered)
+    t_indptr, t_indices = _postings(rng, scale.target_vocab, t_covered, scale.n_words, scale.mean_postings)
+    np.savez(root / "postings_source.npz", indptr=s_indptr, indices=s_indices)
+    np.savez(root / "postings_target.npz", indptr=t_indptr, indices=t_indices)
+    np.savez(root / "overlap.npz", target_ids=copied, source_ids=rng.integers(0, scale.source_vocab, len(copied)))
+
+
+def _measured(root: str, settings: dict[str, Any], seed: int, queue: Any) -> None:
+    """The measured run, in a fresh process so peak RSS is the assembly's own."""
+    from .assemble import assemble_coordinates, provenance_counts
+    from .ofa import ofa_for_tokens
+    from .random import column_stats
+
+    path = Path(root)
+    start = time.perf_counter()
+    f_s = np.load(path / "coordinates_source.npy", mmap_mode="r")
+    words = np.load(path / "word_vectors.npy", mmap_mode="r")
+    with np.load(path / "postings_source.npz") as d:
+        source = (d["indptr"], d["indices"])
+    with np.load(path / "postings_target.npz") as d:
+        target = (d["indptr"], d["indices"])
+    with np.load(path / "overlap.npz") as d:
+        copy_t, copy_s = d["target_ids"], d["source_ids"]
+    vocab = len(target[0]) - 1
+    mean, std = column_stats(f_s)
+    covered = np.flatnonzero(np.diff(target[0]) > 0)
+    predict = np.setdiff1d(covered, copy_t)
+    rows = ofa_for_tokens(target, source, words, f_s, predict, **settings)
+    assembly = assemble_coordinates(vocab, f_s, copy_t, copy_s, predict, rows, "ofa", mean, std, seed)
+    seconds = time.perf_counter() - start
+    counts = provenance_counts(assembly.provenance)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    queue.put({
+        "seconds": seconds,
+        "cpu_seconds": usage.ru_utime + usage.ru_stime,  # includes imports; tells load from work on a shared machine
+        "peak_rss_gib": usage.ru_maxrss / 2**20,  # KiB -> GiB
+        "tokens_predicted": int(len(predict)),
+        "counts": counts,
+    })
+
+
+def _baseline(root: str, n_tokens: int, top_k: int, temperature: float, queue: Any) -> None:
+    """The reference algorithm (§2, §7.2) on n_tokens: dense float64 cosine to every source token + argpartition."""
+    from .ofa import token_mean_vectors
+
+    path = Path(root)
+    f_s = np.load(path / "coordinates_source.npy", mmap_mode="r")
+    words = np.load(path / "word_vectors.npy", mmap_mode="r")
+    with np.load(path / "postings_source.npz") as d:
+        s_indptr, s_indices = d["indptr"], d["indices"]
+    with np.load(path / "postings_target.npz") as d:
+        t_indptr, t_indices = d["indptr"], d["indices"]
+    with np.load(path / "overlap.npz") as d:
+        copied = d["target_ids"]
+    sample = np.setdiff1d(np.flatnonzero(np.diff(t_indptr) > 0), copied)[:n_tokens]
+    # the reference holds e_s for the whole source vocabulary as float64 (zeros for uncovered tokens)
+    e_s = token_mean_vectors(s_indptr, s_indices, words, np.arange(len(s_indptr) - 1)).astype(np.float64)
+    e_t = token_mean_vectors(t_indptr, t_indices, words, sample).astype(np.float64)
+    start = time.perf_counter()
+    norms_s = np.linalg.norm(e_s, axis=1)
+    norms_s[norms_s == 0] = 1.0
+    for a in range(0, len(sample), 1024):
+        batch = e_t[a : a + 1024]
+        sims = (batch / np.linalg.norm(batch, axis=1, keepdims=True)) @ (e_s / norms_s[:, None]).T
+        for row in sims:
+            top = np.argpartition(row, -top_k)[-top_k:]
+            top = top[np.argsort(-row[top])]
+            w = np.exp(row[top] / temperature)
+            _ = (w / w.sum()) @ f_s[top]
+    queue.put({"seconds": time.perf_counter() - start, "tokens": int(len(sample))})
+
+
+def _in_child(target, *args) -> dict[str, Any]:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=target, args=(*args, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    if proc.exitcode != 0:
+        raise RuntimeError(f"benchmark child exited with status {proc.exitcode}")
+    return result
+
+
+def run_bench(scale: BenchScale, settings: dict[str, Any], workdir: Path, seed: int = 0) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    generate_inputs(workdir, scale, seed)
+    generate_s = time.perf_counter() - t0
+    measured = _in_child(_measured, str(workdir), settings, seed)
+    base = _in_child(_baseline, str(workdir), scale.baseline_tokens, settings["top_k"], settings["temperature"])
+    per_token = base["seconds"] / max(base["tokens"], 1)
+    return {
+        "bench": "init",
+        "seconds": round(measured["seconds"], 2),
+        "cpu_seconds": round(measured["cpu_seconds"], 1),
+        "peak_rss_gib": round(measured["peak_rss_gib"], 3),
+        "tokens_predicted": measured["tokens_predicted"],
+        "provenance": measured["counts"],
+        "baseline_dense_f64_seconds_extrapolated": round(per_token * measured["tokens_predicted"], 1),
+        "baseline_tokens_measured": base["tokens"],
+        "speedup_vs_baseline": round(per_token * measured["tokens_predicted"] / max(measured["seconds"], 1e-9), 1),
+        "generate_seconds": round(generate_s, 1),
+        "scale": asdict(scale),
+        "settings": settings,
+        "targets": {"seconds": 180, "peak_rss_gib": 4},
+    }
+
+
+def bench_init(config: Any, args: Any) -> int:
+    from .ofa import resolve_device
+
+    c = config.init
+    settings = {
+        "top_k": c.top_k,
+        "temperature": c.temperature,
+        "chunk_size": c.chunk_size,
+        "device": resolve_device(c.device),
+    }
+    seed = c.seed if c.seed is not None else config.run.seed
+    if getattr(args, "workdir", None):
+        result = run_bench(BenchScale(), settings, Path(args.workdir), seed)
+    else:
+        with tempfile.TemporaryDirectory(prefix="hyperofa-bench-init-") as tmp:
+            result = run_bench(BenchScale(), settings, Path(tmp), seed)
+    print(json.dumps(result, sort_keys=True))
+    return 0

@@ -1,0 +1,230 @@
+"""The expanded model in stock HF format: the source architecture with the target vocabulary (§1.10, §4.1, §7).
+
+Everything except the vocabulary-sized tensors is copied from the source model (encoder, position and token-type
+embeddings, embedding LayerNorm, the LM-head transform). The word embeddings become E_t, the decoder stays tied to
+them, and the output bias, which the reference left at a random init over 401k tokens, is the source bias for
+copied tokens and the mean source bias for every other token. The result loads with `AutoModelForMaskedLM` and
+`AutoTokenizer` and no custom code.
+
+Vocabulary padding (`pad_to_multiple_of`): rows V_t .. V_pad-1 exist only so the matrix shape suits tensor cores;
+the tokenizer never emits them. They get a zero embedding and the mean source bias, and the stage manifest
+records `padded_rows`.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from ..errors import HyperofaError
+
+# config.model_type -> family name used throughout the project
+FAMILIES = {"xlm-roberta": "xlmr", "roberta": "roberta", "bert": "bert"}
+# Roles a tokenizer can define; each target special token is copied from the source token of the same role.
+# The vocabulary-sized tensors of each family's masked LM: rebuilt, never copied.
+_ROBERTA_VOCAB = ("roberta.embeddings.word_embeddings.weight", "lm_head.decoder.weight", "lm_head.decoder.bias", "lm_head.bias")
+VOCAB_KEYS = {
+    "xlmr": _ROBERTA_VOCAB,
+    "roberta": _ROBERTA_VOCAB,
+    "bert": ("bert.embeddings.word_embeddings.weight", "cls.predictions.decoder.weight",
+             "cls.predictions.decoder.bias", "cls.predictions.bias"),
+}
+ROLES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def model_family(model_config: Any, where: str = "source model") -> str:
+    family = FAMILIES.get(getattr(model_config, "model_type", None))
+    if family is None:
+        raise HyperofaError(
+            f"{where}: model_type {getattr(model_config, 'model_type', None)!r} is not supported; "
+            f"expected one of {sorted(FAMILIES)}"
+        )
+    return family
+
+
+def special_token_pairs(source_tokenizer: Any, target_tokenizer: Any, target_name: str = "target tokenizer"):
+    """(target_ids, source_ids, {role: (target_token, source_token)}) pairing special tokens by role.
+
+    Every role the target defines must exist in the source; the masked LM needs a pad and a mask token.
+    """
+    pairs: dict[int, int] = {}
+    roles: dict[str, tuple[str, str]] = {}
+    for role in ROLES:
+        t_token = getattr(target_tokenizer, role, None)
+        if t_token is None:
+            if role in ("pad_token", "mask_token"):
+                raise HyperofaError(f"{target_name}: has no {role}; a masked LM needs one")
+            continue
+        s_token = getattr(source_tokenizer, role, None)
+        if s_token is None:
+            raise HyperofaError(
+                f"{target_name}: special token {role}={str(t_token)!r} cannot be mapped: "
+                f"the source tokenizer has no {role}"
+            )
+        t_id = target_tokenizer.convert_tokens_to_ids(str(t_token))
+        s_id = source_tokenizer.convert_tokens_to_ids(str(s_token))
+        if t_id is None or s_id is None or t_id >= len(target_tokenizer) or s_id >= len(source_tokenizer):
+            raise HyperofaError(f"{target_name}: special token {role}={str(t_token)!r} has no id in the vocabulary")
+        if pairs.get(t_id, s_id) != s_id:
+            raise HyperofaError(
+                f"{target_name}: special token {str(t_token)!r} plays roles that map to different source tokens"
+            )
+        pairs[t_id] = s_id
+        roles[role] = (str(t_token), str(s_token))
+    t_ids = np.array(sorted(pairs), dtype=np.int64)
+    return t_ids, np.array([pairs[t] for t in t_ids], dtype=np.int64), roles
+
+
+def merge_copy_pairs(overlap_target, overlap_source, special_target, special_source):
+    """Overlap pairs with the special-token pairs taking precedence for their target ids; sorted by target id."""
+    overlap_target = np.asarray(overlap_target, dtype=np.int64)
+    keep = ~np.isin(overlap_target, special_target)
+    t = np.concatenate([overlap_target[keep], special_target])
+    s = np.concatenate([np.asarray(overlap_source, dtype=np.int64)[keep], special_source])
+    order = np.argsort(t, kind="stable")
+    return t[order], s[order]
+
+
+@dataclass
+class ExportInfo:
+    family: str
+    vocab_size: int  # len(target tokenizer)
+    model_vocab_size: int  # rows of the embedding matrix (>= vocab_size with padding)
+    padded_rows: list[int] = field(default_factory=list)  # [first, end) of the padding rows, empty without
+    position_shift: int = 0  # RoBERTa-family position table shift when the pad id moved
+    special_tokens: dict[str, list[str]] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _round_up(n: int, multiple: Optional[int]) -> int:
+    return n if not multiple else -(-n // multiple) * multiple
+
+
+def _shift_positions(weight, old_pad: int, new_pad: int):
+    """RoBERTa position ids start at pad_token_id + 1; keep every real position's row when the pad id moves."""
+    import torch
+
+    delta = new_pad - old_pad
+    rows, dim = weight.shape
+    out = torch.zeros(rows + delta, dim, dtype=weight.dtype)
+    out[new_pad + 1 :] = weight[old_pad + 1 :]
+    return out
+
+
+def build_expanded_model(
+    source_model: Any,
+    source_tokenizer: Any,
+    target_tokenizer: Any,
+    embeddings: np.ndarray,
+    copy_target_ids: np.ndarray,
+    copy_source_ids: np.ndarray,
+    pad_to_multiple_of: Optional[int] = None,
+):
+    """(model, ExportInfo): the source architecture over the target vocabulary with word embeddings E_t.
+
+    `copy_*_ids` are the copied tokens (overlap and special tokens), whose output bias is the source bias.
+    """
+    import torch
+
+    family = model_family(source_model.config)
+    vocab_size = len(target_tokenizer)
+    if embeddings.shape[0] != vocab_size:
+        raise HyperofaError(f"E_t has {embeddings.shape[0]} rows but the target tokenizer has {vocab_size} tokens")
+    hidden = source_model.config.hidden_size
+    if embeddings.shape[1] != hidden:
+        raise HyperofaError(f"E_t has dimension {embeddings.shape[1]} but the source model's hidden size is {hidden}")
+    model_vocab = _round_up(vocab_size, pad_to_multiple_of)
+
+    cfg = copy.deepcopy(source_model.config)
+    cfg.vocab_size = model_vocab
+    cfg.tie_word_embeddings = True
+    old_pad = source_model.config.pad_token_id
+    cfg.pad_token_id = target_tokenizer.pad_token_id
+    shift = 0
+    if family != "bert":
+        bos = target_tokenizer.bos_token_id if target_tokenizer.bos_token_id is not None else target_tokenizer.cls_token_id
+        eos = target_tokenizer.eos_token_id if target_tokenizer.eos_token_id is not None else target_tokenizer.sep_token_id
+        cfg.bos_token_id, cfg.eos_token_id = bos, eos
+        shift = cfg.pad_token_id - old_pad
+        cfg.max_position_embeddings = source_model.config.max_position_embeddings + shift
+        if cfg.max_position_embeddings <= cfg.pad_token_id + 2:
+            raise HyperofaError(
+                f"target pad id {cfg.pad_token_id} leaves no room in the position table of the source model"
+            )
+
+    state = {k: v for k, v in source_model.state_dict().items()}
+    source_bias = source_model.get_output_embeddings().bias.detach().float().cpu().numpy()[: len(source_tokenizer)]
+    model = type(source_model)(cfg).float()
+    vocab_keys = set(VOCAB_KEYS[family])
+    if shift:
+        key = next(k for k in state if k.endswith("position_embeddings.weight"))
+        state[key] = _shift_positions(state[key], old_pad, cfg.pad_token_id)
+    missing, unexpected = model.load_state_dict({k: v for k, v in state.items() if k not in vocab_keys}, strict=False)
+    unexplained = [k for k in missing if k not in vocab_keys]
+    if unexplained or unexpected:
+        raise HyperofaError(
+            f"source model: cannot copy weights into the expanded model (missing {unexplained[:3]}, "
+            f"unexpected {unexpected[:3]})"
+        )
+
+    weight = torch.zeros(model_vocab, hidden, dtype=torch.float32)
+    weight[:vocab_size] = torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32))
+    bias = np.full(model_vocab, float(source_bias.astype(np.float64).mean()), dtype=np.float32)
+    bias[np.asarray(copy_target_ids, dtype=np.int64)] = source_bias[np.asarray(copy_source_ids, dtype=np.int64)]
+    with torch.no_grad():
+        model.get_input_embeddings().weight.copy_(weight)
+        model.tie_weights()
+        decoder = model.get_output_embeddings()
+        decoder.bias.copy_(torch.from_numpy(bias))
+    _require_tied(model)
+    model.eval()
+    info = ExportInfo(
+        family=family,
+        vocab_size=vocab_size,
+        model_vocab_size=model_vocab,
+        padded_rows=[vocab_size, model_vocab] if model_vocab > vocab_size else [],
+        position_shift=shift,
+        special_tokens={},
+    )
+    return model, info
+
+
+def _require_tied(model: Any) -> None:
+    emb = model.get_input_embeddings().weight
+    dec = model.get_output_embeddings().weight
+    if emb.data_ptr() != dec.data_ptr():
+        raise RuntimeError("expanded model: decoder weight is not tied to the word embeddings")
+
+
+def save_expanded_model(model: Any, target_tokenizer: Any, out_dir: str | Path) -> Path:
+    """save_pretrained of the model and the target tokenizer into one directory (written to a sibling, renamed)."""
+    import os
+    import shutil
+
+    from ..artifacts import tmp_name
+
+    out_dir = Path(out_dir)
+    tmp = tmp_name(out_dir)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    target_tokenizer.save_pretrained(tmp)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def load_expanded_model(model_dir: str | Path):
+    """Stock loading, as any HF user would: (AutoModelForMaskedLM, AutoTokenizer)."""
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    model = AutoModelForMaskedLM.from_pretrained(str(model_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    return model, tokenizer

@@ -1,0 +1,229 @@
+"""Test helper for the init stage: a tiny source model, a larger target tokenizer over all generated languages,
+and a `<run_dir>/mapping/` directory that follows the mapping contract (briefs: mapping_contract.md).
+
+The word vectors are cross-lingual by construction: every word's vector is its concept's vector plus a little
+noise, so translations are near each other, as ColexNet+ vectors are. Postings are built the way §1.5 says
+(word, ' ' + word, capitalised variant), de-duplicated and sorted per token.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from hyperofa_dist import synthetic
+from hyperofa_dist.artifacts import Stage, atomic_write_bytes, fingerprint_path
+from hyperofa_dist.target import tokenizer_fingerprint
+
+
+@dataclass
+class InitWorld:
+    run_dir: Path
+    source_model: Path
+    target_tokenizer: Path
+    vectors: Path
+    family: str
+    k: int
+    hidden: int
+
+    def overrides(self, *extra: str) -> list[str]:
+        return [
+            f"run.dir={self.run_dir}",
+            f"source.model={self.source_model}",
+            f"tokenizer.path={self.target_tokenizer}",
+            "tracking.enabled=false",
+            *extra,
+        ]
+
+
+def train_target_tokenizer(family: str, corpus: Path, out_dir: Path, vocab_size: int = 900) -> Path:
+    texts = []
+    for path in sorted(corpus.iterdir()):
+        texts.extend(synthetic.read_lines(path, limit=400))
+    return synthetic.train_source_tokenizer(family, texts, vocab_size, out_dir)
+
+
+def word_table(world: synthetic.World, n_concepts: int = 250, dim: int = 16, seed: int = 0):
+    """(keys 'lang_Script:word', float32 vectors [n, dim]) for the first n_concepts concepts of every language."""
+    rng = np.random.default_rng(seed)
+    concepts = rng.standard_normal((n_concepts, dim))
+    keys, rows = [], []
+    for lang in world.languages:
+        for c in range(n_concepts):
+            keys.append(f"{lang.code}:{world.lexicon[lang.code][c]}")
+            rows.append(concepts[c] + 0.3 * rng.standard_normal(dim))
+    return keys, np.asarray(rows, dtype=np.float32)
+
+
+def postings(tokenizer, keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    words = [key.split(":", 1)[1] for key in keys]
+    variants = [words, [" " + w for w in words], [" " + w[0].upper() + w[1:] for w in words]]
+    per_token: dict[int, set[int]] = {}
+    for texts in variants:
+        encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        for index, ids in enumerate(encoded):
+            for token in set(ids):
+                per_token.setdefault(token, set()).add(index)
+    size = len(tokenizer)
+    lengths = np.zeros(size, dtype=np.int64)
+    for token, found in per_token.items():
+        lengths[token] = len(found)
+    indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    indices = np.zeros(indptr[-1], dtype=np.int32)
+    for token, found in per_token.items():
+        indices[indptr[token] : indptr[token + 1]] = sorted(found)
+    return indptr, indices
+
+
+def overlap_pairs(source_tok, target_tok) -> tuple[np.ndarray, np.ndarray]:
+    """Identical pieces (same family, so same surface conventions), sorted by target id."""
+    source = {piece: i for piece, i in source_tok.get_vocab().items() if i < len(source_tok)}
+    pairs = sorted((t, source[p]) for p, t in target_tok.get_vocab().items() if p in source and t < len(target_tok))
+    return np.array([t for t, _ in pairs], dtype=np.int64), np.array([s for _, s in pairs], dtype=np.int64)
+
+
+def factorize(embeddings: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    d = embeddings.shape[1]
+    if k == d:
+        return embeddings.astype(np.float32), np.eye(d, dtype=np.float32)
+    u, s, vt = np.linalg.svd(embeddings.astype(np.float32), full_matrices=False)
+    return np.ascontiguousarray(u[:, :k]), np.ascontiguousarray((vt[:k].T * s[:k]).T)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _save_npz(path: Path, **arrays: np.ndarray) -> None:
+    import io
+
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def write_mapping(
+    run_dir: Path,
+    source_model: Path,
+    target_tokenizer: Path,
+    world: synthetic.World,
+    k: Optional[int] = None,
+    seed: int = 0,
+) -> tuple[Path, int]:
+    """Write `<run_dir>/mapping/` for this source model and target tokenizer; returns (vectors file, k)."""
+    import torch
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    model = AutoModelForMaskedLM.from_pretrained(str(source_model))
+    s_tok = AutoTokenizer.from_pretrained(str(source_model))
+    t_tok = AutoTokenizer.from_pretrained(str(target_tokenizer))
+    with torch.no_grad():
+        e_s = model.get_input_embeddings().weight.detach().numpy()[: len(s_tok)].copy()
+    k = e_s.shape[1] if k is None else k
+    keys, vectors = word_table(world, seed=seed)
+    stage = Stage(run_dir, "mapping")
+    stage.begin("fixture")
+    out = stage.path
+    # the word-vector "file" the mapping was built from, so its fingerprint can be recorded
+    vectors_file = run_dir / "vectors.npy"
+    _save_npy(vectors_file, vectors)
+    _save_npy(out / "word_vectors.npy", vectors)
+    atomic_write_bytes(out / "words.txt", ("\n".join(keys) + "\n").encode("utf-8"))
+    s_indptr, s_indices = postings(s_tok, keys)
+    t_indptr, t_indices = postings(t_tok, keys)
+    _save_npz(out / "postings_source.npz", indptr=s_indptr, indices=s_indices)
+    _save_npz(out / "postings_target.npz", indptr=t_indptr, indices=t_indices)
+    f_s, p = factorize(e_s, k)
+    _save_npy(out / "coordinates_source.npy", f_s)
+    _save_npy(out / "primitives.npy", p)
+    t_ids, s_ids = overlap_pairs(s_tok, t_tok)
+    _save_npz(out / "overlap.npz", target_ids=t_ids, source_ids=s_ids)
+    covered = np.flatnonzero(np.diff(s_indptr) > 0)
+    shuffled = np.random.default_rng(seed).permutation(covered)
+    n_train, n_val = int(0.8 * len(shuffled)), int(0.1 * len(shuffled))
+    _save_npz(
+        out / "split.npz",
+        train=np.sort(shuffled[:n_train]),
+        val=np.sort(shuffled[n_train : n_train + n_val]),
+        test=np.sort(shuffled[n_train + n_val :]),
+    )
+    stats = {"source_covered": int(len(covered)), "target_covered": int((np.diff(t_indptr) > 0).sum())}
+    atomic_write_bytes(out / "stats.json", json.dumps(stats).encode())
+    inputs = {
+        "vectors": {"path": str(vectors_file), "fingerprint": fingerprint_path(vectors_file)},
+        "source": {"model": str(source_model), "tokenizer": None},
+        "target_tokenizer": tokenizer_fingerprint(target_tokenizer),
+        "k": k,
+    }
+    counts = {"V_s": len(s_tok), "V_t": len(t_tok), "D": e_s.shape[1], "k": k, "n_words": len(keys),
+              "word_dim": vectors.shape[1]}
+    names = ["word_vectors.npy", "words.txt", "postings_source.npz", "postings_target.npz",
+             "coordinates_source.npy", "primitives.npy", "overlap.npz", "split.npz", "stats.json"]
+    stage.write_manifest(config={}, inputs=inputs, outputs=names, counts=counts,
+                         extra={"factorized": k != e_s.shape[1]})
+    return vectors_file, k
+
+
+def make_init_world(
+    root: Path,
+    family: str,
+    source_tokenizer: Path,
+    corpus: Path,
+    world: synthetic.World,
+    k: Optional[int] = None,
+    hidden: int = 32,
+    target_vocab: int = 900,
+) -> InitWorld:
+    root = Path(root)
+    source_model = synthetic.make_tiny_model(family, source_tokenizer, root / "source_model", hidden_size=hidden)
+    target = train_target_tokenizer(family, corpus, root / "target_tokenizer", target_vocab)
+    run_dir = root / "run"
+    vectors, k = write_mapping(run_dir, source_model, target, world, k=k)
+    return InitWorld(run_dir, source_model, target, vectors, family, k, hidden)
+
+
+# One world per (family, k, target vocab) for the whole session: building one costs seconds, tests only read it
+# (tests that write under the run dir use `fresh_run`).
+_WORLDS: dict[tuple, InitWorld] = {}
+
+
+def shared_world(tmp_path_factory, source_tokenizers, small_corpus, world, family: str, k: Optional[int] = None,
+                 target_vocab: int = 900) -> InitWorld:
+    key = (family, k, target_vocab)
+    if key not in _WORLDS:
+        root = tmp_path_factory.mktemp(f"init_{family}_{k}")
+        _WORLDS[key] = make_init_world(root, family, source_tokenizers[family], small_corpus, world, k=k,
+                                       target_vocab=target_vocab)
+    return _WORLDS[key]
+
+
+def fresh_run(base: InitWorld, run_dir: Path) -> InitWorld:
+    """A copy of a world's run directory (mapping only) that a test may extend or break."""
+    import shutil
+
+    shutil.copytree(base.run_dir / "mapping", run_dir / "mapping")
+    return InitWorld(run_dir, base.source_model, base.target_tokenizer, base.vectors, base.family, base.k, base.hidden)
+
+
+def write_hypernet(run_dir: Path, ids: np.ndarray, rows: np.ndarray, test_ids=None, test_rows=None) -> None:
+    """A hypernet stage output as the init stage reads it (predicted target coordinates, test-split predictions)."""
+    from hyperofa_dist.init import inputs
+
+    stage = Stage(run_dir, "hypernet")
+    stage.begin("fixture")
+    _save_npy(stage.path / inputs.PREDICTION_IDS, np.asarray(ids))
+    _save_npy(stage.path / inputs.PREDICTION_ROWS, np.asarray(rows))
+    names = [inputs.PREDICTION_IDS, inputs.PREDICTION_ROWS]
+    if test_ids is not None:
+        _save_npy(stage.path / inputs.TEST_PREDICTION_IDS, np.asarray(test_ids))
+        _save_npy(stage.path / inputs.TEST_PREDICTION_ROWS, np.asarray(test_rows))
+        names += [inputs.TEST_PREDICTION_IDS, inputs.TEST_PREDICTION_ROWS]
+    stage.write_manifest(config={}, inputs={"fixture": True}, outputs=names)

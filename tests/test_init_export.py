@@ -1,0 +1,110 @@
+"""The expanded model in stock HF format for XLM-R, RoBERTa and BERT (issue 5 acceptance, §1.10, §4.1)."""
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+from hyperofa_dist.errors import HyperofaError
+from hyperofa_dist.init import assemble as asm
+from hyperofa_dist.init.export import (
+    build_expanded_model,
+    load_expanded_model,
+    merge_copy_pairs,
+    save_expanded_model,
+    special_token_pairs,
+)
+from hyperofa_dist.init.inputs import load_mapping
+from hyperofa_dist.init.random import column_stats
+from tests.init_fixtures import shared_world
+
+
+def export(w, out_dir, pad=None):
+    """Assemble (copy + random) and export the world's expanded model; returns what the checks need."""
+    source = AutoModelForMaskedLM.from_pretrained(str(w.source_model)).eval()
+    s_tok = AutoTokenizer.from_pretrained(str(w.source_model))
+    t_tok = AutoTokenizer.from_pretrained(str(w.target_tokenizer))
+    mapping = load_mapping(w.run_dir)
+    st, ss, _ = special_token_pairs(s_tok, t_tok)
+    copy_t, copy_s = merge_copy_pairs(mapping.overlap_target, mapping.overlap_source, st, ss)
+    mean, std = column_stats(mapping.source_coordinates)
+    a = asm.assemble_coordinates(len(t_tok), mapping.source_coordinates, copy_t, copy_s, None, None, None, mean, std, 0)
+    e_t = asm.full_embeddings(a.coordinates, mapping.primitives)
+    model, info = build_expanded_model(source, s_tok, t_tok, e_t, copy_t, copy_s, pad_to_multiple_of=pad)
+    save_expanded_model(model, t_tok, out_dir)
+    return source, s_tok, mapping, copy_t, copy_s, info
+
+
+def tied(model):
+    return model.get_input_embeddings().weight.data_ptr() == model.get_output_embeddings().weight.data_ptr()
+
+
+@pytest.mark.parametrize("family", ["xlmr", "roberta", "bert"])
+def test_full_rank_export_loads_stock_and_matches_source_logits(
+    tmp_path, tmp_path_factory, source_tokenizers, small_corpus, world, family
+):
+    w = shared_world(tmp_path_factory, source_tokenizers, small_corpus, world, family)  # k = D
+    source, s_tok, mapping, copy_t, copy_s, info = export(w, tmp_path / "model")
+    model, tok = load_expanded_model(tmp_path / "model")  # stock AutoModelForMaskedLM / AutoTokenizer
+    model.eval()
+    assert type(model) is type(source) and tied(model)
+    assert model.config.vocab_size == len(tok) == info.vocab_size > len(s_tok)
+    emb = model.get_input_embeddings().weight.detach()
+    src_emb = source.get_input_embeddings().weight.detach()
+    torch.testing.assert_close(emb[copy_t], src_emb[copy_s], rtol=0, atol=0)
+    # output bias: source bias for copied tokens, the mean source bias elsewhere
+    bias = model.get_output_embeddings().bias.detach()
+    src_bias = source.get_output_embeddings().bias.detach()
+    torch.testing.assert_close(bias[copy_t], src_bias[copy_s], rtol=0, atol=0)
+    others = np.setdiff1d(np.arange(len(tok)), copy_t)
+    torch.testing.assert_close(bias[others], torch.full((len(others),), src_bias.double().mean().item()), rtol=0,
+                               atol=1e-6)
+    # a sentence made only of copied tokens: same logits over the copied ids as the source model's
+    specials = set(tok.all_special_ids)
+    body = [int(t) for t in copy_t if int(t) not in specials][:12]
+    pair = dict(zip(copy_t.tolist(), copy_s.tolist()))
+    t_ids = [tok.cls_token_id] + body + [tok.sep_token_id]
+    s_ids = [pair[t] for t in t_ids]
+    with torch.no_grad():
+        got = model(torch.tensor([t_ids])).logits[0][:, torch.from_numpy(copy_t)]
+        want = source(torch.tensor([s_ids])).logits[0][:, torch.from_numpy(copy_s)]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    # and it runs on target-tokenizer text of new languages
+    enc = tok(["Дома бара.", "ωμέγα τα"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = model(**enc).logits
+    assert out.shape[-1] == len(tok) and torch.isfinite(out).all()
+
+
+def test_factorised_copies_equal_fs_p_rows_and_padding(tmp_path, tmp_path_factory, source_tokenizers, small_corpus,
+                                                       world):
+    w = shared_world(tmp_path_factory, source_tokenizers, small_corpus, world, "xlmr", k=8)
+    source, s_tok, mapping, copy_t, copy_s, info = export(w, tmp_path / "model", pad=64)
+    model, tok = load_expanded_model(tmp_path / "model")
+    assert tied(model)
+    assert model.config.vocab_size % 64 == 0 and model.config.vocab_size >= len(tok)
+    assert info.padded_rows == [len(tok), model.config.vocab_size]
+    emb = model.get_input_embeddings().weight.detach().numpy()
+    f_s_p = np.asarray(mapping.source_coordinates)[copy_s] @ mapping.primitives
+    np.testing.assert_allclose(emb[copy_t], f_s_p, rtol=0, atol=1e-6)
+    assert not np.allclose(emb[copy_t], source.get_input_embeddings().weight.detach().numpy()[copy_s], atol=1e-6)
+    assert not emb[len(tok):].any()  # padded rows: zero embeddings (documented)
+
+
+def test_special_tokens_map_by_role_or_fail(source_tokenizers, tmp_path):
+    xlmr = AutoTokenizer.from_pretrained(str(source_tokenizers["xlmr"]))
+    bert = AutoTokenizer.from_pretrained(str(source_tokenizers["bert"]))
+    t, s, roles = special_token_pairs(xlmr, bert)  # bert target roles all exist in an xlmr source
+    assert roles["cls_token"] == ("[CLS]", "<s>") and roles["mask_token"] == ("[MASK]", "<mask>")
+    assert dict(zip(t, s))[bert.mask_token_id] == xlmr.mask_token_id
+    with pytest.raises(HyperofaError, match="bos_token='<s>' cannot be mapped: the source tokenizer has no bos_token"):
+        special_token_pairs(bert, xlmr)
+    no_mask = AutoTokenizer.from_pretrained(str(source_tokenizers["xlmr"]))
+    no_mask.mask_token = None
+    with pytest.raises(HyperofaError, match="has no mask_token"):
+        special_token_pairs(xlmr, no_mask)
+
+
+def test_merge_copy_pairs_special_roles_win():
+    t, s = merge_copy_pairs(np.array([0, 4, 9]), np.array([10, 14, 19]), np.array([4, 2]), np.array([1, 0]))
+    assert t.tolist() == [0, 2, 4, 9] and s.tolist() == [10, 0, 1, 19]

@@ -1,0 +1,93 @@
+"""Factorised variant F_t P (tied to the output projection) and its export to the stock full-rank format (§4.1)."""
+
+import numpy as np
+import torch
+
+from hyperofa_dist.init import assemble as asm
+from hyperofa_dist.init.export import (
+    build_expanded_model,
+    load_expanded_model,
+    merge_copy_pairs,
+    save_expanded_model,
+    special_token_pairs,
+)
+from hyperofa_dist.init.factorised import factorise, is_factorised, load_factorised, save_full_rank
+from hyperofa_dist.init.inputs import load_mapping
+from hyperofa_dist.init.random import column_stats
+from tests.init_fixtures import shared_world
+
+
+def test_factorised_model_matches_full_rank_trains_and_exports(tmp_path, tmp_path_factory, source_tokenizers,
+                                                               small_corpus, world):
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    w = shared_world(tmp_path_factory, source_tokenizers, small_corpus, world, "xlmr", k=8)
+    source = AutoModelForMaskedLM.from_pretrained(str(w.source_model))
+    s_tok = AutoTokenizer.from_pretrained(str(w.source_model))
+    t_tok = AutoTokenizer.from_pretrained(str(w.target_tokenizer))
+    mapping = load_mapping(w.run_dir)
+    st, ss, _ = special_token_pairs(s_tok, t_tok)
+    copy_t, copy_s = merge_copy_pairs(mapping.overlap_target, mapping.overlap_source, st, ss)
+    mean, std = column_stats(mapping.source_coordinates)
+    a = asm.assemble_coordinates(len(t_tok), mapping.source_coordinates, copy_t, copy_s, None, None, None, mean, std, 1)
+    full, _ = build_expanded_model(source, s_tok, t_tok, asm.full_embeddings(a.coordinates, mapping.primitives),
+                                   copy_t, copy_s, pad_to_multiple_of=64)
+    init_dir = tmp_path / "init"
+    save_expanded_model(full, t_tok, init_dir / "model")
+    np.save(init_dir / "F_t.npy", a.coordinates)
+    np.save(init_dir / "P.npy", mapping.primitives)
+
+    model = load_factorised(init_dir).eval()
+    assert is_factorised(model)
+    emb, dec = model.get_input_embeddings(), model.get_output_embeddings()
+    assert dec.embedding is emb  # the output projection uses the same F_t and P
+    assert dec.bias is model.lm_head.bias
+    n_full = sum(p.numel() for p in full.parameters())
+    n_fact = sum(p.numel() for p in model.parameters())
+    vocab, hidden, k = full.config.vocab_size, full.config.hidden_size, mapping.k
+    assert n_full - n_fact == vocab * hidden - (vocab * k + k * hidden)
+
+    ids = t_tok(["Бара дома тата.", "bara mu"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        want = full.eval()(**ids).logits
+        got = model(**ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+    # one training step moves coordinates and primitives
+    model.train()
+    labels = ids["input_ids"].clone()
+    loss = model(**ids, labels=labels).loss
+    loss.backward()
+    assert emb.coordinates.weight.grad.abs().sum() > 0 and emb.primitives.grad.abs().sum() > 0
+    with torch.no_grad():
+        emb.coordinates.weight -= 0.1 * emb.coordinates.weight.grad
+        emb.primitives -= 0.1 * emb.primitives.grad
+    model.eval()
+    with torch.no_grad():
+        trained = model(**ids).logits
+
+    save_full_rank(model, t_tok, tmp_path / "exported")
+    stock, tok = load_expanded_model(tmp_path / "exported")
+    stock.eval()
+    assert not is_factorised(stock)
+    assert stock.get_input_embeddings().weight.data_ptr() == stock.get_output_embeddings().weight.data_ptr()
+    with torch.no_grad():
+        torch.testing.assert_close(stock(**ids).logits, trained, rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        stock.get_input_embeddings().weight,
+        (emb.coordinates.weight @ emb.primitives).detach(),
+        rtol=0,
+        atol=1e-6,
+    )
+
+
+def test_factorise_pads_coordinates_to_the_model_vocabulary(tmp_path_factory, source_tokenizers, small_corpus, world):
+    from transformers import AutoModelForMaskedLM
+
+    w = shared_world(tmp_path_factory, source_tokenizers, small_corpus, world, "xlmr", k=8)
+    model = AutoModelForMaskedLM.from_pretrained(str(w.source_model))
+    vocab, hidden = model.get_input_embeddings().weight.shape
+    coords = np.ones((vocab - 3, 4), np.float32)
+    factorise(model, coords, np.ones((4, hidden), np.float32))
+    weight = model.get_input_embeddings().coordinates.weight
+    assert weight.shape == (vocab, 4) and not weight[vocab - 3 :].any()
