@@ -18,12 +18,14 @@ from .errors import HyperofaError
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "tokenizer": ("hyperofa_dist.tokenizer_build", "run_tokenizer_stage", "build the target tokenizer (extend or train)"),
     "prepare": ("data_prep.prepare", "run_prepare_stage", "Ray job: corpus -> sampled, tokenized, packed webdataset shards"),
+    "init": ("hyperofa_dist.init.stage", "run_init_stage", "new-token embeddings (init.method=hyperofa|ofa|random) + expanded HF model"),
     "hypernet": ("hyperofa_dist.hypernet.stage", "run_hypernet_stage", "DeepSpeed job: train the hypernetwork, predict new-token coordinates"),
 }
 
 # `hyperofa bench <name>`: one JSON line with the figure and its same-run baseline.
 BENCHES: dict[str, tuple[str, str, str]] = {
     "prepare": ("data_prep.bench", "bench_prepare", "throughput of prepare vs the raw tokenizer; 1 vs 2 workers"),
+    "init": ("hyperofa_dist.init.bench", "bench_init", "OFA assembly at XLM-R-to-Glot500 scale on generated vectors"),
     "hypernet": ("hyperofa_dist.hypernet.bench", "bench_hypernet", "DeepSpeed 1 and 2 ranks vs a plain PyTorch loop (samples/s)"),
 }
 

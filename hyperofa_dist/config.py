@@ -236,6 +236,22 @@ class PretrainConfig(Section):
     master_port: int = Field(29500, ge=1, le=65535, description="Rendezvous port of rank 0.")
 
 
+class InitConfig(Section):
+    method: Literal["hyperofa", "ofa", "random"] = Field(
+        "hyperofa", description="How non-copied covered tokens get coordinates: hypernetwork predictions, OFA, or random."
+    )
+    top_k: int = Field(10, ge=1, description="OFA: source neighbours combined per new token.")
+    temperature: float = Field(0.1, gt=0.0, description="OFA: softmax temperature over neighbour cosine similarities.")
+    chunk_size: int = Field(
+        1024, ge=1, description="OFA: target tokens per similarity chunk (memory ~ chunk x covered source tokens x 4 B)."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="OFA similarity search device; auto: cuda if any.")
+    pad_to_multiple_of: Optional[int] = Field(
+        None, ge=1, description="Pad the model's vocabulary rows to a multiple of this (e.g. 64); unset: no padding."
+    )
+    seed: Optional[int] = Field(None, ge=0, description="Seed of the random rows; unset means run.seed.")
+
+
 class Config(Section):
     run: RunConfig = Field(default_factory=RunConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
@@ -244,6 +260,7 @@ class Config(Section):
     corpus: CorpusConfig = Field(default_factory=CorpusConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     prepare: PrepareConfig = Field(default_factory=PrepareConfig)
+    init: InitConfig = Field(default_factory=InitConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     hypernet: HypernetConfig = Field(default_factory=HypernetConfig)
 
