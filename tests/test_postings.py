@@ -1,0 +1,79 @@
+"""Token -> word postings: the batched chunk core and the Ray builder equal the method's per-word loop."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from data_prep import postings as P
+from hyperofa_dist import synthetic
+
+
+@pytest.fixture(scope="module")
+def toks(source_tokenizers):
+    return {fam: AutoTokenizer.from_pretrained(str(path)) for fam, path in source_tokenizers.items()}
+
+
+@pytest.fixture(scope="module")
+def keys(world):
+    """A generated word vocabulary in three scripts, plus ColexNet+-style `$` n-grams and bare concepts."""
+    out = [f"{lang.code[:3]}:{w}" for lang in world.languages for w in world.lexicon[lang.code][:150]]
+    return out + ["otq:$ndöhi$", "deu:$haus", "fra:ab$", "water", "$Ölé", "ell:$αβ γδ$", "rus:дом"]
+
+
+def test_spelling_variants_follow_the_method():
+    assert P.spelling_variants("haus", False) == ("haus", " haus", " Haus")
+    assert P.spelling_variants(" ndöhi ", True) == (" ndöhi ", "  ndöhi ", "Ndöhi ")
+    assert P.key_variants(["otq:$ndöhi$", "deu:haus"]) == [" ndöhi ", "  ndöhi ", "Ndöhi ", "haus", " haus", " Haus"]
+
+
+@pytest.mark.parametrize("family", synthetic.FAMILIES)
+@pytest.mark.parametrize("words_per_task", [1, 97, 100_000])
+def test_batched_chunks_equal_the_per_word_loop(toks, keys, family, words_per_task):
+    tok = toks[family]
+    indptr, indices = P.build_local(P.backend_encoder(P.tokenizer_json(tok)), keys, len(tok), words_per_task)
+    assert indptr.dtype == np.int64 and indices.dtype == np.int32 and indptr.shape == (len(tok) + 1,)
+    reference = P.reference_postings(tok, keys)
+    assert P.csr_equals_lists(indptr, indices, reference)
+    assert indptr[-1] > len(keys)  # non-trivial: most words give several postings
+
+
+def test_csr_comparison_detects_a_difference(toks, keys):
+    tok = toks["xlmr"]
+    indptr, indices = P.build_local(P.backend_encoder(P.tokenizer_json(tok)), keys, len(tok), 50)
+    reference = P.reference_postings(tok, keys)
+    token = next(t for t, words in reference.items() if len(words) > 1)
+    reference[token] = reference[token][:-1]
+    assert not P.csr_equals_lists(indptr, indices, reference)
+
+
+def test_coverage_stats_count_what_the_lists_hold(toks, keys):
+    tok = toks["bert"]
+    indptr, indices = P.build_local(P.backend_encoder(P.tokenizer_json(tok)), keys, len(tok), 200)
+    reference = P.reference_postings(tok, keys)
+    langs = sorted({k[:3] if k[3:4] == ":" else "eng" for k in keys})
+    lang_ids = np.array([langs.index(k[:3] if k[3:4] == ":" else "eng") for k in keys], dtype=np.int32)
+    stats = P.coverage_stats(indptr, indices, lang_ids, langs, specials=[tok.unk_token_id])
+    lengths = [len(v) for v in reference.values()]
+    assert stats["covered"] == len(reference) and stats["not_covered"] == len(tok) - len(reference)
+    assert stats["postings"] == sum(lengths)
+    assert stats["length_percentiles"]["50"] == np.percentile(lengths, 50)
+    assert stats["length_percentiles"]["100"] == max(lengths)
+    assert stats["covered_special"] == int(tok.unk_token_id in reference)
+    for lang in langs:
+        mine = {i for i, k in enumerate(keys) if lang_ids[i] == langs.index(lang)}
+        per = stats["per_language"][lang]
+        assert per["words"] == len(mine)
+        assert per["postings"] == sum(len(set(v) & mine) for v in reference.values())
+        assert per["tokens"] == sum(1 for v in reference.values() if set(v) & mine)
+
+
+def test_npz_is_byte_deterministic_and_loadable(tmp_path):
+    arrays = {"indptr": np.arange(5, dtype=np.int64), "indices": np.array([3, 1, 2], dtype=np.int32)}
+    a, b = P.write_npz(tmp_path / "a.npz", **arrays), P.write_npz(tmp_path / "b.npz", **arrays)
+    assert a.read_bytes() == b.read_bytes()
+    indptr, indices = P.read_csr(a)
+    np.testing.assert_array_equal(indptr, arrays["indptr"])
+    np.testing.assert_array_equal(indices, arrays["indices"])
+
