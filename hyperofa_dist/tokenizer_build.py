@@ -65,7 +65,9 @@ def load_source_tokenizer(config: Config) -> Any:
     except Exception as exc:  # transformers/hub raise many types; the user needs the name and the first line
         first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:200]
         if local:
-            raise HyperofaError(f"{name}: cannot load the source tokenizer ({key}; {exc.__class__.__name__}: {first})") from None
+            raise HyperofaError(
+                f"{name}: cannot load the source tokenizer ({key}; {exc.__class__.__name__}: {first})"
+            ) from None
         offline = any(os.environ.get(v, "") not in ("", "0") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
         hint = "the hub is offline (HF_HUB_OFFLINE); " if offline else ""
         raise HyperofaError(
@@ -144,6 +146,7 @@ def read_sample(config: Config, sources: list, path: Path) -> Sample:
                     head.append(text)
                 n += 1
             if n == 0:
+                print(f"hyperofa tokenizer: skipped language {source.lang} (no sentences)", file=sys.stderr)
                 skipped.append(source.lang)
                 continue
             sentences[source.lang], hashes[source.lang], heads[source.lang] = n, h.hexdigest(), head
@@ -216,8 +219,10 @@ def build_target(config: Config, source: Any, texts: SampleFile) -> tuple[Any, d
     if cfg.mode == "extend":
         ext = learn.extend(backend, texts, cfg.new_tokens, min_frequency=cfg.min_frequency, show_progress=progress)
         if ext.shortfall:
-            print(f"hyperofa tokenizer: appended {len(ext.new_pieces)} of {cfg.new_tokens} new pieces: {ext.shortfall}",
-                  file=sys.stderr)
+            print(
+                f"hyperofa tokenizer: appended {len(ext.new_pieces)} of {cfg.new_tokens} new pieces: {ext.shortfall}",
+                file=sys.stderr,
+            )
         info = {
             "new_pieces": len(ext.new_pieces),
             "new_merges": ext.new_merges,
@@ -228,8 +233,13 @@ def build_target(config: Config, source: Any, texts: SampleFile) -> tuple[Any, d
         return ext.tokenizer, info
     unk = getattr(source, "unk_token", None)
     target = learn.train(
-        backend, texts, cfg.model_type, cfg.vocab_size,
-        unk_token=str(unk) if unk is not None else None, min_frequency=cfg.min_frequency, show_progress=progress,
+        backend,
+        texts,
+        cfg.model_type,
+        cfg.vocab_size,
+        unk_token=str(unk) if unk is not None else None,
+        min_frequency=cfg.min_frequency,
+        show_progress=progress,
     )
     size = target.get_vocab_size(with_added_tokens=True)
     shortfall = None
@@ -237,6 +247,29 @@ def build_target(config: Config, source: Any, texts: SampleFile) -> tuple[Any, d
         shortfall = f"the corpus sample supports only {size} of {cfg.vocab_size} entries"
         print(f"hyperofa tokenizer: trained vocabulary is smaller than requested: {shortfall}", file=sys.stderr)
     return target, {"shortfall": shortfall}
+
+
+def describe(config: Config, source: Any, target: Any, info: dict[str, Any], sample: Sample) -> tuple[dict, dict]:
+    """The manifest's counts and its extra sections (fertility per language, shortfall, special-token ids)."""
+    backend = source.backend_tokenizer
+    source_size = backend.get_vocab_size(with_added_tokens=True)
+    langs = sorted(sample.heads)
+    counts = {
+        "source_size": source_size,
+        "target_size": target.get_vocab_size(with_added_tokens=True),
+        "sample_sentences": {lang: sample.sentences[lang] for lang in langs},
+        "skipped_languages": sample.skipped,
+        **{k: v for k, v in info.items() if k != "shortfall"},
+    }
+    if config.tokenizer.mode == "extend":
+        heads = [s for lang in langs for s in sample.heads[lang]]
+        counts["new_pieces_used_in_sample"] = learn.pieces_used(target, heads, source_size)
+    extra = {
+        "fertility": {lang: learn.fertility(backend, target, sample.heads[lang]).as_dict() for lang in langs},
+        "shortfall": info["shortfall"],
+        "special_tokens": {role: [tok, target.token_to_id(tok)] for role, tok in special_roles(source).items()},
+    }
+    return counts, extra
 
 
 def run_tokenizer_stage(config: Config, tracker: Any) -> int:
@@ -276,22 +309,7 @@ def run_tokenizer_stage(config: Config, tracker: Any) -> int:
             check_texts = [s for lang in sorted(sample.heads) for s in sample.heads[lang][:50]]
             verify_hf(build, target, roles, check_texts)
 
-            backend = source.backend_tokenizer
-            source_size = backend.get_vocab_size(with_added_tokens=True)
-            fertility = {lang: learn.fertility(backend, target, sample.heads[lang]).as_dict() for lang in sorted(sample.heads)}
-            heads = [s for lang in sorted(sample.heads) for s in sample.heads[lang]]
-            counts = {
-                "source_size": source_size,
-                "target_size": target.get_vocab_size(with_added_tokens=True),
-                "sample_sentences": dict(sorted(sample.sentences.items())),
-                "skipped_languages": sample.skipped,
-                **{k: v for k, v in info.items() if k != "shortfall"},
-            }
-            if config.tokenizer.mode == "extend":
-                counts["new_pieces_used_in_sample"] = learn.pieces_used(target, heads, source_size)
-            specials = {role: [tok, target.token_to_id(tok)] for role, tok in roles.items()}
-            extra = {"fertility": fertility, "shortfall": info["shortfall"], "special_tokens": specials}
-
+            counts, extra = describe(config, source, target, info, sample)
             stage.begin(digest(inputs))
             _swap_into_place(build, stage.path)
             manifest = stage.write_manifest(

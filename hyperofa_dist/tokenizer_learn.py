@@ -429,7 +429,9 @@ def train(
     specials = special_added_tokens(source)
     names = [t["content"] for t in specials]
     if vocab_size <= len(names):
-        raise HyperofaError(f"config key tokenizer.vocab_size: {vocab_size} leaves no room beside {len(names)} special tokens")
+        raise HyperofaError(
+            f"config key tokenizer.vocab_size: {vocab_size} leaves no room beside {len(names)} special tokens"
+        )
     same = src.family == model_type
     if model_type == "unigram":
         tok = Tokenizer(models.Unigram())

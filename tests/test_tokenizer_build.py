@@ -169,8 +169,12 @@ def test_unknown_text_counts_one_piece_per_character_it_replaced(backends):
 # --- train --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family,model_type", [("xlmr", "unigram"), ("bert", "unigram"), ("roberta", "bpe"), ("bert", "bpe")])
-def test_train_puts_source_special_tokens_first_with_their_roles(family, model_type, source_tokenizers, backends, texts):
+@pytest.mark.parametrize(
+    "family,model_type", [("xlmr", "unigram"), ("bert", "unigram"), ("roberta", "bpe"), ("bert", "bpe")]
+)
+def test_train_puts_source_special_tokens_first_with_their_roles(
+    family, model_type, source_tokenizers, backends, texts
+):
     source = AutoTokenizer.from_pretrained(str(source_tokenizers[family]))
     target = learn.train(backends[family], texts, model_type, 300, unk_token=source.unk_token)
     specials = sorted(source.all_special_tokens, key=source.convert_tokens_to_ids)
@@ -212,7 +216,9 @@ def snapshot(directory: Path) -> dict[str, tuple[int, bytes]]:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_stage_extend_saves_a_tokenizer_that_autotokenizer_reproduces(family, tmp_path, small_corpus, source_tokenizers, sample):
+def test_stage_extend_saves_a_tokenizer_that_autotokenizer_reproduces(
+    family, tmp_path, small_corpus, source_tokenizers, sample
+):
     run_dir = tmp_path / "run"
     assert cli_main(stage_args(run_dir, small_corpus, source_tokenizers[family], "tracking.enabled=false")) == 0
     out = run_dir / "tokenizer"
@@ -239,7 +245,8 @@ def test_stage_extend_saves_a_tokenizer_that_autotokenizer_reproduces(family, tm
     assert loaded.mask_token_id == source.mask_token_id and loaded.pad_token_id == source.pad_token_id
     lines = [line for lang in sorted(sample) for line in sample[lang][-20:]]
     assert loaded(lines)["input_ids"] == [e.ids for e in backend.encode_batch(lines)]
-    assert [loaded.tokenize(line) for line in lines] == [e.tokens for e in backend.encode_batch(lines, add_special_tokens=False)]
+    plain = backend.encode_batch(lines, add_special_tokens=False)
+    assert [loaded.tokenize(line) for line in lines] == [e.tokens for e in plain]
 
     for lang, report in manifest["fertility"].items():
         if lang != SOURCE_LANG:
@@ -273,10 +280,26 @@ def test_stage_train_mode_keeps_special_roles(tmp_path, small_corpus, source_tok
     manifest = json.loads((run_dir / "tokenizer" / "manifest.json").read_text())
     assert len(loaded) == manifest["counts"]["target_size"] == 350
     # Same strings and roles, ids first in source order: <mask> moves from last (399) to 4.
-    assert [loaded.bos_token_id, loaded.pad_token_id, loaded.eos_token_id, loaded.unk_token_id, loaded.mask_token_id] == [0, 1, 2, 3, 4]
+    roles = [loaded.bos_token_id, loaded.pad_token_id, loaded.eos_token_id, loaded.unk_token_id, loaded.mask_token_id]
+    assert roles == [0, 1, 2, 3, 4]
     assert manifest["special_tokens"]["mask"] == ["<mask>", 4]
     ids = loaded("Patak")["input_ids"]
     assert ids[0] == loaded.cls_token_id and ids[-1] == loaded.sep_token_id
+
+
+def test_stage_skips_an_empty_language_and_counts_it(tmp_path, small_corpus, source_tokenizers, capsys):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for lang in ("qaa_Latn", "qad_Grek"):
+        (corpus / f"{lang}.txt").write_bytes((small_corpus / f"{lang}.txt").read_bytes())
+    (corpus / "qae_Latn.txt").write_bytes(b"")
+    run_dir = tmp_path / "run"
+    args = stage_args(run_dir, corpus, source_tokenizers["bert"], "tracking.enabled=false", "tokenizer.new_tokens=40")
+    assert cli_main(args) == 0
+    manifest = json.loads((run_dir / "tokenizer" / "manifest.json").read_text())
+    assert manifest["counts"]["skipped_languages"] == ["qae_Latn"]
+    assert set(manifest["counts"]["sample_sentences"]) == set(manifest["fertility"]) == {"qaa_Latn", "qad_Grek"}
+    assert "skipped language qae_Latn (no sentences)" in capsys.readouterr().err
 
 
 def test_stage_logs_counts_and_fertility_to_mlflow(tmp_path, small_corpus, source_tokenizers):
