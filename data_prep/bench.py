@@ -96,7 +96,8 @@ def bench_prepare(config: Config, args) -> int:
             sample = sentences[:: max(1, len(sentences) // 60_000)]
             tokenizer = synthetic.train_source_tokenizer("xlmr", sample, 8000, workdir / "tokenizer")
         chunk_bytes = max(1024, min(config.prepare.chunk_bytes, corpus_bytes // MIN_TASKS))
-        raw_tokens, raw_s = raw_tokenizer_rate(tokenizer / "tokenizer.json", sentences, config.prepare.tokenize_batch_size)
+        batch = config.prepare.tokenize_batch_size
+        raw_tokens, raw_s = raw_tokenizer_rate(tokenizer / "tokenizer.json", sentences, batch)
         del sentences
         runs = {}
         for cpus in (1, 2):

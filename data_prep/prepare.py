@@ -29,7 +29,15 @@ import numpy as np
 
 from hyperofa_dist.artifacts import Stage, atomic_write_json, digest, sha256_file
 from hyperofa_dist.config import Config
-from hyperofa_dist.corpus import LanguageSource, Unit, discover, normalize_line, plan_units, read_unit, read_unit_sentences
+from hyperofa_dist.corpus import (
+    LanguageSource,
+    Unit,
+    discover,
+    normalize_line,
+    plan_units,
+    read_unit,
+    read_unit_sentences,
+)
 from hyperofa_dist.errors import HyperofaError
 from hyperofa_dist.target import target_tokenizer_dir, tokenizer_fingerprint
 
@@ -72,8 +80,6 @@ class ChunkJob:
 
 def block_specials(tokenizer_dir: Path) -> Specials:
     """The family's frame and separator tokens (`<s>`/`</s>`, `[CLS]`/`[SEP]`) from the saved HF tokenizer."""
-    from tokenizers import Tokenizer
-
     config_path = tokenizer_dir / "tokenizer_config.json"
     try:
         config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
@@ -271,7 +277,8 @@ def _task_error(exc: Exception, desc: str) -> Exception:
 
     if isinstance(exc, ray.exceptions.RayTaskError) and isinstance(exc.cause, HyperofaError):
         return HyperofaError(str(exc.cause))
-    if isinstance(exc, (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError, ray.exceptions.OutOfMemoryError)):
+    died = (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError, ray.exceptions.OutOfMemoryError)
+    if isinstance(exc, died):
         first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
         return HyperofaError(f"{desc}: a Ray task failed after prepare.max_retries retries ({first[:200]})")
     return exc
@@ -308,7 +315,8 @@ def _finished_record(stage_dir: Path, unit: Unit, record_digest: str) -> Optiona
 
 
 def _shards_intact(stage_dir: Path, files: Iterable[dict[str, Any]]) -> bool:
-    return all((stage_dir / f["path"]).is_file() and (stage_dir / f["path"]).stat().st_size == f["bytes"] for f in files)
+    paths = ((stage_dir / f["path"], f["bytes"]) for f in files)
+    return all(path.is_file() and path.stat().st_size == size for path, size in paths)
 
 
 def _remove_strays(stage_dir: Path, keep: set[str]) -> None:

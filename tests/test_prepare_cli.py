@@ -12,7 +12,12 @@ import pytest
 
 from hyperofa_dist import synthetic
 
-COMMON = ["prepare.block_size=32", "prepare.blocks_per_sample=2", "prepare.chunk_bytes=8192", "prepare.heldout_fraction=0.1"]
+COMMON = [
+    "prepare.block_size=32",
+    "prepare.blocks_per_sample=2",
+    "prepare.chunk_bytes=8192",
+    "prepare.heldout_fraction=0.1",
+]
 
 
 def run_cli(*args):
@@ -111,3 +116,9 @@ def test_empty_file_is_a_counted_skip_invalid_utf8_is_replaced_and_mlflow_finds_
             assert stage_run[f"metrics.{lang}/{key}"] == stats[key], (lang, key)
     assert stage_run["metrics.total/train_blocks"] == counts["totals"]["train_blocks"]
     assert stage_run["tags.hyperofa.skipped_languages"] == "qag_Latn"
+
+
+def test_hub_corpus_offline_is_fatal(tmp_path, cli_tokenizer):
+    out = run_cli(f"run.dir={tmp_path / 'run'}", "corpus.format=hub", "corpus.languages=[qaa_Latn]",
+                  f"tokenizer.path={cli_tokenizer}", "tracking.enabled=false", *COMMON)
+    assert_fatal(out, tmp_path, "cis-lmu/Glot500", "cannot reach")

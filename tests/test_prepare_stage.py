@@ -101,7 +101,8 @@ def test_shard_token_counts_sum_to_manifest_totals(run_a):
         for _, sample_lang, ids in read_shard_blocks(path):
             assert sample_lang == lang and ids.dtype == np.uint32 and ids.shape[1] == BLOCK
             per[lang][f"{split}_blocks"] += ids.shape[0]
-            per[lang][f"{split}_tokens_in_blocks"] += int(np.count_nonzero(ids[:, 1:-1] != manifest["special_tokens"]["sep"]))
+            content = ids[:, 1:-1] != manifest["special_tokens"]["sep"]
+            per[lang][f"{split}_tokens_in_blocks"] += int(np.count_nonzero(content))
             per[lang]["all_tokens"] += ids.size
         per[lang][f"{split}_shards"] += 1
     languages = manifest["counts"]["languages"]
@@ -137,7 +138,10 @@ def test_blocks_decode_to_the_kept_sentences_in_order(run_a, prep_tokenizer):
     for unit in units:
         sentences = read[(unit.lang, unit.chunk)]
         heldout, multiplicity = select_sentences(plans[unit.lang][unit.chunk], 0, unit.lang, unit.chunk)
-        expected = {"train": [sentences[i] for i in kept_order(multiplicity)], "heldout": [sentences[i] for i in heldout]}
+        expected = {
+            "train": [sentences[i] for i in kept_order(multiplicity)],
+            "heldout": [sentences[i] for i in heldout],
+        }
         for split in ("train", "heldout"):
             arrays = blocks.get((split, unit.lang, unit.chunk))
             if not arrays:
@@ -150,7 +154,8 @@ def test_blocks_decode_to_the_kept_sentences_in_order(run_a, prep_tokenizer):
                 full = tokenizer.encode(expected[split][len(decoded)], add_special_tokens=False).ids
                 assert tail == full[: len(tail)]
             checked += len(decoded)
-    assert checked > 0.9 * (manifest["counts"]["totals"]["train_sentences"] + manifest["counts"]["totals"]["heldout_sentences"])
+    totals = manifest["counts"]["totals"]
+    assert checked > 0.9 * (totals["train_sentences"] + totals["heldout_sentences"])
 
 
 def test_per_language_counts_match_a_direct_count(run_a, small_corpus):
@@ -190,7 +195,8 @@ def test_same_seed_identical_shards_other_seed_other_sampling(run_a, tmp_path, s
     manifest_c = prepare(make_config(tmp_path / "c", small_corpus, prep_tokenizer, seed=1))
     langs_a, langs_c = manifest_a["counts"]["languages"], manifest_c["counts"]["languages"]
     # the same budgets, different sentences behind them
-    assert {k: v["train_sentences"] for k, v in langs_a.items()} == {k: v["train_sentences"] for k, v in langs_c.items()}
+    budgets_a = {k: v["train_sentences"] for k, v in langs_a.items()}
+    assert budgets_a == {k: v["train_sentences"] for k, v in langs_c.items()}
     hashes_a = {o["path"]: o["sha256"] for o in manifest_a["outputs"]}
     hashes_c = {o["path"]: o["sha256"] for o in manifest_c["outputs"]}
     common = set(hashes_a) & set(hashes_c)
@@ -265,3 +271,25 @@ def test_killed_worker_is_retried_and_manifest_equals_uninterrupted_run(tmp_path
     assert "error" not in outcome, outcome.get("error")
     assert without_run_dir(outcome["manifest"]) == without_run_dir(reference)
     assert not list((config.run_dir / "prepare").rglob(".*.tmp-*"))
+
+
+def test_glot500_local_layout_is_prepared_through_the_readers(tmp_path, small_corpus, prep_tokenizer, ray_cluster):
+    corpus = tmp_path / "glot500"
+    expected = {}
+    for i, lang in enumerate(("qac_Latn", "qad_Grek", "qaf_Cyrl")):
+        lines = synthetic.read_lines(small_corpus / f"{lang}.txt")
+        (corpus / lang).mkdir(parents=True)
+        halves = [lines[: len(lines) // 2], lines[len(lines) // 2 :]]
+        for j, part in enumerate(halves):
+            rows = "".join(json.dumps({"text": t, "source": "gen"}) + "\n" for t in part)
+            (corpus / lang / f"part-{j}.jsonl").write_text(rows, encoding="utf-8")
+        expected[lang] = len(lines)
+    config = make_config(tmp_path / "run", corpus, prep_tokenizer, corpus__format="glot500_local",
+                         prepare__sampling__total_sentences="null")
+    manifest = prepare(config)
+    languages = manifest["counts"]["languages"]
+    assert {lang: languages[lang]["sentences"] for lang in expected} == expected
+    for lang in expected:
+        assert languages[lang]["train_sentences"] + languages[lang]["heldout_sentences"] == expected[lang]
+        assert languages[lang]["train_blocks"] > 0
+    assert set(manifest["inputs"]["corpus"]["qac_Latn"]) == {"qac_Latn/part-0.jsonl", "qac_Latn/part-1.jsonl"}
