@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Iterator
 
 import numpy as np
 
-from hyperofa_dist.artifacts import tmp_name
+from hyperofa_dist.artifacts import atomic_write_bytes
 
 
 def shard_name(lang: str, chunk: int, index: int) -> str:
@@ -86,13 +85,7 @@ def write_shard(path: Path, data: bytes, keep_existing: bool) -> bool:
     """
     if keep_existing and path.is_file() and path.stat().st_size == len(data):
         return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_name(path)
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, data)
     return True
 
 
