@@ -57,8 +57,11 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def launch_command(hp: Any, job_file: Path, *, ranks: Optional[int] = None, extra: tuple[str, ...] = ()) -> list[str]:
-    """The launcher invocation; `ranks` overrides the local rank count (the benchmark's 1- and 2-rank runs)."""
+def launch_command(
+    hp: Any, job_file: Path, *, ranks: Optional[int] = None, extra: tuple[str, ...] = (), module: str = MODULE
+) -> list[str]:
+    """The launcher invocation; `ranks` overrides the local rank count (the benchmark's 1- and 2-rank runs).
+    `hp` is any config section with the launch keys (hypernet, pretrain); `module` is the job to run."""
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner"]
     if hp.hostfile and ranks is None:
         cmd += ["--hostfile", str(Path(hp.hostfile).resolve()), "--launcher", hp.launcher,
@@ -69,7 +72,7 @@ def launch_command(hp: Any, job_file: Path, *, ranks: Optional[int] = None, extr
             cmd += ["--num_gpus", str(hp.ranks_per_node)]
     else:
         cmd += ["--num_gpus", str(ranks or planned_world_size(hp)), "--master_port", str(hp.master_port or free_port())]
-    return cmd + ["--module", MODULE, "--job", str(job_file), *extra]
+    return cmd + ["--module", module, "--job", str(job_file), *extra]
 
 
 def run_launcher(cmd: list[str], parent_run_id: Optional[str], capture: bool = False) -> subprocess.CompletedProcess:

@@ -79,7 +79,7 @@ def group_settings(
 def apply_settings(optimizer, names: list[str], settings: dict[str, tuple[float, float]]) -> None:
     """Write lr and weight decay into the optimizer's groups (in the order they were given to it)."""
     for group, name in zip(optimizer.param_groups, names):
-        group["lr"], group["weight_decay"] = settings[name]
+        group["lr"], group["weight_decay"] = settings[group.get("name", name)]
 
 
 class EmbeddingWarmup:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -22,10 +21,12 @@ from typing import Any, Optional
 from ..artifacts import Stage, atomic_write_json, digest, sha256_file
 from ..config import Config
 from ..errors import HyperofaError
+from ..hypernet.launch import launch_command, planned_world_size, run_launcher
 from ..target import tokenizer_fingerprint
 from .data import load_shardset
 
 STAGE = "pretrain"
+JOB_MODULE = "hyperofa_dist.pretrain.train"
 RESTART_KEYS = ("resume", "universal", "master_port", "launcher", "hostfile")
 JOB_FILES = ("train_log.jsonl", "eval_log.jsonl", "probe.pt", "failure.json", "job.json")
 
@@ -64,49 +65,41 @@ def check_tokenizer_match(prepare_manifest: dict, prepare_dir: Path, model_dir: 
         )
 
 
-def resolve_precision(choice: str) -> str:
+def precision_for(choice: str) -> str:
     import torch
 
-    if not torch.cuda.is_available():
-        if choice in ("bf16", "fp16"):
-            raise HyperofaError(f"pretrain.precision={choice} needs a GPU; this machine has none (use auto or fp32)")
-        return "fp32"
-    if choice != "auto":
-        return choice
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    from ..dsconfig import resolve_precision
+
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu and choice in ("bf16", "fp16"):
+        raise HyperofaError(f"pretrain.precision={choice} needs a GPU; this machine has none (use auto or fp32)")
+    return resolve_precision(choice, "cuda" if on_gpu else "cpu")
 
 
-# --- DeepSpeed config: template + our values, validated before launch ----------------------------------------
+def build_ds_config(config: Config, precision: str) -> dict[str, Any]:
+    """The shipped template (or pretrain.ds_config) filled from our config, then parsed by the installed DeepSpeed:
+    removed keys and any other rejected value fail here, before a process is launched."""
+    from ..dsconfig import fill_ds_config, load_template
 
-
-def ds_template_path(config: Config) -> Path:
     p = config.pretrain
-    if p.ds_config:
-        path = Path(p.ds_config)
-    else:
-        path = Path(__file__).resolve().parents[2] / "ds_configs" / f"{p.zero}.json"
-    if not path.is_file():
-        raise HyperofaError(f"{path}: DeepSpeed config template not found (pretrain.ds_config / pretrain.zero)")
-    return path
-
-
-def fill_ds_config(template: dict[str, Any], config: Config, precision: str) -> dict[str, Any]:
-    """Our batch, accumulation, clipping and precision over the template. The batch total is left to DeepSpeed
-    (micro x accumulation x world size) so one config serves any rank count. The optimizer is ours (AdamW
-    groups with a per-step schedule), so an optimizer or scheduler block in a template is dropped."""
-    p = config.pretrain
-    cfg = json.loads(json.dumps(template))
-    for key in ("optimizer", "scheduler", "train_batch_size"):
-        cfg.pop(key, None)
-    cfg["train_micro_batch_size_per_gpu"] = p.micro_batch_size
-    cfg["gradient_accumulation_steps"] = p.grad_accum
-    cfg["gradient_clipping"] = p.clip
-    cfg["bf16"] = {**cfg.get("bf16", {}), "enabled": precision == "bf16"}
-    cfg["fp16"] = {**cfg.get("fp16", {}), "enabled": precision == "fp16"}
-    cfg.setdefault("steps_per_print", 10**9)
-    # Our own AdamW runs on offloaded (CPU) states too; DeepSpeed insists on its compiled CPU Adam otherwise.
+    template, source = load_template(p.ds_config or p.zero)
+    cfg = fill_ds_config(
+        template,
+        micro_batch=p.micro_batch_size,
+        grad_accum=p.grad_accum,
+        lr=p.lr,
+        precision=precision,
+        weight_decay=p.weight_decay,
+        clip=p.clip,
+        torch_optimizer=True,
+        source=source,
+    )
+    if "optimizer" in cfg:
+        cfg["optimizer"]["params"].update(betas=list(p.betas), eps=p.eps)
+    # torch's AdamW also steps offloaded (CPU) states; DeepSpeed otherwise insists on its compiled CPU Adam.
     if (cfg.get("zero_optimization") or {}).get("offload_optimizer"):
         cfg["zero_force_ds_cpu_optimizer"] = False
+    validate_ds_config(cfg, source)
     return cfg
 
 
@@ -124,56 +117,6 @@ def _ds_version() -> str:
     import deepspeed
 
     return deepspeed.__version__
-
-
-# --- launch ------------------------------------------------------------------------------------------------
-
-
-def planned_world_size(config: Config) -> int:
-    """Ranks the launch will start: local ranks, or the slots of the hostfile's first num_nodes hosts."""
-    import torch
-
-    p = config.pretrain
-    if p.hostfile:
-        hosts = read_hostfile(Path(p.hostfile))
-        hosts = hosts[: p.num_nodes] if p.num_nodes else hosts
-        return sum(p.ranks_per_node or slots for _, slots in hosts)
-    if p.ranks_per_node:
-        return p.ranks_per_node
-    return torch.cuda.device_count() or 2
-
-
-def read_hostfile(path: Path) -> list[tuple[str, int]]:
-    if not path.is_file():
-        raise HyperofaError(f"{path}: hostfile not found (pretrain.hostfile)")
-    hosts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        line = line.split("#", 1)[0].strip()
-        if not line:
-            continue
-        parts = line.split()
-        slots = [x for x in parts[1:] if x.startswith("slots=")]
-        if len(parts) != 2 or not slots or not slots[0][6:].isdigit():
-            raise HyperofaError(f"{path}:{number}: expected `hostname slots=N`, got {line!r}")
-        hosts.append((parts[0], int(slots[0][6:])))
-    if not hosts:
-        raise HyperofaError(f"{path}: hostfile lists no host")
-    return hosts
-
-
-def launch_command(config: Config, job_file: Path) -> list[str]:
-    """The `deepspeed` launcher invocation (launcher flags before the module: DeepSpeed #662)."""
-    p = config.pretrain
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--master_port", str(p.master_port)]
-    if p.hostfile:
-        cmd += ["--hostfile", str(Path(p.hostfile).resolve()), "--launcher", p.launcher]
-        if p.num_nodes:
-            cmd += ["--num_nodes", str(p.num_nodes)]
-        if p.ranks_per_node:
-            cmd += ["--num_gpus", str(p.ranks_per_node)]
-    else:
-        cmd += ["--num_gpus", str(planned_world_size(config))]
-    return cmd + ["--module", "hyperofa_dist.pretrain.train", "--job", str(job_file)]
 
 
 # --- checkpoints -------------------------------------------------------------------------------------------
@@ -248,15 +191,9 @@ def run_pretrain_stage(config: Config, tracker) -> int:
         from .data import mixing_probabilities
 
         mixing_probabilities(sorted(shardset.train), shardset.blocks, p.language_weights)
-    precision = resolve_precision(p.precision)
-    template_path = ds_template_path(config)
-    try:
-        template = json.loads(template_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise HyperofaError(f"{template_path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    ds_config = fill_ds_config(template, config, precision)
-    validate_ds_config(ds_config, template_path)
-    world = planned_world_size(config)
+    precision = precision_for(p.precision)
+    ds_config = build_ds_config(config, precision)
+    world = planned_world_size(p)
 
     inputs = {
         # How the job was (re)started does not change what it produces.
@@ -311,18 +248,17 @@ def run_pretrain_stage(config: Config, tracker) -> int:
             "resume": p.resume,
             "resume_tag": resume_tag,
             "trainable_rows": str(rows_file) if rows_file else None,
+            # Remote rank 0 (multi-node) gets no environment from here: the MLflow parent travels in the job file.
+            "parent_run_id": run.run_id,
         }
         job_file = atomic_write_json(out / "job.json", job)
-        env = dict(os.environ)
-        if run.run_id:
-            from ..tracking import PARENT_ENV
-
-            env[PARENT_ENV] = run.run_id
-        env.setdefault("TOKENIZERS_PARALLELISM", "false")
-        cmd = launch_command(config, job_file)
+        cmd = launch_command(p, job_file, module=JOB_MODULE)
         run.set_tags({"hyperofa.world_size": world, "hyperofa.precision": precision, "hyperofa.zero": p.zero})
         print(f"hyperofa pretrain: launching {world} ranks: {' '.join(cmd)}", file=sys.stderr, flush=True)
-        code = subprocess.call(cmd, env=env, cwd=os.getcwd())
+        if world > 1 and not p.hostfile and precision == "fp32":
+            # CPU ranks: split the cores instead of every rank spawning a thread per core.
+            os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world)))
+        code = run_launcher(cmd, run.run_id).returncode
         failure = out / "failure.json"
         if failure.is_file():
             raise HyperofaError(json.loads(failure.read_text(encoding="utf-8"))["message"])

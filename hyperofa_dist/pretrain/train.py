@@ -110,11 +110,10 @@ class Job:
             setattr(model, model.base_model_prefix, torch.compile(base))
         groups = param_groups(model, self.p.weight_decay)
         self.group_names = [g["name"] for g in groups]
-        optimizer = torch.optim.AdamW(
-            groups, lr=self.p.lr, betas=tuple(self.p.betas), eps=self.p.eps, fused=on_gpu or None
-        )
+        # AdamW comes from the config's optimizer block (torch's implementation); the groups carry their names so
+        # the loop can set each group's lr and weight decay per step.
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=MaskedLMObjective(model), optimizer=optimizer, config=spec["ds_config"]
+            model=MaskedLMObjective(model), model_parameters=groups, config=spec["ds_config"]
         )
         self.shardset = data_mod.ShardSet(spec["train_shards"], spec["heldout_shards"], spec["train_blocks"])
         self.probs = data_mod.mixing_probabilities(
@@ -352,7 +351,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     spec = json.loads(Path(args.job).read_text(encoding="utf-8"))
-    from ..tracking import make_tracker
+    from ..tracking import PARENT_ENV, make_tracker
+
+    if spec.get("parent_run_id") and not os.environ.get(PARENT_ENV):
+        os.environ[PARENT_ENV] = spec["parent_run_id"]
 
     job = Job(spec)
     for sub in ("ranks", "audit"):
