@@ -233,7 +233,9 @@ class PretrainConfig(Section):
     launcher: Literal["pdsh", "openmpi", "mvapich", "slurm", "mpich", "impi"] = Field(
         "pdsh", description="DeepSpeed multi-node launcher backend."
     )
-    master_port: int = Field(29500, ge=1, le=65535, description="Rendezvous port of rank 0.")
+    master_port: Optional[int] = Field(
+        None, ge=1, le=65535, description="Rendezvous port of rank 0; unset: a free port locally, 29500 multi-node."
+    )
 
 
 class InitConfig(Section):
@@ -252,65 +254,6 @@ class InitConfig(Section):
     seed: Optional[int] = Field(None, ge=0, description="Seed of the random rows; unset means run.seed.")
 
 
-class PretrainConfig(Section):
-    method: str = Field(
-        "hyperofa", min_length=1, description="Init method whose model to train: <run.dir>/init/<method>/model."
-    )
-    model: Optional[str] = Field(None, description="Train this HF masked-LM directory instead of the init output.")
-    shards: Optional[str] = Field(None, description="Prepare output to read instead of <run.dir>/prepare.")
-    zero: Literal["zero1", "zero2", "zero3", "zero3-offload"] = Field(
-        "zero2", description="DeepSpeed template in ds_configs/ (ZeRO stage and offload)."
-    )
-    ds_config: Optional[str] = Field(None, description="Own DeepSpeed JSON template instead of ds_configs/<zero>.json.")
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
-        "auto", description="auto: bf16 on GPU (fp16 where bf16 is unsupported), fp32 on CPU."
-    )
-    steps: int = Field(4000, ge=1, description="Optimizer steps of the whole run.")
-    micro_batch_size: int = Field(32, ge=1, description="Blocks per rank per micro-batch.")
-    grad_accum: int = Field(4, ge=1, description="Micro-batches per optimizer step.")
-    lr: float = Field(5e-5, gt=0.0, description="Peak learning rate (AdamW).")
-    betas: list[float] = Field([0.9, 0.999], min_length=2, max_length=2, description="AdamW betas.")
-    eps: float = Field(1e-8, gt=0.0, description="AdamW epsilon.")
-    weight_decay: float = Field(0.0, ge=0.0, description="AdamW decoupled weight decay (not on biases/LayerNorms).")
-    warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up steps from 0.")
-    schedule: Literal["linear", "cosine", "constant"] = Field(
-        "linear", description="Decay after warm-up: linear or cosine to 0, or constant."
-    )
-    clip: float = Field(1.0, ge=0.0, description="Gradient clipping by global norm; 0 disables.")
-    mlm_probability: float = Field(0.15, gt=0.0, lt=1.0, description="Share of non-special tokens masked (80/10/10).")
-    language_weights: Optional[dict[str, float]] = Field(
-        None, description="Per-language sampling weights at load time; unset means proportional to blocks."
-    )
-    shuffle_buffer: int = Field(2048, ge=1, description="Blocks in each loader worker's shuffle buffer.")
-    num_workers: int = Field(2, ge=0, description="DataLoader worker processes per rank.")
-    prefetch_factor: int = Field(4, ge=1, description="Batches each loader worker prepares ahead.")
-    save_every: int = Field(1000, ge=1, description="Checkpoint (all ranks) every N steps; also the data epoch.")
-    eval_every: int = Field(500, ge=1, description="Held-out MLM loss per language every N steps (and at the end).")
-    eval_blocks: int = Field(64, ge=1, description="Held-out blocks per language per evaluation.")
-    log_every: int = Field(10, ge=1, description="Metrics to MLflow every N steps.")
-    embedding_warmup_steps: int = Field(
-        0, ge=0, description="First N steps train only the non-copied embedding rows (encoder, copied rows frozen)."
-    )
-    resume: bool = Field(False, description="Continue from the latest checkpoint in <stage>/checkpoints.")
-    universal: bool = Field(
-        False, description="Resume through a universal checkpoint (converted once): needed when the rank count changes."
-    )
-    compile: bool = Field(False, description="torch.compile the encoder (GPU).")
-    peak_tflops: Optional[float] = Field(None, gt=0.0, description="Accelerator peak for MFU; unset: known GPU table.")
-    data_audit: bool = Field(False, description="Write the ids of the blocks each rank trained on (to check the split).")
-    ranks_per_node: Optional[int] = Field(
-        None, ge=1, description="Local ranks per node; unset: every GPU, or 2 ranks on a CPU-only machine."
-    )
-    hostfile: Optional[str] = Field(None, description="DeepSpeed hostfile (`host slots=N` lines) for multi-node.")
-    num_nodes: Optional[int] = Field(None, ge=1, description="Use this many nodes of the hostfile.")
-    launcher: Literal["pdsh", "openmpi", "mvapich", "slurm", "mpich", "impi"] = Field(
-        "pdsh", description="DeepSpeed multi-node launcher backend."
-    )
-    master_port: Optional[int] = Field(
-        None, ge=1, le=65535, description="Rendezvous port of rank 0; unset: a free port locally, 29500 multi-node."
-    )
-
-
 class Config(Section):
     run: RunConfig = Field(default_factory=RunConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
@@ -319,7 +262,6 @@ class Config(Section):
     corpus: CorpusConfig = Field(default_factory=CorpusConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     prepare: PrepareConfig = Field(default_factory=PrepareConfig)
-    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     init: InitConfig = Field(default_factory=InitConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     hypernet: HypernetConfig = Field(default_factory=HypernetConfig)
