@@ -233,3 +233,158 @@ def read_lines(path: str | Path, limit: Optional[int] = None) -> list[str]:
             if limit is not None and len(lines) >= limit:
                 break
     return lines
+
+
+# --- evaluation data: parallel retrieval files and tagging files --------------------------------------------
+
+UPOS_CLASSES = ("NOUN", "VERB", "ADJ", "ADV", "DET", "ADP", "PRON", "NUM")
+# Word-class sequences of the generated grammar; every language shares it, so tags depend on word and position.
+TAG_TEMPLATES = (
+    ("DET", "NOUN", "VERB"),
+    ("DET", "ADJ", "NOUN", "VERB", "ADV"),
+    ("PRON", "VERB", "DET", "NOUN", "ADP", "DET", "NOUN"),
+    ("NUM", "ADJ", "NOUN", "VERB", "ADP", "PRON"),
+    ("DET", "NOUN", "ADP", "DET", "ADJ", "NOUN", "VERB"),
+    ("PRON", "ADV", "VERB", "NUM", "NOUN"),
+)
+ENTITY_TYPES = ("PER", "LOC", "ORG")
+
+
+def concept_upos(concept: int) -> str:
+    """The word class of a concept: the same in every language, as translations share their part of speech."""
+    return UPOS_CLASSES[concept % len(UPOS_CLASSES)]
+
+
+def concept_entity(concept: int) -> Optional[str]:
+    """`B-<type>` for a name's first word, `I-<type>` for a word that only continues names, None otherwise.
+
+    Every twentieth concept starts names and the concept ten further continues them (PER, LOC, ORG in turn), as
+    a family name follows a given name: the tag is a property of the word, so a tiny model can learn it."""
+    kind = ENTITY_TYPES[(concept // 20) % len(ENTITY_TYPES)]
+    if concept % 20 == 0:
+        return f"B-{kind}"
+    if concept % 20 == 10:
+        return f"I-{kind}"
+    return None
+
+
+def _unique_sentences(world: World, n: int, seed: int, langs: list[str]) -> list[np.ndarray]:
+    """n concept sentences whose renderings are distinct in every listed language (retrieval needs no twins)."""
+    out: list[np.ndarray] = []
+    seen: dict[str, set[str]] = {lang: set() for lang in langs}
+    attempt = 0
+    while len(out) < n:
+        for sentence in world.concept_sentences(2 * n, seed * 1000 + attempt):
+            texts = {lang: world.render(lang, [sentence])[0] for lang in langs}
+            if all(texts[lang] not in seen[lang] for lang in langs):
+                for lang in langs:
+                    seen[lang].add(texts[lang])
+                out.append(sentence)
+                if len(out) == n:
+                    break
+        attempt += 1
+    return out
+
+
+def write_retrieval_data(
+    root: str | Path,
+    world: World,
+    english_source: str,
+    languages: Iterable[str],
+    n: int,
+    seed: int = 0,
+    prefix: str = "tatoeba",
+    naming: str = "glot500",
+) -> dict[str, tuple[Path, Path]]:
+    """Line-aligned pairs per language: `<prefix>.<L>-eng_Latn.<L>` + `.eng_Latn` (naming glot500) or
+    `<prefix>.<iso>-eng.<iso>` + `.eng` (naming xtreme); the English side is `english_source` rendered."""
+    if naming not in ("glot500", "xtreme"):
+        raise ValueError(f"naming must be glot500 or xtreme, not {naming!r}")
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    languages = list(languages)
+    sentences = _unique_sentences(world, n, seed, [english_source] + languages)
+    eng_text = "\n".join(world.render(english_source, sentences)) + "\n"
+    paths = {}
+    for lang in languages:
+        code, eng = (lang, "eng_Latn") if naming == "glot500" else (lang.split("_")[0], "eng")
+        stem = f"{prefix}.{code}-{eng}"
+        lang_path, eng_path = root / f"{stem}.{code}", root / f"{stem}.{eng}"
+        lang_path.write_text("\n".join(world.render(lang, sentences)) + "\n", encoding="utf-8")
+        eng_path.write_text(eng_text, encoding="utf-8")
+        paths[lang] = (lang_path, eng_path)
+    return paths
+
+
+def tagged_concept_sentences(n: int, seed: int, task: str, n_concepts: int = 240) -> list[list[tuple[int, str]]]:
+    """Sentences of (concept, label) from the shared grammar over the first n_concepts concepts.
+
+    pos: labels are the concepts' UPOS classes; ner: BIO labels of names (see concept_entity) inserted among
+    ordinary words. A small concept pool lets a tiny model see every word in training."""
+    if task not in ("pos", "ner"):
+        raise ValueError(f"task must be pos or ner, not {task!r}")
+    rng = np.random.default_rng([seed, 17, 0 if task == "pos" else 1])
+    pool = np.arange(n_concepts)
+    ordinary = [concept_entity(int(k)) is None for k in pool]
+    by_class = {c: pool[[concept_upos(int(k)) == c and ordinary[k] for k in pool]] for c in UPOS_CLASSES}
+    starts = {e: pool[[concept_entity(int(k)) == f"B-{e}" for k in pool]] for e in ENTITY_TYPES}
+    continues = {e: pool[[concept_entity(int(k)) == f"I-{e}" for k in pool]] for e in ENTITY_TYPES}
+    out = []
+    for _ in range(n):
+        template = TAG_TEMPLATES[int(rng.integers(len(TAG_TEMPLATES)))]
+        words = [(int(rng.choice(by_class[c])), c) for c in template]
+        if task == "ner":
+            words = [(k, "O") for k, _ in words]
+            # One or two names of different types, each a first word and maybe a continuation word.
+            kinds = rng.choice(len(ENTITY_TYPES), size=int(rng.integers(1, 3)), replace=False)
+            for kind in (ENTITY_TYPES[int(k)] for k in kinds):
+                span = [(int(rng.choice(starts[kind])), f"B-{kind}")]
+                if rng.random() < 0.5:
+                    span.append((int(rng.choice(continues[kind])), f"I-{kind}"))
+                at = int(rng.integers(0, len(words) + 1))
+                while at < len(words) and words[at][1].startswith("I-"):
+                    at += 1
+                words[at:at] = span
+        out.append(words)
+    return out
+
+
+def write_tagging_data(
+    root: str | Path,
+    world: World,
+    task: str,
+    english_source: str,
+    languages: Iterable[str],
+    sizes: tuple[int, int, int] = (400, 100, 100),
+    seed: int = 0,
+    english: str = "eng_Latn",
+    n_concepts: int = 240,
+) -> dict[str, dict[str, Path]]:
+    """`{train,dev,test}-<english>` (rendered in english_source) plus `test-<L>` for every other language;
+    POS as CoNLL-U (`.conllu`, UPOS column, a final PUNCT), NER as `token<TAB>label` (`.tsv`)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    ext = "conllu" if task == "pos" else "tsv"
+    n_train, n_dev, n_test = sizes
+    splits = {
+        "train": tagged_concept_sentences(n_train, seed * 10 + 1, task, n_concepts),
+        "dev": tagged_concept_sentences(n_dev, seed * 10 + 2, task, n_concepts),
+        "test": tagged_concept_sentences(n_test, seed * 10 + 3, task, n_concepts),
+    }
+    jobs = [(split, english, english_source) for split in splits] + [("test", lang, lang) for lang in languages]
+    paths: dict[str, dict[str, Path]] = {}
+    for split, code, source in jobs:
+        words = world.lexicon[source]
+        blocks = []
+        for index, sentence in enumerate(splits[split]):
+            if task == "pos":
+                rows = [f"# sent_id = {split}-{index}"]
+                items = [(words[k], label) for k, label in sentence] + [(".", "PUNCT")]
+                rows += [f"{i}\t{w}\t_\t{label}\t_\t_\t_\t_\t_\t_" for i, (w, label) in enumerate(items, 1)]
+            else:
+                rows = [f"{words[k]}\t{label}" for k, label in sentence]
+            blocks.append("\n".join(rows) + "\n")
+        path = root / f"{split}-{code}.{ext}"
+        path.write_text("\n".join(blocks), encoding="utf-8")
+        paths.setdefault(code, {})[split] = path
+    return paths
