@@ -195,14 +195,32 @@ def read_csr(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 _TOKENIZERS: dict[int, object] = {}
 
 
+def rust_tokenizer(tokenizer_json: str):
+    """The Rust tokenizer a JSON describes, with Unigram scores exactly as written.
+
+    The Rust JSON reader does not round floats correctly (serde_json without `float_roundtrip`), so
+    `Tokenizer.from_str` can shift a Unigram score by one ulp; where two segmentations tie, that changes the
+    tokens. Python parses the (shortest round-trip) scores exactly, so the model is rebuilt from them: the
+    same model the driver's HF tokenizer holds in memory.
+    """
+    import json
+
+    from tokenizers import Tokenizer, models
+
+    tok = Tokenizer.from_str(tokenizer_json)
+    model = json.loads(tokenizer_json).get("model") or {}
+    if model.get("type") == "Unigram":
+        vocab = [(piece, float(score)) for piece, score in model["vocab"]]
+        tok.model = models.Unigram(vocab, model.get("unk_id"), model.get("byte_fallback", False))
+    return tok
+
+
 def backend_encoder(tokenizer_json: str) -> EncodeBatch:
     """A batched encoder for a serialized Rust tokenizer, cached per worker process (workers are reused)."""
-    from tokenizers import Tokenizer
-
     key = hash(tokenizer_json)
     if key not in _TOKENIZERS:
         _TOKENIZERS.clear()  # keep at most the tokenizers of the current build
-        _TOKENIZERS[key] = Tokenizer.from_str(tokenizer_json)
+        _TOKENIZERS[key] = rust_tokenizer(tokenizer_json)
     tok = _TOKENIZERS[key]
     encode = getattr(tok, "encode_batch_fast", tok.encode_batch)  # _fast skips offsets we never read
 

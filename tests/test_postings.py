@@ -77,3 +77,18 @@ def test_npz_is_byte_deterministic_and_loadable(tmp_path):
     np.testing.assert_array_equal(indptr, arrays["indptr"])
     np.testing.assert_array_equal(indices, arrays["indices"])
 
+
+
+def test_worker_tokenizer_keeps_unigram_scores_exact(world, tmp_path):
+    """Rust's JSON reader can shift Unigram scores by an ulp and flip tied segmentations; workers must not."""
+    import json
+
+    from data_prep.bench_mapping import make_unigram_tokenizer
+
+    words = [w for lang in world.languages for w in world.lexicon[lang.code][:400]]
+    tok = AutoTokenizer.from_pretrained(str(make_unigram_tokenizer(words, 1500, tmp_path / "u")))
+    rebuilt = P.rust_tokenizer(P.tokenizer_json(tok))
+    assert json.loads(rebuilt.to_str())["model"] == json.loads(tok.backend_tokenizer.to_str())["model"]
+    keys = [f"{lang.code[:3]}:{w}" for lang in world.languages for w in world.lexicon[lang.code][400:700]]
+    indptr, indices = P.build_local(P.backend_encoder(P.tokenizer_json(tok)), keys, len(tok), 500)
+    assert P.csr_equals_lists(indptr, indices, P.reference_postings(tok, keys))
