@@ -318,7 +318,10 @@ def trained_vectors_path(run_dir: Path) -> Path:
 def resolve_vectors_path(config) -> Path:
     """`vectors.path`, or the file `hyperofa vectors train` wrote into the run directory."""
     if config.vectors.path:
-        return Path(config.vectors.path).resolve()
+        path = Path(config.vectors.path).resolve()
+        if not path.is_file():
+            raise HyperofaError(f"{path}: word-vector file not found (config key vectors.path)")
+        return path
     path = trained_vectors_path(config.run_dir)
     if not path.is_file():
         raise HyperofaError(
