@@ -18,13 +18,19 @@ from .errors import HyperofaError
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "tokenizer": ("hyperofa_dist.tokenizer_build", "run_tokenizer_stage", "build the target tokenizer (extend or train)"),
     "prepare": ("data_prep.prepare", "run_prepare_stage", "Ray job: corpus -> sampled, tokenized, packed webdataset shards"),
+    "vectors": ("hyperofa_dist.vectors", "run_vectors_command", "word vectors: `vectors train` learns cross-lingual vectors from a parallel corpus"),
+    "mapping": ("data_prep.mapping_stage", "run_mapping_stage", "Ray job: overlap, SVD factorisation, token->word postings, split"),
     "init": ("hyperofa_dist.init.stage", "run_init_stage", "new-token embeddings (init.method=hyperofa|ofa|random) + expanded HF model"),
     "hypernet": ("hyperofa_dist.hypernet.stage", "run_hypernet_stage", "DeepSpeed job: train the hypernetwork, predict new-token coordinates"),
 }
 
+# Commands that take an action word first (`hyperofa vectors train`); it is passed to the function as `action`.
+ACTIONS: dict[str, tuple[str, ...]] = {"vectors": ("train",)}
+
 # `hyperofa bench <name>`: one JSON line with the figure and its same-run baseline.
 BENCHES: dict[str, tuple[str, str, str]] = {
     "prepare": ("data_prep.bench", "bench_prepare", "throughput of prepare vs the raw tokenizer; 1 vs 2 workers"),
+    "mapping": ("data_prep.bench_mapping", "bench_mapping", "Ray postings builder (2 workers) vs the per-word encode loop"),
     "init": ("hyperofa_dist.init.bench", "bench_init", "OFA assembly at XLM-R-to-Glot500 scale on generated vectors"),
     "hypernet": ("hyperofa_dist.hypernet.bench", "bench_hypernet", "DeepSpeed 1 and 2 ranks vs a plain PyTorch loop (samples/s)"),
 }
@@ -50,7 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"hyperofa-dist {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     for name, target in COMMANDS.items():
-        _add_config_args(sub.add_parser(name, help=target[2], description=target[2]))
+        command = sub.add_parser(name, help=target[2], description=target[2])
+        if name in ACTIONS:
+            command.add_argument("action", choices=ACTIONS[name], help="what to do")
+        _add_config_args(command)
     bench = sub.add_parser("bench", help="benchmarks that print one JSON line", description="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", metavar="<bench>")
     for name, target in BENCHES.items():
@@ -79,7 +88,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         tracker = make_tracker(config)
         with tracker.session(args.command, config):
-            return int(_load(COMMANDS[args.command])(config, tracker) or 0)
+            extra = {"action": args.action} if args.command in ACTIONS else {}
+            return int(_load(COMMANDS[args.command])(config, tracker, **extra) or 0)
     except HyperofaError as exc:
         print(f"hyperofa {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -36,3 +36,15 @@ def source_tokenizers(tmp_path_factory, small_corpus) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("source_tok")
     texts = synthetic.read_lines(small_corpus / "qaa_Latn.txt")
     return {fam: synthetic.train_source_tokenizer(fam, texts, 400, root / fam) for fam in synthetic.FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def trained_vectors(tmp_path_factory, small_corpus) -> Path:
+    """Cross-lingual `iso:word` vectors trained here by `hyperofa vectors train` on the parallel small_corpus."""
+    from hyperofa_dist import cli
+
+    run_dir = tmp_path_factory.mktemp("vectors_run")
+    argv = ["vectors", "train", f"run.dir={run_dir}", f"vectors.train.corpus={small_corpus}", "tracking.enabled=false",
+            "vectors.train.dim=48", "vectors.train.epochs=10", "vectors.train.alpha=0.25"]
+    assert cli.main(argv) == 0
+    return run_dir / "vectors" / "vectors.kv"
