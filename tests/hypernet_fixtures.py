@@ -15,21 +15,22 @@ def mapping_world(run_dir: Path, **sizes) -> SyntheticMapping:
     return make_mapping(run_dir, **{**SMALL, **sizes})
 
 
+def small_overrides(m: SyntheticMapping, *overrides: str) -> list[str]:
+    return [
+        f"run.dir={m.run_dir}",
+        f"vectors.path={m.vectors_file}",
+        f"mapping.num_primitives={m.k}",
+        "tracking.enabled=false",
+        "hypernet.num_layers=1",
+        "hypernet.hidden_size=32",
+        "hypernet.dropout=0.1",
+        "hypernet.batch_size=32",
+        "hypernet.lr=0.003",
+        "hypernet.epochs=4",
+        "hypernet.threads_per_rank=1",
+        *overrides,
+    ]
+
+
 def small_config(m: SyntheticMapping, *overrides: str) -> Config:
-    return load_config(
-        None,
-        [
-            f"run.dir={m.run_dir}",
-            f"vectors.path={m.vectors_file}",
-            f"mapping.num_primitives={m.k}",
-            "tracking.enabled=false",
-            "hypernet.num_layers=1",
-            "hypernet.hidden_size=32",
-            "hypernet.dropout=0.1",
-            "hypernet.batch_size=32",
-            "hypernet.lr=0.003",
-            "hypernet.epochs=4",
-            "hypernet.threads_per_rank=1",
-            *overrides,
-        ],
-    )
+    return load_config(None, small_overrides(m, *overrides))

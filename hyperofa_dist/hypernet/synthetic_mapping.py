@@ -14,6 +14,7 @@ from typing import Optional
 import numpy as np
 
 from ..artifacts import Stage, atomic_write_bytes, atomic_write_json, fingerprint_path
+from .predict import save_npy as _npy
 
 
 @dataclass
@@ -26,14 +27,6 @@ class SyntheticMapping:
     v_source: int
     v_target: int
     weights: np.ndarray  # [word_dim, k]: coordinates = mean(word vectors) @ weights
-
-
-def _npy(path: Path, array: np.ndarray) -> None:
-    import io
-
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _npz(path: Path, **arrays: np.ndarray) -> None:

@@ -179,9 +179,10 @@ class Job:
             raise HyperofaError(f"{self.ckpt_dir}: no checkpoint to resume from (hypernet.resume=true)")
         if client.get("world_size") != self.world:
             raise HyperofaError(
-                f"{path}: written by {client.get('world_size')} ranks, this job has {self.world}; resume with the same count"
+                f"{self.ckpt_dir}: written by {client.get('world_size')} ranks, this job has {self.world}; resume with the same count"
             )
-        rng_file = Path(path) / f"rng_rank{self.rank}.pt"
+        tag = (self.ckpt_dir / "latest").read_text(encoding="utf-8").strip()
+        rng_file = self.ckpt_dir / tag / f"rng_rank{self.rank}.pt"
         if not rng_file.is_file():
             raise HyperofaError(f"{rng_file}: RNG state of rank {self.rank} missing from the checkpoint")
         set_rng_state(torch.load(rng_file, weights_only=False))

@@ -1,0 +1,133 @@
+"""`hyperofa hypernet` as a real 2-rank DeepSpeed job on CPU (gloo): completion, exact resume, disjoint data per
+rank, checkpoints without the word table, MLflow stage run under the command's parent run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hyperofa_dist.artifacts import Stage
+from hyperofa_dist.config import load_config
+from hyperofa_dist.hypernet.stage import run_hypernet_stage
+from hyperofa_dist.tracking import NullTracker
+
+from .hypernet_fixtures import mapping_world, small_overrides
+
+pytestmark = pytest.mark.slow
+
+EPOCHS, STOP_AFTER = 4, 1
+# A word table far larger than the model, so that a copy of it in a checkpoint could not go unnoticed.
+SIZES = dict(n_words=40000, word_dim=16)
+
+
+def hyperofa(*args: str) -> subprocess.CompletedProcess:
+    out = subprocess.run([sys.executable, "-m", "hyperofa_dist.cli", *args], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return out
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "hypernet" / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hypernet_job")
+    whole = mapping_world(root / "whole", **SIZES)
+    split = mapping_world(root / "split", **SIZES)
+    common = (f"hypernet.epochs={EPOCHS}", "hypernet.ranks_per_node=2")
+    whole_args = small_overrides(whole, *common, "hypernet.data_audit=true", "tracking.enabled=true")
+    hyperofa("hypernet", *whole_args)
+    stopped = hyperofa("hypernet", *small_overrides(split, *common, f"hypernet.stop_after_epoch={STOP_AFTER}"))
+    stopped_metrics = metrics(split.run_dir)
+    stopped_manifest = Stage(split.run_dir, "hypernet").manifest()
+    hyperofa("hypernet", *small_overrides(split, *common, "hypernet.resume=true"))
+    return dict(whole=whole, split=split, whole_args=whole_args, stopped=stopped, stopped_metrics=stopped_metrics,
+                stopped_manifest=stopped_manifest)
+
+
+def test_two_rank_run_writes_predictions_and_manifest(runs):
+    whole = runs["whole"]
+    out = whole.run_dir / "hypernet"
+    manifest = Stage(whole.run_dir, "hypernet").manifest()
+    assert manifest is not None and manifest["counts"]["world_size"] == 2
+    assert manifest["counts"]["epochs_run"] == EPOCHS
+    ids, rows = np.load(out / "predicted_ids.npy"), np.load(out / "predicted_coordinates.npy")
+    with np.load(whole.run_dir / "mapping" / "postings_target.npz") as t, np.load(whole.run_dir / "mapping" / "overlap.npz") as o:
+        covered = np.flatnonzero(np.diff(t["indptr"]) > 0)
+        expected = np.setdiff1d(covered, o["target_ids"])
+    assert np.array_equal(ids, expected) and rows.shape == (len(expected), whole.k) and np.isfinite(rows).all()
+    test = json.loads((out / "test_metrics.json").read_text())
+    assert test["test_count"] == len(np.load(out / "test_ids.npy"))
+    # It learned: the generated targets are a function of the words.
+    assert metrics(whole.run_dir)[-1]["val_cosine"] > metrics(whole.run_dir)[0]["val_cosine"] + 0.2
+    assert test["test_mean_cosine"] > 0.6
+
+
+def test_stopped_then_resumed_run_matches_uninterrupted_run(runs):
+    assert "stopped after epoch 1" in runs["stopped"].stderr
+    assert runs["stopped_manifest"] is None  # an interrupted run never looks complete
+    assert [r["epoch"] for r in runs["stopped_metrics"]] == list(range(STOP_AFTER + 1))
+    whole, resumed = metrics(runs["whole"].run_dir), metrics(runs["split"].run_dir)
+    assert [r["epoch"] for r in resumed] == list(range(EPOCHS))
+    for a, b in zip(whole, resumed):
+        for key in ("val_loss", "val_cosine", "val_l1", "val_contrastive", "train_loss"):
+            assert abs(a[key] - b[key]) <= 1e-5, (a["epoch"], key, a[key], b[key])
+    w, r = (np.load(run.run_dir / "hypernet" / "predicted_coordinates.npy") for run in (runs["whole"], runs["split"]))
+    assert np.allclose(w, r, atol=1e-5)
+
+
+def test_ranks_see_disjoint_samples_each_epoch(runs):
+    audit = runs["whole"].run_dir / "hypernet" / "audit"
+    with np.load(runs["whole"].run_dir / "mapping" / "split.npz") as split:
+        train = set(split["train"].tolist())
+    for epoch in range(EPOCHS):
+        a, b = (np.load(audit / f"epoch{epoch:05d}_rank{r}.npy") for r in (0, 1))
+        assert len(a) == len(b) > 0  # the same number of batches on both ranks
+        assert not set(a.tolist()) & set(b.tolist())
+        assert set(a.tolist()) | set(b.tolist()) <= train
+        assert len(set(a.tolist()) | set(b.tolist())) == len(a) + len(b)
+
+
+def test_checkpoints_hold_no_copy_of_the_word_table(runs):
+    whole = runs["whole"]
+    table_bytes = whole.n_words * whole.word_dim * 4
+    ckpt = whole.run_dir / "hypernet" / "checkpoints"
+    files = [p for p in ckpt.rglob("*.pt")] + [whole.run_dir / "hypernet" / "model.pt"]
+    assert len(files) >= 4
+    for path in files:
+        assert path.stat().st_size < table_bytes / 4, path
+    states = torch.load(next(ckpt.rglob("mp_rank_00_model_states.pt")), map_location="cpu", weights_only=False)
+    shapes = [tuple(t.shape) for t in states["module"].values()]
+    assert all(whole.n_words not in s for s in shapes)
+
+
+def test_stage_run_is_logged_under_the_commands_parent_run(runs):
+    from mlflow.tracking import MlflowClient
+
+    run_dir = runs["whole"].run_dir
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("hyperofa")
+    found = client.search_runs([exp.experiment_id])
+    parents = [r for r in found if r.data.tags.get("hyperofa.command") == "hypernet"]
+    stages = [r for r in found if r.data.tags.get("hyperofa.stage") == "hypernet"]
+    assert len(parents) == 1 and len(stages) == 1
+    assert stages[0].data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+    history = client.get_metric_history(stages[0].info.run_id, "val_cosine")
+    assert sorted(m.step for m in history) == list(range(EPOCHS))
+    assert stages[0].data.params["trainable_params"] != ""
+    assert "test_mean_cosine" in stages[0].data.metrics
+
+
+def test_rerun_with_same_inputs_is_a_no_op(runs, capsys):
+    manifest = Stage(runs["whole"].run_dir, "hypernet").manifest_path
+    before = manifest.stat().st_mtime_ns
+    assert run_hypernet_stage(load_config(None, runs["whole_args"]), NullTracker()) == 0
+    assert "up to date" in capsys.readouterr().err
+    assert manifest.stat().st_mtime_ns == before
