@@ -130,55 +130,6 @@ class PrepareConfig(Section):
         return self
 
 
-class HypernetConfig(Section):
-    model: Literal["bilstm", "setformer"] = Field("bilstm", description="Hypernetwork architecture.")
-    num_layers: int = Field(2, ge=1, description="LSTM layers (bilstm) or encoder layers (setformer).")
-    hidden_size: int = Field(800, ge=1, description="bilstm: LSTM hidden size per direction.")
-    num_heads: int = Field(10, ge=1, description="setformer: attention heads (must divide the word-vector dim).")
-    dropout: float = Field(0.4, ge=0.0, lt=1.0, description="Dropout between LSTM layers and in the head.")
-    max_context: int = Field(256, ge=1, description="At most this many word vectors per token.")
-    epochs: int = Field(300, ge=1, description="Training epochs.")
-    batch_size: int = Field(256, ge=1, description="Tokens per rank per micro-batch (in-batch negatives).")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    lr: float = Field(1e-4, gt=0.0, description="Adam learning rate (no weight decay).")
-    lr_decay: float = Field(0.95, gt=0.0, le=1.0, description="Step decay factor of the learning rate.")
-    lr_decay_every: int = Field(10, ge=1, description="Epochs between learning-rate decays.")
-    loss_lambda: float = Field(0.1, ge=0.0, le=1.0, description="Weight of InfoNCE; 1 - lambda weighs normalised L1.")
-    temperature: float = Field(0.25, gt=0.0, description="InfoNCE temperature T.")
-    gather_negatives: bool = Field(False, description="Contrast each prediction with the targets of all ranks.")
-    augment_prob: float = Field(0.5, ge=0.0, le=1.0, description="Chance a long word list is sub-sampled.")
-    augment_threshold: int = Field(4, ge=0, description="Only lists longer than this are sub-sampled.")
-    augment_min_fraction: float = Field(0.5, gt=0.0, le=1.0, description="Smallest kept share of a sub-sampled list.")
-    group_factor: int = Field(40, ge=1, description="Batches per length-sorted group of the sampler.")
-    checkpoint_every: int = Field(10, ge=1, description="Checkpoint (all ranks) every N epochs, and at the end.")
-    keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept.")
-    early_stopping_patience: Optional[int] = Field(
-        None, ge=1, description="Stop after this many epochs without a lower validation loss; unset: never."
-    )
-    resume: bool = Field(False, description="Continue from the latest checkpoint in <run.dir>/hypernet/checkpoints.")
-    stop_after_epoch: Optional[int] = Field(
-        None, ge=0, description="End this invocation after that epoch (0-based) and its checkpoint; resume later."
-    )
-    zero: str = Field("zero1", min_length=1, description="DeepSpeed template: zero1|zero2|zero3|zero3-offload or a path.")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto: bf16 on GPU (fp16 without bf16 support), fp32 on CPU."
-    )
-    ranks_per_node: Optional[int] = Field(
-        None, ge=1, description="Local ranks; unset: every GPU, or 2 ranks on a CPU-only machine."
-    )
-    hostfile: Optional[str] = Field(None, description="DeepSpeed hostfile (`host slots=N` lines) for multi-node.")
-    num_nodes: Optional[int] = Field(None, ge=1, description="Use this many nodes of the hostfile.")
-    launcher: Literal["pdsh", "openmpi", "mvapich", "slurm", "mpich", "impi"] = Field(
-        "pdsh", description="DeepSpeed multi-node launcher backend."
-    )
-    master_port: Optional[int] = Field(
-        None, ge=1, le=65535, description="Rendezvous port of rank 0; unset: a free port (single node) or 29500."
-    )
-    threads_per_rank: Optional[int] = Field(None, ge=1, description="torch intra-op threads per rank; unset: torch's.")
-    predict_batch_size: int = Field(256, ge=1, description="Tokens per inference batch.")
-    data_audit: bool = Field(False, description="Write the token ids each rank trained on per epoch (split check).")
-
-
 class PretrainConfig(Section):
     method: str = Field(
         "hyperofa", min_length=1, description="Init method whose model to train: <run.dir>/init/<method>/model."
@@ -311,60 +262,6 @@ class MappingConfig(Section):
         return value
 
 
-class HypernetConfig(Section):
-    model: Literal["bilstm", "setformer"] = Field("bilstm", description="Hypernetwork architecture.")
-    num_layers: int = Field(2, ge=1, description="LSTM layers (bilstm) or encoder layers (setformer).")
-    hidden_size: int = Field(800, ge=1, description="bilstm: LSTM hidden size per direction.")
-    num_heads: int = Field(10, ge=1, description="setformer: attention heads (must divide the word-vector dim).")
-    dropout: float = Field(0.4, ge=0.0, lt=1.0, description="Dropout between LSTM layers and in the head.")
-    max_context: int = Field(256, ge=1, description="At most this many word vectors per token.")
-    epochs: int = Field(300, ge=1, description="Training epochs.")
-    batch_size: int = Field(256, ge=1, description="Tokens per rank per micro-batch (in-batch negatives).")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    lr: float = Field(1e-4, gt=0.0, description="Adam learning rate (no weight decay).")
-    lr_decay: float = Field(0.95, gt=0.0, le=1.0, description="Step decay factor of the learning rate.")
-    lr_decay_every: int = Field(10, ge=1, description="Epochs between learning-rate decays.")
-    loss_lambda: float = Field(0.1, ge=0.0, le=1.0, description="Weight of InfoNCE; 1 - lambda weighs normalised L1.")
-    temperature: float = Field(0.25, gt=0.0, description="InfoNCE temperature T.")
-    gather_negatives: bool = Field(False, description="Contrast each prediction with the targets of all ranks.")
-    augment_prob: float = Field(0.5, ge=0.0, le=1.0, description="Chance a long word list is sub-sampled.")
-    augment_threshold: int = Field(4, ge=0, description="Only lists longer than this are sub-sampled.")
-    augment_min_fraction: float = Field(0.5, gt=0.0, le=1.0, description="Smallest kept share of a sub-sampled list.")
-    group_factor: int = Field(40, ge=1, description="Batches per length-sorted group of the sampler.")
-    checkpoint_every: int = Field(10, ge=1, description="Checkpoint (all ranks) every N epochs, and at the end.")
-    keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept.")
-    early_stopping_patience: Optional[int] = Field(
-        None, ge=1, description="Stop after this many epochs without a lower validation loss; unset: never."
-    )
-    resume: bool = Field(False, description="Continue from the latest checkpoint in <run.dir>/hypernet/checkpoints.")
-    stop_after_epoch: Optional[int] = Field(
-        None, ge=0, description="End this invocation after that epoch (0-based) and its checkpoint; resume later."
-    )
-    zero: str = Field(
-        "zero0",
-        min_length=1,
-        description="DeepSpeed template: zero0 (data parallel; enough for a model this small)|zero1|zero2|zero3|"
-        "zero3-offload, or a path.",
-    )
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto: bf16 on GPU (fp16 without bf16 support), fp32 on CPU."
-    )
-    ranks_per_node: Optional[int] = Field(
-        None, ge=1, description="Local ranks; unset: every GPU, or 2 ranks on a CPU-only machine."
-    )
-    hostfile: Optional[str] = Field(None, description="DeepSpeed hostfile (`host slots=N` lines) for multi-node.")
-    num_nodes: Optional[int] = Field(None, ge=1, description="Use this many nodes of the hostfile.")
-    launcher: Literal["pdsh", "openmpi", "mvapich", "slurm", "mpich", "impi"] = Field(
-        "pdsh", description="DeepSpeed multi-node launcher backend."
-    )
-    master_port: Optional[int] = Field(
-        None, ge=1, le=65535, description="Rendezvous port of rank 0; unset: a free port (single node) or 29500."
-    )
-    threads_per_rank: Optional[int] = Field(None, ge=1, description="torch intra-op threads per rank; unset: cores / local ranks on CPU.")
-    predict_batch_size: int = Field(256, ge=1, description="Tokens per inference batch.")
-    data_audit: bool = Field(False, description="Write the token ids each rank trained on per epoch (split check).")
-
-
 class PipelineConfig(Section):
     methods: list[Literal["hyperofa", "ofa", "random"]] = Field(
         ["random", "ofa", "hyperofa"], min_length=1, description="Init methods to build, train and compare."
@@ -433,22 +330,6 @@ class HypernetConfig(Section):
     threads_per_rank: Optional[int] = Field(None, ge=1, description="torch intra-op threads per rank; unset: cores / local ranks on CPU.")
     predict_batch_size: int = Field(256, ge=1, description="Tokens per inference batch.")
     data_audit: bool = Field(False, description="Write the token ids each rank trained on per epoch (split check).")
-
-
-class PipelineConfig(Section):
-    methods: list[Literal["hyperofa", "ofa", "random"]] = Field(
-        ["random", "ofa", "hyperofa"], min_length=1, description="Init methods to build, train and compare."
-    )
-    pretrain: bool = Field(True, description="Continue pretraining each method's model (pretrain.* keys).")
-    evaluate: bool = Field(True, description="Evaluate each model right after init (step 0) and after pretraining.")
-    compare: bool = Field(True, description="Write the MLflow comparison table and plots at the end.")
-
-    @field_validator("methods")
-    @classmethod
-    def _unique_methods(cls, value: list[str]) -> list[str]:
-        if len(set(value)) != len(value):
-            raise ValueError("lists a method twice")
-        return value
 
 
 class Config(Section):
