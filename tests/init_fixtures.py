@@ -3,7 +3,8 @@ and a `<run_dir>/mapping/` directory that follows the mapping contract (briefs: 
 
 The word vectors are cross-lingual by construction: every word's vector is its concept's vector plus a little
 noise, so translations are near each other, as ColexNet+ vectors are. Postings are built the way §1.5 says
-(word, ' ' + word, capitalised variant), de-duplicated and sorted per token.
+(word, ' ' + word, capitalised variant), de-duplicated and sorted per token. Overlap, factorisation,
+postings and the source identity come from the mapping stage's own functions; only Ray is left out.
 """
 
 from __future__ import annotations
@@ -15,9 +16,13 @@ from typing import Optional
 
 import numpy as np
 
+from data_prep.mapping_stage import source_identity, split_tokens
 from hyperofa_dist import synthetic
 from hyperofa_dist.artifacts import Stage, atomic_write_bytes, fingerprint_path
+from hyperofa_dist.config import load_config
+from hyperofa_dist.factorize import factorize
 from hyperofa_dist.target import tokenizer_fingerprint
+from hyperofa_dist.vocab import compute_overlap, special_ids
 
 
 @dataclass
@@ -48,50 +53,22 @@ def train_target_tokenizer(family: str, corpus: Path, out_dir: Path, vocab_size:
 
 
 def word_table(world: synthetic.World, n_concepts: int = 250, dim: int = 16, seed: int = 0):
-    """(keys 'lang_Script:word', float32 vectors [n, dim]) for the first n_concepts concepts of every language."""
+    """(keys 'iso:word', float32 vectors [n, dim]) for the first n_concepts concepts of every language."""
     rng = np.random.default_rng(seed)
     concepts = rng.standard_normal((n_concepts, dim))
     keys, rows = [], []
     for lang in world.languages:
         for c in range(n_concepts):
-            keys.append(f"{lang.code}:{world.lexicon[lang.code][c]}")
+            keys.append(f"{lang.code[:3]}:{world.lexicon[lang.code][c]}")  # ColexNet+-style iso:word
             rows.append(concepts[c] + 0.3 * rng.standard_normal(dim))
     return keys, np.asarray(rows, dtype=np.float32)
 
 
 def postings(tokenizer, keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    words = [key.split(":", 1)[1] for key in keys]
-    variants = [words, [" " + w for w in words], [" " + w[0].upper() + w[1:] for w in words]]
-    per_token: dict[int, set[int]] = {}
-    for texts in variants:
-        encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-        for index, ids in enumerate(encoded):
-            for token in set(ids):
-                per_token.setdefault(token, set()).add(index)
-    size = len(tokenizer)
-    lengths = np.zeros(size, dtype=np.int64)
-    for token, found in per_token.items():
-        lengths[token] = len(found)
-    indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    indices = np.zeros(indptr[-1], dtype=np.int32)
-    for token, found in per_token.items():
-        indices[indptr[token] : indptr[token + 1]] = sorted(found)
-    return indptr, indices
+    """The mapping stage's own builder, in-process (no Ray)."""
+    from data_prep.postings import backend_encoder, build_local, tokenizer_json
 
-
-def overlap_pairs(source_tok, target_tok) -> tuple[np.ndarray, np.ndarray]:
-    """Identical pieces (same family, so same surface conventions), sorted by target id."""
-    source = {piece: i for piece, i in source_tok.get_vocab().items() if i < len(source_tok)}
-    pairs = sorted((t, source[p]) for p, t in target_tok.get_vocab().items() if p in source and t < len(target_tok))
-    return np.array([t for t, _ in pairs], dtype=np.int64), np.array([s for _, s in pairs], dtype=np.int64)
-
-
-def factorize(embeddings: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    d = embeddings.shape[1]
-    if k == d:
-        return embeddings.astype(np.float32), np.eye(d, dtype=np.float32)
-    u, s, vt = np.linalg.svd(embeddings.astype(np.float32), full_matrices=False)
-    return np.ascontiguousarray(u[:, :k]), np.ascontiguousarray((vt[:k].T * s[:k]).T)
+    return build_local(backend_encoder(tokenizer_json(tokenizer)), keys, len(tokenizer), 4096)
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -141,25 +118,20 @@ def write_mapping(
     t_indptr, t_indices = postings(t_tok, keys)
     _save_npz(out / "postings_source.npz", indptr=s_indptr, indices=s_indices)
     _save_npz(out / "postings_target.npz", indptr=t_indptr, indices=t_indices)
-    f_s, p = factorize(e_s, k)
+    factors = factorize(e_s, k)
+    f_s, p = factors.coordinates, factors.primitives
     _save_npy(out / "coordinates_source.npy", f_s)
     _save_npy(out / "primitives.npy", p)
-    t_ids, s_ids = overlap_pairs(s_tok, t_tok)
-    _save_npz(out / "overlap.npz", target_ids=t_ids, source_ids=s_ids)
+    overlap = compute_overlap(t_tok, s_tok)
+    _save_npz(out / "overlap.npz", target_ids=overlap.target_ids, source_ids=overlap.source_ids, kinds=overlap.kinds)
     covered = np.flatnonzero(np.diff(s_indptr) > 0)
-    shuffled = np.random.default_rng(seed).permutation(covered)
-    n_train, n_val = int(0.8 * len(shuffled)), int(0.1 * len(shuffled))
-    _save_npz(
-        out / "split.npz",
-        train=np.sort(shuffled[:n_train]),
-        val=np.sort(shuffled[n_train : n_train + n_val]),
-        test=np.sort(shuffled[n_train + n_val :]),
-    )
+    trainable = covered[~np.isin(covered, sorted(special_ids(s_tok)))]
+    _save_npz(out / "split.npz", **split_tokens(trainable, [0.8, 0.1, 0.1], seed))
     stats = {"source_covered": int(len(covered)), "target_covered": int((np.diff(t_indptr) > 0).sum())}
     atomic_write_bytes(out / "stats.json", json.dumps(stats).encode())
     inputs = {
         "vectors": {"path": str(vectors_file), "fingerprint": fingerprint_path(vectors_file)},
-        "source": {"model": str(source_model), "tokenizer": None},
+        "source": source_identity(load_config(None, [f"source.model={source_model}"])),
         "target_tokenizer": tokenizer_fingerprint(target_tokenizer),
         "k": k,
     }

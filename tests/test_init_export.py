@@ -94,11 +94,13 @@ def test_factorised_copies_equal_fs_p_rows_and_padding(tmp_path, tmp_path_factor
 def test_special_tokens_map_by_role_or_fail(source_tokenizers, tmp_path):
     xlmr = AutoTokenizer.from_pretrained(str(source_tokenizers["xlmr"]))
     bert = AutoTokenizer.from_pretrained(str(source_tokenizers["bert"]))
-    t, s, roles = special_token_pairs(xlmr, bert)  # bert target roles all exist in an xlmr source
-    assert roles["cls_token"] == ("[CLS]", "<s>") and roles["mask_token"] == ("[MASK]", "<mask>")
+    t, s, names = special_token_pairs(xlmr, bert)  # bert target, xlmr source: every role has a partner
+    assert names["[CLS]"] == "<s>" and names["[MASK]"] == "<mask>" and names["[PAD]"] == "<pad>"
     assert dict(zip(t, s))[bert.mask_token_id] == xlmr.mask_token_id
-    with pytest.raises(HyperofaError, match="bos_token='<s>' cannot be mapped: the source tokenizer has no bos_token"):
-        special_token_pairs(bert, xlmr)
+    extra = AutoTokenizer.from_pretrained(str(source_tokenizers["xlmr"]))
+    extra.add_special_tokens({"additional_special_tokens": ["<lang_qab>"]})  # no such token in the source
+    with pytest.raises(HyperofaError, match="special token '<lang_qab>' .* cannot be mapped"):
+        special_token_pairs(xlmr, extra)
     no_mask = AutoTokenizer.from_pretrained(str(source_tokenizers["xlmr"]))
     no_mask.mask_token = None
     with pytest.raises(HyperofaError, match="has no mask_token"):

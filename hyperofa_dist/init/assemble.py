@@ -8,7 +8,6 @@ record of what each row is, and every row is set exactly once by the first rule 
 
 from __future__ import annotations
 
-import re
 import unicodedata
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
@@ -16,6 +15,7 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 
 from ..errors import HyperofaError
+from ..vectors import parse_key
 from .random import random_rows
 
 PROVENANCE_NAMES = ("copy", "hyperofa", "ofa", "random")
@@ -130,7 +130,6 @@ def provenance_counts(provenance: np.ndarray) -> dict[str, int]:
     return {name: int(c) for name, c in zip(PROVENANCE_NAMES, counts)}
 
 
-_KEY = re.compile(r"^([a-z]{2,3}(?:_[A-Z][a-z]{3})?):(.+)$")
 _SCRIPT_NAMES = {
     "LATIN": "Latn", "CYRILLIC": "Cyrl", "GREEK": "Grek", "ARABIC": "Arab", "HEBREW": "Hebr",
     "DEVANAGARI": "Deva", "BENGALI": "Beng", "CJK": "Hani", "HIRAGANA": "Hira", "KATAKANA": "Kana",
@@ -142,17 +141,15 @@ _SCRIPT_NAMES = {
 
 
 def word_language(key: str) -> str:
-    """`lang:word` / `lang_Script:word` keys (ColexNet+ style) name their language; others are 'und'."""
-    match = _KEY.match(key)
-    return match.group(1) if match else "und"
+    """The language of a word key as the mapping stage parses it (`iso:word`; bare keys are concepts, 'eng')."""
+    parsed = parse_key(key)
+    return parsed[0] if parsed else "und"
 
 
 def word_script(key: str) -> str:
-    """ISO 15924-style script of a word key: from a `lang_Script:` prefix, else from its first letter."""
-    match = _KEY.match(key)
-    if match and "_" in match.group(1):
-        return match.group(1).split("_", 1)[1]
-    word = match.group(2) if match else key
+    """ISO 15924-style script of a word key, from the first letter of its word."""
+    parsed = parse_key(key)
+    word = parsed[1] if parsed else key
     for char in word:
         if char.isalpha():
             name = unicodedata.name(char, "")

@@ -91,11 +91,15 @@ def _measured(root: str, settings: dict[str, Any], seed: int, queue: Any) -> Non
     with np.load(path / "overlap.npz") as d:
         copy_t, copy_s = d["target_ids"], d["source_ids"]
     vocab = len(target[0]) - 1
+    phases = {"load": time.perf_counter() - start}
     mean, std = column_stats(f_s)
     covered = np.flatnonzero(np.diff(target[0]) > 0)
     predict = np.setdiff1d(covered, copy_t)
+    phases["stats"] = time.perf_counter() - start - sum(phases.values())
     rows = ofa_for_tokens(target, source, words, f_s, predict, **settings)
+    phases["ofa"] = time.perf_counter() - start - sum(phases.values())
     assembly = assemble_coordinates(vocab, f_s, copy_t, copy_s, predict, rows, "ofa", mean, std, seed)
+    phases["assemble"] = time.perf_counter() - start - sum(phases.values())
     seconds = time.perf_counter() - start
     counts = provenance_counts(assembly.provenance)
     usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -105,6 +109,7 @@ def _measured(root: str, settings: dict[str, Any], seed: int, queue: Any) -> Non
         "peak_rss_gib": usage.ru_maxrss / 2**20,  # KiB -> GiB
         "tokens_predicted": int(len(predict)),
         "counts": counts,
+        "phases": {name: round(v, 2) for name, v in phases.items()},
     })
 
 
@@ -140,14 +145,20 @@ def _baseline(root: str, n_tokens: int, top_k: int, temperature: float, queue: A
 
 
 def _in_child(target, *args) -> dict[str, Any]:
+    import queue as queues
+
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=target, args=(*args, queue))
     proc.start()
-    result = queue.get()
+    while True:  # a child that dies (import error, OOM kill) must fail the bench, not hang it
+        try:
+            result = queue.get(timeout=2)
+            break
+        except queues.Empty:
+            if not proc.is_alive():
+                raise RuntimeError(f"benchmark child exited with status {proc.exitcode} before reporting")
     proc.join()
-    if proc.exitcode != 0:
-        raise RuntimeError(f"benchmark child exited with status {proc.exitcode}")
     return result
 
 
@@ -162,6 +173,7 @@ def run_bench(scale: BenchScale, settings: dict[str, Any], workdir: Path, seed: 
         "bench": "init",
         "seconds": round(measured["seconds"], 2),
         "cpu_seconds": round(measured["cpu_seconds"], 1),
+        "phases_seconds": measured["phases"],
         "peak_rss_gib": round(measured["peak_rss_gib"], 3),
         "tokens_predicted": measured["tokens_predicted"],
         "provenance": measured["counts"],

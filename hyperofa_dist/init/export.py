@@ -24,7 +24,6 @@ from ..errors import HyperofaError
 
 # config.model_type -> family name used throughout the project
 FAMILIES = {"xlm-roberta": "xlmr", "roberta": "roberta", "bert": "bert"}
-# Roles a tokenizer can define; each target special token is copied from the source token of the same role.
 # The vocabulary-sized tensors of each family's masked LM: rebuilt, never copied.
 _ROBERTA_VOCAB = ("roberta.embeddings.word_embeddings.weight", "lm_head.decoder.weight", "lm_head.decoder.bias", "lm_head.bias")
 VOCAB_KEYS = {
@@ -33,7 +32,6 @@ VOCAB_KEYS = {
     "bert": ("bert.embeddings.word_embeddings.weight", "cls.predictions.decoder.weight",
              "cls.predictions.decoder.bias", "cls.predictions.bias"),
 }
-ROLES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
 def model_family(model_config: Any, where: str = "source model") -> str:
@@ -47,36 +45,34 @@ def model_family(model_config: Any, where: str = "source model") -> str:
 
 
 def special_token_pairs(source_tokenizer: Any, target_tokenizer: Any, target_name: str = "target tokenizer"):
-    """(target_ids, source_ids, {role: (target_token, source_token)}) pairing special tokens by role.
+    """(target_ids, source_ids, {target token: source token}) for every special token of the target tokenizer.
 
-    Every role the target defines must exist in the source; the masked LM needs a pad and a mask token.
+    The pairing is the mapping stage's (`vocab.special_pairs`: by role, cls<->bos and sep<->eos as fallbacks,
+    role-less extras by identical text); here every target special token must get a partner, and the masked
+    LM needs a pad and a mask token. A special token left unpaired would silently become a random row.
     """
-    pairs: dict[int, int] = {}
-    roles: dict[str, tuple[str, str]] = {}
-    for role in ROLES:
-        t_token = getattr(target_tokenizer, role, None)
-        if t_token is None:
-            if role in ("pad_token", "mask_token"):
-                raise HyperofaError(f"{target_name}: has no {role}; a masked LM needs one")
-            continue
-        s_token = getattr(source_tokenizer, role, None)
-        if s_token is None:
+    from ..vocab import special_ids, special_pairs
+
+    for role in ("pad_token", "mask_token"):
+        if getattr(target_tokenizer, role, None) is None:
+            raise HyperofaError(f"{target_name}: has no {role}; a masked LM needs one")
+    pairs = special_pairs(target_tokenizer, source_tokenizer)
+    for t_id in sorted(special_ids(target_tokenizer)):
+        if t_id not in pairs:
+            token = target_tokenizer.convert_ids_to_tokens(t_id)
             raise HyperofaError(
-                f"{target_name}: special token {role}={str(t_token)!r} cannot be mapped: "
-                f"the source tokenizer has no {role}"
+                f"{target_name}: special token {token!r} (id {t_id}) cannot be mapped: the source tokenizer has no "
+                "token of the same role or text"
             )
-        t_id = target_tokenizer.convert_tokens_to_ids(str(t_token))
-        s_id = source_tokenizer.convert_tokens_to_ids(str(s_token))
-        if t_id is None or s_id is None or t_id >= len(target_tokenizer) or s_id >= len(source_tokenizer):
-            raise HyperofaError(f"{target_name}: special token {role}={str(t_token)!r} has no id in the vocabulary")
-        if pairs.get(t_id, s_id) != s_id:
-            raise HyperofaError(
-                f"{target_name}: special token {str(t_token)!r} plays roles that map to different source tokens"
-            )
-        pairs[t_id] = s_id
-        roles[role] = (str(t_token), str(s_token))
     t_ids = np.array(sorted(pairs), dtype=np.int64)
-    return t_ids, np.array([pairs[t] for t in t_ids], dtype=np.int64), roles
+    s_ids = np.array([pairs[t] for t in t_ids], dtype=np.int64)
+    if len(t_ids) and (t_ids.max() >= len(target_tokenizer) or s_ids.max() >= len(source_tokenizer)):
+        raise HyperofaError(f"{target_name}: a special token id lies outside the vocabulary")
+    names = {
+        target_tokenizer.convert_ids_to_tokens(int(t)): source_tokenizer.convert_ids_to_tokens(int(s))
+        for t, s in zip(t_ids, s_ids)
+    }
+    return t_ids, s_ids, names
 
 
 def merge_copy_pairs(overlap_target, overlap_source, special_target, special_source):
@@ -96,7 +92,6 @@ class ExportInfo:
     model_vocab_size: int  # rows of the embedding matrix (>= vocab_size with padding)
     padded_rows: list[int] = field(default_factory=list)  # [first, end) of the padding rows, empty without
     position_shift: int = 0  # RoBERTa-family position table shift when the pad id moved
-    special_tokens: dict[str, list[str]] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -190,7 +185,6 @@ def build_expanded_model(
         model_vocab_size=model_vocab,
         padded_rows=[vocab_size, model_vocab] if model_vocab > vocab_size else [],
         position_shift=shift,
-        special_tokens={},
     )
     return model, info
 

@@ -131,7 +131,8 @@ def check_mapping_matches(
 
 
 def check_source_identity(mapping: Mapping, identity: dict[str, Any]) -> None:
-    """Compare the source-model identity the mapping recorded with this run's (same keys only)."""
+    """Compare the source-model identity the mapping recorded (data_prep.mapping_stage.source_identity: name
+    and, for a local model, its file hashes) with this run's, key by key."""
     recorded = mapping.manifest.get("inputs", {}).get("source")
     if not isinstance(recorded, dict):
         return
@@ -145,10 +146,11 @@ def check_source_identity(mapping: Mapping, identity: dict[str, Any]) -> None:
 
 # --- hypernetwork predictions ------------------------------------------------------------------------------
 
-PREDICTION_IDS = "predicted_ids.npy"
-PREDICTION_ROWS = "predicted_coordinates.npy"
-TEST_PREDICTION_IDS = "test_ids.npy"
-TEST_PREDICTION_ROWS = "test_coordinates.npy"
+# The hypernet stage's predict step names its files (hypernet/predict.py); read them under the same names.
+from ..hypernet.predict import PREDICTED_IDS as PREDICTION_IDS  # noqa: E402
+from ..hypernet.predict import PREDICTED_ROWS as PREDICTION_ROWS  # noqa: E402
+from ..hypernet.predict import TEST_IDS as TEST_PREDICTION_IDS  # noqa: E402
+from ..hypernet.predict import TEST_ROWS as TEST_PREDICTION_ROWS  # noqa: E402
 
 
 def _prediction_pair(root: Path, ids_name: str, rows_name: str) -> tuple[np.ndarray, np.ndarray]:

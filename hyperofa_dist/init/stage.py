@@ -17,6 +17,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from data_prep.mapping_stage import source_identity
+
 from ..artifacts import Stage, atomic_write_json, digest, tmp_name
 from ..config import Config
 from ..errors import HyperofaError
@@ -150,7 +152,7 @@ def run_init_stage(config: Config, tracker: Any) -> int:
         mapping = load_mapping(run_dir)
         source_model, source_tok = _load_source(config)
         target_tok = load_tokenizer(target_dir)
-        check_source_identity(mapping, {"model": config.source.model, "tokenizer": config.source.tokenizer})
+        check_source_identity(mapping, source_identity(config))
         special_t, special_s, roles = special_token_pairs(source_tok, target_tok, f"target tokenizer {target_dir}")
         check_mapping_matches(
             mapping, len(source_tok), source_model.config.hidden_size, len(target_tok), inputs["target_tokenizer"]
@@ -231,7 +233,7 @@ def run_init_stage(config: Config, tracker: Any) -> int:
                 "factorized": not asm.is_identity(mapping.primitives),
                 "padded_rows": info.padded_rows,
                 "position_shift": info.position_shift,
-                "special_tokens": {role: list(pair) for role, pair in roles.items()},
+                "special_tokens": roles,
                 "heldout_cosine": quality,
             },
         )
