@@ -22,7 +22,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "mapping": ("data_prep.mapping_stage", "run_mapping_stage", "Ray job: overlap, SVD factorisation, token->word postings, split"),
     "init": ("hyperofa_dist.init.stage", "run_init_stage", "new-token embeddings (init.method=hyperofa|ofa|random) + expanded HF model"),
     "hypernet": ("hyperofa_dist.hypernet.stage", "run_hypernet_stage", "DeepSpeed job: train the hypernetwork, predict new-token coordinates"),
+    "pretrain": ("hyperofa_dist.pretrain.stage", "run_pretrain_stage", "DeepSpeed ZeRO job: continued MLM pretraining + HF export"),
 }
+
+# Commands that launch DeepSpeed jobs: --hostfile/--num_nodes/--launcher are shorthands for <section>.<flag>=...
+LAUNCH_SECTIONS: dict[str, str] = {"pretrain": "pretrain", "hypernet": "hypernet"}
 
 # Commands that take an action word first (`hyperofa vectors train`); it is passed to the function as `action`.
 ACTIONS: dict[str, tuple[str, ...]] = {"vectors": ("train",)}
@@ -33,6 +37,7 @@ BENCHES: dict[str, tuple[str, str, str]] = {
     "mapping": ("data_prep.bench_mapping", "bench_mapping", "Ray postings builder (2 workers) vs the per-word encode loop"),
     "init": ("hyperofa_dist.init.bench", "bench_init", "OFA assembly at XLM-R-to-Glot500 scale on generated vectors"),
     "hypernet": ("hyperofa_dist.hypernet.bench", "bench_hypernet", "DeepSpeed 1 and 2 ranks vs a plain PyTorch loop (samples/s)"),
+    "pretrain": ("hyperofa_dist.pretrain.bench", "bench_pretrain", "masked-head DeepSpeed loop vs a plain full-logits loop"),
 }
 
 
@@ -60,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ACTIONS:
             command.add_argument("action", choices=ACTIONS[name], help="what to do")
         _add_config_args(command)
+        if name in LAUNCH_SECTIONS:
+            command.add_argument("--hostfile", help="DeepSpeed hostfile (`host slots=N` lines) for a multi-node job")
+            command.add_argument("--num_nodes", type=int, help="use this many nodes of the hostfile")
+            command.add_argument("--launcher", help="multi-node launcher: pdsh, openmpi, mvapich, slurm, mpich, impi")
     bench = sub.add_parser("bench", help="benchmarks that print one JSON line", description="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", metavar="<bench>")
     for name, target in BENCHES.items():
@@ -79,7 +88,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         from .config import load_config
 
-        config = load_config(args.config, args.overrides)
+        overrides = list(args.overrides)
+        section = LAUNCH_SECTIONS.get(args.command)
+        for flag in ("hostfile", "num_nodes", "launcher") if section else ():
+            if getattr(args, flag, None) is not None:
+                overrides.append(f"{section}.{flag}={getattr(args, flag)}")
+        config = load_config(args.config, overrides)
         if args.command == "bench":
             if args.bench is None:
                 parser.parse_args(["bench", "--help"])

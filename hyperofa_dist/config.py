@@ -130,6 +130,18 @@ class PrepareConfig(Section):
         return self
 
 
+class PretrainBenchConfig(Section):
+    vocab_size: int = Field(250_002, ge=1000, description="bench pretrain: vocabulary rows (XLM-R: 250,002).")
+    hidden_size: int = Field(768, ge=16, description="bench pretrain: hidden size (XLM-R-base 768).")
+    num_layers: int = Field(12, ge=1, description="bench pretrain: encoder layers (XLM-R-base 12).")
+    seq_len: int = Field(512, ge=8, description="bench pretrain: tokens per sequence.")
+    micro_batch_size: Optional[int] = Field(
+        None, ge=1, description="bench pretrain: sequences per step; unset: 2 on CPU, 16 on GPU."
+    )
+    steps: int = Field(2, ge=1, description="bench pretrain: timed steps per loop.")
+    warmup: int = Field(1, ge=0, description="bench pretrain: untimed steps first.")
+
+
 class PretrainConfig(Section):
     method: str = Field(
         "hyperofa", min_length=1, description="Init method whose model to train: <run.dir>/init/<method>/model."
@@ -187,6 +199,7 @@ class PretrainConfig(Section):
     master_port: Optional[int] = Field(
         None, ge=1, le=65535, description="Rendezvous port of rank 0; unset: a free port locally, 29500 multi-node."
     )
+    bench: PretrainBenchConfig = Field(default_factory=PretrainBenchConfig)
 
 
 class InitConfig(Section):

@@ -27,7 +27,8 @@ from .data import load_shardset
 
 STAGE = "pretrain"
 JOB_MODULE = "hyperofa_dist.pretrain.train"
-RESTART_KEYS = ("resume", "universal", "master_port", "launcher", "hostfile")
+# Keys that change how the job is (re)started or benchmarked, not what it produces.
+RESTART_KEYS = ("resume", "universal", "master_port", "launcher", "hostfile", "bench")
 JOB_FILES = ("train_log.jsonl", "eval_log.jsonl", "probe.pt", "failure.json", "job.json")
 
 
@@ -196,7 +197,6 @@ def run_pretrain_stage(config: Config, tracker) -> int:
     world = planned_world_size(p)
 
     inputs = {
-        # How the job was (re)started does not change what it produces.
         "config": {
             **{k: v for k, v in config.section("pretrain")["pretrain"].items() if k not in RESTART_KEYS},
             "run.seed": config.run.seed,
