@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "init": ("hyperofa_dist.init.stage", "run_init_stage", "new-token embeddings (init.method=hyperofa|ofa|random) + expanded HF model"),
     "hypernet": ("hyperofa_dist.hypernet.stage", "run_hypernet_stage", "DeepSpeed job: train the hypernetwork, predict new-token coordinates"),
     "pretrain": ("hyperofa_dist.pretrain.stage", "run_pretrain_stage", "DeepSpeed ZeRO job: continued MLM pretraining + HF export"),
+    "evaluate": ("hyperofa_dist.evaluate.stage", "run_evaluate_stage", "SR-T/SR-B retrieval, zero-shot POS/NER, per-language MLM loss of one model"),
+    "compare": ("hyperofa_dist.evaluate.compare", "run_compare_stage", "table and loss/metric-vs-step plots of MLflow runs by init method"),
 }
 
 # Commands that launch DeepSpeed jobs: --hostfile/--num_nodes/--launcher are shorthands for <section>.<flag>=...
@@ -30,6 +32,35 @@ LAUNCH_SECTIONS: dict[str, str] = {"pretrain": "pretrain", "hypernet": "hypernet
 
 # Commands that take an action word first (`hyperofa vectors train`); it is passed to the function as `action`.
 ACTIONS: dict[str, tuple[str, ...]] = {"vectors": ("train",)}
+
+# Per-command flags, each a shorthand for one config key: (flag, key, is a comma-separated list, help).
+# They are applied after the key=value overrides.
+COMMAND_FLAGS: dict[str, tuple[tuple[str, str, bool, str], ...]] = {
+    "evaluate": (
+        ("--model", "evaluate.model", False, "HF model directory or run stage, e.g. init/hyperofa"),
+        ("--tasks", "evaluate.tasks", True, "comma-separated subset of srt,srb,pos,ner,mlm"),
+        ("--data", "evaluate.data_dir", False, "benchmark data directory (srt/ srb/ pos/ ner/ inside)"),
+        ("--output", "evaluate.output", False, "results JSON file"),
+    ),
+    "compare": (
+        ("--experiment", "compare.experiment", False, "MLflow experiment whose runs to compare"),
+        ("--runs", "compare.run_ids", True, "comma-separated MLflow run ids instead of an experiment"),
+    ),
+}
+
+
+def _flag_overrides(command: str, args: argparse.Namespace) -> list[str]:
+    """`--flag value` -> `key=<JSON>` overrides (JSON is YAML, so paths with ':' or '#' survive as strings)."""
+    import json
+
+    out = []
+    for flag, key, is_list, _ in COMMAND_FLAGS.get(command, ()):
+        value = getattr(args, flag.lstrip("-").replace("-", "_"), None)
+        if value is not None:
+            parsed = [v.strip() for v in value.split(",") if v.strip()] if is_list else value
+            out.append(f"{key}={json.dumps(parsed)}")
+    return out
+
 
 # `hyperofa bench <name>`: one JSON line with the figure and its same-run baseline.
 BENCHES: dict[str, tuple[str, str, str]] = {
@@ -65,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ACTIONS:
             command.add_argument("action", choices=ACTIONS[name], help="what to do")
         _add_config_args(command)
+        for flag, key, _, text in COMMAND_FLAGS.get(name, ()):
+            command.add_argument(flag, help=f"{text} (same as {key}=...)")
         if name in LAUNCH_SECTIONS:
             command.add_argument("--hostfile", help="DeepSpeed hostfile (`host slots=N` lines) for a multi-node job")
             command.add_argument("--num_nodes", type=int, help="use this many nodes of the hostfile")
@@ -81,7 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # key=value overrides may sit on both sides of a command's flags; argparse stops a positional list at the first
+    # flag, so the overrides after it come back as unknown arguments and join the list here, in order.
+    args, rest = parser.parse_known_args(argv)
+    stray = [a for a in rest if a.startswith("-") or "=" not in a]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if rest:
+        args.overrides = [*getattr(args, "overrides", []), *rest]
     if args.command is None:
         parser.print_help()
         return 0
@@ -93,6 +133,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         for flag in ("hostfile", "num_nodes", "launcher") if section else ():
             if getattr(args, flag, None) is not None:
                 overrides.append(f"{section}.{flag}={getattr(args, flag)}")
+        overrides += _flag_overrides(args.command, args)
         config = load_config(args.config, overrides)
         if args.command == "bench":
             if args.bench is None:
