@@ -17,15 +17,9 @@ from hyperofa_dist.evaluate import mlm
 from hyperofa_dist.evaluate.model import load_model, load_tokenizer, stable_seed
 from hyperofa_dist.pretrain.mlm import mask_tokens
 
+from .evaluate_helpers import one_thread  # noqa: F401  (autouse)
+
 BLOCK = 32
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -4,21 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from hyperofa_dist import synthetic
 from hyperofa_dist.errors import HyperofaError
 from hyperofa_dist.evaluate import retrieval
 from hyperofa_dist.evaluate.model import hidden_state_index, load_model, load_tokenizer
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matmuls: a second thread only adds contention on the shared 2-core machine.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+from .evaluate_helpers import one_thread  # noqa: F401  (autouse)
 
 
 @pytest.fixture(scope="module")

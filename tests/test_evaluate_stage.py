@@ -7,7 +7,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 
 from hyperofa_dist import synthetic
@@ -16,13 +15,7 @@ from hyperofa_dist.tracking import default_tracking_uri
 
 from .test_evaluate_mlm import packed_blocks, write_shard
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+from .evaluate_helpers import one_thread  # noqa: F401  (autouse)
 
 
 @pytest.fixture(scope="module")

@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from hyperofa_dist import synthetic
 from hyperofa_dist.errors import HyperofaError
 from hyperofa_dist.evaluate import tagging
 from hyperofa_dist.evaluate.model import load_tokenizer
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+from .evaluate_helpers import one_thread  # noqa: F401  (autouse)
 
 
 @pytest.fixture(scope="module")

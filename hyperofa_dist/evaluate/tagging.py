@@ -15,7 +15,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -34,8 +34,8 @@ class Sentence:
     labels: list[str]
 
 
-def read_conllu(path: Path) -> list[Sentence]:
-    """UPOS-tagged sentences of a CoNLL-U file; multiword-token ranges and empty nodes are not words."""
+def _blank_separated(path: Path, word_of: Callable[[str, int], Optional[tuple[str, str]]]) -> list[Sentence]:
+    """Sentences separated by blank lines; `word_of(line, number)` gives (word, label) or None to skip a line."""
     sentences, words, labels = [], [], []
     for number, line in enumerate(_lines(path), 1):
         if not line.strip():
@@ -43,37 +43,41 @@ def read_conllu(path: Path) -> list[Sentence]:
                 sentences.append(Sentence(words, labels))
                 words, labels = [], []
             continue
+        item = word_of(line, number)
+        if item is not None:
+            words.append(item[0])
+            labels.append(item[1])
+    if words:
+        sentences.append(Sentence(words, labels))
+    return sentences
+
+
+def read_conllu(path: Path) -> list[Sentence]:
+    """UPOS-tagged sentences of a CoNLL-U file; multiword-token ranges and empty nodes are not words."""
+
+    def word_of(line: str, number: int) -> Optional[tuple[str, str]]:
         if line.startswith("#"):
-            continue
+            return None
         cols = line.split("\t")
         if len(cols) != 10:
             raise HyperofaError(f"{path}:{number}: CoNLL-U lines have 10 tab-separated columns, found {len(cols)}")
         if "-" in cols[0] or "." in cols[0]:
-            continue
-        words.append(cols[1])
-        labels.append(cols[3] if cols[3] not in ("", "_") else "X")
-    if words:
-        sentences.append(Sentence(words, labels))
-    return sentences
+            return None
+        return cols[1], cols[3] if cols[3] not in ("", "_") else "X"
+
+    return _blank_separated(path, word_of)
 
 
 def read_token_label(path: Path, missing_label: str) -> list[Sentence]:
     """`token<TAB>label` lines, a blank line between sentences; a token without a label gets `missing_label`."""
-    sentences, words, labels = [], [], []
-    for number, line in enumerate(_lines(path), 1):
-        if not line.strip():
-            if words:
-                sentences.append(Sentence(words, labels))
-                words, labels = [], []
-            continue
+
+    def word_of(line: str, number: int) -> tuple[str, str]:
         cols = line.split("\t")
         if len(cols) > 2:
             raise HyperofaError(f"{path}:{number}: expected token<TAB>label, found {len(cols)} columns")
-        words.append(cols[0])
-        labels.append(cols[1].strip() if len(cols) == 2 and cols[1].strip() else missing_label)
-    if words:
-        sentences.append(Sentence(words, labels))
-    return sentences
+        return cols[0], cols[1].strip() if len(cols) == 2 and cols[1].strip() else missing_label
+
+    return _blank_separated(path, word_of)
 
 
 def _lines(path: Path) -> list[str]:
