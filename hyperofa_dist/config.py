@@ -369,7 +369,7 @@ class EvaluateConfig(Section):
         list(EVAL_TASKS), min_length=1, description="Tasks to run: srt, srb, pos, ner, mlm."
     )
     data_dir: Optional[str] = Field(
-        None, description="Benchmark data: sub-directories srt/ (or tatoeba/), srb/ (bible/), pos/ (udpos/), ner/ (panx/)."
+        None, description="Benchmark data: srt/ (or tatoeba/), srb/ (bible/), pos/ (udpos/), ner/ (panx/) inside."
     )
     heldout_dir: Optional[str] = Field(None, description="Held-out shards for mlm; unset: <run.dir>/prepare.")
     output: Optional[str] = Field(

@@ -34,7 +34,10 @@ def test_conllu_reader_keeps_words_and_upos(tmp_path):
         encoding="utf-8",
     )
     sentences = tagging.read_conllu(path)
-    assert [(s.words, s.labels) for s in sentences] == [(["In", "dem", "Haus"], ["ADP", "DET", "NOUN"]), (["Ja"], ["X"])]
+    assert [(s.words, s.labels) for s in sentences] == [
+        (["In", "dem", "Haus"], ["ADP", "DET", "NOUN"]),
+        (["Ja"], ["X"]),
+    ]
 
 
 def test_token_label_reader_fills_missing_labels(tmp_path):

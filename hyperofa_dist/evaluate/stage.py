@@ -60,7 +60,12 @@ def with_average(per_language: dict[str, dict[str, float]]) -> dict[str, dict[st
 
 def flatten_results(results: dict[str, dict[str, dict[str, float]]]) -> dict[str, float]:
     """{task: {lang: {metric: v}}} -> {'task.lang.metric': v}: the MLflow metric names."""
-    return {f"{task}.{lang}.{m}": v for task, langs in results.items() for lang, ms in langs.items() for m, v in ms.items()}
+    return {
+        f"{task}.{lang}.{metric}": value
+        for task, languages in results.items()
+        for lang, metrics in languages.items()
+        for metric, value in metrics.items()
+    }
 
 
 def default_name(model_dir: Path, run_dir: Path) -> str:
@@ -100,7 +105,9 @@ def _inputs(config: Config, model_dir: Path) -> dict[str, Any]:
     return inputs
 
 
-def evaluate_model(config: Config, model_dir: Path) -> tuple[dict[str, Any], dict[str, dict[str, str]], dict[str, float]]:
+def evaluate_model(
+    config: Config, model_dir: Path
+) -> tuple[dict[str, Any], dict[str, dict[str, str]], dict[str, float]]:
     """(results, skipped languages per task, extra metrics such as tagging selection and timings)."""
     ev = config.evaluate
     device = pick_device(ev.device)
