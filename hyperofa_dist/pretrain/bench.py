@@ -130,7 +130,8 @@ def bench_pretrain(config: Config, args: Any = None) -> int:
     # DeepSpeed logs and prints to stdout (its logger binds the stream at import): keep stdout for the JSON line.
     with contextlib.redirect_stdout(sys.stderr):
         result = measure(config)
-    return result
+    print(json.dumps(result), flush=True)
+    return 0
 
 
 def measure(config: Config) -> dict[str, Any]:
