@@ -21,17 +21,19 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "vectors": ("hyperofa_dist.vectors", "run_vectors_command", "word vectors: `vectors train` learns cross-lingual vectors from a parallel corpus"),
     "mapping": ("data_prep.mapping_stage", "run_mapping_stage", "Ray job: overlap, SVD factorisation, token->word postings, split"),
     "init": ("hyperofa_dist.init.stage", "run_init_stage", "new-token embeddings (init.method=hyperofa|ofa|random) + expanded HF model"),
-    "hypernet": ("hyperofa_dist.hypernet.stage", "run_hypernet_stage", "DeepSpeed job: train the hypernetwork, predict new-token coordinates"),
     "pretrain": ("hyperofa_dist.pretrain.stage", "run_pretrain_stage", "DeepSpeed ZeRO job: continued MLM pretraining + HF export"),
+    "hypernet": ("hyperofa_dist.hypernet.stage", "run_hypernet_stage", "DeepSpeed job: train the hypernetwork, predict new-token coordinates"),
+    "pipeline": ("hyperofa_dist.pipeline", "run_pipeline", "every stage in order (skipping finished ones), one MLflow parent run"),
+    "demo": ("hyperofa_dist.pipeline", "run_demo", "the whole pipeline on a generated world, on this machine (configs/demo.yaml)"),
     "evaluate": ("hyperofa_dist.evaluate.stage", "run_evaluate_stage", "SR-T/SR-B retrieval, zero-shot POS/NER, per-language MLM loss of one model"),
     "compare": ("hyperofa_dist.evaluate.compare", "run_compare_stage", "table and loss/metric-vs-step plots of MLflow runs by init method"),
 }
 
-# Commands that launch DeepSpeed jobs: --hostfile/--num_nodes/--launcher are shorthands for <section>.<flag>=...
-LAUNCH_SECTIONS: dict[str, str] = {"pretrain": "pretrain", "hypernet": "hypernet"}
-
 # Commands that take an action word first (`hyperofa vectors train`); it is passed to the function as `action`.
 ACTIONS: dict[str, tuple[str, ...]] = {"vectors": ("train",)}
+
+# Commands that launch DeepSpeed jobs: --hostfile/--num_nodes/--launcher are shorthands for <section>.<flag>=...
+LAUNCH_SECTIONS: dict[str, str] = {"pretrain": "pretrain", "hypernet": "hypernet"}
 
 # Per-command flags, each a shorthand for one config key: (flag, key, is a comma-separated list, help).
 # They are applied after the key=value overrides.
@@ -67,8 +69,8 @@ BENCHES: dict[str, tuple[str, str, str]] = {
     "prepare": ("data_prep.bench", "bench_prepare", "throughput of prepare vs the raw tokenizer; 1 vs 2 workers"),
     "mapping": ("data_prep.bench_mapping", "bench_mapping", "Ray postings builder (2 workers) vs the per-word encode loop"),
     "init": ("hyperofa_dist.init.bench", "bench_init", "OFA assembly at XLM-R-to-Glot500 scale on generated vectors"),
-    "hypernet": ("hyperofa_dist.hypernet.bench", "bench_hypernet", "DeepSpeed 1 and 2 ranks vs a plain PyTorch loop (samples/s)"),
     "pretrain": ("hyperofa_dist.pretrain.bench", "bench_pretrain", "masked-head DeepSpeed loop vs a plain full-logits loop"),
+    "hypernet": ("hyperofa_dist.hypernet.bench", "bench_hypernet", "DeepSpeed 1 and 2 ranks vs a plain PyTorch loop (samples/s)"),
 }
 
 
@@ -134,7 +136,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             if getattr(args, flag, None) is not None:
                 overrides.append(f"{section}.{flag}={getattr(args, flag)}")
         overrides += _flag_overrides(args.command, args)
-        config = load_config(args.config, overrides)
+        config_file = args.config
+        if config_file is None and args.command == "demo":
+            from .pipeline import DEMO_CONFIG
+
+            config_file = DEMO_CONFIG
+        config = load_config(config_file, overrides)
         if args.command == "bench":
             if args.bench is None:
                 parser.parse_args(["bench", "--help"])
