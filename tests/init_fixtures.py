@@ -199,3 +199,40 @@ def write_hypernet(run_dir: Path, ids: np.ndarray, rows: np.ndarray, test_ids=No
         _save_npy(stage.path / inputs.TEST_PREDICTION_ROWS, np.asarray(test_rows))
         names += [inputs.TEST_PREDICTION_IDS, inputs.TEST_PREDICTION_ROWS]
     stage.write_manifest(config={}, inputs={"fixture": True}, outputs=names)
+
+
+@dataclass
+class Exported:
+    source: object
+    source_tok: object
+    target_tok: object
+    mapping: object
+    copy_t: np.ndarray
+    copy_s: np.ndarray
+    coordinates: np.ndarray
+    model: object
+    info: object
+
+
+def export_copy_random(w: InitWorld, out_dir: Path, pad: Optional[int] = None, seed: int = 0) -> Exported:
+    """Assemble F_t from copies and random rows only and export the expanded model of `w` into out_dir."""
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    from hyperofa_dist.init import assemble as asm
+    from hyperofa_dist.init.export import build_expanded_model, merge_copy_pairs, save_expanded_model, special_token_pairs
+    from hyperofa_dist.init.inputs import load_mapping
+    from hyperofa_dist.init.random import column_stats
+
+    source = AutoModelForMaskedLM.from_pretrained(str(w.source_model)).eval()
+    s_tok = AutoTokenizer.from_pretrained(str(w.source_model))
+    t_tok = AutoTokenizer.from_pretrained(str(w.target_tokenizer))
+    mapping = load_mapping(w.run_dir)
+    st, ss, _ = special_token_pairs(s_tok, t_tok)
+    copy_t, copy_s = merge_copy_pairs(mapping.overlap_target, mapping.overlap_source, st, ss)
+    mean, std = column_stats(mapping.source_coordinates)
+    a = asm.assemble_coordinates(len(t_tok), mapping.source_coordinates, copy_t, copy_s, None, None, None, mean, std,
+                                 seed)
+    e_t = asm.full_embeddings(a.coordinates, mapping.primitives)
+    model, info = build_expanded_model(source, s_tok, t_tok, e_t, copy_t, copy_s, pad_to_multiple_of=pad)
+    save_expanded_model(model, t_tok, out_dir)
+    return Exported(source, s_tok, t_tok, mapping, copy_t, copy_s, a.coordinates, model, info)

@@ -6,33 +6,13 @@ import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 from hyperofa_dist.errors import HyperofaError
-from hyperofa_dist.init import assemble as asm
-from hyperofa_dist.init.export import (
-    build_expanded_model,
-    load_expanded_model,
-    merge_copy_pairs,
-    save_expanded_model,
-    special_token_pairs,
-)
-from hyperofa_dist.init.inputs import load_mapping
-from hyperofa_dist.init.random import column_stats
-from tests.init_fixtures import shared_world
+from hyperofa_dist.init.export import load_expanded_model, merge_copy_pairs, special_token_pairs
+from tests.init_fixtures import export_copy_random, shared_world
 
 
 def export(w, out_dir, pad=None):
-    """Assemble (copy + random) and export the world's expanded model; returns what the checks need."""
-    source = AutoModelForMaskedLM.from_pretrained(str(w.source_model)).eval()
-    s_tok = AutoTokenizer.from_pretrained(str(w.source_model))
-    t_tok = AutoTokenizer.from_pretrained(str(w.target_tokenizer))
-    mapping = load_mapping(w.run_dir)
-    st, ss, _ = special_token_pairs(s_tok, t_tok)
-    copy_t, copy_s = merge_copy_pairs(mapping.overlap_target, mapping.overlap_source, st, ss)
-    mean, std = column_stats(mapping.source_coordinates)
-    a = asm.assemble_coordinates(len(t_tok), mapping.source_coordinates, copy_t, copy_s, None, None, None, mean, std, 0)
-    e_t = asm.full_embeddings(a.coordinates, mapping.primitives)
-    model, info = build_expanded_model(source, s_tok, t_tok, e_t, copy_t, copy_s, pad_to_multiple_of=pad)
-    save_expanded_model(model, t_tok, out_dir)
-    return source, s_tok, mapping, copy_t, copy_s, info
+    e = export_copy_random(w, out_dir, pad)
+    return e.source, e.source_tok, e.mapping, e.copy_t, e.copy_s, e.info
 
 
 def tied(model):

@@ -3,38 +3,18 @@
 import numpy as np
 import torch
 
-from hyperofa_dist.init import assemble as asm
-from hyperofa_dist.init.export import (
-    build_expanded_model,
-    load_expanded_model,
-    merge_copy_pairs,
-    save_expanded_model,
-    special_token_pairs,
-)
+from hyperofa_dist.init.export import load_expanded_model
 from hyperofa_dist.init.factorised import factorise, is_factorised, load_factorised, save_full_rank
-from hyperofa_dist.init.inputs import load_mapping
-from hyperofa_dist.init.random import column_stats
-from tests.init_fixtures import shared_world
+from tests.init_fixtures import export_copy_random, shared_world
 
 
 def test_factorised_model_matches_full_rank_trains_and_exports(tmp_path, tmp_path_factory, source_tokenizers,
                                                                small_corpus, world):
-    from transformers import AutoModelForMaskedLM, AutoTokenizer
-
     w = shared_world(tmp_path_factory, source_tokenizers, small_corpus, world, "xlmr", k=8)
-    source = AutoModelForMaskedLM.from_pretrained(str(w.source_model))
-    s_tok = AutoTokenizer.from_pretrained(str(w.source_model))
-    t_tok = AutoTokenizer.from_pretrained(str(w.target_tokenizer))
-    mapping = load_mapping(w.run_dir)
-    st, ss, _ = special_token_pairs(s_tok, t_tok)
-    copy_t, copy_s = merge_copy_pairs(mapping.overlap_target, mapping.overlap_source, st, ss)
-    mean, std = column_stats(mapping.source_coordinates)
-    a = asm.assemble_coordinates(len(t_tok), mapping.source_coordinates, copy_t, copy_s, None, None, None, mean, std, 1)
-    full, _ = build_expanded_model(source, s_tok, t_tok, asm.full_embeddings(a.coordinates, mapping.primitives),
-                                   copy_t, copy_s, pad_to_multiple_of=64)
     init_dir = tmp_path / "init"
-    save_expanded_model(full, t_tok, init_dir / "model")
-    np.save(init_dir / "F_t.npy", a.coordinates)
+    e = export_copy_random(w, init_dir / "model", pad=64, seed=1)
+    full, t_tok, mapping = e.model, e.target_tok, e.mapping
+    np.save(init_dir / "F_t.npy", e.coordinates)
     np.save(init_dir / "P.npy", mapping.primitives)
 
     model = load_factorised(init_dir).eval()

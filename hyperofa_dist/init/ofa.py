@@ -18,7 +18,7 @@ Deviations from the reference, on purpose:
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -154,13 +154,11 @@ def ofa_for_tokens(
     source_coordinates: np.ndarray,
     token_ids: np.ndarray,
     exclude_sources: Optional[np.ndarray] = None,
-    top_k: int = 10,
-    temperature: float = 0.1,
-    chunk_size: int = 1024,
-    device: str = "cpu",
-    progress: bool = False,
+    **settings: Any,
 ) -> np.ndarray:
     """OFA coordinates of `token_ids` of the target vocabulary, neighbours drawn from the covered source tokens.
+
+    `settings` are `ofa_predict`'s (top_k, temperature, chunk_size, device, progress).
 
     `exclude_sources` removes source ids from the candidates (the held-out evaluation estimates a source test
     token from the other source tokens only).
@@ -173,6 +171,4 @@ def ofa_for_tokens(
     candidate_coordinates = np.asarray(source_coordinates[covered], dtype=np.float32)
     t_indptr, t_indices = target_postings
     target_vectors = token_mean_vectors(t_indptr, t_indices, word_vectors, token_ids)
-    return ofa_predict(
-        target_vectors, candidate_vectors, candidate_coordinates, top_k, temperature, chunk_size, device, progress
-    )
+    return ofa_predict(target_vectors, candidate_vectors, candidate_coordinates, **settings)
