@@ -218,6 +218,82 @@ class InitConfig(Section):
     seed: Optional[int] = Field(None, ge=0, description="Seed of the random rows; unset means run.seed.")
 
 
+EVAL_TASKS = ("srt", "srb", "pos", "ner", "mlm")
+
+
+class TaggingEvalConfig(Section):
+    epochs: int = Field(10, ge=1, description="Fine-tuning epochs on English train (the method: 10).")
+    lr: float = Field(2e-5, gt=0.0, description="Peak learning rate, linear decay, no warm-up (the method: 2e-5).")
+    batch_size: int = Field(32, ge=1, description="Sentences per fine-tuning batch (the method: 32).")
+    max_length: int = Field(256, ge=8, description="Subwords per input; longer sentences are cut into pieces.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay (the method: 0).")
+    seed: Optional[int] = Field(None, ge=0, description="Seed of head init, dropout and data order; unset: run.seed.")
+    max_train_sentences: Optional[int] = Field(None, ge=1, description="Use at most this many English train sentences.")
+
+
+class EvaluateConfig(Section):
+    model: Optional[str] = Field(
+        None, description="HF model directory, or a run stage such as init/hyperofa (its model/ under run.dir)."
+    )
+    name: Optional[str] = Field(
+        None, description="Label of this evaluation (<run.dir>/evaluate/<name>/); unset: from the model path."
+    )
+    tasks: list[Literal["srt", "srb", "pos", "ner", "mlm"]] = Field(
+        list(EVAL_TASKS), min_length=1, description="Tasks to run: srt, srb, pos, ner, mlm."
+    )
+    data_dir: Optional[str] = Field(
+        None, description="Benchmark data: srt/ (or tatoeba/), srb/ (bible/), pos/ (udpos/), ner/ (panx/) inside."
+    )
+    heldout_dir: Optional[str] = Field(None, description="Held-out shards for mlm; unset: <run.dir>/prepare.")
+    output: Optional[str] = Field(
+        None, description="Results JSON path; unset: <run.dir>/evaluate/<name>/results.json."
+    )
+    languages: Optional[list[str]] = Field(None, description="Languages to evaluate; unset: every language found.")
+    english: str = Field("eng_Latn", min_length=1, description="Code of English (query side, tagging train/dev).")
+    layer: int = Field(
+        8, description="Retrieval layer: hidden_states index (8 = output of layer 8, 0 = embeddings, -1 = last)."
+    )
+    center: bool = Field(
+        False,
+        description="Retrieval: subtract each side's mean sentence vector before cosine (off = the method's protocol).",
+    )
+    batch_size: int = Field(128, ge=1, description="Sentences per encoding batch (retrieval).")
+    max_length: int = Field(512, ge=8, description="Subwords per sentence for retrieval, special tokens included.")
+    max_sentences: Optional[int] = Field(
+        None, ge=1, description="Per language: first N retrieval pairs and tagging test sentences."
+    )
+    mlm_blocks: int = Field(256, ge=1, description="Held-out blocks per language for the mlm task.")
+    mlm_batch_size: int = Field(16, ge=1, description="Blocks per forward pass for the mlm task.")
+    mlm_probability: float = Field(0.15, gt=0.0, lt=1.0, description="Share of tokens masked (80/10/10) for mlm.")
+    step: int = Field(0, ge=0, description="Pretraining step of the model: the MLflow step of every metric.")
+    init_method: Optional[str] = Field(
+        None, description="init.method tag for compare; unset: from a model path .../init/<method>/model."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available, else cpu.")
+    tagging: TaggingEvalConfig = Field(default_factory=TaggingEvalConfig)
+
+    @field_validator("tasks")
+    @classmethod
+    def _unique_tasks(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("lists a task twice")
+        return value
+
+
+class CompareConfig(Section):
+    experiment: Optional[str] = Field(None, description="MLflow experiment to compare; unset: tracking.experiment.")
+    run_ids: Optional[list[str]] = Field(None, description="Compare these MLflow run ids instead of an experiment.")
+    metrics: list[str] = Field(
+        ["train/loss", "eval/loss", "*average*"],
+        min_length=1,
+        description="Metric name patterns (fnmatch) for the table and plots.",
+    )
+    loss_metric: str = Field("train/loss", min_length=1, description="Training-loss metric: one curve per run.")
+    output_dir: Optional[str] = Field(
+        None, description="Where table.md/.csv and PNGs go; unset: <run.dir>/compare/<experiment or runs>."
+    )
+
+
 class VectorsTrainConfig(Section):
     corpus: Optional[str] = Field(
         None, description="Parallel corpus directory (<iso>[_Script].txt[.gz], line i aligned); unset: corpus.path."
@@ -275,22 +351,6 @@ class MappingConfig(Section):
         return value
 
 
-class PipelineConfig(Section):
-    methods: list[Literal["hyperofa", "ofa", "random"]] = Field(
-        ["random", "ofa", "hyperofa"], min_length=1, description="Init methods to build, train and compare."
-    )
-    pretrain: bool = Field(True, description="Continue pretraining each method's model (pretrain.* keys).")
-    evaluate: bool = Field(True, description="Evaluate each model right after init (step 0) and after pretraining.")
-    compare: bool = Field(True, description="Write the MLflow comparison table and plots at the end.")
-
-    @field_validator("methods")
-    @classmethod
-    def _unique_methods(cls, value: list[str]) -> list[str]:
-        if len(set(value)) != len(value):
-            raise ValueError("lists a method twice")
-        return value
-
-
 class HypernetConfig(Section):
     model: Literal["bilstm", "setformer"] = Field("bilstm", description="Hypernetwork architecture.")
     num_layers: int = Field(2, ge=1, description="LSTM layers (bilstm) or encoder layers (setformer).")
@@ -345,76 +405,20 @@ class HypernetConfig(Section):
     data_audit: bool = Field(False, description="Write the token ids each rank trained on per epoch (split check).")
 
 
-EVAL_TASKS = ("srt", "srb", "pos", "ner", "mlm")
+class PipelineConfig(Section):
+    methods: list[Literal["hyperofa", "ofa", "random"]] = Field(
+        ["random", "ofa", "hyperofa"], min_length=1, description="Init methods to build, train and compare."
+    )
+    pretrain: bool = Field(True, description="Continue pretraining each method's model (pretrain.* keys).")
+    evaluate: bool = Field(True, description="Evaluate each model right after init (step 0) and after pretraining.")
+    compare: bool = Field(True, description="Write the MLflow comparison table and plots at the end.")
 
-
-class TaggingEvalConfig(Section):
-    epochs: int = Field(10, ge=1, description="Fine-tuning epochs on English train (the method: 10).")
-    lr: float = Field(2e-5, gt=0.0, description="Peak learning rate, linear decay, no warm-up (the method: 2e-5).")
-    batch_size: int = Field(32, ge=1, description="Sentences per fine-tuning batch (the method: 32).")
-    max_length: int = Field(256, ge=8, description="Subwords per input; longer sentences are cut into pieces.")
-    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay (the method: 0).")
-    seed: Optional[int] = Field(None, ge=0, description="Seed of head init, dropout and data order; unset: run.seed.")
-    max_train_sentences: Optional[int] = Field(None, ge=1, description="Use at most this many English train sentences.")
-
-
-class EvaluateConfig(Section):
-    model: Optional[str] = Field(
-        None, description="HF model directory, or a run stage such as init/hyperofa (its model/ under run.dir)."
-    )
-    name: Optional[str] = Field(
-        None, description="Label of this evaluation (<run.dir>/evaluate/<name>/); unset: from the model path."
-    )
-    tasks: list[Literal["srt", "srb", "pos", "ner", "mlm"]] = Field(
-        list(EVAL_TASKS), min_length=1, description="Tasks to run: srt, srb, pos, ner, mlm."
-    )
-    data_dir: Optional[str] = Field(
-        None, description="Benchmark data: srt/ (or tatoeba/), srb/ (bible/), pos/ (udpos/), ner/ (panx/) inside."
-    )
-    heldout_dir: Optional[str] = Field(None, description="Held-out shards for mlm; unset: <run.dir>/prepare.")
-    output: Optional[str] = Field(
-        None, description="Results JSON path; unset: <run.dir>/evaluate/<name>/results.json."
-    )
-    languages: Optional[list[str]] = Field(None, description="Languages to evaluate; unset: every language found.")
-    english: str = Field("eng_Latn", min_length=1, description="Code of English (query side, tagging train/dev).")
-    layer: int = Field(
-        8, description="Retrieval layer: hidden_states index (8 = output of layer 8, 0 = embeddings, -1 = last)."
-    )
-    batch_size: int = Field(128, ge=1, description="Sentences per encoding batch (retrieval).")
-    max_length: int = Field(512, ge=8, description="Subwords per sentence for retrieval, special tokens included.")
-    max_sentences: Optional[int] = Field(
-        None, ge=1, description="Per language: first N retrieval pairs and tagging test sentences."
-    )
-    mlm_blocks: int = Field(256, ge=1, description="Held-out blocks per language for the mlm task.")
-    mlm_batch_size: int = Field(16, ge=1, description="Blocks per forward pass for the mlm task.")
-    mlm_probability: float = Field(0.15, gt=0.0, lt=1.0, description="Share of tokens masked (80/10/10) for mlm.")
-    step: int = Field(0, ge=0, description="Pretraining step of the model: the MLflow step of every metric.")
-    init_method: Optional[str] = Field(
-        None, description="init.method tag for compare; unset: from a model path .../init/<method>/model."
-    )
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available, else cpu.")
-    tagging: TaggingEvalConfig = Field(default_factory=TaggingEvalConfig)
-
-    @field_validator("tasks")
+    @field_validator("methods")
     @classmethod
-    def _unique_tasks(cls, value: list[str]) -> list[str]:
+    def _unique_methods(cls, value: list[str]) -> list[str]:
         if len(set(value)) != len(value):
-            raise ValueError("lists a task twice")
+            raise ValueError("lists a method twice")
         return value
-
-
-class CompareConfig(Section):
-    experiment: Optional[str] = Field(None, description="MLflow experiment to compare; unset: tracking.experiment.")
-    run_ids: Optional[list[str]] = Field(None, description="Compare these MLflow run ids instead of an experiment.")
-    metrics: list[str] = Field(
-        ["train/loss", "eval/loss", "*average*"],
-        min_length=1,
-        description="Metric name patterns (fnmatch) for the table and plots.",
-    )
-    loss_metric: str = Field("train/loss", min_length=1, description="Training-loss metric: one curve per run.")
-    output_dir: Optional[str] = Field(
-        None, description="Where table.md/.csv and PNGs go; unset: <run.dir>/compare/<experiment or runs>."
-    )
 
 
 class Config(Section):
@@ -429,9 +433,10 @@ class Config(Section):
     mapping: MappingConfig = Field(default_factory=MappingConfig)
     init: InitConfig = Field(default_factory=InitConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
-    hypernet: HypernetConfig = Field(default_factory=HypernetConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     compare: CompareConfig = Field(default_factory=CompareConfig)
+    hypernet: HypernetConfig = Field(default_factory=HypernetConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
 
     @property
     def run_dir(self) -> Path:

@@ -23,13 +23,15 @@ log = logging.getLogger("hyperofa.demo")
 
 STAGE = "world"
 SOURCE_LANG = "qaa_Latn"
-VERSION = 1  # bump when the generated world changes, so old run dirs rebuild it
+VERSION = 3  # bump when the generated world changes, so old run dirs rebuild it
 
 
 @dataclass(frozen=True)
 class WorldSpec:
     seed: int = 0
-    n_concepts: int = 1200
+    n_concepts: int = 500
+    zipf_exponent: float = 0.8
+    topics: int = 25
     source_sentences: int = 6000
     target_sentences: int = 3000
     size_ratio: float = 0.75
@@ -37,7 +39,7 @@ class WorldSpec:
     source_vocab: int = 1000
     hidden_size: int = 64
     num_layers: int = 2
-    pretrain_steps: int = 300
+    pretrain_steps: int = 200
     block_size: int = 64
 
 
@@ -72,7 +74,8 @@ def build_world(run_dir: Path, spec: WorldSpec, tracker=None) -> WorldPaths:
         return paths
     stage.begin(digest(inputs))
     langs = languages()
-    world = synthetic.World(langs, n_concepts=spec.n_concepts, seed=spec.seed)
+    world = synthetic.World(langs, n_concepts=spec.n_concepts, seed=spec.seed, zipf_exponent=spec.zipf_exponent,
+                            topics=spec.topics)
     targets = [lang.code for lang in langs if lang.code != SOURCE_LANG]
     sizes = {SOURCE_LANG: spec.source_sentences}
     sizes.update({code: max(200, int(spec.target_sentences * spec.size_ratio**i)) for i, code in enumerate(targets)})

@@ -54,19 +54,27 @@ def plan(config: Config) -> list[Step]:
         steps.append(Step("vectors", "hyperofa_dist.vectors:run_vectors_train", config))
     steps.append(Step("mapping", "data_prep.mapping_stage:run_mapping_stage", config))
     if "hyperofa" in p.methods:
-        steps.append(Step("hypernet", "hyperofa_dist.hypernet.stage:run_hypernet_stage", config))
+        changes = {"hypernet.resume": True} if interrupted(config.run_dir / "hypernet") else {}
+        steps.append(Step("hypernet", "hyperofa_dist.hypernet.stage:run_hypernet_stage", variant(config, changes)))
     for method in p.methods:
         steps.append(Step(f"init/{method}", "hyperofa_dist.init.stage:run_init_stage", variant(config, {"init.method": method})))
         if p.evaluate:
             steps.append(_evaluate(config, method, "init", 0))
         if p.pretrain:
-            steps.append(Step(f"pretrain/{method}", "hyperofa_dist.pretrain.stage:run_pretrain_stage",
-                              variant(config, {"pretrain.method": method})))
+            changes = {"pretrain.method": method}
+            if interrupted(config.run_dir / "pretrain" / method):
+                changes["pretrain.resume"] = True
+            steps.append(Step(f"pretrain/{method}", "hyperofa_dist.pretrain.stage:run_pretrain_stage", variant(config, changes)))
             if p.evaluate:
                 steps.append(_evaluate(config, method, "pretrain", config.pretrain.steps))
-    if p.compare:
+    if p.compare and config.tracking.enabled:  # compare reads the MLflow store
         steps.append(Step("compare", "hyperofa_dist.evaluate.compare:run_compare_stage", config))
     return steps
+
+
+def interrupted(stage_dir: Path) -> bool:
+    """A DeepSpeed stage that left checkpoints but no manifest was killed: the pipeline continues it."""
+    return (stage_dir / "checkpoints" / "latest").is_file() and not (stage_dir / "manifest.json").is_file()
 
 
 def _evaluate(config: Config, method: str, source: str, step: int) -> Step:

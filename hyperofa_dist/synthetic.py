@@ -46,7 +46,16 @@ def default_languages(n: int = 6) -> list[Language]:
 class World:
     """Concept lexicon rendered per language; deterministic in (seed, languages, n_concepts)."""
 
-    def __init__(self, languages: Iterable[Language], n_concepts: int = 3000, seed: int = 0, loan_share: float = 0.1):
+    def __init__(
+        self,
+        languages: Iterable[Language],
+        n_concepts: int = 3000,
+        seed: int = 0,
+        loan_share: float = 0.1,
+        zipf_exponent: float = 1.05,
+        topics: int = 0,
+        topic_share: float = 0.8,
+    ):
         self.languages = list(languages)
         self.n_concepts = n_concepts
         self.seed = seed
@@ -59,7 +68,12 @@ class World:
             self.lexicon[lang.code] = [loan_words[lang.script][c] if loans[c] else own[c] for c in range(n_concepts)]
         # Zipf-like concept frequencies, as in real text.
         ranks = np.arange(1, n_concepts + 1, dtype=np.float64)
-        self.concept_p = (1.0 / ranks**1.05) / np.sum(1.0 / ranks**1.05)
+        self.concept_p = (1.0 / ranks**zipf_exponent) / np.sum(1.0 / ranks**zipf_exponent)
+        # Optional topics give the world distributional semantics: a sentence draws most of its concepts from its
+        # topic, so concepts of one topic co-occur, which MLM embeddings and sentence-id word vectors both learn.
+        self.topics = topics
+        self.topic_share = topic_share
+        self.topic_of = np.random.default_rng([seed, 19]).integers(0, max(topics, 1), n_concepts)
 
     def _lexicon(self, script: str, rng: np.random.Generator) -> list[str]:
         consonants, vowels = ALPHABETS[script]
@@ -79,6 +93,15 @@ class World:
         rng = np.random.default_rng([self.seed, 13, seed])
         lengths = rng.integers(min_len, max_len + 1, n)
         flat = rng.choice(self.n_concepts, size=int(lengths.sum()), p=self.concept_p)
+        if self.topics:
+            sentence_topic = np.repeat(rng.integers(0, self.topics, n), lengths)
+            from_topic = rng.random(flat.size) < self.topic_share
+            for topic in range(self.topics):
+                members = np.flatnonzero(self.topic_of == topic)
+                where = np.flatnonzero(from_topic & (sentence_topic == topic))
+                if members.size and where.size:
+                    p = self.concept_p[members] / self.concept_p[members].sum()
+                    flat[where] = rng.choice(members, size=where.size, p=p)
         return np.split(flat, np.cumsum(lengths)[:-1])
 
     def render(self, lang: str, sentences: list[np.ndarray]) -> list[str]:

@@ -128,6 +128,7 @@ def evaluate_model(
                 tokenizer,
                 task_data_dir(ev.data_dir, task),
                 layer_index=layer,
+                center=ev.center,
                 languages=ev.languages,
                 batch_size=ev.batch_size,
                 max_length=ev.max_length,
