@@ -6,8 +6,9 @@ and adds i to the list of every token of every variant. Lists are sorted and de-
 kept CPython set order).
 
 The reference makes one `tokenizer.encode` call per variant. Here a chunk's variants are de-duplicated and
-tokenized in one `encode_batch_fast` call of the Rust tokenizer, and the (token, word) pairs are grouped with
-numpy: the chunk comes back as per-token counts and a flat int32 array of word indices, never as Python lists.
+tokenized by the Rust tokenizer in one joined call that still tokenizes each variant on its own
+(`joined_encoding`), and the (token, word) pairs are grouped with numpy: the chunk comes back as per-token counts
+and a flat int32 array of word indices, never as Python lists.
 The driver merges chunks in two passes (sum the counts, then scatter each chunk's indices), so it holds only the
 final CSR arrays and one chunk at a time.
 """
@@ -26,10 +27,13 @@ import numpy as np
 from hyperofa_dist.errors import HyperofaError
 from hyperofa_dist.vectors import parse_key
 
+from .joined_encoding import JoinedEncoder
+
 log = logging.getLogger("hyperofa.postings")
 
 PERCENTILES = (0, 25, 50, 75, 90, 95, 99, 100)
-EncodeBatch = Callable[[list[str]], list[list[int]]]
+# texts -> (token ids, index of the text each token came from), flat int64 arrays grouped by text in order.
+EncodeBatch = Callable[[list[str]], tuple[np.ndarray, np.ndarray]]
 
 
 # --- the pure core -------------------------------------------------------------------------------------------
@@ -63,10 +67,9 @@ def chunk_postings(encode_batch: EncodeBatch, keys: Sequence[str], first_word: i
     variants = key_variants(keys)
     unique: dict[str, int] = {}
     variant_slot = np.fromiter((unique.setdefault(v, len(unique)) for v in variants), dtype=np.int64, count=len(variants))
-    encoded = encode_batch(list(unique))
-    lengths = np.fromiter((len(ids) for ids in encoded), dtype=np.int64, count=len(encoded))
-    flat = np.fromiter((t for ids in encoded for t in ids), dtype=np.int64, count=int(lengths.sum()))
-    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    flat, owner = encode_batch(list(unique))
+    lengths = np.bincount(owner, minlength=len(unique)).astype(np.int64)
+    offsets = np.zeros(len(unique) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     if flat.size and (flat.min() < 0 or flat.max() >= vocab_size):
         raise HyperofaError(f"tokenizer produced id {int(flat.max())} outside its vocabulary of {vocab_size}")
@@ -208,6 +211,8 @@ def rust_tokenizer(tokenizer_json: str):
     from tokenizers import Tokenizer, models
 
     tok = Tokenizer.from_str(tokenizer_json)
+    tok.no_truncation()  # a limit left in the JSON by an HF call would cut words (and the joined calls)
+    tok.no_padding()
     model = json.loads(tokenizer_json).get("model") or {}
     if model.get("type") == "Unigram":
         vocab = [(piece, float(score)) for piece, score in model["vocab"]]
@@ -219,15 +224,10 @@ def backend_encoder(tokenizer_json: str) -> EncodeBatch:
     """A batched encoder for a serialized Rust tokenizer, cached per worker process (workers are reused)."""
     key = hash(tokenizer_json)
     if key not in _TOKENIZERS:
-        _TOKENIZERS.clear()  # keep at most the tokenizers of the current build
-        _TOKENIZERS[key] = rust_tokenizer(tokenizer_json)
-    tok = _TOKENIZERS[key]
-    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)  # _fast skips offsets we never read
-
-    def run(texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in encode(texts, add_special_tokens=False)]
-
-    return run
+        if len(_TOKENIZERS) >= 4:  # a build alternates between its two tokenizers; keep those, not older ones
+            _TOKENIZERS.clear()
+        _TOKENIZERS[key] = JoinedEncoder(rust_tokenizer(tokenizer_json))
+    return _TOKENIZERS[key]
 
 
 def _postings_task(blob: bytes, first_word: int, vocab_sizes: list[int], *tokenizer_jsons: str):
