@@ -30,7 +30,6 @@ BulkEncode = Callable[[object, list[str]], FlatEncoding]
 
 STRINGS_PER_SEQUENCE = 4096  # keeps each Encoding (and its offsets) small; the call count stays negligible
 SAMPLE_PER_CALL = 64
-CACHE_ENTRIES = 10_000  # the Rust default
 
 # Spellings that a tokenizer treating its input as one text would split or normalise differently from one word
 # alone: leading, doubled, inner and trailing spaces (variants (b)/(c), `$` boundaries), characters NFKC or
@@ -81,7 +80,7 @@ class JoinedEncoder:
     def __call__(self, texts: list[str]) -> FlatEncoding:
         if not self.joined or not texts:
             return per_string(self.tok, texts)
-        ids, owner = self._bulk_cached(texts)
+        ids, owner = self.bulk(self.tok, texts)
         # The sample is compared where it sat in the joined call, so neighbours are checked too.
         picks = np.unique(np.linspace(0, len(texts) - 1, num=min(self.sample, len(texts))).astype(np.int64))
         ref_ids, ref_owner = per_string(self.tok, [texts[i] for i in picks])
@@ -91,20 +90,3 @@ class JoinedEncoder:
         log.warning("joined tokenizer calls differ from one call per string on a sample of a chunk; encoding strings one by one")
         self.joined = False
         return per_string(self.tok, texts)
-
-    def _bulk_cached(self, texts: list[str]) -> FlatEncoding:
-        """The bulk call with the model's word cache sized to the call.
-
-        The variants of a word often reach the model as the same pre-token (`haus` and ` haus` are both `▁haus`
-        after a Metaspace pre-tokenizer); a cache hit returns what the model computed for it, so results are
-        unchanged. The Rust cache holds 10,000 entries and stops inserting when full, which a chunk of words
-        overflows at once; it is emptied afterwards to bound a worker's memory.
-        """
-        model = self.tok.model
-        if not hasattr(model, "_resize_cache"):  # a private hook of `tokenizers`; without it, just slower
-            return self.bulk(self.tok, texts)
-        model._resize_cache(max(CACHE_ENTRIES, len(texts)))
-        try:
-            return self.bulk(self.tok, texts)
-        finally:
-            model._clear_cache()
