@@ -3,8 +3,11 @@
 Generates >= 200,000 words in three scripts (the synthetic world, `iso:word` keys) and a SentencePiece-style
 Unigram tokenizer of 32,000 pieces, builds the postings with Ray (`ray.num_cpus` workers, 2 by default) and
 with the reference loop in this process, checks both give the same postings, and prints one JSON line.
-`words_per_s` times the build from task submission to the merged CSR arrays, cold workers included; Ray's own
-start-up is reported apart as `ray_start_s`.
+`words_per_s` times the build from task submission to the merged CSR arrays, cold workers included (each
+still imports the builder and loads and checks the tokenizer inside the timed build); Ray's own start-up,
+including booting its worker processes (`ray.init` returns before they are up), is reported apart as
+`ray_start_s`. Chunks are sized near `mapping.words_per_task` so that every
+worker gets the same number of tasks (no worker idles through a short last round).
 """
 
 from __future__ import annotations
@@ -52,6 +55,29 @@ def make_unigram_tokenizer(words: list[str], vocab_size: int, out_dir: Path) -> 
     return out_dir
 
 
+def balanced_words_per_task(n_words: int, workers: int, target: int) -> int:
+    """Words per task near `target` giving a task count that is a multiple of `workers`."""
+    rounds = max(1, round(n_words / (workers * target)))
+    return math.ceil(n_words / (workers * rounds))
+
+
+def _pid() -> int:
+    import os
+
+    time.sleep(0.05)  # long enough that one worker cannot take every task of a round
+    return os.getpid()
+
+
+def wait_for_workers(ray, workers: int, rounds: int = 20) -> None:
+    """Block until `workers` Ray worker processes have run a task: Ray's boot, not the builder's work."""
+    task = ray.remote(num_cpus=1)(_pid)
+    seen: set[int] = set()
+    for _ in range(rounds):
+        seen.update(ray.get([task.remote() for _ in range(workers)]))
+        if len(seen) >= workers:
+            return
+
+
 def bench_mapping(config, args) -> int:
     from hyperofa_dist.raycluster import ray_session
     from hyperofa_dist.target import load_tokenizer
@@ -65,12 +91,16 @@ def bench_mapping(config, args) -> int:
     if not (tok_dir / "tokenizer.json").is_file():
         make_unigram_tokenizer([k[4:] for k in keys], VOCAB, tok_dir)
     tokenizer = load_tokenizer(tok_dir)
+    workers = config.ray.num_cpus if not config.ray.address else None
+    words_per_task = balanced_words_per_task(len(keys), workers, config.mapping.words_per_task) if workers else config.mapping.words_per_task
 
     started = time.perf_counter()
-    with ray_session(config):
+    with ray_session(config) as ray:
+        if workers:
+            wait_for_workers(ray, workers)
         ray_start = time.perf_counter() - started
         started = time.perf_counter()
-        [(indptr, indices)] = build_postings_ray([tokenizer], keys, config.mapping.words_per_task, progress=False)
+        [(indptr, indices)] = build_postings_ray([tokenizer], keys, words_per_task, progress=False)
         built = time.perf_counter() - started
     peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the baseline's lists exist
 
@@ -81,8 +111,8 @@ def bench_mapping(config, args) -> int:
         "bench": "mapping",
         "words": len(keys),
         "vocab": len(tokenizer),
-        "workers": config.ray.num_cpus if not config.ray.address else None,
-        "words_per_task": config.mapping.words_per_task,
+        "workers": workers,
+        "words_per_task": words_per_task,
         "words_per_s": round(len(keys) / built, 1),
         "baseline_words_per_s": round(len(keys) / baseline, 1),
         "speedup": round(baseline / built, 2),

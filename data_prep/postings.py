@@ -5,8 +5,8 @@ For word i the method tokenizes three spellings, (a) `word`, (b) `' ' + word`, (
 and adds i to the list of every token of every variant. Lists are sorted and de-duplicated here (the reference
 kept CPython set order).
 
-The reference makes one `tokenizer.encode` call per variant. Here a chunk's variants are de-duplicated and
-tokenized by the Rust tokenizer in one joined call that still tokenizes each variant on its own
+The reference makes one `tokenizer.encode` call per variant. Here a chunk's variants are de-duplicated (and,
+for pipelines that provably drop leading spaces, `' ' + w` shares `w`'s encoding) and tokenized by the Rust tokenizer in one joined call that still tokenizes each variant on its own
 (`joined_encoding`), and the (token, word) pairs are grouped with numpy: the chunk comes back as per-token counts
 and a flat int32 array of word indices, never as Python lists.
 The driver merges chunks in two passes (sum the counts, then scatter each chunk's indices), so it holds only the
@@ -65,9 +65,7 @@ def chunk_postings(encode_batch: EncodeBatch, keys: Sequence[str], first_word: i
     The indices are grouped by token (ascending), sorted and unique within each token.
     """
     variants = key_variants(keys)
-    unique: dict[str, int] = {}
-    variant_slot = np.fromiter((unique.setdefault(v, len(unique)) for v in variants), dtype=np.int64, count=len(variants))
-    flat, owner = encode_batch(list(unique))
+    unique, variant_slot, flat, owner = _encode_spellings(encode_batch, variants)
     lengths = np.bincount(owner, minlength=len(unique)).astype(np.int64)
     offsets = np.zeros(len(unique) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
@@ -85,6 +83,23 @@ def chunk_postings(encode_batch: EncodeBatch, keys: Sequence[str], first_word: i
     counts = np.bincount(pairs // n_words, minlength=vocab_size).astype(np.int32)
     indices = (pairs % n_words + first_word).astype(np.int32)
     return counts, indices
+
+
+def _encode_spellings(encode_batch: EncodeBatch, variants: list[str]):
+    """Each distinct spelling encoded once: (unique spellings, slot of each variant, flat ids, owner).
+
+    Where the encoder says leading spaces change nothing (`strips_leading_spaces`), `w`, `' ' + w` and `' ' + W`
+    share the encodings of `w` and `W`. If the encoder withdraws that during the call, the chunk is encoded again
+    with every spelling as written.
+    """
+    while True:
+        strip = getattr(encode_batch, "strips_leading_spaces", False)
+        unique: dict[str, int] = {}
+        spelled = (v.lstrip(" ") for v in variants) if strip else variants
+        slots = np.fromiter((unique.setdefault(v, len(unique)) for v in spelled), dtype=np.int64, count=len(variants))
+        flat, owner = encode_batch(list(unique))
+        if not strip or encode_batch.strips_leading_spaces:
+            return unique, slots, flat, owner
 
 
 def merge_chunks(vocab_size: int, chunks: Iterable[Callable[[], np.ndarray]], fetch: Callable[[int], tuple[np.ndarray, np.ndarray]], n_chunks: int) -> tuple[np.ndarray, np.ndarray]:

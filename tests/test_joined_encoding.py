@@ -107,3 +107,71 @@ def test_a_length_limit_left_in_the_tokenizer_does_not_cut_words(toks, keys):
 
     with pytest.raises(ValueError, match="truncation"):
         J.JoinedEncoder(Tokenizer.from_str(json.dumps(blob)))
+
+
+def _with_pre_tokenizer(tok, **metaspace) -> str:
+    """The tokenizer's JSON with its Metaspace step changed (the xlmr fixture: WhitespaceSplit, then Metaspace)."""
+    blob = json.loads(P.tokenizer_json(tok))
+    parts = blob["pre_tokenizer"]["pretokenizers"]
+    assert [p["type"] for p in parts] == ["WhitespaceSplit", "Metaspace"]
+    parts[1].update(metaspace)
+    return json.dumps(blob)
+
+
+def _differs_with_a_leading_space(rust, texts) -> bool:
+    return any(rust.encode(" " + t, add_special_tokens=False).ids != rust.encode(t, add_special_tokens=False).ids for t in texts)
+
+
+@pytest.mark.parametrize("family", synthetic.FAMILIES)
+def test_leading_space_reuse_only_where_the_pipeline_drops_it(toks, keys, family):
+    tok = toks[family]
+    rust = P.rust_tokenizer(P.tokenizer_json(tok))
+    texts = list(dict.fromkeys(P.key_variants(keys))) + list(J.PROBES)
+    encoder = J.JoinedEncoder(rust)
+    # Whitespace-dropping pipelines (these Metaspace "always" and BERT ones) reuse; byte-level BPE keeps `Ġ`.
+    assert encoder.strips_leading_spaces == (family != "roberta")
+    assert _differs_with_a_leading_space(rust, texts) == (family == "roberta")
+    indptr, indices = P.build_local(encoder, keys, len(tok), 60)
+    assert encoder.strips_leading_spaces == (family != "roberta")
+    assert P.csr_equals_lists(indptr, indices, P.reference_postings(tok, keys))
+
+
+def test_pipelines_where_a_leading_space_matters_are_not_allowed(toks, keys):
+    tok = toks["xlmr"]
+    texts = list(dict.fromkeys(P.key_variants(keys)))
+    # Metaspace "first" prepends only at offset 0, which ' ' + s moves: the reuse would be wrong there.
+    first = P.rust_tokenizer(_with_pre_tokenizer(tok, prepend_scheme="first"))
+    assert _differs_with_a_leading_space(first, texts)
+    assert not J.drops_leading_spaces(first) and not J.JoinedEncoder(first).strips_leading_spaces
+    assert J.drops_leading_spaces(P.rust_tokenizer(_with_pre_tokenizer(tok, prepend_scheme="never")))
+    for change in (
+        {"normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}},
+        {"normalizer": {"type": "Prepend", "prepend": "\u2581"}},
+        {"pre_tokenizer": {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "always", "split": True}},
+    ):
+        blob = json.loads(P.tokenizer_json(tok))
+        blob.update(change)
+        assert not J.drops_leading_spaces(P.rust_tokenizer(json.dumps(blob))), change
+    blob = json.loads(P.tokenizer_json(tok))
+    blob["added_tokens"].append({**blob["added_tokens"][-1], "id": len(tok), "content": " <x>"})
+    assert not J.drops_leading_spaces(P.rust_tokenizer(json.dumps(blob)))
+
+
+def test_a_wrong_leading_space_reuse_is_caught(toks, keys, monkeypatch, caplog):
+    """Forced onto Metaspace "first": the probes refuse it; without probes, the chunk's sample does."""
+    from transformers import PreTrainedTokenizerFast
+
+    first_json = _with_pre_tokenizer(toks["xlmr"], prepend_scheme="first")
+    first = P.rust_tokenizer(first_json)
+    reference = P.reference_postings(PreTrainedTokenizerFast(tokenizer_object=P.rust_tokenizer(first_json)), keys)
+    monkeypatch.setattr(J, "drops_leading_spaces", lambda tok: True)
+
+    refused = J.JoinedEncoder(first)
+    assert not refused.strips_leading_spaces and "leading space changes the tokens of probe strings" in caplog.text
+    assert P.csr_equals_lists(*P.build_local(refused, keys, first.get_vocab_size(), 60), reference)
+
+    monkeypatch.setattr(J, "PROBES", ())
+    sneaky = J.JoinedEncoder(first)
+    assert sneaky.strips_leading_spaces and sneaky.joined
+    assert P.csr_equals_lists(*P.build_local(sneaky, keys, first.get_vocab_size(), 60), reference)
+    assert not sneaky.strips_leading_spaces and "on a sample of a chunk" in caplog.text
