@@ -6,8 +6,8 @@ with the reference loop in this process, checks both give the same postings, and
 `words_per_s` times the build from task submission to the merged CSR arrays, cold workers included (each
 still imports the builder and loads and checks the tokenizer inside the timed build); Ray's own start-up,
 including booting its worker processes (`ray.init` returns before they are up), is reported apart as
-`ray_start_s`. Chunks are sized near `mapping.words_per_task` so that every
-worker gets the same number of tasks (no worker idles through a short last round).
+`ray_start_s`. Chunks are sized near `mapping.words_per_task` so that every worker gets the same number of
+tasks (no worker idles through a short last round).
 """
 
 from __future__ import annotations

@@ -6,9 +6,10 @@ and adds i to the list of every token of every variant. Lists are sorted and de-
 kept CPython set order).
 
 The reference makes one `tokenizer.encode` call per variant. Here a chunk's variants are de-duplicated (and,
-for pipelines that provably drop leading spaces, `' ' + w` shares `w`'s encoding) and tokenized by the Rust tokenizer in one joined call that still tokenizes each variant on its own
-(`joined_encoding`), and the (token, word) pairs are grouped with numpy: the chunk comes back as per-token counts
-and a flat int32 array of word indices, never as Python lists.
+for pipelines that provably drop leading spaces, `' ' + w` shares `w`'s encoding) and tokenized by the Rust
+tokenizer in one joined call that still tokenizes each variant on its own (`joined_encoding`), and the
+(token, word) pairs are grouped with numpy: the chunk comes back as per-token counts and a flat int32 array of
+word indices, never as Python lists.
 The driver merges chunks in two passes (sum the counts, then scatter each chunk's indices), so it holds only the
 final CSR arrays and one chunk at a time.
 """
