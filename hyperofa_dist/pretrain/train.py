@@ -26,7 +26,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..artifacts import atomic_write_json
+from ..artifacts import atomic_write_bytes, atomic_write_json
 from ..config import build_config
 from . import data as data_mod
 from .mlm import masked_lm_loss
@@ -54,6 +54,16 @@ class MaskedLMObjective(torch.nn.Module):
 
 def tag_of(step: int) -> str:
     return f"step{step:08d}"
+
+
+def _truncate_log(path: Path, last_step: int) -> None:
+    """Keep the JSON lines of steps up to last_step (the step a resumed run starts after)."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    if len(kept) != len(lines):
+        atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode("utf-8"))
 
 
 def _fault() -> tuple[Optional[str], int]:
@@ -191,6 +201,10 @@ class Job:
             self.warmup.remove()
         fault, fault_step = _fault()
         log_path = self.out / "train_log.jsonl"
+        if self.rank == 0:
+            # Steps a killed run logged after its last checkpoint are trained again now: drop their old lines.
+            for name in ("train_log.jsonl", "eval_log.jsonl"):
+                _truncate_log(self.out / name, self.step)
         audit = open(self.out / "audit" / f"rank{self.rank}.jsonl", "a") if p.data_audit else None
         micro_steps, window_tokens, window_blocks, window_loss, window_steps = 0, 0, 0, 0.0, 0
         window_start = time.perf_counter()
