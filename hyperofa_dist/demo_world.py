@@ -23,7 +23,7 @@ log = logging.getLogger("hyperofa.demo")
 
 STAGE = "world"
 SOURCE_LANG = "qaa_Latn"
-VERSION = 3  # bump when the generated world changes, so old run dirs rebuild it
+VERSION = 4  # bump when the generated world changes, so old run dirs rebuild it
 
 
 @dataclass(frozen=True)

@@ -163,7 +163,13 @@ def train_source_tokenizer(family: str, texts: list[str], vocab_size: int, out_d
             vocab_size=vocab_size - 1, special_tokens=["<s>", "<pad>", "</s>", "<unk>"], unk_token="<unk>"
         )
         tok.train_from_iterator(texts, trainer)
-        vocab = [tuple(v) for v in json.loads(tok.to_str())["model"]["vocab"]]
+        from .tokenizer_learn import canonical_unigram
+
+        # The Unigram trainer's scores differ in the last bits between runs; canonical scores make the world
+        # (and so the demo's numbers) the same on every run.
+        vocab = canonical_unigram([tuple(v) for v in json.loads(tok.to_str())["model"]["vocab"]])
+        # Pieces of equal score come out in hash order: sort them (the 4 special tokens keep ids 0-3).
+        vocab = vocab[:4] + sorted(vocab[4:], key=lambda piece: (-piece[1], piece[0]))
         hf = XLMRobertaTokenizer(vocab=vocab)  # appends <mask> last, as XLM-R has it
     elif family == "roberta":
         from transformers import RobertaTokenizer

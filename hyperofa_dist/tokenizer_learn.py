@@ -210,7 +210,7 @@ def _score(value: float) -> float:
     return round(float(value), 6)
 
 
-def _canonical_unigram(pieces: list[tuple[str, float]]) -> list[tuple[str, float]]:
+def canonical_unigram(pieces: list[tuple[str, float]]) -> list[tuple[str, float]]:
     """Learned Unigram pieces with scores rounded and the trainer's arbitrary order of rare characters fixed.
 
     Characters the EM pruned but the vocabulary must keep are appended by the trainer with made-up scores
@@ -219,9 +219,14 @@ def _canonical_unigram(pieces: list[tuple[str, float]]) -> list[tuple[str, float
     """
     pieces = [(p, _score(v)) for p, v in pieces]
     order = sorted(range(len(pieces)), key=lambda i: -pieces[i][1])
+    lowest = pieces[order[-1]][1] if order else 0.0
     run = []
     for i in reversed(order):
-        if len(pieces[i][0]) != 1 or (run and pieces[i][1] - pieces[run[-1]][1] > 1.5e-4):
+        if len(pieces[i][0]) != 1:
+            if pieces[i][1] == lowest:
+                continue  # a learned piece can share the ladder's bottom rung; it is not part of the ladder
+            break
+        if run and pieces[i][1] - pieces[run[-1]][1] > 1.5e-4:
             break
         run.append(i)
     if len(run) > 1:
@@ -236,7 +241,7 @@ def _extend_unigram(src, texts, wanted, size, min_frequency, show_progress) -> t
     learner = _learner(src, models.Unigram())
     trainer = trainers.UnigramTrainer(vocab_size=size, special_tokens=[], show_progress=show_progress)
     learner.train_from_iterator(texts, trainer)
-    learned = _canonical_unigram([(p, s) for p, s in json.loads(learner.to_str())["model"]["vocab"]])
+    learned = canonical_unigram([(p, s) for p, s in json.loads(learner.to_str())["model"]["vocab"]])
     known = src.strings
     candidates = [(p, s) for p, s in learned if p not in known]
     candidates.sort(key=lambda ps: (-ps[1], ps[0]))
@@ -471,7 +476,7 @@ def train(
     if model_type == "unigram":
         k = len(names)
         vocab_list = [(p, v) for p, v in data["model"]["vocab"]]
-        data["model"]["vocab"] = [list(x) for x in vocab_list[:k] + _canonical_unigram(vocab_list[k:])]
+        data["model"]["vocab"] = [list(x) for x in vocab_list[:k] + canonical_unigram(vocab_list[k:])]
     ids = {t: i for i, t in enumerate(names)}
     for entry in data["added_tokens"]:
         if entry["content"] in ids:
