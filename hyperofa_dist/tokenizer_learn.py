@@ -218,17 +218,18 @@ def canonical_unigram(pieces: list[tuple[str, float]]) -> list[tuple[str, float]
     from run to run. That bottom run of single characters gets the same scores, handed out in string order.
     """
     pieces = [(p, _score(v)) for p, v in pieces]
-    order = sorted(range(len(pieces)), key=lambda i: -pieces[i][1])
-    lowest = pieces[order[-1]][1] if order else 0.0
-    run = []
-    for i in reversed(order):
-        if len(pieces[i][0]) != 1:
-            if pieces[i][1] == lowest:
-                continue  # a learned piece can share the ladder's bottom rung; it is not part of the ladder
+    if not pieces:
+        return pieces
+    lowest = min(v for _, v in pieces)
+    # The ladder's rungs are lowest + j * 1e-4 for j < n, n being the number of characters it holds; learned
+    # multi-character pieces may score inside that band, so the band is widened until it holds all its rungs.
+    width = 1.5e-4
+    while True:
+        run = [i for i, (p, v) in enumerate(pieces) if len(p) == 1 and v <= lowest + width]
+        wanted = len(run) * 1e-4 + 0.5e-4
+        if wanted <= width:
             break
-        if run and pieces[i][1] - pieces[run[-1]][1] > 1.5e-4:
-            break
-        run.append(i)
+        width = wanted
     if len(run) > 1:
         scores = sorted((pieces[i][1] for i in run), reverse=True)
         chars = sorted(pieces[i][0] for i in run)
