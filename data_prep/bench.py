@@ -66,10 +66,11 @@ def raw_tokenizer_rate(tokenizer_file: Path, sentences: list[str], batch_size: i
 
 def timed_prepare(config: Config) -> dict[str, Any]:
     from data_prep.prepare import run_prepare_stage
-    from hyperofa_dist.raycluster import ray_session
+    from hyperofa_dist.raycluster import ray_session, wait_for_workers
 
     started = time.perf_counter()
     with ray_session(config):
+        wait_for_workers(config.ray.num_cpus)
         startup = time.perf_counter() - started
         began = time.perf_counter()
         run_prepare_stage(config, NullTracker())

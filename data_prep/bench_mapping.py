@@ -61,25 +61,8 @@ def balanced_words_per_task(n_words: int, workers: int, target: int) -> int:
     return math.ceil(n_words / (workers * rounds))
 
 
-def _pid() -> int:
-    import os
-
-    time.sleep(0.05)  # long enough that one worker cannot take every task of a round
-    return os.getpid()
-
-
-def wait_for_workers(ray, workers: int, rounds: int = 20) -> None:
-    """Block until `workers` Ray worker processes have run a task: Ray's boot, not the builder's work."""
-    task = ray.remote(num_cpus=1)(_pid)
-    seen: set[int] = set()
-    for _ in range(rounds):
-        seen.update(ray.get([task.remote() for _ in range(workers)]))
-        if len(seen) >= workers:
-            return
-
-
 def bench_mapping(config, args) -> int:
-    from hyperofa_dist.raycluster import ray_session
+    from hyperofa_dist.raycluster import ray_session, wait_for_workers
     from hyperofa_dist.target import load_tokenizer
 
     from .postings import build_postings_ray, csr_equals_lists, reference_postings
@@ -97,7 +80,7 @@ def bench_mapping(config, args) -> int:
     started = time.perf_counter()
     with ray_session(config) as ray:
         if workers:
-            wait_for_workers(ray, workers)
+            wait_for_workers(workers)
         ray_start = time.perf_counter() - started
         started = time.perf_counter()
         [(indptr, indices)] = build_postings_ray([tokenizer], keys, words_per_task, progress=False)

@@ -49,3 +49,26 @@ def ray_session(config: Config) -> Iterator[object]:
         yield ray
     finally:
         ray.shutdown()
+
+
+def _pid() -> int:
+    import os
+    import time
+
+    time.sleep(0.05)  # long enough that one worker cannot take every task of a round
+    return os.getpid()
+
+
+def wait_for_workers(workers: int, rounds: int = 20) -> None:
+    """Block until `workers` Ray worker processes have run a task.
+
+    `ray.init` returns before its worker processes are up; benchmarks count that boot as Ray's start-up, not
+    as the stage's work."""
+    import ray
+
+    task = ray.remote(num_cpus=1)(_pid)
+    seen: set[int] = set()
+    for _ in range(rounds):
+        seen.update(ray.get([task.remote() for _ in range(workers)]))
+        if len(seen) >= workers:
+            return
