@@ -142,7 +142,23 @@ class PretrainBenchConfig(Section):
     warmup: int = Field(1, ge=0, description="bench pretrain: untimed steps first.")
 
 
-class PretrainConfig(Section):
+class LaunchConfig(Section):
+    """Where a DeepSpeed job's ranks run: shared by the hypernet and pretrain sections."""
+
+    ranks_per_node: Optional[int] = Field(
+        None, ge=1, description="Local ranks per node; unset: every GPU, or 2 ranks on a CPU-only machine."
+    )
+    hostfile: Optional[str] = Field(None, description="DeepSpeed hostfile (`host slots=N` lines) for multi-node.")
+    num_nodes: Optional[int] = Field(None, ge=1, description="Use this many nodes of the hostfile.")
+    launcher: Literal["pdsh", "openmpi", "mvapich", "slurm", "mpich", "impi"] = Field(
+        "pdsh", description="DeepSpeed multi-node launcher backend."
+    )
+    master_port: Optional[int] = Field(
+        None, ge=1, le=65535, description="Rendezvous port of rank 0; unset: a free port locally, 29500 multi-node."
+    )
+
+
+class PretrainConfig(LaunchConfig):
     method: str = Field(
         "hyperofa", min_length=1, description="Init method whose model to train: <run.dir>/init/<method>/model."
     )
@@ -188,17 +204,6 @@ class PretrainConfig(Section):
     compile: bool = Field(False, description="torch.compile the encoder (GPU).")
     peak_tflops: Optional[float] = Field(None, gt=0.0, description="Accelerator peak for MFU; unset: known GPU table.")
     data_audit: bool = Field(False, description="Write the ids of the blocks each rank trained on (to check the split).")
-    ranks_per_node: Optional[int] = Field(
-        None, ge=1, description="Local ranks per node; unset: every GPU, or 2 ranks on a CPU-only machine."
-    )
-    hostfile: Optional[str] = Field(None, description="DeepSpeed hostfile (`host slots=N` lines) for multi-node.")
-    num_nodes: Optional[int] = Field(None, ge=1, description="Use this many nodes of the hostfile.")
-    launcher: Literal["pdsh", "openmpi", "mvapich", "slurm", "mpich", "impi"] = Field(
-        "pdsh", description="DeepSpeed multi-node launcher backend."
-    )
-    master_port: Optional[int] = Field(
-        None, ge=1, le=65535, description="Rendezvous port of rank 0; unset: a free port locally, 29500 multi-node."
-    )
     bench: PretrainBenchConfig = Field(default_factory=PretrainBenchConfig)
 
 
@@ -351,7 +356,7 @@ class MappingConfig(Section):
         return value
 
 
-class HypernetConfig(Section):
+class HypernetConfig(LaunchConfig):
     model: Literal["bilstm", "setformer"] = Field("bilstm", description="Hypernetwork architecture.")
     num_layers: int = Field(2, ge=1, description="LSTM layers (bilstm) or encoder layers (setformer).")
     hidden_size: int = Field(800, ge=1, description="bilstm: LSTM hidden size per direction.")
@@ -388,17 +393,6 @@ class HypernetConfig(Section):
     )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 on GPU (fp16 without bf16 support), fp32 on CPU."
-    )
-    ranks_per_node: Optional[int] = Field(
-        None, ge=1, description="Local ranks; unset: every GPU, or 2 ranks on a CPU-only machine."
-    )
-    hostfile: Optional[str] = Field(None, description="DeepSpeed hostfile (`host slots=N` lines) for multi-node.")
-    num_nodes: Optional[int] = Field(None, ge=1, description="Use this many nodes of the hostfile.")
-    launcher: Literal["pdsh", "openmpi", "mvapich", "slurm", "mpich", "impi"] = Field(
-        "pdsh", description="DeepSpeed multi-node launcher backend."
-    )
-    master_port: Optional[int] = Field(
-        None, ge=1, le=65535, description="Rendezvous port of rank 0; unset: a free port (single node) or 29500."
     )
     threads_per_rank: Optional[int] = Field(None, ge=1, description="torch intra-op threads per rank; unset: cores / local ranks on CPU.")
     predict_batch_size: int = Field(256, ge=1, description="Tokens per inference batch.")

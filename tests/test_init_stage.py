@@ -119,5 +119,7 @@ def test_bench_small_scale_prints_the_fields(tmp_path):
     result = run_bench(scale, settings, tmp_path, seed=0)
     assert result["tokens_predicted"] == 600
     assert sum(result["provenance"].values()) == 3000 and result["provenance"]["ofa"] == 600
-    assert result["seconds"] > 0 and 0 < result["peak_rss_gib"] < 4
+    # peak RSS is the process's lifetime peak: inside pytest it includes earlier tests, so only its presence is
+    # checked here; `hyperofa bench init` measures it in a fresh process against the 4 GiB target.
+    assert result["seconds"] > 0 and result["peak_rss_gib"] > 0
     assert result["baseline_dense_f64_seconds_extrapolated"] > 0
