@@ -17,6 +17,7 @@ from hyperofa_dist.hypernet.stage import run_hypernet_stage
 from hyperofa_dist.tracking import NullTracker
 
 from .hypernet_fixtures import mapping_world, small_config, small_overrides
+from .cli_errors import assert_one_line_error
 
 
 @pytest.fixture
@@ -73,9 +74,7 @@ def test_cli_reports_fingerprint_mismatch_in_one_line_and_trains_nothing(world, 
     other.write_bytes(b"x")
     args = small_overrides(world, f"vectors.path={other}")
     out = subprocess.run([sys.executable, "-m", "hyperofa_dist.cli", "hypernet", *args], capture_output=True, text=True)
-    assert out.returncode == 2
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("hyperofa hypernet: error: ") and "other word vectors" in lines[0]
+    assert_one_line_error(out, "hypernet", "other word vectors")
     assert not (world.run_dir / "hypernet").exists()
 
 

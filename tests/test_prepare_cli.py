@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from hyperofa_dist import synthetic
+from .cli_errors import assert_one_line_error
 
 COMMON = [
     "prepare.block_size=32",
@@ -33,11 +34,7 @@ def cli_tokenizer(tmp_path_factory, small_corpus) -> Path:
 
 
 def assert_fatal(out: subprocess.CompletedProcess, run_dir: Path, *needles: str) -> None:
-    assert out.returncode == 2, out.stderr
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("hyperofa prepare: error: "), out.stderr
-    for needle in needles:
-        assert needle in lines[0]
+    assert_one_line_error(out, "prepare", *needles)
     assert not list(run_dir.rglob("*.tar")) and not (run_dir / "prepare" / "manifest.json").exists()
 
 

@@ -15,6 +15,7 @@ from transformers import AutoTokenizer
 from hyperofa_dist import synthetic
 from hyperofa_dist import tokenizer_learn as learn
 from hyperofa_dist.cli import main as cli_main
+from .cli_errors import assert_one_line_error
 
 FAMILIES = synthetic.FAMILIES
 SOURCE_LANG = "qaa_Latn"  # the conftest source tokenizers are trained on this language only
@@ -330,11 +331,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def assert_one_line_failure(out: subprocess.CompletedProcess, run_dir: Path, *needles: str) -> None:
-    assert out.returncode == 2, out.stderr
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("hyperofa tokenizer: error: "), out.stderr
-    for needle in needles:
-        assert needle in lines[0]
+    assert_one_line_error(out, "tokenizer", *needles)
     assert not (run_dir / "tokenizer" / "manifest.json").exists()
     assert not (run_dir / "tokenizer").exists()
 
