@@ -167,9 +167,8 @@ def train_source_tokenizer(family: str, texts: list[str], vocab_size: int, out_d
 
         # The Unigram trainer's scores differ in the last bits between runs; canonical scores make the world
         # (and so the demo's numbers) the same on every run.
-        vocab = canonical_unigram([tuple(v) for v in json.loads(tok.to_str())["model"]["vocab"]])
-        # Pieces of equal score come out in hash order: sort them (the 4 special tokens keep ids 0-3).
-        vocab = vocab[:4] + sorted(vocab[4:], key=lambda piece: (-piece[1], piece[0]))
+        vocab = [tuple(v) for v in json.loads(tok.to_str())["model"]["vocab"]]
+        vocab = vocab[:4] + canonical_unigram(vocab[4:])  # the 4 special tokens keep ids 0-3
         hf = XLMRobertaTokenizer(vocab=vocab)  # appends <mask> last, as XLM-R has it
     elif family == "roberta":
         from transformers import RobertaTokenizer

@@ -215,7 +215,8 @@ def canonical_unigram(pieces: list[tuple[str, float]]) -> list[tuple[str, float]
 
     Characters the EM pruned but the vocabulary must keep are appended by the trainer with made-up scores
     (the minimum score plus steps of 1e-4) in hash-set order, so which character gets which score changes
-    from run to run. That bottom run of single characters gets the same scores, handed out in string order.
+    from run to run. That bottom run of single characters gets the same scores, handed out in string order, and
+    the result is sorted by score, then string. Special tokens must not be passed in: they keep their own ids.
     """
     pieces = [(p, _score(v)) for p, v in pieces]
     if not pieces:
@@ -235,7 +236,8 @@ def canonical_unigram(pieces: list[tuple[str, float]]) -> list[tuple[str, float]
         chars = sorted(pieces[i][0] for i in run)
         for i, char, score in zip(sorted(run), chars, scores):
             pieces[i] = (char, score)
-    return pieces
+    # Rounding makes ties, and tied pieces come out in the trainer's run-dependent order: order them by string.
+    return sorted(pieces, key=lambda piece: (-piece[1], piece[0]))
 
 
 def _extend_unigram(src, texts, wanted, size, min_frequency, show_progress) -> tuple[Extension, bool]:
