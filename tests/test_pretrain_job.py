@@ -50,6 +50,9 @@ COMMON = [
 ]
 
 
+SHM = Path("/dev/shm")
+
+
 @pytest.fixture(scope="module")
 def job_world(tmp_path_factory, small_corpus):
     root = tmp_path_factory.mktemp("pretrain_job")
@@ -112,7 +115,9 @@ def _check_export(stage_dir: Path) -> None:
 @pytest.fixture(scope="module")
 def run_a(job_world):
     config = _config(job_world, "a", "pretrain.zero=zero2")
+    before = set(SHM.glob("deepspeed_allreduce_buffer_*"))
     assert _run(config) == 0
+    job_world["shm_left"] = set(SHM.glob("deepspeed_allreduce_buffer_*")) - before
     return config.run_dir / "pretrain" / "hyperofa"
 
 
@@ -136,6 +141,7 @@ def test_zero2_two_ranks_learn_on_disjoint_data_in_step(run_a, job_world):
     _check_export(run_a)
     manifest = json.loads((run_a / "manifest.json").read_text())
     assert manifest["counts"]["steps"] == 6 and any(o["path"] == "model/config.json" for o in manifest["outputs"])
+    assert job_world["shm_left"] == set()  # the ranks' CPU all-reduce segments are unlinked after the launch
 
 
 def test_zero2_run_is_tracked_in_mlflow(run_a):

@@ -19,6 +19,7 @@ from ..errors import HyperofaError
 from ..tracking import PARENT_ENV
 
 MODULE = "hyperofa_dist.hypernet.train"
+SHM_PREFIX = "deepspeed_allreduce_buffer"
 
 
 def read_hostfile(path: Path) -> list[tuple[str, int]]:
@@ -81,6 +82,26 @@ def run_launcher(cmd: list[str], parent_run_id: Optional[str], capture: bool = F
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     if parent_run_id:
         env[PARENT_ENV] = parent_run_id
-    if capture:
-        return subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    return subprocess.run(cmd, env=env)
+    try:
+        if capture:
+            return subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return subprocess.run(cmd, env=env)
+    finally:
+        if "--hostfile" not in cmd:
+            remove_shm_buffers(cmd[cmd.index("--master_port") + 1])
+
+
+def remove_shm_buffers(port: str, shm_dir: Path = Path("/dev/shm")) -> int:
+    """Unlink the CPU all-reduce buffers the ranks of a local launch on `port` left behind; returns how many.
+
+    DeepSpeed's CPU shm all-reduce creates one 64 MiB segment per rank (deepspeed_allreduce_buffer_<uid>_<addr>_
+    <port>_<rank>) and never unlinks it, so every CPU run, finished or killed, would keep that memory in /dev/shm
+    until reboot. The port is this launch's own, so only its segments match."""
+    removed = 0
+    for path in shm_dir.glob(f"{SHM_PREFIX}_{os.getuid()}_*_{port}_*"):
+        try:
+            path.unlink()
+            removed += 1
+        except FileNotFoundError:
+            pass
+    return removed
