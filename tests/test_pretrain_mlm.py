@@ -3,7 +3,7 @@ import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 from hyperofa_dist import synthetic
-from hyperofa_dist.pretrain.mlm import IGNORE, full_lm_loss, mask_tokens, masked_lm_loss
+from hyperofa_dist.pretrain.mlm import IGNORE, full_lm_loss, mask_tokens, masked_lm_loss, sparse_embedding_grad
 
 
 def test_masking_rates_and_special_tokens_never_masked():
@@ -57,5 +57,23 @@ def test_masked_head_loss_equals_full_head_loss(family, source_tokenizers, tmp_p
     g_fast = model.get_input_embeddings().weight.grad.clone()
     model.zero_grad()
     full_lm_loss(model, inputs, labels, enc["attention_mask"]).backward()
-    g_slow = model.get_input_embeddings().weight.grad
+    g_slow = model.get_input_embeddings().weight.grad.clone()
     assert torch.allclose(g_fast, g_slow, atol=1e-5)
+    # the sparse lookup gradient of the training wrapper: one dense gradient, the same values
+    assert sparse_embedding_grad(model) and model.get_input_embeddings().sparse
+    model.zero_grad(set_to_none=True)
+    masked_lm_loss(model, inputs, labels, enc["attention_mask"])[0].backward()
+    g_sparse = model.get_input_embeddings().weight.grad
+    assert g_sparse.layout == torch.strided and torch.allclose(g_sparse, g_slow, atol=1e-5)
+    # a batch with nothing masked still gives the tied weight a dense (zero) gradient
+    model.zero_grad(set_to_none=True)
+    masked_lm_loss(model, inputs, torch.full_like(labels, IGNORE), enc["attention_mask"])[0].backward()
+    g_none = model.get_input_embeddings().weight.grad
+    assert g_none.layout == torch.strided and not g_none.any()
+
+
+def test_untied_embeddings_keep_the_dense_lookup_gradient(source_tokenizers, tmp_path):
+    model_dir = synthetic.make_tiny_model("xlmr", source_tokenizers["xlmr"], tmp_path / "m")
+    model = AutoModelForMaskedLM.from_pretrained(model_dir)
+    model.get_output_embeddings().weight = torch.nn.Parameter(model.get_input_embeddings().weight.detach().clone())
+    assert not sparse_embedding_grad(model) and not model.get_input_embeddings().sparse

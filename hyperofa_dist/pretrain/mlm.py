@@ -4,6 +4,11 @@ With a 401k-token vocabulary the output projection dominates compute and activat
 6.2): the stock HF head computes logits at every position and then ignores the 85% that carry label -100.
 `masked_lm_loss` runs the encoder, gathers the hidden states of the masked positions, and applies the model's
 own head (the same modules, so the same weights and tying) only there. The loss is identical to the stock one.
+
+`sparse_embedding_grad` is the second saving, for tied weights: the lookup's gradient touches only the rows of the
+batch's ids, yet the stock embedding backward materialises a dense vocabulary-sized matrix of zeros and adds it to
+the decoder's (dense) gradient. Marking the lookup sparse lets autograd add those rows into the decoder's gradient
+in place; the parameter still receives one dense gradient, so ZeRO's hooks see what they expect.
 """
 
 from __future__ import annotations
@@ -54,6 +59,17 @@ def encoder_of(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, model.base_model_prefix)
 
 
+def sparse_embedding_grad(model: torch.nn.Module) -> bool:
+    """Make the input lookup emit a sparse gradient where the embedding is tied to the decoder; True if it did.
+
+    Untied embeddings keep the dense gradient: a sparse `.grad` alone would reach the optimizer and ZeRO."""
+    lookup, decoder = model.get_input_embeddings(), model.get_output_embeddings()
+    if decoder is None or decoder.weight is not lookup.weight or not isinstance(lookup, torch.nn.Embedding):
+        return False
+    lookup.sparse = True
+    return True
+
+
 def masked_lm_loss(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -65,8 +81,9 @@ def masked_lm_loss(
     where = labels != IGNORE
     n_masked = int(where.sum())
     if n_masked == 0:
-        # Keep the graph connected so every rank runs the same backward collectives.
-        return hidden.sum() * 0.0, 0
+        # Keep the graph connected so every rank runs the same backward collectives, and keep the decoder in it:
+        # with a sparse lookup gradient the tied weight needs the decoder's dense one to add into.
+        return (hidden.sum() + lm_head_of(model)(hidden[:1, 0]).sum()) * 0.0, 0
     logits = lm_head_of(model)(hidden[where])
     return F.cross_entropy(logits.float(), labels[where]), n_masked
 

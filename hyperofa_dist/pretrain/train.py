@@ -29,7 +29,7 @@ import torch
 from ..artifacts import atomic_write_bytes, atomic_write_json
 from ..config import build_config
 from . import data as data_mod
-from .mlm import masked_lm_loss
+from .mlm import masked_lm_loss, sparse_embedding_grad
 from .optim import EmbeddingWarmup, apply_settings, group_settings, lr_at, param_groups
 from .perf import model_flops_per_token, mfu, peak_flops
 
@@ -41,11 +41,14 @@ class MaskedLMObjective(torch.nn.Module):
     """Wraps the HF model so `engine(input_ids, labels)` is the MLM loss with logits only at masked positions.
 
     Going through the engine's forward (rather than calling submodules from outside) is what lets ZeRO-3 gather
-    and release the partitioned parameters around every submodule, the tied decoder included."""
+    and release the partitioned parameters around every submodule, the tied decoder included. A tied input
+    lookup is made sparse (mlm.sparse_embedding_grad): the same gradient without a dense vocabulary-sized
+    intermediate."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
+        sparse_embedding_grad(model)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         loss, n_masked = masked_lm_loss(self.model, input_ids, labels)
