@@ -131,15 +131,18 @@ class PrepareConfig(Section):
 
 
 class PretrainBenchConfig(Section):
-    vocab_size: int = Field(250_002, ge=1000, description="bench pretrain: vocabulary rows (XLM-R: 250,002).")
+    vocab_size: int = Field(
+        401_145, ge=1000, description="bench pretrain: vocabulary rows (Glot500's 401,145; XLM-R's own 250,002)."
+    )
     hidden_size: int = Field(768, ge=16, description="bench pretrain: hidden size (XLM-R-base 768).")
     num_layers: int = Field(12, ge=1, description="bench pretrain: encoder layers (XLM-R-base 12).")
     seq_len: int = Field(512, ge=8, description="bench pretrain: tokens per sequence.")
     micro_batch_size: Optional[int] = Field(
-        None, ge=1, description="bench pretrain: sequences per step; unset: 2 on CPU, 16 on GPU."
+        None, ge=1, description="bench pretrain: sequences per micro-step; unset: 3 on CPU, 16 on GPU."
     )
-    steps: int = Field(2, ge=1, description="bench pretrain: timed steps per loop.")
-    warmup: int = Field(1, ge=0, description="bench pretrain: untimed steps first.")
+    grad_accum: int = Field(2, ge=1, description="bench pretrain: micro-steps per optimizer step, in both loops.")
+    steps: int = Field(2, ge=1, description="bench pretrain: timed optimizer steps per loop.")
+    warmup: int = Field(1, ge=0, description="bench pretrain: untimed optimizer steps first.")
 
 
 class LaunchConfig(Section):

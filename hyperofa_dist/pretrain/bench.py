@@ -1,11 +1,13 @@
 """`hyperofa bench pretrain`: our DeepSpeed MLM step against a plain PyTorch loop with the stock full-logits head.
 
-Both loops train the same model (XLM-R-base shape by default, vocabulary >= 250k, sequence 512; the
-`pretrain.bench.*` keys change it) on the same batch and mask, in this process, one after the other:
+Both loops train the same model (XLM-R-base shape with Glot500's 401,145-token vocabulary by default, sequence
+512; the `pretrain.bench.*` keys change it) on the same batch and mask, with the same accumulation (one optimizer
+step every `pretrain.bench.grad_accum` micro-steps), in this process, one after the other:
   baseline  stock `XLMRobertaForMaskedLM(input_ids, labels).loss` (logits at every position), torch AdamW,
             clipping; autocast bf16 on a GPU;
-  ours      a `deepspeed.initialize` engine (ZeRO-2 template, world size 1) whose forward is the masked-positions-
-            only head, with the job's AdamW groups, clipping and precision; `pretrain.compile=true` compiles it.
+  ours      a `deepspeed.initialize` engine on the job's template (`pretrain.zero`, ZeRO-2 by default; world size 1)
+            whose forward is the masked-positions-only head with the sparse tied-lookup gradient, with the job's
+            AdamW groups, clipping and precision; `pretrain.compile=true` compiles the encoder.
 Untimed warm-up steps come first; tokens/s counts every position of every sequence. On a GPU, MFU follows
 INFRA_NOTES 6.2 with the measured share of predicted positions (ours) or 1 (baseline). Prints one JSON line.
 """
@@ -23,7 +25,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from ..config import Config
-from ..dsconfig import fill_ds_config, load_template, resolve_precision
+from ..dsconfig import resolve_precision
 from .mlm import mask_tokens
 from .optim import param_groups
 from .perf import model_flops_per_token, peak_flops
@@ -69,15 +71,16 @@ def _timed(step: Callable[[], None], warmup: int, steps: int, device: torch.devi
     return time.perf_counter() - start
 
 
-def baseline_seconds(model, ids, labels, bench, device, precision: str) -> float:
+def baseline_seconds(model, ids, labels, bench, device, precision: str, grad_accum: int) -> float:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda" or None)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     scaler = torch.amp.GradScaler(enabled=precision == "fp16")
 
     def step() -> None:
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = model(input_ids=ids, labels=labels).loss
-        scaler.scale(loss).backward()
+        for _ in range(grad_accum):
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                loss = model(input_ids=ids, labels=labels).loss
+            scaler.scale(loss / grad_accum).backward()
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         scaler.step(optimizer)
@@ -90,15 +93,15 @@ def baseline_seconds(model, ids, labels, bench, device, precision: str) -> float
 
 
 def ours_seconds(config: Config, model, ids, labels, bench, device, precision: str) -> float:
+    """The job's own engine: `pretrain.zero` (or `pretrain.ds_config`) filled as `hyperofa pretrain` fills it,
+    with the bench's micro-batch and accumulation."""
     import deepspeed
 
+    from .stage import build_ds_config
     from .train import MaskedLMObjective
 
-    template, source = load_template("zero2")
-    ds_config = fill_ds_config(
-        template, micro_batch=ids.shape[0], grad_accum=1, lr=1e-5, precision=precision, clip=1.0,
-        torch_optimizer=True, source=source,
-    )
+    ds_config = build_ds_config(config, precision)
+    ds_config.update(train_micro_batch_size_per_gpu=ids.shape[0], gradient_accumulation_steps=bench.grad_accum)
     groups = param_groups(model, 0.0)
     if config.pretrain.compile:
         base = getattr(model, model.base_model_prefix)
@@ -106,9 +109,10 @@ def ours_seconds(config: Config, model, ids, labels, bench, device, precision: s
     engine, *_ = deepspeed.initialize(model=MaskedLMObjective(model), model_parameters=groups, config=ds_config)
 
     def step() -> None:
-        loss, _ = engine(ids, labels)
-        engine.backward(loss)
-        engine.step()
+        for _ in range(bench.grad_accum):
+            loss, _ = engine(ids, labels)
+            engine.backward(loss)
+            engine.step()
 
     seconds = _timed(step, bench.warmup, bench.steps, device)
     engine.destroy() if hasattr(engine, "destroy") else None
@@ -139,16 +143,17 @@ def measure(config: Config) -> dict[str, Any]:
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda", 0) if on_gpu else torch.device("cpu")
     precision = resolve_precision(config.pretrain.precision, "cuda" if on_gpu else "cpu")
-    batch = bench.micro_batch_size or (16 if on_gpu else 2)
+    batch = bench.micro_batch_size or (16 if on_gpu else 3)
     ids, labels = make_batch(bench, batch, config.run.seed)
     predicted = float((labels != -100).float().mean())
     ids, labels = ids.to(device), labels.to(device)
-    tokens = batch * bench.seq_len * bench.steps
+    grad_accum = bench.grad_accum
+    tokens = batch * bench.seq_len * grad_accum * bench.steps
 
     model = build_model(bench).to(device)
     full_flops = model_flops_per_token(model, bench.seq_len, 1.0)
     ours_flops = model_flops_per_token(model, bench.seq_len, predicted)
-    base_s = baseline_seconds(model, ids, labels, bench, device, precision)
+    base_s = baseline_seconds(model, ids, labels, bench, device, precision, grad_accum)
     model.zero_grad(set_to_none=True)
     gc.collect()
     if on_gpu:
@@ -163,6 +168,8 @@ def measure(config: Config) -> dict[str, Any]:
         "num_layers": bench.num_layers,
         "seq_len": bench.seq_len,
         "micro_batch_size": batch,
+        "grad_accum": grad_accum,
+        "zero": config.pretrain.ds_config or config.pretrain.zero,
         "precision": precision,
         "device": torch.cuda.get_device_name() if on_gpu else "cpu",
         "tokens_per_s": tokens / ours_s,
