@@ -98,6 +98,7 @@ def test_pipeline_against_a_real_mlflow_server(world, mlflow_server):
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "| random |" in out.stdout and "MLflow store:   http://127.0.0.1" in out.stdout
+    assert "[INFO]" not in out.stdout and "[INFO]" in out.stderr  # DeepSpeed's rank logs stay off stdout
 
     experiment = rest(mlflow_server, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=drill")["experiment"]
     runs = rest(mlflow_server, "/api/2.0/mlflow/runs/search", {"experiment_ids": [experiment["experiment_id"]], "max_results": 500})["runs"]

@@ -77,7 +77,8 @@ def launch_command(
 
 
 def run_launcher(cmd: list[str], parent_run_id: Optional[str], capture: bool = False) -> subprocess.CompletedProcess:
-    """Run the launcher; its ranks' output streams to ours unless `capture` (the benchmark keeps stdout to one line)."""
+    """Run the launcher; its ranks' output streams to our stderr (stdout stays for results: the demo's table, a
+    bench's JSON line), or is returned when `capture`."""
     env = dict(os.environ)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     if parent_run_id:
@@ -85,7 +86,7 @@ def run_launcher(cmd: list[str], parent_run_id: Optional[str], capture: bool = F
     try:
         if capture:
             return subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        return subprocess.run(cmd, env=env)
+        return subprocess.run(cmd, env=env, stdout=2)  # fd 2, so it also works under a replaced sys.stderr
     finally:
         if "--hostfile" not in cmd:
             remove_shm_buffers(cmd[cmd.index("--master_port") + 1])
