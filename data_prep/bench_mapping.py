@@ -75,7 +75,9 @@ def bench_mapping(config, args) -> int:
         make_unigram_tokenizer([k[4:] for k in keys], VOCAB, tok_dir)
     tokenizer = load_tokenizer(tok_dir)
     workers = config.ray.num_cpus if not config.ray.address else None
-    words_per_task = balanced_words_per_task(len(keys), workers, config.mapping.words_per_task) if workers else config.mapping.words_per_task
+    words_per_task = config.mapping.words_per_task
+    if workers:
+        words_per_task = balanced_words_per_task(len(keys), workers, words_per_task)
 
     started = time.perf_counter()
     with ray_session(config) as ray:

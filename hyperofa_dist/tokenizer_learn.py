@@ -246,8 +246,7 @@ def _extend_unigram(src, texts, wanted, size, min_frequency, show_progress) -> t
     learner.train_from_iterator(texts, trainer)
     learned = canonical_unigram([(p, s) for p, s in json.loads(learner.to_str())["model"]["vocab"]])
     known = src.strings
-    candidates = [(p, s) for p, s in learned if p not in known]
-    candidates.sort(key=lambda ps: (-ps[1], ps[0]))
+    candidates = [(p, s) for p, s in learned if p not in known]  # canonical order: score, then string
     chars = set(_single_chars(p for p, _ in candidates))
     # New characters first, whatever their score: a missing character makes its whole word <unk>.
     ranked = [c for c in candidates if c[0] in chars] + [c for c in candidates if c[0] not in chars]

@@ -71,16 +71,16 @@ def _timed(step: Callable[[], None], warmup: int, steps: int, device: torch.devi
     return time.perf_counter() - start
 
 
-def baseline_seconds(model, ids, labels, bench, device, precision: str, grad_accum: int) -> float:
+def baseline_seconds(model, ids, labels, bench, device, precision: str) -> float:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda" or None)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     scaler = torch.amp.GradScaler(enabled=precision == "fp16")
 
     def step() -> None:
-        for _ in range(grad_accum):
+        for _ in range(bench.grad_accum):
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 loss = model(input_ids=ids, labels=labels).loss
-            scaler.scale(loss / grad_accum).backward()
+            scaler.scale(loss / bench.grad_accum).backward()
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         scaler.step(optimizer)
@@ -147,13 +147,12 @@ def measure(config: Config) -> dict[str, Any]:
     ids, labels = make_batch(bench, batch, config.run.seed)
     predicted = float((labels != -100).float().mean())
     ids, labels = ids.to(device), labels.to(device)
-    grad_accum = bench.grad_accum
-    tokens = batch * bench.seq_len * grad_accum * bench.steps
+    tokens = batch * bench.seq_len * bench.grad_accum * bench.steps
 
     model = build_model(bench).to(device)
     full_flops = model_flops_per_token(model, bench.seq_len, 1.0)
     ours_flops = model_flops_per_token(model, bench.seq_len, predicted)
-    base_s = baseline_seconds(model, ids, labels, bench, device, precision, grad_accum)
+    base_s = baseline_seconds(model, ids, labels, bench, device, precision)
     model.zero_grad(set_to_none=True)
     gc.collect()
     if on_gpu:
@@ -168,7 +167,7 @@ def measure(config: Config) -> dict[str, Any]:
         "num_layers": bench.num_layers,
         "seq_len": bench.seq_len,
         "micro_batch_size": batch,
-        "grad_accum": grad_accum,
+        "grad_accum": bench.grad_accum,
         "zero": config.pretrain.ds_config or config.pretrain.zero,
         "precision": precision,
         "device": torch.cuda.get_device_name() if on_gpu else "cpu",
