@@ -16,7 +16,26 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import HyperofaError
 
+PACKAGED_CONFIGS = Path(__file__).parent / "configs"
+DEMO_CONFIG = PACKAGED_CONFIGS / "demo.yaml"
 LANG_CODE = re.compile(r"^[a-z]{2,3}_[A-Z][a-z]{3}$")
+
+
+EXECUTION = {"execution": True}
+
+
+def Execution(default: Any = ..., **kwargs: Any) -> Any:
+    """A key that changes how a run executes (ranks, launcher, ports, threads, retries, resume, logging cadence,
+    where results are written), never what it computes: `Config.fingerprint` leaves it out, so changing it never
+    invalidates a finished stage."""
+    if "default_factory" in kwargs:
+        return Field(json_schema_extra=EXECUTION, **kwargs)
+    return Field(default, json_schema_extra=EXECUTION, **kwargs)
+
+
+def is_execution(field: Any) -> bool:
+    extra = field.json_schema_extra
+    return isinstance(extra, dict) and bool(extra.get("execution"))
 
 
 class Section(BaseModel):
@@ -24,23 +43,23 @@ class Section(BaseModel):
 
 
 class RunConfig(Section):
-    dir: str = Field("runs/default", description="Run directory; every stage writes <dir>/<stage>/.")
+    dir: str = Execution("runs/default", description="Run directory; every stage writes <dir>/<stage>/.")
     seed: int = Field(0, ge=0, description="Global seed: every random choice of every stage derives from it.")
 
 
 class TrackingConfig(Section):
-    enabled: bool = Field(True, description="Log to MLflow; false gives a no-op tracker.")
-    tracking_uri: Optional[str] = Field(
+    enabled: bool = Execution(True, description="Log to MLflow; false gives a no-op tracker.")
+    tracking_uri: Optional[str] = Execution(
         None, description="MLflow tracking URI; unset means sqlite:///<run.dir>/mlflow.db."
     )
-    experiment: str = Field("hyperofa", min_length=1, description="MLflow experiment name.")
+    experiment: str = Execution("hyperofa", min_length=1, description="MLflow experiment name.")
 
 
 class RayConfig(Section):
-    address: Optional[str] = Field(
+    address: Optional[str] = Execution(
         None, description="Ray cluster to join ('auto', 'ray://head:10001'); unset starts a local Ray."
     )
-    num_cpus: int = Field(2, ge=1, description="CPUs of the local Ray started when address is unset.")
+    num_cpus: int = Execution(2, ge=1, description="CPUs of the local Ray started when address is unset.")
 
 
 class SourceConfig(Section):
@@ -84,7 +103,7 @@ class TokenizerConfig(Section):
     sentences_per_language: int = Field(
         200_000, ge=1, description="Sentences read per language to learn pieces (the first ones of each file)."
     )
-    path: Optional[str] = Field(
+    path: Optional[str] = Execution(
         None, description="Use this existing target tokenizer instead of <run.dir>/tokenizer (later stages)."
     )
     min_frequency: int = Field(
@@ -119,8 +138,8 @@ class PrepareConfig(Section):
     heldout_fraction: float = Field(
         0.01, ge=0.0, lt=1.0, description="Share of each language's sentences held out for evaluation."
     )
-    tokenize_batch_size: int = Field(1000, ge=1, description="Sentences per batched tokenizer call.")
-    max_retries: int = Field(3, ge=0, description="Ray retries of a task after a worker dies.")
+    tokenize_batch_size: int = Execution(1000, ge=1, description="Sentences per batched tokenizer call.")
+    max_retries: int = Execution(3, ge=0, description="Ray retries of a task after a worker dies.")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
 
     @model_validator(mode="after")
@@ -148,15 +167,15 @@ class PretrainBenchConfig(Section):
 class LaunchConfig(Section):
     """Where a DeepSpeed job's ranks run: shared by the hypernet and pretrain sections."""
 
-    ranks_per_node: Optional[int] = Field(
+    ranks_per_node: Optional[int] = Execution(
         None, ge=1, description="Local ranks per node; unset: every GPU, or 2 ranks on a CPU-only machine."
     )
-    hostfile: Optional[str] = Field(None, description="DeepSpeed hostfile (`host slots=N` lines) for multi-node.")
-    num_nodes: Optional[int] = Field(None, ge=1, description="Use this many nodes of the hostfile.")
-    launcher: Literal["pdsh", "openmpi", "mvapich", "slurm", "mpich", "impi"] = Field(
+    hostfile: Optional[str] = Execution(None, description="DeepSpeed hostfile (`host slots=N` lines) for multi-node.")
+    num_nodes: Optional[int] = Execution(None, ge=1, description="Use this many nodes of the hostfile.")
+    launcher: Literal["pdsh", "openmpi", "mvapich", "slurm", "mpich", "impi"] = Execution(
         "pdsh", description="DeepSpeed multi-node launcher backend."
     )
-    master_port: Optional[int] = Field(
+    master_port: Optional[int] = Execution(
         None, ge=1, le=65535, description="Rendezvous port of rank 0; unset: a free port locally, 29500 multi-node."
     )
 
@@ -192,22 +211,22 @@ class PretrainConfig(LaunchConfig):
     )
     shuffle_buffer: int = Field(2048, ge=1, description="Blocks in each loader worker's shuffle buffer.")
     num_workers: int = Field(2, ge=0, description="DataLoader worker processes per rank.")
-    prefetch_factor: int = Field(4, ge=1, description="Batches each loader worker prepares ahead.")
+    prefetch_factor: int = Execution(4, ge=1, description="Batches each loader worker prepares ahead.")
     save_every: int = Field(1000, ge=1, description="Checkpoint (all ranks) every N steps; also the data epoch.")
-    eval_every: int = Field(500, ge=1, description="Held-out MLM loss per language every N steps (and at the end).")
+    eval_every: int = Execution(500, ge=1, description="Held-out MLM loss per language every N steps (and at the end).")
     eval_blocks: int = Field(64, ge=1, description="Held-out blocks per language per evaluation.")
-    log_every: int = Field(10, ge=1, description="Metrics to MLflow every N steps.")
+    log_every: int = Execution(10, ge=1, description="Metrics to MLflow every N steps.")
     embedding_warmup_steps: int = Field(
         0, ge=0, description="First N steps train only the non-copied embedding rows (encoder, copied rows frozen)."
     )
-    resume: bool = Field(False, description="Continue from the latest checkpoint in <stage>/checkpoints.")
-    universal: bool = Field(
+    resume: bool = Execution(False, description="Continue from the latest checkpoint in <stage>/checkpoints.")
+    universal: bool = Execution(
         False, description="Resume through a universal checkpoint (converted once): needed when the rank count changes."
     )
     compile: bool = Field(False, description="torch.compile the encoder (GPU).")
-    peak_tflops: Optional[float] = Field(None, gt=0.0, description="Accelerator peak for MFU; unset: known GPU table.")
-    data_audit: bool = Field(False, description="Write the ids of the blocks each rank trained on (to check the split).")
-    bench: PretrainBenchConfig = Field(default_factory=PretrainBenchConfig)
+    peak_tflops: Optional[float] = Execution(None, gt=0.0, description="Accelerator peak for MFU; unset: known GPU table.")
+    data_audit: bool = Execution(False, description="Write the ids of the blocks each rank trained on (to check the split).")
+    bench: PretrainBenchConfig = Execution(default_factory=PretrainBenchConfig)
 
 
 class InitConfig(Section):
@@ -219,7 +238,7 @@ class InitConfig(Section):
     chunk_size: int = Field(
         1024, ge=1, description="OFA: target tokens per similarity chunk (memory ~ chunk x covered source tokens x 4 B)."
     )
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="OFA similarity search device; auto: cuda if any.")
+    device: Literal["auto", "cpu", "cuda"] = Execution("auto", description="OFA similarity search device; auto: cuda if any.")
     pad_to_multiple_of: Optional[int] = Field(
         None, ge=1, description="Pad the model's vocabulary rows to a multiple of this (e.g. 64); unset: no padding."
     )
@@ -243,7 +262,7 @@ class EvaluateConfig(Section):
     model: Optional[str] = Field(
         None, description="HF model directory, or a run stage such as init/hyperofa (its model/ under run.dir)."
     )
-    name: Optional[str] = Field(
+    name: Optional[str] = Execution(
         None, description="Label of this evaluation (<run.dir>/evaluate/<name>/); unset: from the model path."
     )
     tasks: list[Literal["srt", "srb", "pos", "ner", "mlm"]] = Field(
@@ -253,7 +272,7 @@ class EvaluateConfig(Section):
         None, description="Benchmark data: srt/ (or tatoeba/), srb/ (bible/), pos/ (udpos/), ner/ (panx/) inside."
     )
     heldout_dir: Optional[str] = Field(None, description="Held-out shards for mlm; unset: <run.dir>/prepare.")
-    output: Optional[str] = Field(
+    output: Optional[str] = Execution(
         None, description="Results JSON path; unset: <run.dir>/evaluate/<name>/results.json."
     )
     languages: Optional[list[str]] = Field(None, description="Languages to evaluate; unset: every language found.")
@@ -273,11 +292,11 @@ class EvaluateConfig(Section):
     mlm_blocks: int = Field(256, ge=1, description="Held-out blocks per language for the mlm task.")
     mlm_batch_size: int = Field(16, ge=1, description="Blocks per forward pass for the mlm task.")
     mlm_probability: float = Field(0.15, gt=0.0, lt=1.0, description="Share of tokens masked (80/10/10) for mlm.")
-    step: int = Field(0, ge=0, description="Pretraining step of the model: the MLflow step of every metric.")
-    init_method: Optional[str] = Field(
+    step: int = Execution(0, ge=0, description="Pretraining step of the model: the MLflow step of every metric.")
+    init_method: Optional[str] = Execution(
         None, description="init.method tag for compare; unset: from a model path .../init/<method>/model."
     )
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available, else cpu.")
+    device: Literal["auto", "cpu", "cuda"] = Execution("auto", description="auto: cuda when available, else cpu.")
     tagging: TaggingEvalConfig = Field(default_factory=TaggingEvalConfig)
 
     @field_validator("tasks")
@@ -297,7 +316,7 @@ class CompareConfig(Section):
         description="Metric name patterns (fnmatch) for the table and plots.",
     )
     loss_metric: str = Field("train/loss", min_length=1, description="Training-loss metric: one curve per run.")
-    output_dir: Optional[str] = Field(
+    output_dir: Optional[str] = Execution(
         None, description="Where table.md/.csv and PNGs go; unset: <run.dir>/compare/<experiment or runs>."
     )
 
@@ -348,8 +367,8 @@ class MappingConfig(Section):
         [0.97, 0.025, 0.005], min_length=3, max_length=3, description="train/val/test shares of covered source tokens."
     )
     split_seed: Optional[int] = Field(None, ge=0, description="Seed of the split shuffle; unset means run.seed.")
-    words_per_task: int = Field(20_000, ge=1, description="Words per Ray task (both tokenizers, 3 variants each).")
-    max_retries: int = Field(3, ge=0, description="Ray retries of a postings task after its worker dies.")
+    words_per_task: int = Execution(20_000, ge=1, description="Words per Ray task (both tokenizers, 3 variants each).")
+    max_retries: int = Execution(3, ge=0, description="Ray retries of a postings task after its worker dies.")
 
     @field_validator("split")
     @classmethod
@@ -379,13 +398,13 @@ class HypernetConfig(LaunchConfig):
     augment_threshold: int = Field(4, ge=0, description="Only lists longer than this are sub-sampled.")
     augment_min_fraction: float = Field(0.5, gt=0.0, le=1.0, description="Smallest kept share of a sub-sampled list.")
     group_factor: int = Field(40, ge=1, description="Batches per length-sorted group of the sampler.")
-    checkpoint_every: int = Field(10, ge=1, description="Checkpoint (all ranks) every N epochs, and at the end.")
-    keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept.")
+    checkpoint_every: int = Execution(10, ge=1, description="Checkpoint (all ranks) every N epochs, and at the end.")
+    keep_checkpoints: int = Execution(2, ge=1, description="Newest checkpoints kept.")
     early_stopping_patience: Optional[int] = Field(
         None, ge=1, description="Stop after this many epochs without a lower validation loss; unset: never."
     )
-    resume: bool = Field(False, description="Continue from the latest checkpoint in <run.dir>/hypernet/checkpoints.")
-    stop_after_epoch: Optional[int] = Field(
+    resume: bool = Execution(False, description="Continue from the latest checkpoint in <run.dir>/hypernet/checkpoints.")
+    stop_after_epoch: Optional[int] = Execution(
         None, ge=0, description="End this invocation after that epoch (0-based) and its checkpoint; resume later."
     )
     zero: str = Field(
@@ -397,9 +416,9 @@ class HypernetConfig(LaunchConfig):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 on GPU (fp16 without bf16 support), fp32 on CPU."
     )
-    threads_per_rank: Optional[int] = Field(None, ge=1, description="torch intra-op threads per rank; unset: cores / local ranks on CPU.")
+    threads_per_rank: Optional[int] = Execution(None, ge=1, description="torch intra-op threads per rank; unset: cores / local ranks on CPU.")
     predict_batch_size: int = Field(256, ge=1, description="Tokens per inference batch.")
-    data_audit: bool = Field(False, description="Write the token ids each rank trained on per epoch (split check).")
+    data_audit: bool = Execution(False, description="Write the token ids each rank trained on per epoch (split check).")
 
 
 class PipelineConfig(Section):
@@ -443,10 +462,29 @@ class Config(Section):
         """The config as plain JSON-able data, defaults filled in: what manifests store."""
         return self.model_dump(mode="json")
 
-    def section(self, *names: str) -> dict[str, Any]:
-        """Sub-dict of the named sections, for a stage's input fingerprint."""
-        data = self.effective()
-        return {name: data[name] for name in names}
+    def fingerprint(self, *sections: str) -> dict[str, Any]:
+        """The result-changing keys of the named sections (execution-only keys left out): what a stage's inputs
+        digest holds of the config, so "what changes the result" is decided once, here, in the schema."""
+        return {name: _result_values(getattr(self, name)) for name in sections}
+
+    def with_changes(self, changes: dict[str, Any]) -> "Config":
+        """The config with dotted keys replaced (`{"init.method": "ofa"}`), validated like overrides."""
+        tree = self.effective()
+        for key, value in changes.items():
+            _apply(tree, key.split("."), value, f"change {key}")
+        return build_config(tree)
+
+
+def _result_values(section: BaseModel) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, field in type(section).model_fields.items():
+        if is_execution(field):
+            continue
+        value = getattr(section, name)
+        out[name] = _result_values(value) if isinstance(value, BaseModel) else section.model_dump(
+            mode="json", include={name}
+        )[name]
+    return out
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -1,7 +1,7 @@
 """Factorisation of the source input embeddings E_s (V_s x D) into coordinates F_s (V_s x k) and primitives P (k x D).
 
 Thin SVD E_s = U S V^T; F_s = U_k and P = S_k V_k^T, so F_s P is the best rank-k approximation and the
-singular values live in P (METHOD_REFERENCE §1.4). k = D means no factorisation: F_s = E_s and P = I, which
+singular values live in P (docs/METHOD.md §1.4). k = D means no factorisation: F_s = E_s and P = I, which
 every later stage handles like any other k (the reference crashed on it). Signs are canonical (each column of
 F_s has its largest-magnitude entry positive), so the factors do not depend on the LAPACK build's sign choice.
 """

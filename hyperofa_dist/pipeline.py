@@ -9,18 +9,23 @@ second run of a finished pipeline only checks fingerprints. The stages get varia
 
 from __future__ import annotations
 
-import csv
-import importlib
-import json
 import logging
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
-from .config import Config, build_config
+from .config import Config
 from .errors import HyperofaError
+from .formats import init as init_format
+from .formats import pretrain as pretrain_format
+from .formats import results as results_format
+from .formats.hypernet import stage_of as hypernet_stage
+from .formats.jobdir import has_checkpoint
+from .formats.pretrain import stage_of as pretrain_stage
+from .formats.rundir import MANIFEST
+from .registry import Command, command
 
 log = logging.getLogger("hyperofa.pipeline")
 
@@ -28,53 +33,45 @@ log = logging.getLogger("hyperofa.pipeline")
 @dataclass(frozen=True)
 class Step:
     label: str
-    target: str  # module:function with signature fn(config, tracker) -> int
+    command: Command
     config: Config
-
-
-def variant(config: Config, changes: dict[str, Any]) -> Config:
-    """The config with dotted keys replaced, validated like overrides."""
-    tree = config.effective()
-    for key, value in changes.items():
-        node = tree
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node[part]
-        node[parts[-1]] = value
-    return build_config(tree)
 
 
 def plan(config: Config) -> list[Step]:
     p = config.pipeline
+
+    def step(name: str, changes: Optional[dict[str, Any]] = None, label: Optional[str] = None) -> Step:
+        return Step(label or name, command(name), config.with_changes(changes) if changes else config)
+
     steps = []
     if config.tokenizer.path is None:  # a given target tokenizer (e.g. Glot500's) replaces the built one
-        steps.append(Step("tokenizer", "hyperofa_dist.tokenizer_build:run_tokenizer_stage", config))
-    steps.append(Step("prepare", "data_prep.prepare:run_prepare_stage", config))
+        steps.append(step("tokenizer"))
+    steps.append(step("prepare"))
     if config.vectors.path is None:
-        steps.append(Step("vectors", "hyperofa_dist.vectors:run_vectors_train", config))
-    steps.append(Step("mapping", "data_prep.mapping_stage:run_mapping_stage", config))
+        steps.append(step("vectors"))
+    steps.append(step("mapping"))
     if "hyperofa" in p.methods:
-        changes = {"hypernet.resume": True} if interrupted(config.run_dir / "hypernet") else {}
-        steps.append(Step("hypernet", "hyperofa_dist.hypernet.stage:run_hypernet_stage", variant(config, changes)))
+        resume = interrupted(hypernet_stage(config.run_dir).path)
+        steps.append(step("hypernet", {"hypernet.resume": True} if resume else None))
     for method in p.methods:
-        steps.append(Step(f"init/{method}", "hyperofa_dist.init.stage:run_init_stage", variant(config, {"init.method": method})))
+        steps.append(step("init", {"init.method": method}, f"init/{method}"))
         if p.evaluate:
             steps.append(_evaluate(config, method, "init", 0))
         if p.pretrain:
-            changes = {"pretrain.method": method}
-            if interrupted(config.run_dir / "pretrain" / method):
+            changes: dict[str, Any] = {"pretrain.method": method}
+            if interrupted(pretrain_stage(config.run_dir, method).path):
                 changes["pretrain.resume"] = True
-            steps.append(Step(f"pretrain/{method}", "hyperofa_dist.pretrain.stage:run_pretrain_stage", variant(config, changes)))
+            steps.append(step("pretrain", changes, f"pretrain/{method}"))
             if p.evaluate:
                 steps.append(_evaluate(config, method, "pretrain", config.pretrain.steps))
     if p.compare and config.tracking.enabled:  # compare reads the MLflow store
-        steps.append(Step("compare", "hyperofa_dist.evaluate.compare:run_compare_stage", config))
+        steps.append(step("compare"))
     return steps
 
 
 def interrupted(stage_dir: Path) -> bool:
     """A DeepSpeed stage that left checkpoints but no manifest was killed: the pipeline continues it."""
-    return (stage_dir / "checkpoints" / "latest").is_file() and not (stage_dir / "manifest.json").is_file()
+    return has_checkpoint(stage_dir) and not (stage_dir / MANIFEST).is_file()
 
 
 def _evaluate(config: Config, method: str, source: str, step: int) -> Step:
@@ -84,12 +81,7 @@ def _evaluate(config: Config, method: str, source: str, step: int) -> Step:
         "evaluate.step": step,
         "evaluate.init_method": method,
     }
-    return Step(f"evaluate/{source}-{method}", "hyperofa_dist.evaluate.stage:run_evaluate_stage", variant(config, changes))
-
-
-def _call(target: str) -> Callable:
-    module, function = target.split(":")
-    return getattr(importlib.import_module(module), function)
+    return Step(f"evaluate/{source}-{method}", command("evaluate"), config.with_changes(changes))
 
 
 def run_pipeline(config: Config, tracker) -> int:
@@ -99,7 +91,7 @@ def run_pipeline(config: Config, tracker) -> int:
     for index, step in enumerate(steps, 1):
         print(f"[pipeline {index}/{len(steps)}] {step.label}", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
-        code = _call(step.target)(step.config, tracker)
+        code = step.command.load()(step.config, tracker)
         timings[step.label] = round(time.perf_counter() - t0, 2)
         if code:
             raise HyperofaError(f"stage {step.label} failed (exit {code}); fix it and run the pipeline again to resume")
@@ -121,8 +113,7 @@ def _metric(results: dict[str, Any], task: str, metric: str) -> Optional[float]:
 
 
 def _results(config: Config, name: str) -> dict[str, Any]:
-    path = config.run_dir / "evaluate" / name / "results.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    return results_format.find_results(config.run_dir, name) or {}
 
 
 def results_table(config: Config) -> list[dict[str, Any]]:
@@ -149,7 +140,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def write_results(config: Config, rows: list[dict[str, Any]]) -> None:
-    from .artifacts import atomic_write_bytes
+    from .formats.files import atomic_write_bytes
 
     out = config.run_dir / "results"
     atomic_write_bytes(out / "summary.md", (markdown(rows) + "\n").encode())
@@ -165,23 +156,20 @@ def print_summary(config: Config, rows: list[dict[str, Any]], seconds: float) ->
     print(markdown(rows))
     print()
     print(f"finished in {seconds:.0f}s")
-    print(f"results:        {run_dir / 'results' / 'summary.md'} (and .csv; per-task JSON in {run_dir / 'evaluate'})")
+    print(f"results:        {run_dir / 'results' / 'summary.md'} (and .csv; per-task JSON in {run_dir / results_format.STAGE})")
     for method in config.pipeline.methods:
-        final = run_dir / "pretrain" / method / "model"
-        print(f"model {method:9s} {final if final.is_dir() else run_dir / 'init' / method / 'model'}")
+        final = pretrain_format.model_dir(run_dir, method)
+        print(f"model {method:9s} {final if final.is_dir() else init_format.model_dir(run_dir, method)}")
     print(f"MLflow store:   {uri}  (mlflow ui --backend-store-uri {uri})")
-
-
-DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 
 
 def run_demo(config: Config, tracker) -> int:
     """Generate the demo world into `<run.dir>/world/`, point the config at it, run the whole pipeline."""
-    from .demo_world import WorldSpec, build_world
+    from .synthetic.demo import WorldSpec, build_world
 
     print("[demo] building the generated world (corpus, evaluation data, source model)", file=sys.stderr, flush=True)
     paths = build_world(config.run_dir, WorldSpec(seed=config.run.seed, block_size=config.prepare.block_size))
-    config = variant(config, {
+    config = config.with_changes({
         "source.model": str(paths.source_model),
         "corpus.path": str(paths.corpus),
         "evaluate.data_dir": str(paths.eval_data),

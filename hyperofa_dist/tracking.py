@@ -168,6 +168,17 @@ class MlflowTracker(NullTracker):
         self.client.log_artifacts(self._require_run(), str(path), artifact_path)
 
 
+def numeric_metrics(tree: dict[str, Any]) -> dict[str, float]:
+    """The numeric leaves of nested statistics as MLflow metrics (`source.length_percentiles.50`); booleans 0/1."""
+    import numbers
+
+    return {
+        key: float(value)
+        for key, value in flatten(tree).items()
+        if isinstance(value, numbers.Number) and not isinstance(value, complex)
+    }
+
+
 def _param_value(value: Any) -> str:
     text = "null" if value is None else str(value)
     return text if len(text) <= 6000 else text[:5997] + "..."

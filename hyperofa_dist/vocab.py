@@ -1,6 +1,6 @@
 """Tokenizer families, piece standardisation and the source/target vocabulary overlap ("copy" pairs).
 
-The method (METHOD_REFERENCE §1.3) standardises every piece to the text it stands for: SentencePiece `▁x` ->
+The method (docs/METHOD.md §1.2, §1.3) standardises every piece to the text it stands for: SentencePiece `▁x` ->
 ` x`, WordPiece `##x` -> `x` and `x` -> ` x`, byte-level BPE through the byte decoder (`Ġx` -> ` x`). A target
 token is copied from the source token with the same standardised string, else (fuzzy) from the one whose
 lowercased string matches. Two defects of the reference are fixed here: a fuzzy match on source id 0 is kept

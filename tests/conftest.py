@@ -1,10 +1,20 @@
-"""Shared fixtures: a generated multilingual world, corpora and source tokenizers (all made here, none downloaded)."""
+"""Shared fixtures: a generated multilingual world, corpora, source tokenizers, and builders of each stage's inputs
+(all made here, none downloaded). Test modules never import each other: what several of them need lives here.
+
+Builders that write an on-disk format go through that format's own writer (`hyperofa_dist.formats`), so a test
+input is what the stage that owns the format would have written.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Optional
 
+import numpy as np
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -14,6 +24,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from hyperofa_dist import synthetic  # noqa: E402
+from hyperofa_dist.config import Config, load_config  # noqa: E402
+from hyperofa_dist.formats.rundir import Stage  # noqa: E402
+
+
+# --- the generated world ------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
@@ -48,3 +63,352 @@ def trained_vectors(tmp_path_factory, small_corpus) -> Path:
             "vectors.train.dim=48", "vectors.train.epochs=10", "vectors.train.alpha=0.25"]
     assert cli.main(argv) == 0
     return run_dir / "vectors" / "vectors.kv"
+
+
+# --- small helpers ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: a second torch thread only adds contention on the shared 2-core machine (seconds per step)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _assert_one_line_error(out: subprocess.CompletedProcess, command: str, *needles: str) -> str:
+    """`hyperofa <command>` failed with status 2 and a single `error:` line holding every needle."""
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"hyperofa {command}: error: "), out.stderr
+    for needle in needles:
+        assert needle in lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="session")
+def one_line_error():
+    """The project's promise for bad input, checked one way: exit 2 and one stderr line naming the problem."""
+    return _assert_one_line_error
+
+
+# --- prepare-format shards ----------------------------------------------------------------------------------------
+
+
+def framed_blocks(tokenizer: Any, lines: list[str], block_size: int) -> np.ndarray:
+    """Blocks as prepare packs them: the sentences' ids each followed by the separator, cut into `<s> ... </s>`."""
+    from data_prep.prepare.packing import Specials, flatten_ids, pack_sentences
+
+    flat, offsets = flatten_ids(tokenizer(lines, add_special_tokens=False)["input_ids"])
+    specials = Specials(cls=tokenizer.cls_token_id, sep=tokenizer.sep_token_id)
+    return pack_sentences(flat, offsets, np.arange(len(lines)), block_size, specials).blocks
+
+
+def write_prepare_dir(
+    out: Path, blocks: dict[str, dict[str, np.ndarray]], tokenizer_dir: Optional[Path], block_size: int,
+    blocks_per_sample: int = 4, samples_per_shard: int = 4, manifest: bool = True,
+) -> Path:
+    """A prepare directory from {lang: {split: blocks}}: shards by the shard format's writer, and a manifest."""
+    from hyperofa_dist.formats.shards import build_shards, write_shard
+    from hyperofa_dist.formats.tokenizer import tokenizer_fingerprint
+
+    listed = []
+    for lang, splits in sorted(blocks.items()):
+        for split, part in splits.items():
+            for shard in build_shards(part, lang, 0, blocks_per_sample, samples_per_shard):
+                write_shard(out / split / shard.name, shard.data, keep_existing=False)
+                listed.append({"path": f"{split}/{shard.name}", "split": split, "lang": lang, "blocks": shard.blocks})
+    if manifest:
+        stage = Stage(out.parent, out.name)
+        stage.begin("fixture")
+        inputs = {"tokenizer": tokenizer_fingerprint(tokenizer_dir)} if tokenizer_dir else {}
+        stage.write_manifest(config={}, inputs=inputs, outputs=[], extra={"shards": listed, "block_size": block_size})
+    return out
+
+
+@pytest.fixture(scope="session")
+def prepare_format():
+    """`framed_blocks(tokenizer, lines, block_size)` and `write(out, {lang: {split: blocks}}, tokenizer_dir, ...)`."""
+
+    @dataclass(frozen=True)
+    class PrepareFormat:
+        framed_blocks = staticmethod(framed_blocks)
+        write = staticmethod(write_prepare_dir)
+
+    return PrepareFormat()
+
+
+# --- init: a tiny source model, a target tokenizer over all languages, a mapping directory ------------------------
+
+
+@dataclass
+class InitWorld:
+    run_dir: Path
+    source_model: Path
+    target_tokenizer: Path
+    vectors: Path
+    family: str
+    k: int
+    hidden: int
+
+    def overrides(self, *extra: str) -> list[str]:
+        return [
+            f"run.dir={self.run_dir}",
+            f"source.model={self.source_model}",
+            f"tokenizer.path={self.target_tokenizer}",
+            "tracking.enabled=false",
+            *extra,
+        ]
+
+
+@dataclass
+class Exported:
+    source: Any
+    source_tok: Any
+    target_tok: Any
+    mapping: Any
+    copy_t: np.ndarray
+    copy_s: np.ndarray
+    coordinates: np.ndarray
+    model: Any
+    info: Any
+
+
+def word_table(world: synthetic.World, n_concepts: int = 250, dim: int = 16, seed: int = 0):
+    """(keys 'iso:word', float32 vectors [n, dim]) for the first n_concepts concepts of every language.
+
+    Cross-lingual by construction: every word's vector is its concept's vector plus a little noise, so
+    translations are near each other, as ColexNet+ vectors are."""
+    rng = np.random.default_rng(seed)
+    concepts = rng.standard_normal((n_concepts, dim))
+    keys, rows = [], []
+    for lang in world.languages:
+        for c in range(n_concepts):
+            keys.append(f"{lang.code[:3]}:{world.lexicon[lang.code][c]}")  # ColexNet+-style iso:word
+            rows.append(concepts[c] + 0.3 * rng.standard_normal(dim))
+    return keys, np.asarray(rows, dtype=np.float32)
+
+
+def write_init_mapping(run_dir: Path, source_model: Path, target_tokenizer: Path, world: synthetic.World,
+                       k: Optional[int] = None, seed: int = 0) -> tuple[Path, int]:
+    """`<run_dir>/mapping/` for this source model and target tokenizer, built with the mapping stage's own
+    functions (overlap, factorisation, postings, split) and written by the mapping format's writer; only Ray is
+    left out. Returns (the word-vector file it records, k)."""
+    import torch
+
+    from data_prep.mapping.postings import backend_encoder, build_local
+    from data_prep.mapping.split import split_tokens
+    from hyperofa_dist.factorize import factorize
+    from hyperofa_dist.formats.files import fingerprint_path, save_npy
+    from hyperofa_dist.formats.mapping import MappingParts, Postings, stage_of, write_mapping
+    from hyperofa_dist.formats.models import load_model, source_identity
+    from hyperofa_dist.formats.tokenizer import backend_json, load_tokenizer, tokenizer_fingerprint
+    from hyperofa_dist.vocab import compute_overlap, special_ids
+
+    model = load_model(source_model)
+    s_tok, t_tok = load_tokenizer(source_model), load_tokenizer(target_tokenizer)
+    with torch.no_grad():
+        e_s = model.get_input_embeddings().weight.detach().numpy()[: len(s_tok)].copy()
+    k = e_s.shape[1] if k is None else k
+    keys, vectors = word_table(world, seed=seed)
+    vectors_file = save_npy(run_dir / "vectors.npy", vectors)  # the "file" the mapping records a fingerprint of
+
+    def postings(tok) -> Postings:
+        return Postings(*build_local(backend_encoder(backend_json(tok)), keys, len(tok), 4096))
+
+    source, target = postings(s_tok), postings(t_tok)
+    factors = factorize(e_s, k)
+    overlap = compute_overlap(t_tok, s_tok)
+    covered = source.covered()
+    trainable = covered[~np.isin(covered, sorted(special_ids(s_tok)))]
+    parts = MappingParts(
+        source_postings=source, target_postings=target, overlap_target=overlap.target_ids,
+        overlap_source=overlap.source_ids, overlap_kinds=overlap.kinds,
+        split=split_tokens(trainable, [0.8, 0.1, 0.1], seed), coordinates=factors.coordinates,
+        primitives=factors.primitives, words=keys,
+        stats={"source_covered": int(len(covered)), "target_covered": int(len(target.covered()))},
+    )
+    stage = stage_of(run_dir)
+    stage.begin("fixture")
+    outputs = write_mapping(stage.path, parts, [vectors], vectors.shape[1], vectors_file)
+    inputs = {
+        "vectors": {"path": str(vectors_file), "fingerprint": fingerprint_path(vectors_file)},
+        "source": source_identity(load_config(None, [f"source.model={source_model}"])),
+        "target_tokenizer": tokenizer_fingerprint(target_tokenizer),
+        "k": k,
+    }
+    counts = {"V_s": len(s_tok), "V_t": len(t_tok), "D": e_s.shape[1], "k": k, "n_words": len(keys),
+              "word_dim": vectors.shape[1]}
+    stage.write_manifest(config={}, inputs=inputs, outputs=outputs, counts=counts,
+                         extra={"factorized": k != e_s.shape[1]})
+    return vectors_file, k
+
+
+class InitWorlds:
+    """One init world per (family, k, target vocabulary) for the whole session: building one costs seconds and
+    tests only read it (tests that write under a run dir take `fresh_run`)."""
+
+    def __init__(self, tmp_path_factory, source_tokenizers, small_corpus, world):
+        self.tmp_path_factory, self.source_tokenizers = tmp_path_factory, source_tokenizers
+        self.corpus, self.world = small_corpus, world
+        self.cache: dict[tuple, InitWorld] = {}
+
+    def get(self, family: str, k: Optional[int] = None, target_vocab: int = 900) -> InitWorld:
+        key = (family, k, target_vocab)
+        if key not in self.cache:
+            root = self.tmp_path_factory.mktemp(f"init_{family}_{k}")
+            source_model = synthetic.make_tiny_model(
+                family, self.source_tokenizers[family], root / "source_model", hidden_size=32
+            )
+            texts = [line for path in sorted(self.corpus.iterdir()) for line in synthetic.read_lines(path, limit=400)]
+            target = synthetic.train_source_tokenizer(family, texts, target_vocab, root / "target_tokenizer")
+            vectors, k_used = write_init_mapping(root / "run", source_model, target, self.world, k=k)
+            self.cache[key] = InitWorld(root / "run", source_model, target, vectors, family, k_used, 32)
+        return self.cache[key]
+
+    @staticmethod
+    def fresh_run(base: InitWorld, run_dir: Path) -> InitWorld:
+        """A copy of a world's run directory (mapping only) that a test may extend or break."""
+        shutil.copytree(base.run_dir / "mapping", run_dir / "mapping")
+        return InitWorld(run_dir, base.source_model, base.target_tokenizer, base.vectors, base.family, base.k,
+                         base.hidden)
+
+    @staticmethod
+    def write_hypernet(run_dir: Path, ids, rows, test_ids=None, test_rows=None) -> None:
+        """A hypernet stage output as the init stage reads it, through the hypernet format's writers."""
+        from hyperofa_dist.formats import hypernet as fmt
+
+        stage = fmt.stage_of(run_dir)
+        stage.begin("fixture")
+        fmt.write_predictions(stage.path, np.asarray(ids), np.asarray(rows))
+        names = [fmt.PREDICTED_IDS, fmt.PREDICTED_ROWS]
+        if test_ids is not None:
+            fmt.write_test_predictions(stage.path, np.asarray(test_ids), np.asarray(test_rows), {})
+            names += [fmt.TEST_IDS, fmt.TEST_ROWS]
+        stage.write_manifest(config={}, inputs={"fixture": True}, outputs=names)
+
+    @staticmethod
+    def export_copy_random(w: InitWorld, out_dir: Path, pad: Optional[int] = None, seed: int = 0) -> Exported:
+        """Assemble F_t from copies and random rows only and export the expanded model of `w` into out_dir."""
+        from hyperofa_dist.formats.mapping import load_mapping
+        from hyperofa_dist.formats.models import load_model, save_model_dir
+        from hyperofa_dist.formats.tokenizer import load_tokenizer
+        from hyperofa_dist.init import assemble as asm
+        from hyperofa_dist.init.export import build_expanded_model, merge_copy_pairs, special_token_pairs
+        from hyperofa_dist.init.random import column_stats
+
+        source = load_model(w.source_model)
+        s_tok, t_tok = load_tokenizer(w.source_model), load_tokenizer(w.target_tokenizer)
+        mapping = load_mapping(w.run_dir)
+        st, ss, _ = special_token_pairs(s_tok, t_tok)
+        copy_t, copy_s = merge_copy_pairs(mapping.overlap_target, mapping.overlap_source, st, ss)
+        mean, std = column_stats(mapping.source_coordinates)
+        a = asm.assemble_coordinates(len(t_tok), mapping.source_coordinates, copy_t, copy_s, None, None, None, mean,
+                                     std, seed)
+        e_t = asm.full_embeddings(a.coordinates, mapping.primitives)
+        model, info = build_expanded_model(source, s_tok, t_tok, e_t, copy_t, copy_s, pad_to_multiple_of=pad)
+        save_model_dir(model, t_tok, out_dir)
+        return Exported(source, s_tok, t_tok, mapping, copy_t, copy_s, a.coordinates, model, info)
+
+
+@pytest.fixture(scope="session")
+def init_worlds(tmp_path_factory, source_tokenizers, small_corpus, world) -> InitWorlds:
+    return InitWorlds(tmp_path_factory, source_tokenizers, small_corpus, world)
+
+
+# --- hypernet: a generated mapping whose targets are learnable, and a config that trains on it in seconds --------
+
+
+class HypernetKit:
+    # Small enough to train in seconds on one core, large enough that a broken pipeline cannot reach cosine 0.9.
+    SMALL = dict(n_words=3000, word_dim=16, v_source=1200, v_target=1600, k=8)
+
+    def mapping(self, run_dir: Path, **sizes):
+        from hyperofa_dist.synthetic.mapping import make_mapping
+
+        return make_mapping(run_dir, **{**self.SMALL, **sizes})
+
+    @staticmethod
+    def overrides(m, *extra: str) -> list[str]:
+        return [
+            f"run.dir={m.run_dir}",
+            f"vectors.path={m.vectors_file}",
+            f"mapping.num_primitives={m.k}",
+            "tracking.enabled=false",
+            "hypernet.num_layers=1",
+            "hypernet.hidden_size=32",
+            "hypernet.dropout=0.1",
+            "hypernet.batch_size=32",
+            "hypernet.lr=0.003",
+            "hypernet.epochs=4",
+            "hypernet.threads_per_rank=1",
+            *extra,
+        ]
+
+    def config(self, m, *extra: str) -> Config:
+        return load_config(None, self.overrides(m, *extra))
+
+
+@pytest.fixture(scope="session")
+def hypernet_kit() -> HypernetKit:
+    return HypernetKit()
+
+
+# --- pretrain: a target tokenizer over all languages, a tiny expanded model laid out like init's output, shards ---
+
+
+class PretrainKit:
+    BLOCK = 32
+    COPIED = 300  # rows [0, COPIED) play the tokens copied from the source model
+
+    def tokenizer_and_model(self, root: Path, corpus: Path, vocab: int = 500, seed: int = 0) -> tuple[Path, Path]:
+        """(tokenizer dir, model dir) with the model at <root>/init/hyperofa/model and a provenance beside it."""
+        from hyperofa_dist.formats import init as init_format
+        from hyperofa_dist.formats.files import save_npy
+        from hyperofa_dist.formats.models import read_model_config
+
+        texts = [line for f in sorted(corpus.iterdir()) for line in synthetic.read_lines(f, 400)]
+        tok = synthetic.train_source_tokenizer("xlmr", texts, vocab, root / f"tok{seed}")
+        model = synthetic.make_tiny_model(
+            "xlmr", tok, init_format.model_dir(root, "hyperofa"), max_position=self.BLOCK + 8, seed=seed
+        )
+        provenance = np.full(read_model_config(model)["vocab_size"], 3, dtype=np.uint8)
+        provenance[: self.COPIED] = 0
+        save_npy(model.parent / init_format.PROVENANCE, provenance)
+        return tok, model
+
+    def real_prepare(self, run_dir: Path, corpus: Path, tok: Path) -> Path:
+        """`hyperofa prepare` (Ray, one CPU) into <run_dir>/prepare with small shards so languages have several."""
+        from data_prep.prepare.stage import run
+        from hyperofa_dist.tracking import NullTracker
+
+        config = load_config(None, [
+            f"run.dir={run_dir}", f"corpus.path={corpus}", f"tokenizer.path={tok}", f"prepare.block_size={self.BLOCK}",
+            "prepare.blocks_per_sample=4", "prepare.samples_per_shard=8", "prepare.heldout_fraction=0.05",
+            "ray.num_cpus=1", "tracking.enabled=false",
+        ])
+        assert run(config, NullTracker()) == 0
+        return run_dir / "prepare"
+
+    def quick_prepare(self, out: Path, corpus: Path, tok: Path, languages: int = 3, lines: int = 200) -> Path:
+        """Shards in prepare's format and layout plus a manifest, written in-process (no Ray): for fast tests."""
+        from hyperofa_dist.formats.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(tok)
+        blocks = {}
+        for path in sorted(corpus.iterdir())[:languages]:
+            lang = path.name.split(".")[0]
+            ids = [i for line in synthetic.read_lines(path, lines) for i in tokenizer(line)["input_ids"]]
+            n = len(ids) // self.BLOCK
+            part = np.asarray(ids[: n * self.BLOCK], dtype=np.uint32).reshape(n, self.BLOCK)
+            cut = max(1, n // 10)
+            blocks[lang] = {"heldout": part[:cut], "train": part[cut:]}
+        return write_prepare_dir(out, blocks, tok, self.BLOCK)
+
+
+@pytest.fixture(scope="session")
+def pretrain_kit() -> PretrainKit:
+    return PretrainKit()

@@ -3,7 +3,8 @@ import os
 
 import pytest
 
-from hyperofa_dist.artifacts import Stage, atomic_write_bytes, digest, file_record, fingerprint_dir, sha256_bytes
+from hyperofa_dist.formats.files import atomic_write_bytes, digest, file_record, fingerprint_dir, sha256_bytes
+from hyperofa_dist.formats.rundir import Stage
 from hyperofa_dist.errors import HyperofaError
 
 
@@ -51,7 +52,7 @@ def test_fingerprints(tmp_path):
 
 
 def test_fingerprint_path_covers_companion_files(tmp_path):
-    from hyperofa_dist.artifacts import fingerprint_path
+    from hyperofa_dist.formats.files import fingerprint_path
 
     main = tmp_path / "w.kv"
     main.write_bytes(b"kv")

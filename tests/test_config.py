@@ -61,3 +61,42 @@ def test_flatten_for_mlflow_params():
     assert flat["run.seed"] == 3
     assert flat["prepare.sampling.alpha"] == 0.3
     assert all(not isinstance(v, dict) for v in flat.values())
+
+
+def _leaf_keys(model, prefix="", inherited=False):
+    """(dotted key, execution-only) for every leaf of the config tree."""
+    from pydantic import BaseModel
+
+    from hyperofa_dist.config import is_execution
+
+    for name, field in type(model).model_fields.items():
+        value = getattr(model, name)
+        execution = inherited or is_execution(field)
+        if isinstance(value, BaseModel):
+            yield from _leaf_keys(value, f"{prefix}{name}.", execution)
+        else:
+            yield f"{prefix}{name}", execution
+
+
+def test_readme_reference_lists_every_key_and_marks_the_execution_only_ones():
+    import re
+    from pathlib import Path
+
+    from hyperofa_dist.config import Config
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("## Config reference"):]
+    rows = {m.group(1): m.group(2).startswith("†") for m in re.finditer(r"^\| `([a-z_.0-9]+)` \| .*? \| (.*) \|$", section, re.M)}
+    assert rows == dict(_leaf_keys(Config()))
+
+
+def test_fingerprint_leaves_out_execution_only_keys_and_keeps_the_rest():
+    base = load_config(None, [])
+    changed_execution = load_config(None, ["pretrain.master_port=29999", "prepare.max_retries=7", "run.dir=/elsewhere",
+                                           "pretrain.log_every=3", "mapping.words_per_task=5"])
+    assert base.fingerprint("pretrain", "prepare", "run", "mapping") == changed_execution.fingerprint(
+        "pretrain", "prepare", "run", "mapping")
+    changed_result = load_config(None, ["pretrain.lr=0.001"])
+    assert base.fingerprint("pretrain") != changed_result.fingerprint("pretrain")
+    assert "master_port" not in base.fingerprint("pretrain")["pretrain"]
+    assert base.with_changes({"init.method": "ofa"}).init.method == "ofa"

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from hyperofa_dist.config import CorpusConfig
-from hyperofa_dist.corpus import (
+from hyperofa_dist.formats.corpus import (
     discover,
     iter_sentences,
     normalize_line,

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from hyperofa_dist.demo_world import WorldSpec, build_world
+from hyperofa_dist.synthetic.demo import WorldSpec, build_world
 
 
 @pytest.mark.slow

@@ -11,10 +11,10 @@ from PIL import Image
 
 from hyperofa_dist.cli import main
 from hyperofa_dist.config import load_config
-from hyperofa_dist.evaluate.compare import compare_runs
+from hyperofa_dist.compare.stage import compare_runs
 from hyperofa_dist.tracking import default_tracking_uri, make_tracker
 
-LOSS = {  # Figure 2(a), mono-100, digitised (METHOD_REFERENCE 6)
+LOSS = {  # Figure 2(a), mono-100, digitised from the HyperOFA report's Figure 2(a)
     "hyperofa": [5.74, 3.92, 3.56, 3.37],
     "ofa": [5.71, 3.99, 3.59, 3.40],
     "random": [6.02, 4.31, 3.84, 3.61],

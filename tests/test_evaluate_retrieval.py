@@ -8,9 +8,11 @@ import pytest
 from hyperofa_dist import synthetic
 from hyperofa_dist.errors import HyperofaError
 from hyperofa_dist.evaluate import retrieval
-from hyperofa_dist.evaluate.model import hidden_state_index, load_model, load_tokenizer
+from hyperofa_dist.evaluate.model import hidden_state_index
+from hyperofa_dist.formats.models import load_model
+from hyperofa_dist.formats.tokenizer import load_tokenizer
 
-from .evaluate_helpers import one_thread  # noqa: F401  (autouse)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,22 +13,22 @@ from hyperofa_dist import synthetic
 from hyperofa_dist.cli import main
 from hyperofa_dist.tracking import default_tracking_uri
 
-from .test_evaluate_mlm import packed_blocks, write_shard
-
-from .evaluate_helpers import one_thread  # noqa: F401  (autouse)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, source_tokenizers, small_corpus, world):
+def run_dir(tmp_path_factory, source_tokenizers, small_corpus, world, prepare_format):
     """A run directory with an init-stage model (init/random/model) and prepare held-out shards, plus data."""
     root = tmp_path_factory.mktemp("evalrun")
     model = synthetic.make_tiny_model("xlmr", source_tokenizers["xlmr"], root / "run" / "init" / "random" / "model")
-    from hyperofa_dist.evaluate.model import load_tokenizer
+    from hyperofa_dist.formats.tokenizer import load_tokenizer
 
     tok = load_tokenizer(model)
-    for lang in ("qaa_Latn", "qac_Latn"):
-        blocks = packed_blocks(tok, synthetic.read_lines(small_corpus / f"{lang}.txt", limit=60))
-        write_shard(root / "run" / "prepare" / "heldout" / lang / f"{lang}-00000-000000.tar", lang, blocks[:6], 3)
+    blocks = {
+        lang: {"heldout": prepare_format.framed_blocks(tok, synthetic.read_lines(small_corpus / f"{lang}.txt", limit=60), 32)[:6]}
+        for lang in ("qaa_Latn", "qac_Latn")
+    }
+    prepare_format.write(root / "run" / "prepare", blocks, None, 32, blocks_per_sample=3, manifest=False)
     data = root / "data"
     synthetic.write_retrieval_data(data / "srt", world, "qaa_Latn", ["qab_Cyrl", "qac_Latn"], n=40)
     synthetic.write_retrieval_data(data / "bible", world, "qaa_Latn", ["qac_Latn"], n=30, prefix="bible", seed=1)

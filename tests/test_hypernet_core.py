@@ -9,19 +9,19 @@ import torch
 import torch.nn.functional as F
 
 from hyperofa_dist.hypernet import loop
-from hyperofa_dist.hypernet.data import AugmentSpec, PAD, Postings, TokenSet, WordTable, augment, collate, eval_rounds, rank_batches
+from hyperofa_dist.formats.mapping import Postings
+from hyperofa_dist.hypernet.data import AugmentSpec, PAD, TokenSet, WordTable, augment, collate, eval_rounds, rank_batches
 from hyperofa_dist.hypernet.loss import hypernet_loss
 from hyperofa_dist.hypernet.models import BiLSTMHypernet, SetFormerHypernet, build_model, trainable_parameters
 from hyperofa_dist.hypernet.predict import predict_rows, split_metrics, tokens_to_predict
 
-from .hypernet_fixtures import mapping_world, small_config
 
 
 # --- models ------------------------------------------------------------------------------------------------
 
 
 def test_bilstm_has_the_reports_parameter_count():
-    # HN-R-100: word dim 200, k 100, 2 layers, hidden 800 (METHOD_REFERENCE §3.2, report Table 1).
+    # HN-R-100: word dim 200, k 100, 2 layers, hidden 800 (docs/METHOD.md §3.2, report Table 1).
     assert trainable_parameters(BiLSTMHypernet(200, 100, num_layers=2, hidden_size=800)) == 22_125_900
     assert trainable_parameters(BiLSTMHypernet(200, 400, num_layers=2, hidden_size=1600)) == 87_412_400
 
@@ -181,18 +181,19 @@ def test_prediction_skips_copied_and_uncovered_tokens_and_keeps_token_order():
 
 
 def _train_plainly(cfg, epochs, scramble_targets=False):
-    from hyperofa_dist.hypernet.inputs import load_mapping
-    from hyperofa_dist.hypernet.train import augment_spec, loss_spec
+    from hyperofa_dist.formats.mapping import load_mapping
+    from hyperofa_dist.hypernet.train import augment_spec, loss_spec, training_split
 
     hp = cfg.hypernet
-    mapping = load_mapping(cfg)
-    table = WordTable(mapping.word_vectors)
-    coords = mapping.coordinates()
+    mapping = load_mapping(cfg.run_dir)
+    table = WordTable(mapping.word_vectors_path)
+    coords = np.asarray(mapping.source_coordinates)
     if scramble_targets:  # the targets no longer depend on the words: nothing to learn
         coords = coords[np.random.default_rng(0).permutation(len(coords))]
-    source = mapping.source_postings()
-    train = TokenSet(mapping.splits["train"], source, coords, mapping.k)
-    val = TokenSet(mapping.splits["val"], source, coords, mapping.k)
+    source = mapping.source_postings
+    splits, _ = training_split(mapping)
+    train = TokenSet(splits["train"], source, coords, mapping.k)
+    val = TokenSet(splits["val"], source, coords, mapping.k)
     torch.manual_seed(0)
     model = build_model("bilstm", word_dim=mapping.word_dim, k=mapping.k, num_layers=hp.num_layers,
                         hidden_size=hp.hidden_size, num_heads=1, dropout=hp.dropout)
@@ -217,9 +218,9 @@ def _train_plainly(cfg, epochs, scramble_targets=False):
     return cosines
 
 
-def test_validation_cosine_exceeds_0_9_within_6_epochs(tmp_path):
+def test_validation_cosine_exceeds_0_9_within_6_epochs(tmp_path, hypernet_kit):
     torch.set_num_threads(1)
-    cfg = small_config(mapping_world(tmp_path), "hypernet.hidden_size=64")
+    cfg = hypernet_kit.config(hypernet_kit.mapping(tmp_path), "hypernet.hidden_size=64")
     cosines = _train_plainly(cfg, 6)
     assert max(cosines) > 0.9, cosines
     # The same pipeline on targets unrelated to the words stays far below: the test can fail.

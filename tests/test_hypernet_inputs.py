@@ -10,71 +10,69 @@ import sys
 import numpy as np
 import pytest
 
-from hyperofa_dist import dsconfig
 from hyperofa_dist.errors import HyperofaError
-from hyperofa_dist.hypernet.inputs import load_mapping
-from hyperofa_dist.hypernet.stage import run_hypernet_stage
+from hyperofa_dist.formats.files import save_npz
+from hyperofa_dist.formats.mapping import SPLIT, load_mapping
+from hyperofa_dist.hypernet.stage import run as run_hypernet_stage
+from hyperofa_dist.hypernet.train import training_split
+from hyperofa_dist.runtime import dsconfig
+from hyperofa_dist.runtime.device import resolve_precision
 from hyperofa_dist.tracking import NullTracker
-
-from .hypernet_fixtures import mapping_world, small_config, small_overrides
-from .cli_errors import assert_one_line_error
 
 
 @pytest.fixture
-def world(tmp_path):
-    return mapping_world(tmp_path / "run")
+def world(tmp_path, hypernet_kit):
+    return hypernet_kit.mapping(tmp_path / "run")
 
 
 def test_valid_mapping_loads_with_splits_restricted_to_covered_tokens(world):
-    mapping = load_mapping(small_config(world))
+    mapping = load_mapping(world.run_dir)
     assert (mapping.k, mapping.word_dim, mapping.n_words) == (8, 16, 3000)
-    postings = mapping.source_postings()
+    splits, _ = training_split(mapping)
     for part in ("train", "val", "test"):
-        assert len(mapping.splits[part]) > 0
-        assert (postings.lengths(mapping.splits[part]) > 0).all()
+        assert len(splits[part]) > 0
+        assert (mapping.source_postings.lengths(splits[part]) > 0).all()
 
 
-def test_postings_built_from_other_vectors_are_refused(world, tmp_path):
+def test_postings_built_from_other_vectors_are_refused(world, tmp_path, hypernet_kit):
     other = tmp_path / "other.bin"
     other.write_bytes(b"not the vectors the mapping used")
     with pytest.raises(HyperofaError, match="other word vectors than vectors.path"):
-        load_mapping(small_config(world, f"vectors.path={other}"))
+        run_hypernet_stage(hypernet_kit.config(world, f"vectors.path={other}"), NullTracker())
 
 
-def test_k_different_from_the_mapping_is_refused(world):
+def test_k_different_from_the_mapping_is_refused(world, hypernet_kit):
     with pytest.raises(HyperofaError, match=r"built with k=8.*mapping.num_primitives=5"):
-        load_mapping(small_config(world, "mapping.num_primitives=5"))
+        run_hypernet_stage(hypernet_kit.config(world, "mapping.num_primitives=5"), NullTracker())
 
 
-def test_empty_training_split_is_refused(world):
-    split = world.run_dir / "mapping" / "split.npz"
+def test_empty_training_split_is_refused(world, hypernet_kit):
+    split = world.run_dir / "mapping" / SPLIT
     with np.load(split) as data:
         parts = {k: data[k] for k in data}
-    np.savez(split, train=np.zeros(0, np.int64), val=parts["val"], test=parts["test"])
+    save_npz(split, train=np.zeros(0, np.int64), val=parts["val"], test=parts["test"])
     with pytest.raises(HyperofaError, match="training split is empty"):
-        load_mapping(small_config(world))
+        run_hypernet_stage(hypernet_kit.config(world), NullTracker())
 
 
 def test_missing_mapping_stage_is_refused(tmp_path):
-    from hyperofa_dist.config import load_config
-
     with pytest.raises(HyperofaError, match="stage 'mapping' has not completed"):
-        load_mapping(load_config(None, [f"run.dir={tmp_path}"]))
+        load_mapping(tmp_path)
 
 
-def test_batch_larger_than_the_split_is_refused_before_launch(world):
-    config = small_config(world, "hypernet.batch_size=4096", "hypernet.ranks_per_node=2")
+def test_batch_larger_than_the_split_is_refused_before_launch(world, hypernet_kit):
+    config = hypernet_kit.config(world, "hypernet.batch_size=4096", "hypernet.ranks_per_node=2")
     with pytest.raises(HyperofaError, match="hypernet.batch_size"):
         run_hypernet_stage(config, NullTracker())
     assert not (world.run_dir / "hypernet").exists()
 
 
-def test_cli_reports_fingerprint_mismatch_in_one_line_and_trains_nothing(world, tmp_path):
+def test_cli_reports_fingerprint_mismatch_in_one_line_and_trains_nothing(world, tmp_path, hypernet_kit, one_line_error):
     other = tmp_path / "other.bin"
     other.write_bytes(b"x")
-    args = small_overrides(world, f"vectors.path={other}")
+    args = hypernet_kit.overrides(world, f"vectors.path={other}")
     out = subprocess.run([sys.executable, "-m", "hyperofa_dist.cli", "hypernet", *args], capture_output=True, text=True)
-    assert_one_line_error(out, "hypernet", "other word vectors")
+    one_line_error(out, "hypernet", "other word vectors")
     assert not (world.run_dir / "hypernet").exists()
 
 
@@ -120,6 +118,7 @@ def test_removed_key_lists_match_the_installed_deepspeed():
     assert set(dsconfig.REMOVED_ZERO_KEYS) == set(ds._REMOVED_ZERO_CONFIG_KEYS)
 
 
-def test_precision_auto_is_fp32_on_cpu():
-    assert dsconfig.resolve_precision("auto", "cpu") == "fp32"
-    assert dsconfig.resolve_precision("bf16", "cpu") == "bf16"
+def test_precision_auto_is_fp32_on_cpu_and_half_precision_needs_a_gpu():
+    assert resolve_precision("auto", "cpu", "hypernet.precision") == "fp32"
+    with pytest.raises(HyperofaError, match="hypernet.precision=bf16 needs a GPU"):
+        resolve_precision("bf16", "cpu", "hypernet.precision")

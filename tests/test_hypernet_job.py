@@ -12,12 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from hyperofa_dist.artifacts import Stage
+from hyperofa_dist.formats.rundir import Stage
 from hyperofa_dist.config import load_config
-from hyperofa_dist.hypernet.stage import run_hypernet_stage
+from hyperofa_dist.hypernet.stage import run as run_hypernet_stage
 from hyperofa_dist.tracking import NullTracker
-
-from .hypernet_fixtures import mapping_world, small_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -37,10 +35,11 @@ def metrics(run_dir: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, hypernet_kit):
+    small_overrides = hypernet_kit.overrides
     root = tmp_path_factory.mktemp("hypernet_job")
-    whole = mapping_world(root / "whole", **SIZES)
-    split = mapping_world(root / "split", **SIZES)
+    whole = hypernet_kit.mapping(root / "whole", **SIZES)
+    split = hypernet_kit.mapping(root / "split", **SIZES)
     common = (f"hypernet.epochs={EPOCHS}", "hypernet.ranks_per_node=2")
     whole_args = small_overrides(whole, *common, "hypernet.data_audit=true", "tracking.enabled=true")
     hyperofa("hypernet", *whole_args)

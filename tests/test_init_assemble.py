@@ -1,4 +1,4 @@
-"""Assembly of F_t: copy -> predicted -> random, provenance, seeded random rows, bad predictions (§1.9, §1.12)."""
+"""Assembly of F_t: copy -> predicted -> random, provenance, seeded random rows, bad predictions (docs/METHOD.md §1.9, §1.12)."""
 
 import numpy as np
 import pytest

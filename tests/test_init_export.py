@@ -1,4 +1,4 @@
-"""The expanded model in stock HF format for XLM-R, RoBERTa and BERT (issue 5 acceptance, §1.10, §4.1)."""
+"""The expanded model in stock HF format for XLM-R, RoBERTa and BERT (docs/METHOD.md §1.10, §4.1)."""
 
 import numpy as np
 import pytest
@@ -6,12 +6,16 @@ import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 from hyperofa_dist.errors import HyperofaError
-from hyperofa_dist.init.export import load_expanded_model, merge_copy_pairs, special_token_pairs
-from tests.init_fixtures import export_copy_random, shared_world
+from hyperofa_dist.init.export import merge_copy_pairs, special_token_pairs
 
 
-def export(w, out_dir, pad=None):
-    e = export_copy_random(w, out_dir, pad)
+def stock(model_dir):
+    """Loaded as any HF user would: stock AutoModelForMaskedLM and AutoTokenizer."""
+    return AutoModelForMaskedLM.from_pretrained(str(model_dir)), AutoTokenizer.from_pretrained(str(model_dir))
+
+
+def export(init_worlds, w, out_dir, pad=None):
+    e = init_worlds.export_copy_random(w, out_dir, pad)
     return e.source, e.source_tok, e.mapping, e.copy_t, e.copy_s, e.info
 
 
@@ -21,11 +25,11 @@ def tied(model):
 
 @pytest.mark.parametrize("family", ["xlmr", "roberta", "bert"])
 def test_full_rank_export_loads_stock_and_matches_source_logits(
-    tmp_path, tmp_path_factory, source_tokenizers, small_corpus, world, family
+    tmp_path, init_worlds, family
 ):
-    w = shared_world(tmp_path_factory, source_tokenizers, small_corpus, world, family)  # k = D
-    source, s_tok, mapping, copy_t, copy_s, info = export(w, tmp_path / "model")
-    model, tok = load_expanded_model(tmp_path / "model")  # stock AutoModelForMaskedLM / AutoTokenizer
+    w = init_worlds.get(family)  # k = D
+    source, s_tok, mapping, copy_t, copy_s, info = export(init_worlds, w, tmp_path / "model")
+    model, tok = stock(tmp_path / "model")  # stock AutoModelForMaskedLM / AutoTokenizer
     model.eval()
     assert type(model) is type(source) and tied(model)
     assert model.config.vocab_size == len(tok) == info.vocab_size > len(s_tok)
@@ -56,11 +60,10 @@ def test_full_rank_export_loads_stock_and_matches_source_logits(
     assert out.shape[-1] == len(tok) and torch.isfinite(out).all()
 
 
-def test_factorised_copies_equal_fs_p_rows_and_padding(tmp_path, tmp_path_factory, source_tokenizers, small_corpus,
-                                                       world):
-    w = shared_world(tmp_path_factory, source_tokenizers, small_corpus, world, "xlmr", k=8)
-    source, s_tok, mapping, copy_t, copy_s, info = export(w, tmp_path / "model", pad=64)
-    model, tok = load_expanded_model(tmp_path / "model")
+def test_factorised_copies_equal_fs_p_rows_and_padding(tmp_path, init_worlds):
+    w = init_worlds.get("xlmr", k=8)
+    source, s_tok, mapping, copy_t, copy_s, info = export(init_worlds, w, tmp_path / "model", pad=64)
+    model, tok = stock(tmp_path / "model")
     assert tied(model)
     assert model.config.vocab_size % 64 == 0 and model.config.vocab_size >= len(tok)
     assert info.padded_rows == [len(tok), model.config.vocab_size]

@@ -1,18 +1,16 @@
-"""Factorised variant F_t P (tied to the output projection) and its export to the stock full-rank format (§4.1)."""
+"""Factorised variant F_t P (tied to the output projection) and its export to the stock full-rank format (docs/METHOD.md §4.1)."""
 
 import numpy as np
 import torch
+from transformers import AutoModelForMaskedLM
 
-from hyperofa_dist.init.export import load_expanded_model
 from hyperofa_dist.init.factorised import factorise, is_factorised, load_factorised, save_full_rank
-from tests.init_fixtures import export_copy_random, shared_world
 
 
-def test_factorised_model_matches_full_rank_trains_and_exports(tmp_path, tmp_path_factory, source_tokenizers,
-                                                               small_corpus, world):
-    w = shared_world(tmp_path_factory, source_tokenizers, small_corpus, world, "xlmr", k=8)
+def test_factorised_model_matches_full_rank_trains_and_exports(tmp_path, init_worlds):
+    w = init_worlds.get("xlmr", k=8)
     init_dir = tmp_path / "init"
-    e = export_copy_random(w, init_dir / "model", pad=64, seed=1)
+    e = init_worlds.export_copy_random(w, init_dir / "model", pad=64, seed=1)
     full, t_tok, mapping = e.model, e.target_tok, e.mapping
     np.save(init_dir / "F_t.npy", e.coordinates)
     np.save(init_dir / "P.npy", mapping.primitives)
@@ -47,7 +45,7 @@ def test_factorised_model_matches_full_rank_trains_and_exports(tmp_path, tmp_pat
         trained = model(**ids).logits
 
     save_full_rank(model, t_tok, tmp_path / "exported")
-    stock, tok = load_expanded_model(tmp_path / "exported")
+    stock = AutoModelForMaskedLM.from_pretrained(str(tmp_path / "exported"))
     stock.eval()
     assert not is_factorised(stock)
     assert stock.get_input_embeddings().weight.data_ptr() == stock.get_output_embeddings().weight.data_ptr()
@@ -61,10 +59,10 @@ def test_factorised_model_matches_full_rank_trains_and_exports(tmp_path, tmp_pat
     )
 
 
-def test_factorise_pads_coordinates_to_the_model_vocabulary(tmp_path_factory, source_tokenizers, small_corpus, world):
+def test_factorise_pads_coordinates_to_the_model_vocabulary(init_worlds):
     from transformers import AutoModelForMaskedLM
 
-    w = shared_world(tmp_path_factory, source_tokenizers, small_corpus, world, "xlmr", k=8)
+    w = init_worlds.get("xlmr", k=8)
     model = AutoModelForMaskedLM.from_pretrained(str(w.source_model))
     vocab, hidden = model.get_input_embeddings().weight.shape
     coords = np.ones((vocab - 3, 4), np.float32)

@@ -1,9 +1,10 @@
-"""OFA baseline: the chunked top-k implementation equals a brute-force dense one (METHOD_REFERENCE §2)."""
+"""OFA baseline: the chunked top-k implementation equals a brute-force dense one (docs/METHOD.md §2)."""
 
 import numpy as np
 import pytest
 
 from hyperofa_dist.errors import HyperofaError
+from hyperofa_dist.formats.mapping import Postings
 from hyperofa_dist.init.ofa import ofa_for_tokens, ofa_predict, token_mean_vectors
 
 
@@ -54,7 +55,7 @@ def small_problem():
 @pytest.mark.parametrize("chunk_size", [1, 7, 1000])
 def test_chunked_ofa_equals_dense_bruteforce(small_problem, chunk_size):
     words, s_post, t_post, f_s, covered_t = small_problem
-    got = ofa_for_tokens(t_post, s_post, words, f_s, covered_t, top_k=10, temperature=0.1, chunk_size=chunk_size)
+    got = ofa_for_tokens(Postings(*t_post), Postings(*s_post), words, f_s, covered_t, top_k=10, temperature=0.1, chunk_size=chunk_size)
     want = dense_ofa(t_post, s_post, words, f_s, covered_t, 10, 0.1)
     assert got.shape == (len(covered_t), f_s.shape[1])
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
@@ -64,12 +65,12 @@ def test_excluded_sources_are_never_neighbours(small_problem):
     words, s_post, _, f_s, _ = small_problem
     covered_s = np.flatnonzero(np.diff(s_post[0]) > 0)
     test = covered_s[::5]
-    got = ofa_for_tokens(s_post, s_post, words, f_s, test, exclude_sources=test, top_k=3, temperature=0.5,
+    got = ofa_for_tokens(Postings(*s_post), Postings(*s_post), words, f_s, test, exclude_sources=test, top_k=3, temperature=0.5,
                          chunk_size=4)
     want = dense_ofa(s_post, s_post, words, f_s, test, 3, 0.5, exclude=test)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
     # without the exclusion a token's own row dominates its estimate (it is its own nearest neighbour)
-    own = ofa_for_tokens(s_post, s_post, words, f_s, test, top_k=3, temperature=0.01)
+    own = ofa_for_tokens(Postings(*s_post), Postings(*s_post), words, f_s, test, top_k=3, temperature=0.01)
     np.testing.assert_allclose(own, f_s[test], atol=1e-4)
     assert not np.allclose(got, f_s[test], atol=1e-2)
 

@@ -5,17 +5,15 @@ import json
 import numpy as np
 import pytest
 
-from hyperofa_dist.artifacts import Stage
+from hyperofa_dist.formats.rundir import Stage
 from hyperofa_dist.cli import main
 from hyperofa_dist.init import assemble as asm
-from hyperofa_dist.init.bench import BenchScale, run_bench
-from tests.init_fixtures import fresh_run, shared_world, write_hypernet
+from hyperofa_dist.bench.init import BenchScale, run_bench
 
 
 @pytest.fixture
-def xlmr(tmp_path, tmp_path_factory, source_tokenizers, small_corpus, world):
-    return fresh_run(shared_world(tmp_path_factory, source_tokenizers, small_corpus, world, "xlmr", k=8),
-                     tmp_path / "run")
+def xlmr(tmp_path, init_worlds):
+    return init_worlds.fresh_run(init_worlds.get("xlmr", k=8), tmp_path / "run")
 
 
 def run_init(w, *extra):
@@ -33,7 +31,7 @@ def mlflow_metrics(run_dir, run_name):
 
 
 @pytest.mark.slow
-def test_ofa_and_hyperofa_stage_outputs_and_mlflow(xlmr, capsys):
+def test_ofa_and_hyperofa_stage_outputs_and_mlflow(xlmr, init_worlds, capsys):
     w = xlmr
     assert run_init(w, "init.method=ofa", "tracking.enabled=true", "init.pad_to_multiple_of=64") == 0
     out = w.run_dir / "init" / "ofa"
@@ -62,7 +60,7 @@ def test_ofa_and_hyperofa_stage_outputs_and_mlflow(xlmr, capsys):
     rows = np.random.default_rng(0).standard_normal((len(ofa_ids), w.k)).astype(np.float32)
     test = np.load(w.run_dir / "mapping" / "split.npz")["test"]
     truth = np.load(w.run_dir / "mapping" / "coordinates_source.npy")[test]
-    write_hypernet(w.run_dir, ofa_ids, rows, test[::-1], truth[::-1])
+    init_worlds.write_hypernet(w.run_dir, ofa_ids, rows, test[::-1], truth[::-1])
     assert run_init(w, "init.method=hyperofa", "tracking.enabled=true") == 0
     hyper = w.run_dir / "init" / "hyperofa"
     hprov = np.load(hyper / "provenance.npy")
@@ -85,15 +83,15 @@ def _error_case(w, capsys, *extra):
     return err[-1]
 
 
-def test_predictions_with_wrong_k_or_ids_out_of_range(xlmr, capsys):
+def test_predictions_with_wrong_k_or_ids_out_of_range(xlmr, init_worlds, capsys):
     w = xlmr
-    write_hypernet(w.run_dir, np.array([5, 6]), np.ones((2, w.k + 1), np.float32))
+    init_worlds.write_hypernet(w.run_dir, np.array([5, 6]), np.ones((2, w.k + 1), np.float32))
     assert "rows have dimension 9 but the mapping's k is 8" in _error_case(w, capsys, "init.method=hyperofa")
-    write_hypernet(w.run_dir, np.array([5, 10**6]), np.ones((2, w.k), np.float32))
+    init_worlds.write_hypernet(w.run_dir, np.array([5, 10**6]), np.ones((2, w.k), np.float32))
     assert "id 1000000 is out of range" in _error_case(w, capsys, "init.method=hyperofa")
 
 
-def test_mapping_built_for_another_source_model(xlmr, tmp_path, capsys):
+def test_mapping_built_for_another_source_model(xlmr, init_worlds, tmp_path, capsys):
     from hyperofa_dist import synthetic
 
     other = synthetic.make_tiny_model("xlmr", xlmr.source_model, tmp_path / "other", hidden_size=16)
@@ -101,7 +99,7 @@ def test_mapping_built_for_another_source_model(xlmr, tmp_path, capsys):
     assert "mapping was built for another source model" in message
 
 
-def test_target_tokenizer_whose_special_tokens_cannot_be_mapped(xlmr, tmp_path, capsys):
+def test_target_tokenizer_whose_special_tokens_cannot_be_mapped(xlmr, init_worlds, tmp_path, capsys):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(xlmr.target_tokenizer))

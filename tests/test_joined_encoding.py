@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from data_prep import joined_encoding as J
-from data_prep import postings as P
+from data_prep.mapping import joined_encoding as J
+from data_prep.mapping import postings as P
+from hyperofa_dist.formats.tokenizer import backend_from_json, backend_json
 from hyperofa_dist import synthetic
 
 # ColexNet+-style keys whose variants stress a split: `$` boundaries (inner, leading and trailing spaces),
@@ -43,7 +44,7 @@ def _rows(flat: J.FlatEncoding, n: int) -> list[list[int]]:
 def test_joined_calls_give_each_string_its_own_tokens(toks, keys, family, per_sequence, monkeypatch):
     monkeypatch.setattr(J, "STRINGS_PER_SEQUENCE", per_sequence)  # one joined sequence, and many in one call
     tok = toks[family]
-    encoder = J.JoinedEncoder(P.rust_tokenizer(P.tokenizer_json(tok)))
+    encoder = J.JoinedEncoder(backend_from_json(backend_json(tok)))
     texts = list(dict.fromkeys(P.key_variants(keys))) + list(J.PROBES)
     got = encoder(texts)
     assert encoder.joined  # the joined path itself was checked, not the fallback
@@ -55,7 +56,7 @@ def test_joined_calls_give_each_string_its_own_tokens(toks, keys, family, per_se
 @pytest.mark.parametrize("words_per_task", [7, 100_000])
 def test_postings_of_tricky_words_equal_the_per_word_loop(toks, keys, family, words_per_task):
     tok = toks[family]
-    indptr, indices = P.build_local(P.backend_encoder(P.tokenizer_json(tok)), keys, len(tok), words_per_task)
+    indptr, indices = P.build_local(P.backend_encoder(backend_json(tok)), keys, len(tok), words_per_task)
     assert P.csr_equals_lists(indptr, indices, P.reference_postings(tok, keys))
 
 
@@ -79,7 +80,7 @@ def _wrong_in_context(tok, texts):
 @pytest.mark.parametrize("family", synthetic.FAMILIES)
 def test_a_wrong_split_is_caught_and_encoding_falls_back(toks, keys, family, caplog):
     tok = toks[family]
-    rust = P.rust_tokenizer(P.tokenizer_json(tok))
+    rust = backend_from_json(backend_json(tok))
     texts = list(dict.fromkeys(P.key_variants(keys)))
     want = _rows(J.per_string(rust, texts), len(texts))
 
@@ -99,7 +100,7 @@ def test_a_wrong_split_is_caught_and_encoding_falls_back(toks, keys, family, cap
 def test_a_length_limit_left_in_the_tokenizer_does_not_cut_words(toks, keys):
     """HF calls can leave truncation in the backend's JSON; a joined call must not inherit it."""
     tok = toks["xlmr"]
-    blob = json.loads(P.tokenizer_json(tok))
+    blob = json.loads(backend_json(tok))
     blob["truncation"] = {"direction": "Right", "max_length": 3, "strategy": "LongestFirst", "stride": 0}
     indptr, indices = P.build_local(P.backend_encoder(json.dumps(blob)), keys, len(tok), 50)
     assert P.csr_equals_lists(indptr, indices, P.reference_postings(tok, keys))
@@ -111,7 +112,7 @@ def test_a_length_limit_left_in_the_tokenizer_does_not_cut_words(toks, keys):
 
 def _with_pre_tokenizer(tok, **metaspace) -> str:
     """The tokenizer's JSON with its Metaspace step changed (the xlmr fixture: WhitespaceSplit, then Metaspace)."""
-    blob = json.loads(P.tokenizer_json(tok))
+    blob = json.loads(backend_json(tok))
     parts = blob["pre_tokenizer"]["pretokenizers"]
     assert [p["type"] for p in parts] == ["WhitespaceSplit", "Metaspace"]
     parts[1].update(metaspace)
@@ -125,7 +126,7 @@ def _differs_with_a_leading_space(rust, texts) -> bool:
 @pytest.mark.parametrize("family", synthetic.FAMILIES)
 def test_leading_space_reuse_only_where_the_pipeline_drops_it(toks, keys, family):
     tok = toks[family]
-    rust = P.rust_tokenizer(P.tokenizer_json(tok))
+    rust = backend_from_json(backend_json(tok))
     texts = list(dict.fromkeys(P.key_variants(keys))) + list(J.PROBES)
     encoder = J.JoinedEncoder(rust)
     # Whitespace-dropping pipelines (these Metaspace "always" and BERT ones) reuse; byte-level BPE keeps `Ġ`.
@@ -140,21 +141,21 @@ def test_pipelines_where_a_leading_space_matters_are_not_allowed(toks, keys):
     tok = toks["xlmr"]
     texts = list(dict.fromkeys(P.key_variants(keys)))
     # Metaspace "first" prepends only at offset 0, which ' ' + s moves: the reuse would be wrong there.
-    first = P.rust_tokenizer(_with_pre_tokenizer(tok, prepend_scheme="first"))
+    first = backend_from_json(_with_pre_tokenizer(tok, prepend_scheme="first"))
     assert _differs_with_a_leading_space(first, texts)
     assert not J.drops_leading_spaces(first) and not J.JoinedEncoder(first).strips_leading_spaces
-    assert J.drops_leading_spaces(P.rust_tokenizer(_with_pre_tokenizer(tok, prepend_scheme="never")))
+    assert J.drops_leading_spaces(backend_from_json(_with_pre_tokenizer(tok, prepend_scheme="never")))
     for change in (
         {"normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}},
         {"normalizer": {"type": "Prepend", "prepend": "\u2581"}},
         {"pre_tokenizer": {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "always", "split": True}},
     ):
-        blob = json.loads(P.tokenizer_json(tok))
+        blob = json.loads(backend_json(tok))
         blob.update(change)
-        assert not J.drops_leading_spaces(P.rust_tokenizer(json.dumps(blob))), change
-    blob = json.loads(P.tokenizer_json(tok))
+        assert not J.drops_leading_spaces(backend_from_json(json.dumps(blob))), change
+    blob = json.loads(backend_json(tok))
     blob["added_tokens"].append({**blob["added_tokens"][-1], "id": len(tok), "content": " <x>"})
-    assert not J.drops_leading_spaces(P.rust_tokenizer(json.dumps(blob)))
+    assert not J.drops_leading_spaces(backend_from_json(json.dumps(blob)))
 
 
 def test_a_wrong_leading_space_reuse_is_caught(toks, keys, monkeypatch, caplog):
@@ -162,8 +163,8 @@ def test_a_wrong_leading_space_reuse_is_caught(toks, keys, monkeypatch, caplog):
     from transformers import PreTrainedTokenizerFast
 
     first_json = _with_pre_tokenizer(toks["xlmr"], prepend_scheme="first")
-    first = P.rust_tokenizer(first_json)
-    reference = P.reference_postings(PreTrainedTokenizerFast(tokenizer_object=P.rust_tokenizer(first_json)), keys)
+    first = backend_from_json(first_json)
+    reference = P.reference_postings(PreTrainedTokenizerFast(tokenizer_object=backend_from_json(first_json)), keys)
     monkeypatch.setattr(J, "drops_leading_spaces", lambda tok: True)
 
     refused = J.JoinedEncoder(first)

@@ -1,15 +1,16 @@
-"""The `deepspeed` launcher command and its clean-up (hyperofa_dist/hypernet/launch.py)."""
+"""The `deepspeed` launcher command and its clean-up (hyperofa_dist/runtime/launch.py)."""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 
 from hyperofa_dist.config import load_config
 from hyperofa_dist.errors import HyperofaError
-from hyperofa_dist.hypernet.launch import SHM_PREFIX, launch_command, read_hostfile, remove_shm_buffers
+from hyperofa_dist.runtime.launch import SHM_PREFIX, LaunchTarget, launch_command, read_hostfile, remove_shm_buffers
+
+PRETRAIN = LaunchTarget("hyperofa_dist.pretrain.train", "pretrain")
 
 
 def _flag(cmd: list[str], name: str) -> str:
@@ -18,7 +19,7 @@ def _flag(cmd: list[str], name: str) -> str:
 
 def test_local_launch_names_ranks_and_a_port_before_the_module(tmp_path):
     p = load_config(None, ["pretrain.ranks_per_node=3", "pretrain.master_port=29611"]).pretrain
-    cmd = launch_command(p, tmp_path / "job.json", module="hyperofa_dist.pretrain.train")
+    cmd = launch_command(p, tmp_path / "job.json", PRETRAIN)
     assert _flag(cmd, "--num_gpus") == "3" and _flag(cmd, "--master_port") == "29611"
     assert cmd.index("--num_gpus") < cmd.index("--module") and "--hostfile" not in cmd
     assert cmd[-3:] == ["hyperofa_dist.pretrain.train", "--job", str(tmp_path / "job.json")]
@@ -28,7 +29,7 @@ def test_multi_node_launch_puts_launcher_flags_before_the_module(tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node-a slots=4\nnode-b slots=4  # second\n\n")
     p = load_config(None, [f"pretrain.hostfile={hostfile}", "pretrain.num_nodes=2", "pretrain.launcher=slurm"]).pretrain
-    cmd = launch_command(p, tmp_path / "job.json")
+    cmd = launch_command(p, tmp_path / "job.json", PRETRAIN)
     assert _flag(cmd, "--hostfile") == str(hostfile.resolve()) and _flag(cmd, "--launcher") == "slurm"
     assert _flag(cmd, "--num_nodes") == "2" and _flag(cmd, "--master_port") == "29500"
     assert max(cmd.index(f) for f in ("--hostfile", "--launcher", "--num_nodes")) < cmd.index("--module")

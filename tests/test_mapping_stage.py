@@ -8,13 +8,15 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from data_prep import postings as P
-from data_prep.mapping_stage import run_mapping_stage, split_tokens
+from data_prep.mapping import postings as P
+from data_prep.mapping.split import split_tokens
+from data_prep.mapping.stage import run as run_mapping_stage
+from hyperofa_dist.formats.mapping import Postings
 from hyperofa_dist import synthetic
 from hyperofa_dist.config import load_config
 from hyperofa_dist.errors import HyperofaError
 from hyperofa_dist.tracking import NullTracker, make_tracker
-from hyperofa_dist.vectors import load_word_vectors
+from hyperofa_dist.formats.vectors import load_word_vectors
 from hyperofa_dist.vocab import compute_overlap
 
 pytestmark = pytest.mark.slow
@@ -71,7 +73,7 @@ def test_mapping_outputs_follow_the_contract_and_the_method(ray_cluster, models,
     assert (counts["n_words"], counts["word_dim"]) == table.shape
 
     for name, tok in (("source", source), ("target", target)):
-        indptr, indices = P.read_csr(out / f"postings_{name}.npz")
+        indptr, indices = (lambda p: (p.indptr, p.indices))(Postings.load(out / f"postings_{name}.npz"))
         assert indptr.shape == (len(tok) + 1,) and indices.dtype == np.int32
         assert P.csr_equals_lists(indptr, indices, P.reference_postings(tok, words.keys))
 
@@ -89,7 +91,7 @@ def test_mapping_outputs_follow_the_contract_and_the_method(ray_cluster, models,
     err = np.linalg.norm(emb - f @ prim) / np.linalg.norm(emb)
     assert stats["factorization"]["relative_reconstruction_error"] == pytest.approx(err, rel=1e-4)
 
-    src_indptr, _ = P.read_csr(out / "postings_source.npz")
+    src_indptr, _ = (lambda p: (p.indptr, p.indices))(Postings.load(out / "postings_source.npz"))
     covered = set(np.flatnonzero(np.diff(src_indptr) > 0)) - set(source.all_special_ids)
     with np.load(out / "split.npz") as split:
         parts = [split[n] for n in ("train", "val", "test")]
@@ -130,14 +132,14 @@ def test_two_runs_are_byte_identical_rerun_is_a_no_op_and_k_equal_d_works(ray_cl
     assert {p.name: p.stat().st_mtime_ns for p in runs[0].iterdir()} == stamps
 
 
-def test_statistics_reach_mlflow_and_identical_target_warns(ray_cluster, models, source_tokenizers, trained_vectors, tmp_path, caplog):
+def test_statistics_reach_mlflow_and_identical_target_warns(ray_cluster, models, source_tokenizers, trained_vectors, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
     config = _config(tmp_path / "run", models["bert"], source_tokenizers["bert"], trained_vectors, "tracking.enabled=true")
     tracker = make_tracker(config)
-    with caplog.at_level("WARNING", logger="hyperofa.mapping"), tracker.session("mapping", config):
+    with tracker.session("mapping", config):
         assert run_mapping_stage(config, tracker) == 0
-    assert "identical to the source tokenizer: nothing to initialise" in caplog.text
+    assert "warning: the target tokenizer" in capsys.readouterr().err
     stats = json.loads((tmp_path / "run" / "mapping" / "stats.json").read_text())
     assert stats["target_identical_to_source"] is True
     client = MlflowClient(tracking_uri=tracker.tracking_uri)

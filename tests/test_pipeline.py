@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from hyperofa_dist.demo_world import WorldSpec, build_world
-from hyperofa_dist.pipeline import DEMO_CONFIG
+from hyperofa_dist.synthetic.demo import WorldSpec, build_world
+from hyperofa_dist.config import DEMO_CONFIG
 
 pytestmark = pytest.mark.slow
 

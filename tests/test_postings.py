@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from data_prep import postings as P
+from data_prep.mapping import postings as P
+from hyperofa_dist.formats.files import save_npz
+from hyperofa_dist.formats.mapping import Postings
+from hyperofa_dist.formats.tokenizer import backend_from_json, backend_json
 from hyperofa_dist import synthetic
 
 
@@ -32,7 +35,7 @@ def test_spelling_variants_follow_the_method():
 @pytest.mark.parametrize("words_per_task", [1, 97, 100_000])
 def test_batched_chunks_equal_the_per_word_loop(toks, keys, family, words_per_task):
     tok = toks[family]
-    indptr, indices = P.build_local(P.backend_encoder(P.tokenizer_json(tok)), keys, len(tok), words_per_task)
+    indptr, indices = P.build_local(P.backend_encoder(backend_json(tok)), keys, len(tok), words_per_task)
     assert indptr.dtype == np.int64 and indices.dtype == np.int32 and indptr.shape == (len(tok) + 1,)
     reference = P.reference_postings(tok, keys)
     assert P.csr_equals_lists(indptr, indices, reference)
@@ -41,7 +44,7 @@ def test_batched_chunks_equal_the_per_word_loop(toks, keys, family, words_per_ta
 
 def test_csr_comparison_detects_a_difference(toks, keys):
     tok = toks["xlmr"]
-    indptr, indices = P.build_local(P.backend_encoder(P.tokenizer_json(tok)), keys, len(tok), 50)
+    indptr, indices = P.build_local(P.backend_encoder(backend_json(tok)), keys, len(tok), 50)
     reference = P.reference_postings(tok, keys)
     token = next(t for t, words in reference.items() if len(words) > 1)
     reference[token] = reference[token][:-1]
@@ -50,7 +53,7 @@ def test_csr_comparison_detects_a_difference(toks, keys):
 
 def test_coverage_stats_count_what_the_lists_hold(toks, keys):
     tok = toks["bert"]
-    indptr, indices = P.build_local(P.backend_encoder(P.tokenizer_json(tok)), keys, len(tok), 200)
+    indptr, indices = P.build_local(P.backend_encoder(backend_json(tok)), keys, len(tok), 200)
     reference = P.reference_postings(tok, keys)
     langs = sorted({k[:3] if k[3:4] == ":" else "eng" for k in keys})
     lang_ids = np.array([langs.index(k[:3] if k[3:4] == ":" else "eng") for k in keys], dtype=np.int32)
@@ -70,10 +73,11 @@ def test_coverage_stats_count_what_the_lists_hold(toks, keys):
 
 
 def test_npz_is_byte_deterministic_and_loadable(tmp_path):
-    arrays = {"indptr": np.arange(5, dtype=np.int64), "indices": np.array([3, 1, 2], dtype=np.int32)}
-    a, b = P.write_npz(tmp_path / "a.npz", **arrays), P.write_npz(tmp_path / "b.npz", **arrays)
+    arrays = {"indptr": np.array([0, 1, 1, 3], dtype=np.int64), "indices": np.array([3, 1, 2], dtype=np.int32)}
+    a, b = save_npz(tmp_path / "a.npz", **arrays), save_npz(tmp_path / "b.npz", **arrays)
     assert a.read_bytes() == b.read_bytes()
-    indptr, indices = P.read_csr(a)
+    postings = Postings.load(a)
+    indptr, indices = postings.indptr, postings.indices
     np.testing.assert_array_equal(indptr, arrays["indptr"])
     np.testing.assert_array_equal(indices, arrays["indices"])
 
@@ -83,12 +87,12 @@ def test_worker_tokenizer_keeps_unigram_scores_exact(world, tmp_path):
     """Rust's JSON reader can shift Unigram scores by an ulp and flip tied segmentations; workers must not."""
     import json
 
-    from data_prep.bench_mapping import make_unigram_tokenizer
+    from hyperofa_dist.bench.mapping import make_unigram_tokenizer
 
     words = [w for lang in world.languages for w in world.lexicon[lang.code][:400]]
     tok = AutoTokenizer.from_pretrained(str(make_unigram_tokenizer(words, 1500, tmp_path / "u")))
-    rebuilt = P.rust_tokenizer(P.tokenizer_json(tok))
+    rebuilt = backend_from_json(backend_json(tok))
     assert json.loads(rebuilt.to_str())["model"] == json.loads(tok.backend_tokenizer.to_str())["model"]
     keys = [f"{lang.code[:3]}:{w}" for lang in world.languages for w in world.lexicon[lang.code][400:700]]
-    indptr, indices = P.build_local(P.backend_encoder(P.tokenizer_json(tok)), keys, len(tok), 500)
+    indptr, indices = P.build_local(P.backend_encoder(backend_json(tok)), keys, len(tok), 500)
     assert P.csr_equals_lists(indptr, indices, P.reference_postings(tok, keys))

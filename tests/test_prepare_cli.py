@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from hyperofa_dist import synthetic
-from .cli_errors import assert_one_line_error
 
 COMMON = [
     "prepare.block_size=32",
@@ -33,9 +32,13 @@ def cli_tokenizer(tmp_path_factory, small_corpus) -> Path:
     return synthetic.train_source_tokenizer("bert", texts, 500, tmp_path_factory.mktemp("cli_tok") / "tok")
 
 
-def assert_fatal(out: subprocess.CompletedProcess, run_dir: Path, *needles: str) -> None:
-    assert_one_line_error(out, "prepare", *needles)
-    assert not list(run_dir.rglob("*.tar")) and not (run_dir / "prepare" / "manifest.json").exists()
+@pytest.fixture
+def assert_fatal(one_line_error):
+    def check(out: subprocess.CompletedProcess, run_dir: Path, *needles: str) -> None:
+        one_line_error(out, "prepare", *needles)
+        assert not list(run_dir.rglob("*.tar")) and not (run_dir / "prepare" / "manifest.json").exists()
+
+    return check
 
 
 def corpus_copy(small_corpus: Path, dest: Path, langs=("qac_Latn", "qad_Grek", "qae_Latn")) -> Path:
@@ -45,14 +48,14 @@ def corpus_copy(small_corpus: Path, dest: Path, langs=("qac_Latn", "qad_Grek", "
     return dest
 
 
-def test_missing_corpus_directory_is_fatal(tmp_path, cli_tokenizer):
+def test_missing_corpus_directory_is_fatal(tmp_path, cli_tokenizer, assert_fatal):
     missing = tmp_path / "no_such_corpus"
     out = run_cli(f"run.dir={tmp_path / 'run'}", f"corpus.path={missing}", f"tokenizer.path={cli_tokenizer}",
                   "tracking.enabled=false", *COMMON)
     assert_fatal(out, tmp_path, str(missing), "corpus directory not found")
 
 
-def test_file_name_that_is_not_a_lang_script_code_is_fatal(tmp_path, small_corpus, cli_tokenizer):
+def test_file_name_that_is_not_a_lang_script_code_is_fatal(tmp_path, small_corpus, cli_tokenizer, assert_fatal):
     corpus = corpus_copy(small_corpus, tmp_path / "corpus")
     (corpus / "english.txt").write_text("Hello there.\n")
     out = run_cli(f"run.dir={tmp_path / 'run'}", f"corpus.path={corpus}", f"tokenizer.path={cli_tokenizer}",
@@ -60,13 +63,13 @@ def test_file_name_that_is_not_a_lang_script_code_is_fatal(tmp_path, small_corpu
     assert_fatal(out, tmp_path, "english.txt", "not a lang_Script code")
 
 
-def test_missing_tokenizer_is_fatal(tmp_path, small_corpus):
+def test_missing_tokenizer_is_fatal(tmp_path, small_corpus, assert_fatal):
     corpus = corpus_copy(small_corpus, tmp_path / "corpus")
     out = run_cli(f"run.dir={tmp_path / 'run'}", f"corpus.path={corpus}", "tracking.enabled=false", *COMMON)
     assert_fatal(out, tmp_path, str(tmp_path / "run" / "tokenizer"), "no target tokenizer")
 
 
-def test_config_key_that_does_not_exist_is_fatal(tmp_path, small_corpus, cli_tokenizer):
+def test_config_key_that_does_not_exist_is_fatal(tmp_path, small_corpus, cli_tokenizer, assert_fatal):
     out = run_cli(f"run.dir={tmp_path / 'run'}", f"corpus.path={small_corpus}", f"tokenizer.path={cli_tokenizer}",
                   "prepare.sampling.temperature=2", *COMMON)
     assert_fatal(out, tmp_path, "config key prepare.sampling.temperature does not exist")
@@ -115,7 +118,7 @@ def test_empty_file_is_a_counted_skip_invalid_utf8_is_replaced_and_mlflow_finds_
     assert stage_run["tags.hyperofa.skipped_languages"] == "qag_Latn"
 
 
-def test_hub_corpus_offline_is_fatal(tmp_path, cli_tokenizer):
+def test_hub_corpus_offline_is_fatal(tmp_path, cli_tokenizer, assert_fatal):
     out = run_cli(f"run.dir={tmp_path / 'run'}", "corpus.format=hub", "corpus.languages=[qaa_Latn]",
                   f"tokenizer.path={cli_tokenizer}", "tracking.enabled=false", *COMMON)
     assert_fatal(out, tmp_path, "cis-lmu/Glot500", "cannot reach")

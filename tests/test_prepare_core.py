@@ -7,9 +7,9 @@ import tarfile
 import numpy as np
 import pytest
 
-from data_prep.packing import Specials, flatten_ids, pack_sentences, unpack_blocks
-from data_prep.prepare import group_units
-from data_prep.sampling import (
+from data_prep.prepare.packing import Specials, flatten_ids, pack_sentences, unpack_blocks
+from data_prep.prepare.stage import group_units
+from data_prep.prepare.sampling import (
     ChunkPlan,
     heldout_count,
     kept_order,
@@ -20,8 +20,8 @@ from data_prep.sampling import (
     temperature_budgets,
     unbudgeted_plan,
 )
-from data_prep.shards import build_shards, read_shard_blocks, shard_name, write_shard
-from hyperofa_dist.corpus import Unit
+from hyperofa_dist.formats.shards import build_shards, read_shard, shard_name, write_shard
+from hyperofa_dist.formats.corpus import Unit
 
 SPECIALS = Specials(cls=0, sep=2)
 
@@ -149,7 +149,7 @@ def test_shards_are_deterministic_tars_with_fixed_headers(tmp_path):
     with tarfile.open(paths[0]) as tar:
         for member in tar.getmembers():
             assert (member.mtime, member.uid, member.gid, member.uname, member.gname) == (0, 0, 0, "", "")
-    samples = [s for p in paths for s in read_shard_blocks(p)]
+    samples = [s for p in paths for s in [(s.key, s.lang, s.blocks) for s in read_shard(p)]]
     assert [k for k, _, _ in samples] == [f"aaa_Latn-00003-{i:08d}" for i in range(6)]
     assert all(lang == "aaa_Latn" for _, lang, _ in samples)
     assert np.array_equal(np.concatenate([a for _, _, a in samples]), blocks)

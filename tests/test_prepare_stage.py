@@ -18,15 +18,15 @@ import numpy as np
 import psutil
 import pytest
 
-from data_prep.packing import unpack_blocks
-from data_prep.prepare import run_prepare_stage
-from data_prep.sampling import heldout_count, kept_order, plan_chunks, select_sentences, temperature_budgets
-from data_prep.shards import read_shard_blocks
+from data_prep.prepare.packing import unpack_blocks
+from data_prep.prepare.stage import run as run_prepare_stage
+from data_prep.prepare.sampling import heldout_count, kept_order, plan_chunks, select_sentences, temperature_budgets
+from hyperofa_dist.formats.shards import read_shard
 from hyperofa_dist import synthetic
-from hyperofa_dist.artifacts import sha256_file
+from hyperofa_dist.formats.files import sha256_file
 from hyperofa_dist.config import load_config
-from hyperofa_dist.corpus import discover, plan_units, read_unit_sentences
-from hyperofa_dist.raycluster import ray_session
+from hyperofa_dist.formats.corpus import discover, plan_units, read_unit_sentences
+from hyperofa_dist.runtime.ray import ray_session
 from hyperofa_dist.tracking import NullTracker
 
 pytestmark = pytest.mark.slow
@@ -98,7 +98,7 @@ def test_shard_token_counts_sum_to_manifest_totals(run_a):
         assert sha256_file(files[entry["path"]]) == entry["sha256"]
     for rel, path in files.items():
         split, lang = rel.split("/")[:2]
-        for _, sample_lang, ids in read_shard_blocks(path):
+        for _, sample_lang, ids in ((s.key, s.lang, s.blocks) for s in read_shard(path)):
             assert sample_lang == lang and ids.dtype == np.uint32 and ids.shape[1] == BLOCK
             per[lang][f"{split}_blocks"] += ids.shape[0]
             content = ids[:, 1:-1] != manifest["special_tokens"]["sep"]
@@ -132,7 +132,7 @@ def test_blocks_decode_to_the_kept_sentences_in_order(run_a, prep_tokenizer):
     plans = plan_chunks(counts, HELDOUT, sampling.alpha, sampling.total_sentences, None, True)
     blocks = defaultdict(list)
     for entry in manifest["shards"]:  # sorted by path: chunk, then shard index
-        for _, _, ids in read_shard_blocks(config.run_dir / "prepare" / entry["path"]):
+        for _, _, ids in ((s.key, s.lang, s.blocks) for s in read_shard(config.run_dir / "prepare" / entry["path"])):
             blocks[(entry["split"], entry["lang"], entry["chunk"])].append(ids)
     checked = 0
     for unit in units:

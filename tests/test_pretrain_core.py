@@ -14,6 +14,7 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 from hyperofa_dist.config import load_config
 from hyperofa_dist.errors import HyperofaError
+from hyperofa_dist.formats.shards import load_shardset
 from hyperofa_dist.pretrain import data as D
 from hyperofa_dist.pretrain.mlm import IGNORE, masked_lm_loss
 from hyperofa_dist.pretrain.optim import (
@@ -26,17 +27,18 @@ from hyperofa_dist.pretrain.optim import (
     trainable_rows_from_provenance,
 )
 from hyperofa_dist.pretrain.perf import body_params, flops_per_token
-from hyperofa_dist.pretrain.stage import run_pretrain_stage
+from hyperofa_dist.pretrain.stage import run as run_pretrain_stage
 from hyperofa_dist.tracking import NullTracker
 
-from .pretrain_fixtures import COPIED, quick_prepare, tokenizer_and_model
+COPIED = 300  # conftest.PretrainKit.COPIED: rows [0, COPIED) play the copied tokens
 
 
 @pytest.fixture(scope="module")
-def quick_world(tmp_path_factory, small_corpus):
+def quick_world(tmp_path_factory, small_corpus, pretrain_kit):
+    assert pretrain_kit.COPIED == COPIED
     root = tmp_path_factory.mktemp("pretrain_quick")
-    tok, model = tokenizer_and_model(root, small_corpus)
-    shards = quick_prepare(root / "prepare", small_corpus, tok)
+    tok, model = pretrain_kit.tokenizer_and_model(root, small_corpus)
+    shards = pretrain_kit.quick_prepare(root / "prepare", small_corpus, tok)
     return {"root": root, "tok": tok, "model": model, "prepare": shards}
 
 
@@ -111,7 +113,7 @@ def _collect(shardset, rank, world, workers, epoch_start=0, n_batches=6, weights
 
 
 def test_loader_ranks_disjoint_equal_counts_and_seeded(quick_world):
-    shardset, _ = D.load_shardset(quick_world["prepare"])
+    shardset = load_shardset(quick_world["prepare"])
     pair = (shardset, quick_world["tok"])
     for workers in (0, 2):
         ranks = [_collect(pair, r, 2, workers) for r in range(2)]
@@ -131,7 +133,7 @@ def test_loader_ranks_disjoint_equal_counts_and_seeded(quick_world):
 
 
 def test_heldout_batches_are_fixed(quick_world):
-    shardset, _ = D.load_shardset(quick_world["prepare"])
+    shardset = load_shardset(quick_world["prepare"])
     tok = AutoTokenizer.from_pretrained(str(quick_world["tok"]))
     lang = sorted(shardset.heldout)[0]
     a = D.heldout_batches(shardset.heldout[lang], 10, 4, D.mask_spec(tok, 0.15), 0, lang)
@@ -143,7 +145,7 @@ def test_heldout_batches_are_fixed(quick_world):
 
 
 def test_flops_per_token_matches_the_design_table(quick_world):
-    # INFRA_NOTES 6.2: XLM-R-base body 86.44M, V=401,145, seq 512: 2.42 GFLOP full logits, 0.85 masked-only.
+    # docs/DISTRIBUTED.md §4: XLM-R-base body 86.44M, V=401,145, seq 512: 2.42 GFLOP full logits, 0.85 masked-only.
     assert flops_per_token(86.44e6, 12, 768, 512, 401_145, 1.0) / 1e9 == pytest.approx(2.42, abs=0.01)
     assert flops_per_token(86.44e6, 12, 768, 512, 401_145, 0.15) / 1e9 == pytest.approx(0.85, abs=0.01)
     model = AutoModelForMaskedLM.from_pretrained(quick_world["model"])
@@ -160,10 +162,8 @@ def _config(world, tmp_path, *extra):
                               f"pretrain.shards={world['prepare']}", "tracking.enabled=false", *extra])
 
 
-def test_shards_of_another_tokenizer_are_rejected(quick_world, tmp_path, small_corpus):
-    from .pretrain_fixtures import tokenizer_and_model as build
-
-    _, other_model = build(tmp_path / "other", small_corpus, vocab=450, seed=1)
+def test_shards_of_another_tokenizer_are_rejected(quick_world, tmp_path, small_corpus, pretrain_kit):
+    _, other_model = pretrain_kit.tokenizer_and_model(tmp_path / "other", small_corpus, vocab=450, seed=1)
     config = _config({**quick_world, "model": other_model}, tmp_path)
     with pytest.raises(HyperofaError, match="shards were made with another tokenizer than the model's"):
         run_pretrain_stage(config, NullTracker())

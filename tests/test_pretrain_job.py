@@ -22,11 +22,11 @@ import torch
 from hyperofa_dist.config import load_config
 from hyperofa_dist.errors import HyperofaError
 from hyperofa_dist.pretrain.export import consolidated_state_dict
-from hyperofa_dist.pretrain.stage import run_pretrain_stage
-from hyperofa_dist.pretrain.train import FAULT_ENV
+from hyperofa_dist.pretrain.stage import run as run_pretrain_stage
+from hyperofa_dist.runtime.faults import FAULT_ENV
 from hyperofa_dist.tracking import make_tracker
 
-from .pretrain_fixtures import COPIED, real_prepare, tokenizer_and_model
+COPIED = 300  # conftest.PretrainKit.COPIED: rows [0, COPIED) play the copied tokens
 
 pytestmark = pytest.mark.slow
 
@@ -54,10 +54,11 @@ SHM = Path("/dev/shm")
 
 
 @pytest.fixture(scope="module")
-def job_world(tmp_path_factory, small_corpus):
+def job_world(tmp_path_factory, small_corpus, pretrain_kit):
+    assert pretrain_kit.COPIED == COPIED
     root = tmp_path_factory.mktemp("pretrain_job")
-    tok, model = tokenizer_and_model(root, small_corpus)
-    prepare = real_prepare(root / "prep_run", small_corpus, tok)
+    tok, model = pretrain_kit.tokenizer_and_model(root, small_corpus)
+    prepare = pretrain_kit.real_prepare(root / "prep_run", small_corpus, tok)
     return {"root": root, "model": model, "prepare": prepare}
 
 

@@ -13,9 +13,8 @@ from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 
 from hyperofa_dist import synthetic
-from hyperofa_dist import tokenizer_learn as learn
+from hyperofa_dist.tokenizer import learn
 from hyperofa_dist.cli import main as cli_main
-from .cli_errors import assert_one_line_error
 
 FAMILIES = synthetic.FAMILIES
 SOURCE_LANG = "qaa_Latn"  # the conftest source tokenizers are trained on this language only
@@ -330,25 +329,29 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "hyperofa_dist.cli", *args], capture_output=True, text=True, env=env)
 
 
-def assert_one_line_failure(out: subprocess.CompletedProcess, run_dir: Path, *needles: str) -> None:
-    assert_one_line_error(out, "tokenizer", *needles)
-    assert not (run_dir / "tokenizer" / "manifest.json").exists()
-    assert not (run_dir / "tokenizer").exists()
+@pytest.fixture
+def assert_one_line_failure(one_line_error):
+    def check(out: subprocess.CompletedProcess, run_dir: Path, *needles: str) -> None:
+        one_line_error(out, "tokenizer", *needles)
+        assert not (run_dir / "tokenizer" / "manifest.json").exists()
+        assert not (run_dir / "tokenizer").exists()
+
+    return check
 
 
-def test_missing_source_tokenizer_is_one_line(tmp_path, small_corpus):
+def test_missing_source_tokenizer_is_one_line(tmp_path, small_corpus, assert_one_line_failure):
     missing = tmp_path / "no_such_tokenizer"
     out = run_cli(*stage_args(tmp_path / "run", small_corpus, missing, "tracking.enabled=false"))
     assert_one_line_failure(out, tmp_path / "run", str(missing), "source.tokenizer")
 
 
-def test_missing_corpus_is_one_line(tmp_path, source_tokenizers):
+def test_missing_corpus_is_one_line(tmp_path, source_tokenizers, assert_one_line_failure):
     missing = tmp_path / "no_such_corpus"
     out = run_cli(*stage_args(tmp_path / "run", missing, source_tokenizers["xlmr"], "tracking.enabled=false"))
     assert_one_line_failure(out, tmp_path / "run", str(missing))
 
 
-def test_unreachable_hub_tokenizer_is_one_line(tmp_path, small_corpus):
+def test_unreachable_hub_tokenizer_is_one_line(tmp_path, small_corpus, assert_one_line_failure):
     out = run_cli("tokenizer", f"run.dir={tmp_path / 'run'}", f"corpus.path={small_corpus}",
                   "source.model=no-such-org/no-such-model", "tracking.enabled=false")
     assert_one_line_failure(out, tmp_path / "run", "no-such-org/no-such-model", "source.model", "offline")

@@ -11,7 +11,8 @@ from gensim.models import KeyedVectors
 
 from hyperofa_dist import cli, synthetic
 from hyperofa_dist.errors import HyperofaError
-from hyperofa_dist.vectors import load_word_vectors, parse_key, save_keyed_vectors, write_word_matrix
+from hyperofa_dist.formats.mapping import write_word_vectors
+from hyperofa_dist.formats.vectors import load_word_vectors, parse_key, save_keyed_vectors
 
 COLEX_KEYS = ["otq:$ndöhi$", "deu:haus", "water", "fra:$la maison", "eng:ab$", "$x"]
 BAD_KEYS = ["ab:cd", "DEU:haus", "deu:a:b", "eng:$", "x\ny", "deu: ", "1234:five"]
@@ -49,7 +50,8 @@ def test_gensim_kv_with_colexnet_keys_skips_unexpected_ones_with_examples(tmp_pa
     only = load_word_vectors(path, languages=["deu", "fra"])
     assert only.keys == ["deu:haus", "fra:$la maison"]
     out = tmp_path / "m.npy"
-    write_word_matrix(words, out, chunk_rows=2)
+    blocks = (words.matrix(start, start + 2) for start in range(0, len(words), 2))
+    write_word_vectors(out, len(words), words.dim, blocks, words.keys, path)
     np.testing.assert_array_equal(np.load(out, mmap_mode="r"), words.matrix())
 
 
@@ -121,7 +123,8 @@ def test_non_finite_vector_is_reported_by_key(tmp_path):
     path = tmp_path / "nan.kv"
     save_keyed_vectors(kv, path)
     with pytest.raises(HyperofaError, match="'deu:b' is not finite"):
-        write_word_matrix(load_word_vectors(path), tmp_path / "m.npy")
+        words = load_word_vectors(path)
+        write_word_vectors(tmp_path / "m.npy", len(words), words.dim, [words.matrix()], words.keys, path)
     assert not (tmp_path / "m.npy").exists()
 
 

@@ -1,4 +1,4 @@
-"""Sentence retrieval (SR-T on Tatoeba, SR-B on the Bible), as the method evaluates it (METHOD_REFERENCE 5.2).
+"""Sentence retrieval (SR-T on Tatoeba, SR-B on the Bible), as the method evaluates it (docs/METHOD.md §5.2).
 
 Per language L, two line-aligned files: `<prefix>.<L>-eng.<L>` + `<prefix>.<L>-eng.eng` (XTREME/LASER) or
 `<prefix>.<L>-eng_Latn.<L>` + `<prefix>.<L>-eng_Latn.eng_Latn` (Glot500). Each sentence is encoded as the mean

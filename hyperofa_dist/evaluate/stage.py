@@ -18,24 +18,21 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..artifacts import Stage, atomic_write_json, digest, sha256_file
 from ..config import Config
 from ..errors import HyperofaError
+from ..formats import results as out_format
+from ..formats.files import sha256_file
+from ..formats.init import method_of
+from ..formats.models import CONFIG, load_model, model_fingerprint, read_model_config
+from ..formats.shards import first_blocks, heldout_shards, prepare_dir
+from ..formats.tokenizer import load_tokenizer
+from ..runtime.device import resolve_device
+from ..runtime.stage import StageShell
 from . import mlm, retrieval, tagging
-from .model import (
-    check_model_vocabulary,
-    check_vocabulary,
-    hidden_state_index,
-    infer_init_method,
-    load_model,
-    load_tokenizer,
-    pick_device,
-    resolve_model_dir,
-)
+from .model import check_model_vocabulary, check_vocabulary, hidden_state_index, resolve_model_dir
 
 TASK_DIRS = {"srt": ("srt", "tatoeba"), "srb": ("srb", "bible"), "pos": ("pos", "udpos"), "ner": ("ner", "panx")}
 MAIN_METRIC = {"srt": "top10", "srb": "top10", "pos": "f1", "ner": "f1", "mlm": "loss"}
-MODEL_FILES = ("config.json", "model.safetensors", "pytorch_model.bin")
 
 
 def task_data_dir(data_dir: Optional[str], task: str) -> Path:
@@ -84,22 +81,18 @@ def _files_fingerprint(root: Path) -> dict[str, str]:
 
 
 def _heldout_dir(config: Config) -> Path:
-    return Path(config.evaluate.heldout_dir) if config.evaluate.heldout_dir else config.run_dir / "prepare"
+    return Path(config.evaluate.heldout_dir) if config.evaluate.heldout_dir else prepare_dir(config.run_dir)
 
 
 def _inputs(config: Config, model_dir: Path) -> dict[str, Any]:
-    ev = config.evaluate.model_dump(mode="json")
-    ev.pop("output")
     inputs: dict[str, Any] = {
-        "evaluate": ev,
-        "seed": config.run.seed,
-        "model": {n: sha256_file(model_dir / n) for n in MODEL_FILES if (model_dir / n).is_file()},
-        "tokenizer": {p.name: sha256_file(p) for p in sorted(model_dir.glob("*token*")) if p.is_file()},
+        **config.fingerprint("evaluate", "run"),
+        "model": model_fingerprint(model_dir),
         "data": {},
     }
     for task in config.evaluate.tasks:
         if task == "mlm":
-            inputs["data"][task] = {p.name: sha256_file(p) for p in mlm.find_heldout_shards(_heldout_dir(config))}
+            inputs["data"][task] = {p.name: sha256_file(p) for p in heldout_shards(_heldout_dir(config))}
         else:
             inputs["data"][task] = _files_fingerprint(task_data_dir(config.evaluate.data_dir, task))
     return inputs
@@ -110,7 +103,7 @@ def evaluate_model(
 ) -> tuple[dict[str, Any], dict[str, dict[str, str]], dict[str, float]]:
     """(results, skipped languages per task, extra metrics such as tagging selection and timings)."""
     ev = config.evaluate
-    device = pick_device(ev.device)
+    device = resolve_device(ev.device, "evaluate.device")
     tokenizer = load_tokenizer(model_dir)
     results: dict[str, Any] = {}
     skipped: dict[str, dict[str, str]] = {}
@@ -164,8 +157,7 @@ def evaluate_model(
         else:
             model = load_model(model_dir, "AutoModelForMaskedLM").to(device)
             check_model_vocabulary(tokenizer, model, model_dir)
-            shards = mlm.find_heldout_shards(_heldout_dir(config))
-            blocks = mlm.read_heldout_blocks(shards, ev.mlm_blocks, ev.languages)
+            blocks = first_blocks(heldout_shards(_heldout_dir(config)), ev.mlm_blocks, ev.languages)
             if not blocks:
                 raise HyperofaError(f"{_heldout_dir(config)}: no held-out blocks for the requested languages")
             per_language = mlm.mlm_loss_per_language(
@@ -186,60 +178,48 @@ def evaluate_model(
     return results, skipped, extra
 
 
-def run_evaluate_stage(config: Config, tracker: Any) -> int:
+def run(config: Config, tracker: Any) -> int:
     ev = config.evaluate
     model_dir = resolve_model_dir(ev.model, config.run_dir)
     name = ev.name or default_name(model_dir, config.run_dir)
-    stage = Stage(config.run_dir, f"evaluate/{name}")
-    method = ev.init_method or infer_init_method(model_dir)
+    stage = out_format.stage_of(config.run_dir, name)
+    method = ev.init_method or method_of(model_dir)
     _check_vocab_cheaply(model_dir)
     inputs = _inputs(config, model_dir)
-    key = digest(inputs)
-    results_path = stage.path / "results.json"
+    results_path = stage.path / out_format.RESULTS
     output = Path(ev.output).resolve() if ev.output else results_path
-    if stage.is_complete(key) and results_path.is_file():
-        if output != results_path:
-            atomic_write_json(output, _read_json(results_path))
-        print(f"hyperofa evaluate: up to date ({stage.manifest_path})", file=sys.stderr)
-        return 0
-    stage.begin(key)
-    with tracker.stage("evaluate", config) as run:
-        run.set_tags({"init.method": method or "unknown", "evaluate.name": name, "evaluate.model": str(model_dir)})
+    with StageShell.open(config, tracker, "evaluate", stage, inputs) as shell:
+        if shell.up_to_date:
+            if output != results_path:
+                out_format.write_results(output, out_format.read_results(results_path))
+            return 0
+        run_ = shell.run
+        shell.begin()
+        run_.set_tags({"init.method": method or "unknown", "evaluate.name": name, "evaluate.model": str(model_dir)})
         results, skipped, extra = evaluate_model(config, model_dir)
-        atomic_write_json(results_path, results)
+        out_format.write_results(results_path, results)
         if output != results_path:
-            atomic_write_json(output, results)
-        run.log_metrics({**flatten_results(results), **extra}, step=ev.step)
+            out_format.write_results(output, results)
+        run_.log_metrics({**flatten_results(results), **extra}, step=ev.step)
         flat_skipped = {f"{t}:{l}": r for t, langs in skipped.items() for l, r in langs.items()}
         if flat_skipped:
-            run.set_tags({"evaluate.skipped": ", ".join(sorted(flat_skipped))})
-        run.log_artifact(results_path)
-        stage.write_manifest(
-            config=config.effective(),
-            inputs=inputs,
-            outputs=["results.json"],
+            run_.set_tags({"evaluate.skipped": ", ".join(sorted(flat_skipped))})
+        run_.log_artifact(results_path)
+        shell.finish(
+            outputs=[out_format.RESULTS],
             counts={task: len(langs) - 1 for task, langs in results.items()},
             extra={"skipped": skipped, "init_method": method, "step": ev.step},
         )
     summary = ", ".join(
         f"{task} {MAIN_METRIC[task]}={values['average'][MAIN_METRIC[task]]:.2f}" for task, values in results.items()
     )
-    print(f"hyperofa evaluate: {name}: {summary} -> {output}", file=sys.stderr)
+    shell.say(f"{name}: {summary} -> {output}")
     return 0
 
 
 def _check_vocab_cheaply(model_dir: Path) -> None:
     """Fail before any work when the tokenizer has ids the model has no embedding for (config.vocab_size)."""
-    from transformers import AutoConfig
-
-    try:
-        rows = AutoConfig.from_pretrained(str(model_dir)).vocab_size
-    except Exception as exc:  # a broken config.json surfaces as many types
-        raise HyperofaError(f"{model_dir}/config.json: cannot read ({exc.__class__.__name__})") from None
+    rows = read_model_config(model_dir).get("vocab_size")
+    if not isinstance(rows, int):
+        raise HyperofaError(f"{model_dir / CONFIG}: no vocab_size")
     check_vocabulary(len(load_tokenizer(model_dir)), rows, model_dir)
-
-
-def _read_json(path: Path) -> Any:
-    import json
-
-    return json.loads(path.read_text(encoding="utf-8"))

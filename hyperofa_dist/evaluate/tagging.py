@@ -1,4 +1,4 @@
-"""Zero-shot cross-lingual tagging (POS, NER), as the method evaluates it (METHOD_REFERENCE 5.3).
+"""Zero-shot cross-lingual tagging (POS, NER), as the method evaluates it (docs/METHOD.md §5.3).
 
 A stock `AutoModelForTokenClassification` (the encoder plus a fresh linear head) is fine-tuned on English train
 data, the epoch with the best English dev F1 is kept, and that model tags every other language's test file.
@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from ..errors import HyperofaError
-from .model import load_model
+from ..formats.models import load_model
 
 IGNORE = -100
 SPLITS = ("train", "dev", "test")
@@ -193,7 +193,7 @@ def tagging_scores(gold: list[list[str]], pred: list[list[str]], accuracy: bool)
 
     with warnings.catch_warnings():
         # Plain UPOS tags are not BIO tags; seqeval warns once per chunk. Scoring them anyway is the method's
-        # choice (METHOD_REFERENCE 5.3), so the warning carries no news.
+        # choice (docs/METHOD.md §5.3), so the warning carries no news.
         warnings.filterwarnings("ignore", message=".*seems not to be NE tag", category=UserWarning)
         scores = {
             "f1": 100.0 * float(f1_score(gold, pred, zero_division=0)),

@@ -1,4 +1,4 @@
-"""Hypernetwork data from CSR postings (METHOD_REFERENCE §3.1, §3.5, §3.6), written for many ranks.
+"""Hypernetwork data from CSR postings, written for many ranks (HyperOFA `hypernetwork/`: dataset and sampler).
 
 - `WordTable`: the frozen word-vector table, memory-mapped once per rank; rows are gathered per batch, so the
   table is never a parameter, never on the optimizer, never in a checkpoint.
@@ -19,6 +19,9 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from ..formats.files import load_npy
+from ..formats.mapping import Postings
+
 PAD = -1
 
 
@@ -30,37 +33,13 @@ class AugmentSpec:
     max_fraction: float = 1.0
 
 
-class Postings:
-    """token id -> sorted word indices, as CSR arrays (`indptr` int64 [V+1], `indices` int32)."""
-
-    def __init__(self, indptr: np.ndarray, indices: np.ndarray):
-        self.indptr = np.asarray(indptr, dtype=np.int64)
-        self.indices = np.asarray(indices)
-
-    @classmethod
-    def load(cls, path: str | Path) -> "Postings":
-        with np.load(path) as data:
-            return cls(data["indptr"], data["indices"])
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.indptr) - 1
-
-    def lengths(self, token_ids: np.ndarray) -> np.ndarray:
-        token_ids = np.asarray(token_ids, dtype=np.int64)
-        return self.indptr[token_ids + 1] - self.indptr[token_ids]
-
-    def words(self, token_id: int) -> np.ndarray:
-        return self.indices[self.indptr[token_id] : self.indptr[token_id + 1]]
-
-
 class WordTable:
     """The frozen word vectors. On CPU a read-only memory map (ranks share the page cache); on a GPU one copy in
     device memory, made once per rank."""
 
     def __init__(self, path: str | Path, device: torch.device | str = "cpu"):
         self.path = Path(path)
-        self.array = np.load(self.path, mmap_mode="r")
+        self.array = load_npy(self.path, mmap=True, what="word table")
         self.device = torch.device(device)
         self._on_device: Optional[torch.Tensor] = None
         if self.device.type != "cpu":

@@ -1,4 +1,4 @@
-"""The hypernetwork loss (METHOD_REFERENCE §3.4): lambda * InfoNCE + (1 - lambda) * normalised L1.
+"""The hypernetwork loss (docs/METHOD.md §3.4): lambda * InfoNCE + (1 - lambda) * normalised L1.
 
 InfoNCE is one-directional, as in the reference code (not the report's formula): rows are predictions,
 columns are targets, C = cos(pred_i, target_j) / T, cross-entropy against the diagonal. Negatives are the batch's

@@ -1,4 +1,4 @@
-"""The hypernetworks: a set of word vectors -> one token's k coordinates (METHOD_REFERENCE §3.2, §3.3).
+"""The hypernetworks: a set of word vectors -> one token's k coordinates (docs/METHOD.md §3.2, §3.3).
 
 Both models take the already looked-up word vectors `[B, L, word_dim]` and a boolean mask `[B, L]` (True at
 real words, every row with at least one). The frozen word table is deliberately not a module attribute: it is

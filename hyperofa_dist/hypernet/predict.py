@@ -1,13 +1,12 @@
-"""Inference (METHOD_REFERENCE §1.8): coordinates for the target tokens that need them, and test-split metrics.
+"""Inference (HyperOFA `hypernetwork/inference.py`): coordinates for the target tokens that need them, and test-split metrics.
 
 Only target tokens that have postings and are not copied get a prediction: copied tokens are overwritten by
-the source row anyway (the reference predicted them too, §7.2). Lists are taken without augmentation, capped
+the source row anyway (the reference predicted them too, docs/METHOD.md §7). Lists are taken without augmentation, capped
 at max_context. Batches are formed from tokens of similar length (less padding); rows come back in token order.
 """
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
@@ -15,14 +14,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..artifacts import atomic_write_bytes, atomic_write_json
-from .data import Postings, TokenSet, WordTable
-
-PREDICTED_IDS = "predicted_ids.npy"
-PREDICTED_ROWS = "predicted_coordinates.npy"
-TEST_IDS = "test_ids.npy"
-TEST_ROWS = "test_coordinates.npy"
-TEST_METRICS = "test_metrics.json"
+from ..formats.hypernet import write_predictions, write_test_predictions
+from ..formats.mapping import Postings
+from .data import TokenSet, WordTable
 
 
 def tokens_to_predict(target: Postings, copied: np.ndarray) -> np.ndarray:
@@ -54,7 +48,7 @@ def predict_rows(
 
 
 def split_metrics(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
-    """Mean cosine of prediction vs true row, and the un-normalised mean |difference| (§3.9)."""
+    """Mean cosine of prediction vs true row, and the un-normalised mean |difference| (docs/METHOD.md §3.9)."""
     if len(pred) == 0:
         return {"test_mean_cosine": float("nan"), "test_l1": float("nan"), "test_count": 0}
     num = (pred * true).sum(axis=1)
@@ -65,12 +59,6 @@ def split_metrics(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
         "test_l1": float(np.abs(pred - true).mean()),
         "test_count": int(len(pred)),
     }
-
-
-def save_npy(path: Path, array: np.ndarray) -> None:
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    atomic_write_bytes(path, buffer.getvalue())
 
 
 def predict_all(
@@ -92,16 +80,13 @@ def predict_all(
     k = int(coordinates.shape[1])
     ids = tokens_to_predict(target, copied)
     rows = predict_rows(model, table, TokenSet(ids, target, None, k), batch_size=batch_size, cap=cap, device=device, dtype=dtype)
-    save_npy(out_dir / PREDICTED_IDS, ids)
-    save_npy(out_dir / PREDICTED_ROWS, rows)
+    write_predictions(out_dir, ids, rows)
 
     test_ids = np.asarray(test_ids, dtype=np.int64)
     test_rows = predict_rows(
         model, table, TokenSet(test_ids, source, coordinates, k), batch_size=batch_size, cap=cap, device=device, dtype=dtype
     )
-    save_npy(out_dir / TEST_IDS, test_ids)
-    save_npy(out_dir / TEST_ROWS, test_rows)
     metrics = split_metrics(test_rows, np.asarray(coordinates[test_ids], dtype=np.float32))
     metrics["predicted_count"] = int(len(ids))
-    atomic_write_json(out_dir / TEST_METRICS, metrics)
+    write_test_predictions(out_dir, test_ids, test_rows, metrics)
     return metrics

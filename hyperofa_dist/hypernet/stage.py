@@ -1,127 +1,104 @@
 """`hyperofa hypernet`: check the mapping, launch the DeepSpeed training job, write `<run_dir>/hypernet/`.
 
-Everything that can be checked is checked before a process is launched (hypernet.inputs: vectors fingerprint,
-k, shapes, a non-empty training split; the DeepSpeed template). The job (train.py) trains, keeps the best model,
-and predicts; this process then writes the manifest. A run ended on purpose by `hypernet.stop_after_epoch`
-leaves checkpoints and no manifest; `hypernet.resume=true` continues it.
+Everything that can be checked is checked before a process is launched (the mapping's files and shapes, the
+vectors fingerprint, k, a training split large enough for one batch per rank; the DeepSpeed template). The job
+(train.py) trains, keeps the best model, and predicts; this process then writes the manifest. A run ended on
+purpose by `hypernet.stop_after_epoch` leaves checkpoints and no manifest; `hypernet.resume=true` continues it.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
-from ..artifacts import Stage, atomic_write_json, digest
 from ..config import Config
-from ..dsconfig import fill_ds_config, load_template, resolve_precision
 from ..errors import HyperofaError
-from . import predict as pred
-from . import train
-from .inputs import load_mapping
-from .launch import launch_command, planned_world_size, run_launcher
+from ..formats import hypernet as out_format
+from ..formats.jobdir import DS_CONFIG, checkpoint_dir, has_checkpoint, write_job
+from ..formats.mapping import SPLIT, load_mapping
+from ..formats.vectors import configured_vectors_path
+from ..runtime.device import job_device_type, resolve_precision
+from ..runtime.dsconfig import fill_ds_config, load_template, validate_ds_config
+from ..runtime.launch import LaunchTarget, launch_command, planned_world_size, run_launcher
+from ..runtime.stage import StageShell
+from .models import model_spec
+from .train import check_batches, training_split
 
-# Keys that change how a run is executed, not what it computes: left out of the stage's inputs digest.
-EXECUTION_KEYS = (
-    "resume", "stop_after_epoch", "master_port", "launcher", "hostfile", "num_nodes", "ranks_per_node",
-    "threads_per_rank", "data_audit",
-)
-OUTPUTS = (
-    train.BEST_MODEL, train.MODEL_SPEC, train.METRICS, "ds_config.json",
-    pred.PREDICTED_IDS, pred.PREDICTED_ROWS, pred.TEST_IDS, pred.TEST_ROWS, pred.TEST_METRICS,
-)
-
-
-def job_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+TARGET = LaunchTarget("hyperofa_dist.hypernet.train", "hypernet")
 
 
 def build_ds_config(config: Config, device: str) -> dict[str, Any]:
     hp = config.hypernet
     template, source = load_template(hp.zero)
-    return fill_ds_config(
+    cfg = fill_ds_config(
         template, micro_batch=hp.batch_size, grad_accum=hp.grad_accum, lr=hp.lr,
-        precision=resolve_precision(hp.precision, device), weight_decay=0.0, clip=0.0,
+        precision=resolve_precision(hp.precision, device, "hypernet.precision"), weight_decay=0.0, clip=0.0,
         torch_optimizer=True, source=source,
     )
+    validate_ds_config(cfg, source)
+    return cfg
 
 
-def stage_inputs(config: Config, mapping_identity: str, world: int, ds_config: dict[str, Any]) -> dict[str, Any]:
-    hp = {k: v for k, v in config.section("hypernet")["hypernet"].items() if k not in EXECUTION_KEYS}
-    return {"hypernet": hp, "seed": config.run.seed, "mapping": mapping_identity, "world_size": world,
-            "ds_config": ds_config}
+def job_spec(config: Config, out: Path, ds_config: dict[str, Any], parent_run_id: Any) -> dict[str, Any]:
+    return {"config": config.effective(), "out_dir": str(out), "ds_config": ds_config, "parent_run_id": parent_run_id}
 
 
-def write_job(config: Config, out: Path, ds_config: dict[str, Any], parent_run_id: Any) -> Path:
-    atomic_write_json(out / "ds_config.json", ds_config)
-    return atomic_write_json(
-        out / "job.json",
-        {"config": config.effective(), "out_dir": str(out), "ds_config": ds_config, "parent_run_id": parent_run_id},
-    )
-
-
-def run_hypernet_stage(config: Config, tracker) -> int:
+def run(config: Config, tracker: Any) -> int:
     hp = config.hypernet
-    stage = Stage(config.run_dir, "hypernet")
-    mapping = load_mapping(config)
-    world = planned_world_size(hp)
-    need = hp.batch_size * world * hp.grad_accum
-    if len(mapping.splits["train"]) < need:
-        raise HyperofaError(
-            f"{mapping.path / 'split.npz'}: {len(mapping.splits['train'])} training tokens, fewer than "
-            f"hypernet.batch_size x ranks x grad_accum = {need}; lower hypernet.batch_size"
-        )
-    ds_config = build_ds_config(config, job_device())
-    inputs = stage_inputs(config, mapping.identity(), world, ds_config)
-    key = digest(inputs)
-    if stage.is_complete(key):
-        print(f"hyperofa hypernet: {stage.path} is up to date", file=sys.stderr)
-        return 0
-    ckpt = stage.path / train.CHECKPOINTS
-    if hp.resume and not (ckpt / "latest").is_file():
-        raise HyperofaError(f"{ckpt}: no checkpoint to resume from (hypernet.resume=true)")
-    stage.begin(key)
-    if not hp.resume:
-        for stale in (ckpt, stage.path / train.AUDIT):
-            shutil.rmtree(stale, ignore_errors=True)
-        (stage.path / train.TRAIN_STATE).unlink(missing_ok=True)
+    stage = out_format.stage_of(config.run_dir)
+    mapping = load_mapping(config.run_dir)
+    vectors = configured_vectors_path(config)
+    if vectors is not None:
+        mapping.require_vectors(vectors)
+    mapping.require_k(config.mapping.num_primitives)
+    splits, without = training_split(mapping)
+    if len(splits["train"]) == 0:
+        raise HyperofaError(f"{mapping.where(SPLIT)}: the training split is empty (no source token with postings)")
+    world = planned_world_size(hp, "hypernet")
+    check_batches(mapping, splits["train"], hp.batch_size, world, hp.grad_accum)
+    ds_config = build_ds_config(config, job_device_type())
+    inputs = {
+        **config.fingerprint("hypernet", "run"),
+        "mapping": mapping.identity(),
+        "world_size": world,
+        "ds_config": ds_config,
+    }
+    # The job's rank 0 opens the stage's MLflow run itself (it logs every epoch); the shell adds none.
+    with StageShell.open(config, tracker, "hypernet", stage, inputs, tracked=False) as shell:
+        if shell.up_to_date:
+            return 0
+        ckpt = checkpoint_dir(stage.path)
+        if hp.resume and not has_checkpoint(stage.path):
+            raise HyperofaError(f"{ckpt}: no checkpoint to resume from (hypernet.resume=true)")
+        shell.begin()
+        if not hp.resume:
+            for stale in (ckpt, stage.path / out_format.AUDIT):
+                shutil.rmtree(stale, ignore_errors=True)
+            (stage.path / out_format.TRAIN_STATE).unlink(missing_ok=True)
 
-    from .models import model_spec
-
-    atomic_write_json(stage.path / train.MODEL_SPEC, model_spec(hp, word_dim=mapping.word_dim, k=mapping.k))
-    job = write_job(config, stage.path, ds_config, tracker.parent_run_id)
-    cmd = launch_command(hp, job, extra=("--resume",) if hp.resume else ())
-    print(f"hyperofa hypernet: launching {world} ranks: {' '.join(cmd)}", file=sys.stderr, flush=True)
-    done = run_launcher(cmd, tracker.parent_run_id)
-    if done.returncode != 0:
-        raise HyperofaError(f"hypernet training job failed (launcher exit {done.returncode}); see the ranks' output above")
-    state_file = stage.path / train.TRAIN_STATE
-    if not state_file.is_file():
-        raise HyperofaError(f"{state_file}: the training job ended without writing its state")
-    state = json.loads(state_file.read_text(encoding="utf-8"))
-    if not state["finished"]:
-        print(
-            f"hyperofa hypernet: stopped after epoch {state['last_epoch']} (hypernet.stop_after_epoch); "
-            "continue with hypernet.resume=true",
-            file=sys.stderr,
+        out_format.write_model_spec(stage.path, model_spec(hp, word_dim=mapping.word_dim, k=mapping.k))
+        job = write_job(stage.path, job_spec(config, stage.path, ds_config, tracker.parent_run_id))
+        cmd = launch_command(hp, job, TARGET, extra=("--resume",) if hp.resume else ())
+        shell.say(f"launching {world} ranks: {' '.join(cmd)}")
+        done = run_launcher(cmd, tracker.parent_run_id)
+        if done.returncode != 0:
+            raise HyperofaError(f"hypernet training job failed (launcher exit {done.returncode}); see the ranks' output above")
+        state = out_format.read_train_state(stage.path)
+        if not state["finished"]:
+            shell.say(
+                f"stopped after epoch {state['last_epoch']} (hypernet.stop_after_epoch); continue with hypernet.resume=true"
+            )
+            return 0
+        test = out_format.read_test_metrics(stage.path)
+        shell.finish(
+            outputs=[*out_format.OUTPUTS, DS_CONFIG],
+            counts={
+                "train": len(splits["train"]), "val": len(splits["val"]), "test": len(splits["test"]),
+                "split_without_postings": without, "predicted": test["predicted_count"], "k": mapping.k,
+                "word_dim": mapping.word_dim, "world_size": world, "epochs_run": state["epochs_run"],
+                "best_epoch": state["best_epoch"], "stopped_early": state["stopped_early"],
+            },
         )
-        return 0
-    test = json.loads((stage.path / pred.TEST_METRICS).read_text(encoding="utf-8"))
-    stage.write_manifest(
-        config=config.effective(),
-        inputs=inputs,
-        outputs=list(OUTPUTS),
-        counts={
-            "train": len(mapping.splits["train"]), "val": len(mapping.splits["val"]), "test": len(mapping.splits["test"]),
-            "split_without_postings": mapping.without_postings, "predicted": test["predicted_count"], "k": mapping.k,
-            "word_dim": mapping.word_dim, "world_size": world, "epochs_run": state["epochs_run"],
-            "best_epoch": state["best_epoch"], "stopped_early": state["stopped_early"],
-        },
-    )
-    print(f"hyperofa hypernet: wrote {stage.path} (best epoch {state['best_epoch']}, test cosine "
-          f"{test['test_mean_cosine']:.4f})", file=sys.stderr)
+        shell.say(f"wrote {stage.path} (best epoch {state['best_epoch']}, test cosine {test['test_mean_cosine']:.4f})")
     return 0

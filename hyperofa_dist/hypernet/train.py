@@ -9,39 +9,30 @@ and drives a raw `deepspeed.initialize` engine: per epoch its disjoint share of 
 ranks every `checkpoint_every` epochs with client state (epoch, metric history, best loss); each rank also stores
 its RNG states next to them, so a resumed run reproduces an uninterrupted one. Rank 0 keeps the best model by
 validation loss (weights only, no word table), logs per-epoch metrics to MLflow, and at the end predicts the new
-tokens' coordinates (predict.py). `--bench-steps` turns the job into a throughput probe for `hyperofa bench`.
+tokens' coordinates (predict.py).
 """
 
 from __future__ import annotations
 
-import argparse
-import io
-import json
-import os
 import random
 import shutil
 import sys
 import time
-from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
 
-from ..artifacts import atomic_write_bytes, atomic_write_json
-from ..config import Config, build_config
 from ..errors import HyperofaError
+from ..formats import hypernet as out_format
+from ..formats.jobdir import DS_CONFIG, latest_tag, require_rng, rng_path
+from ..formats.mapping import SPLIT, Mapping, load_mapping
+from ..runtime.job import JobContext, job_main
 from . import loop
 from .data import AugmentSpec, TokenSet, WordTable, rank_batches
-from .inputs import MappingInputs, load_mapping
 from .models import build_model, model_spec, trainable_parameters
 
-BEST_MODEL = "model.pt"
-MODEL_SPEC = "model_config.json"
-METRICS = "metrics.jsonl"
-TRAIN_STATE = "train_state.json"
-CHECKPOINTS = "checkpoints"
-AUDIT = "audit"
+COMMAND = "hypernet"
 
 
 def augment_spec(hp: Any) -> AugmentSpec:
@@ -71,58 +62,48 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _save_torch(path: Path, obj: Any) -> None:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+def training_split(mapping: Mapping) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """The split restricted to tokens that have postings, and how many each part lost."""
+    splits, without = {}, {}
+    for part, ids in mapping.split.items():
+        covered = mapping.source_postings.lengths(ids) > 0
+        splits[part], without[part] = ids[covered], int((~covered).sum())
+    return splits, without
 
 
-class Job:
+def check_batches(mapping: Mapping, train_ids: np.ndarray, batch_size: int, ranks: int, grad_accum: int) -> None:
+    need = batch_size * ranks * grad_accum
+    if len(train_ids) < need:
+        raise HyperofaError(
+            f"{mapping.where(SPLIT)}: {len(train_ids)} training tokens, fewer than "
+            f"hypernet.batch_size x ranks x grad_accum = {need}; lower hypernet.batch_size"
+        )
+
+
+class HypernetJob(JobContext):
     """One rank's view of the training job."""
 
     def __init__(self, job: dict[str, Any], resume: bool):
-        self.config: Config = build_config(job["config"])
+        super().__init__(job, COMMAND)
         self.hp = self.config.hypernet
-        self.seed = self.config.run.seed
-        self.out = Path(job["out_dir"])
-        self.ckpt_dir = self.out / CHECKPOINTS
         self.ds_config = job["ds_config"]
         self.resume = resume
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.device = torch.device(f"cuda:{self.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-        if job.get("parent_run_id") and not os.environ.get("HYPEROFA_PARENT_RUN_ID"):
-            # pdsh/ssh launchers forward only MLFLOW*/PYTHON* variables; the job file carries the parent run id.
-            os.environ["HYPEROFA_PARENT_RUN_ID"] = job["parent_run_id"]
 
     # --- setup -------------------------------------------------------------------------------------------------
 
     def setup(self) -> None:
         import deepspeed
 
-        if self.hp.threads_per_rank:
-            torch.set_num_threads(self.hp.threads_per_rank)
-        elif self.device.type == "cpu":
-            local = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", self.world)))
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local, 1)))
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
-
-        # The parent checked the vectors' fingerprint; ranks may not see the original vector file.
-        self.mapping: MappingInputs = load_mapping(self.config, check_vectors=False)
-        need = self.hp.batch_size * self.world * self.hp.grad_accum
-        if len(self.mapping.splits["train"]) < need:
-            raise HyperofaError(
-                f"{self.mapping.path / 'split.npz'}: {len(self.mapping.splits['train'])} training tokens, fewer than "
-                f"hypernet.batch_size x ranks x grad_accum = {need}"
-            )
-        self.table = WordTable(self.mapping.word_vectors, self.device)
-        coords = self.mapping.coordinates()
-        source = self.mapping.source_postings()
-        self.train_set = TokenSet(self.mapping.splits["train"], source, coords, self.mapping.k)
-        self.val_set = TokenSet(self.mapping.splits["val"], source, coords, self.mapping.k)
+        self.init_distributed(self.hp.threads_per_rank)
+        # The stage shell checked the vectors' fingerprint; ranks may not see the original vector file.
+        self.mapping = load_mapping(self.config.run_dir)
+        self.splits, _ = training_split(self.mapping)
+        check_batches(self.mapping, self.splits["train"], self.hp.batch_size, self.world, self.hp.grad_accum)
+        self.table = WordTable(self.mapping.word_vectors_path, self.device)
+        coords = np.asarray(self.mapping.source_coordinates)
+        source = self.mapping.source_postings
+        self.train_set = TokenSet(self.splits["train"], source, coords, self.mapping.k)
+        self.val_set = TokenSet(self.splits["val"], source, coords, self.mapping.k)
 
         torch.manual_seed(self.seed)  # same initial weights on every rank (DeepSpeed also broadcasts rank 0's)
         self.spec = model_spec(self.hp, word_dim=self.mapping.word_dim, k=self.mapping.k)
@@ -140,18 +121,6 @@ class Job:
 
     # --- collectives -------------------------------------------------------------------------------------------
 
-    def all_sum(self, values: np.ndarray) -> np.ndarray:
-        import torch.distributed as dist
-
-        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(tensor)
-        return tensor.cpu().numpy()
-
-    def barrier(self) -> None:
-        import torch.distributed as dist
-
-        dist.barrier()
-
     def gather_negatives(self, target: torch.Tensor) -> tuple[torch.Tensor, int]:
         import torch.distributed as dist
 
@@ -164,7 +133,7 @@ class Job:
     def save_checkpoint(self, epoch: int, client: dict[str, Any]) -> None:
         tag = f"epoch{epoch:05d}"
         (self.ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
-        _save_torch(self.ckpt_dir / tag / f"rng_rank{self.rank}.pt", rng_state())
+        out_format.save_torch(rng_path(self.ckpt_dir, tag, self.rank), rng_state())
         self.barrier()  # every rank's RNG file exists before `latest` can point at the tag
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client, save_latest=True)
         self.barrier()
@@ -181,10 +150,7 @@ class Job:
             raise HyperofaError(
                 f"{self.ckpt_dir}: written by {client.get('world_size')} ranks, this job has {self.world}; resume with the same count"
             )
-        tag = (self.ckpt_dir / "latest").read_text(encoding="utf-8").strip()
-        rng_file = self.ckpt_dir / tag / f"rng_rank{self.rank}.pt"
-        if not rng_file.is_file():
-            raise HyperofaError(f"{rng_file}: RNG state of rank {self.rank} missing from the checkpoint")
+        rng_file = require_rng(self.ckpt_dir, latest_tag(self.ckpt_dir), self.rank)
         set_rng_state(torch.load(rng_file, weights_only=False))
         return client
 
@@ -246,9 +212,9 @@ class Job:
                    **loop.means(val, loop.EVAL_KEYS, "val_")}
             history.append(row)
             if hp.data_audit:
-                from .predict import save_npy
+                from ..formats.files import save_npy
 
-                save_npy(self.out / AUDIT / f"epoch{epoch:05d}_rank{self.rank}.npy",
+                save_npy(out_format.audit_path(self.out, epoch, self.rank),
                          np.concatenate(audit) if audit else np.zeros(0, np.int64))
 
             improved = best_loss is None or row["val_loss"] < best_loss
@@ -256,11 +222,11 @@ class Job:
             if improved:
                 best_loss, best_epoch, since_best = row["val_loss"], epoch, 0
                 if self.rank == 0:
-                    _save_torch(self.out / BEST_MODEL, state)
+                    out_format.save_torch(self.out / out_format.BEST_MODEL, state)
             else:
                 since_best += 1
             if self.rank == 0:
-                atomic_write_bytes(self.out / METRICS, "".join(json.dumps(r, sort_keys=True) + "\n" for r in history).encode())
+                out_format.write_metrics(self.out, history)
                 tracker.log_metrics(
                     {**{k: v for k, v in row.items() if k != "epoch"}, "epoch_seconds": seconds,
                      "train_samples_per_s": sums[-1] / max(seconds, 1e-9)}, step=epoch,
@@ -285,79 +251,42 @@ class Job:
         from .predict import predict_all
 
         model = model_from_spec(self.spec).to(self.device)
-        model.load_state_dict(torch.load(self.out / BEST_MODEL, map_location=self.device, weights_only=True))
+        model.load_state_dict(
+            torch.load(self.out / out_format.BEST_MODEL, map_location=self.device, weights_only=True)
+        )
         metrics = predict_all(
-            model, self.table, source=self.mapping.source_postings(), target=self.mapping.target_postings(),
-            coordinates=self.mapping.coordinates(), copied=self.mapping.copied_target_ids(),
-            test_ids=self.mapping.splits["test"], out_dir=self.out, batch_size=self.hp.predict_batch_size,
+            model, self.table, source=self.mapping.source_postings, target=self.mapping.target_postings,
+            coordinates=np.asarray(self.mapping.source_coordinates), copied=self.mapping.overlap_target,
+            test_ids=self.splits["test"], out_dir=self.out, batch_size=self.hp.predict_batch_size,
             cap=self.hp.max_context, device=self.device,
         )
         tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         return metrics
 
-    # --- benchmark probe ---------------------------------------------------------------------------------------
-
-    def bench(self, steps: int, warmup: int) -> dict[str, Any]:
-        """Samples per second of steady-state training steps (all ranks), startup and warm-up excluded."""
-        hp = self.hp
-        batches: list[np.ndarray] = []
-        epoch = 0
-        while len(batches) < steps + warmup:
-            batches += self.epoch_batches(epoch)
-            epoch += 1
-        kwargs = dict(seed=self.seed, epoch=0, rank=self.rank, cap=hp.max_context, augment=augment_spec(hp),
-                      loss=loss_spec(hp), device=self.device, dtype=self.dtype)
-        self.engine.train()
-        loop.train_epoch(self.engine, self.update, self.table, self.train_set, batches[:warmup], **kwargs)
-        self.barrier()
-        start = time.perf_counter()
-        sums = loop.train_epoch(self.engine, self.update, self.table, self.train_set, batches[warmup : warmup + steps], **kwargs)
-        self.barrier()
-        seconds = time.perf_counter() - start
-        total = self.all_sum(np.array([sums[-1]]))[0]
-        return {"samples_per_s": total / seconds, "seconds": seconds, "samples": int(total), "world_size": self.world}
-
-
-def run(job_file: Path, resume: bool, bench_steps: Optional[int], bench_warmup: int) -> int:
-    job = json.loads(Path(job_file).read_text(encoding="utf-8"))
-    worker = Job(job, resume)
+def run(job: dict[str, Any], args: Any) -> int:
+    worker = HypernetJob(job, args.resume)
     worker.setup()
-    if bench_steps:
-        result = worker.bench(bench_steps, bench_warmup)
-        if worker.rank == 0:
-            atomic_write_json(worker.out / "bench.json", result)
-        return 0
-    from ..tracking import make_tracker
-
-    tracker = make_tracker(worker.config, rank=worker.rank)
-    with tracker.session("hypernet", worker.config), tracker.stage("hypernet", worker.config) as stage_run:
+    tracker = worker.tracker()
+    with tracker.session(COMMAND, worker.config), tracker.stage(COMMAND, worker.config) as stage_run:
         stage_run.log_params({"trainable_params": worker.trainable, "world_size": worker.world,
-                              "zero_stage": worker.zero_stage, "dtype": str(worker.dtype), "resumed": resume})
+                              "zero_stage": worker.zero_stage, "dtype": str(worker.dtype), "resumed": worker.resume})
         if worker.rank == 0:
-            stage_run.log_artifact(worker.out / "ds_config.json")
+            stage_run.log_artifact(worker.out / DS_CONFIG)
         result = worker.train(stage_run)
         worker.barrier()
         if result["finished"] and worker.rank == 0:
             result["test"] = worker.predict(stage_run)
         if worker.rank == 0:
-            atomic_write_json(worker.out / TRAIN_STATE, result)
+            out_format.write_train_state(worker.out, result)
         worker.barrier()
     return 0
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="hyperofa_dist.hypernet.train", description=__doc__.split("\n")[0])
-    parser.add_argument("--job", required=True, help="job.json written by `hyperofa hypernet`")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    parser.add_argument("--bench-steps", type=int, default=None, help="throughput probe: time this many steps")
-    parser.add_argument("--bench-warmup", type=int, default=3, help="untimed steps before the probe")
-    parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
-    args = parser.parse_args(argv)
-    try:
-        return run(Path(args.job), args.resume, args.bench_steps, args.bench_warmup)
-    except HyperofaError as exc:
-        print(f"hyperofa hypernet: error: {exc}", file=sys.stderr, flush=True)
-        return 2
+    return job_main(
+        argv, COMMAND, run, lambda parser: parser.add_argument("--resume", action="store_true",
+                                                               help="continue from the latest checkpoint"),
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Assembly of the target coordinate matrix F_t with a provenance for every row (METHOD_REFERENCE §1.9).
+"""Assembly of the target coordinate matrix F_t with a provenance for every row (docs/METHOD.md §1.9).
 
 Order: copy (overlap and special tokens by role) -> predicted (HyperOFA or OFA) -> random. The reference marks
 "not yet set" rows by being all zero and later overwrites every all-zero row; a legitimately zero row (e.g. a
@@ -15,7 +15,7 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 
 from ..errors import HyperofaError
-from ..vectors import parse_key
+from ..formats.vectors import parse_key
 from .random import random_rows
 
 PROVENANCE_NAMES = ("copy", "hyperofa", "ofa", "random")
@@ -87,7 +87,7 @@ def _check_ids(ids: np.ndarray, size: int, what: str) -> None:
 
 
 def check_predictions(ids: np.ndarray, rows: np.ndarray, vocab_size: int, k: int, what: str) -> None:
-    """The validation the reference never did (§7.4): shapes, k, id range, duplicates, finiteness."""
+    """The validation the reference never did (docs/FIDELITY.md): shapes, k, id range, duplicates, finiteness."""
     if ids.ndim != 1 or rows is None or rows.ndim != 2 or len(rows) != len(ids):
         shape = None if rows is None else tuple(rows.shape)
         raise HyperofaError(f"{what}: expected ids [n] and rows [n, k], got {tuple(ids.shape)} and {shape}")

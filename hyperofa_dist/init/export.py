@@ -1,4 +1,4 @@
-"""The expanded model in stock HF format: the source architecture with the target vocabulary (§1.10, §4.1, §7).
+"""The expanded model in stock HF format: the source architecture with the target vocabulary (docs/METHOD.md §1.10, §4.1, §7).
 
 Everything except the vocabulary-sized tensors is copied from the source model (encoder, position and token-type
 embeddings, embedding LayerNorm, the LM-head transform). The word embeddings become E_t, the decoder stays tied to
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
@@ -194,31 +193,3 @@ def _require_tied(model: Any) -> None:
     dec = model.get_output_embeddings().weight
     if emb.data_ptr() != dec.data_ptr():
         raise RuntimeError("expanded model: decoder weight is not tied to the word embeddings")
-
-
-def save_expanded_model(model: Any, target_tokenizer: Any, out_dir: str | Path) -> Path:
-    """save_pretrained of the model and the target tokenizer into one directory (written to a sibling, renamed)."""
-    import os
-    import shutil
-
-    from ..artifacts import tmp_name
-
-    out_dir = Path(out_dir)
-    tmp = tmp_name(out_dir)
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
-    target_tokenizer.save_pretrained(tmp)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-    return out_dir
-
-
-def load_expanded_model(model_dir: str | Path):
-    """Stock loading, as any HF user would: (AutoModelForMaskedLM, AutoTokenizer)."""
-    from transformers import AutoModelForMaskedLM, AutoTokenizer
-
-    model = AutoModelForMaskedLM.from_pretrained(str(model_dir))
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    return model, tokenizer

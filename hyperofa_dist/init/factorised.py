@@ -1,4 +1,4 @@
-"""Memory-light factorised variant of an expanded model (METHOD_REFERENCE §4.1) and its export to stock format.
+"""Memory-light factorised variant of an expanded model (OFA's factorised models, `model_loader_extra.py` of cisnlp/ofa) and its export to stock format.
 
 The word embeddings are F_t P: trainable coordinates F_t [V, k] and shared primitives P [k, D]. The output
 projection is tied to the same two tensors, logits = (h P^T) F_t^T + b, so embeddings take V k + k D parameters
@@ -95,19 +95,18 @@ def to_full_rank(model: Any) -> Any:
 
 def load_factorised(init_dir: str | Path) -> Any:
     """The factorised model from an init output `<run_dir>/init/<method>/` (model/, F_t.npy, P.npy)."""
-    from transformers import AutoModelForMaskedLM
+    from ..formats.init import MODEL, load_factors
+    from ..formats.models import load_model
 
     init_dir = Path(init_dir)
-    model = AutoModelForMaskedLM.from_pretrained(str(init_dir / "model"))
-    coordinates = np.load(init_dir / "F_t.npy", mmap_mode="r")
-    primitives = np.load(init_dir / "P.npy")
-    return factorise(model, coordinates, primitives)
+    coordinates, primitives = load_factors(init_dir)
+    return factorise(load_model(init_dir / MODEL), coordinates, primitives)
 
 
 def save_full_rank(model: Any, tokenizer: Any, out_dir: str | Path) -> Path:
     """Export a (factorised or plain) model in the stock full-rank format, tokenizer beside it."""
-    from .export import save_expanded_model
+    from ..formats.models import save_model_dir
 
     if is_factorised(model):
         to_full_rank(model)
-    return save_expanded_model(model, tokenizer, out_dir)
+    return save_model_dir(model, tokenizer, out_dir)

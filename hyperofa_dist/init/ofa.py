@@ -1,4 +1,4 @@
-"""OFA baseline (METHOD_REFERENCE §2): a new token's coordinates are a softmax(sim / tau)-weighted combination of
+"""OFA baseline (Liu et al. 2024, OFA; `ofa/utils.py` of cisnlp/ofa): a new token's coordinates are a softmax(sim / tau)-weighted combination of
 the coordinate rows of its top-k most similar source tokens, where similarity is the cosine between the tokens'
 mean word vectors.
 
@@ -23,19 +23,10 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from ..errors import HyperofaError
+from ..formats.mapping import Postings
 
 # Word-vector rows gathered at once when averaging: bounds the transient memory of a chunk (x word_dim x 4 bytes).
 GATHER_ENTRIES = 1 << 16
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise HyperofaError("config key init.device is 'cuda' but no CUDA device is available")
-    return device
 
 
 def token_mean_vectors(
@@ -121,7 +112,6 @@ def ofa_predict(
         raise HyperofaError("OFA has no candidate source tokens: no source token has a word vector")
     if len(candidate_coordinates) != n_c:
         raise ValueError("candidate_vectors and candidate_coordinates differ in length")
-    device = resolve_device(device)
     kk = min(top_k, n_c)
     # stored transposed once, so every chunk's product reads it contiguously
     cand_t = _normalise(
@@ -148,8 +138,8 @@ def ofa_predict(
 
 
 def ofa_for_tokens(
-    target_postings: tuple[np.ndarray, np.ndarray],
-    source_postings: tuple[np.ndarray, np.ndarray],
+    target_postings: Postings,
+    source_postings: Postings,
     word_vectors: np.ndarray,
     source_coordinates: np.ndarray,
     token_ids: np.ndarray,
@@ -163,12 +153,10 @@ def ofa_for_tokens(
     `exclude_sources` removes source ids from the candidates (the held-out evaluation estimates a source test
     token from the other source tokens only).
     """
-    s_indptr, s_indices = source_postings
-    covered = np.flatnonzero(np.diff(np.asarray(s_indptr)) > 0)
+    covered = source_postings.covered()
     if exclude_sources is not None and len(exclude_sources):
         covered = np.setdiff1d(covered, np.asarray(exclude_sources, dtype=np.int64), assume_unique=False)
-    candidate_vectors = token_mean_vectors(s_indptr, s_indices, word_vectors, covered)
+    candidate_vectors = token_mean_vectors(source_postings.indptr, source_postings.indices, word_vectors, covered)
     candidate_coordinates = np.asarray(source_coordinates[covered], dtype=np.float32)
-    t_indptr, t_indices = target_postings
-    target_vectors = token_mean_vectors(t_indptr, t_indices, word_vectors, token_ids)
+    target_vectors = token_mean_vectors(target_postings.indptr, target_postings.indices, word_vectors, token_ids)
     return ofa_predict(target_vectors, candidate_vectors, candidate_coordinates, **settings)

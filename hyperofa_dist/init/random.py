@@ -1,4 +1,4 @@
-"""Random baseline rows: Gaussian with the per-column mean and population std of F_s (METHOD_REFERENCE §1.12).
+"""Random baseline rows: Gaussian with the per-column mean and population std of F_s (docs/METHOD.md §1.12).
 
 Rows are drawn in fixed blocks of target ids, each block from its own stream `default_rng([seed, block])`, so a
 token's random row depends only on (seed, token id): the same token gets the same random row whichever method

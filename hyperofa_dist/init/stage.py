@@ -8,70 +8,48 @@ the manifest. Every input is validated before the stage directory is touched, so
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 import time
-from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 
-from data_prep.mapping_stage import source_identity
-
-from ..artifacts import Stage, atomic_write_json, digest, tmp_name
 from ..config import Config
 from ..errors import HyperofaError
-from ..target import load_tokenizer, target_tokenizer_dir, tokenizer_fingerprint
+from ..formats import init as out_format
+from ..formats.hypernet import load_predictions, load_test_predictions
+from ..formats.hypernet import stage_of as hypernet_stage
+from ..formats.mapping import Mapping, load_mapping
+from ..formats.mapping import stage_of as mapping_stage
+from ..formats.models import load_model, model_files, save_model_dir, source_identity
+from ..formats.tokenizer import load_tokenizer, target_tokenizer_dir, tokenizer_fingerprint
+from ..runtime.device import resolve_device
+from ..runtime.stage import StageShell
 from . import assemble as asm
-from .export import build_expanded_model, merge_copy_pairs, save_expanded_model, special_token_pairs
-from .inputs import (
-    Mapping,
-    check_mapping_matches,
-    check_source_identity,
-    load_mapping,
-    load_predictions,
-    load_test_predictions,
-)
-from .ofa import ofa_for_tokens, resolve_device
+from .export import build_expanded_model, merge_copy_pairs, special_token_pairs
+from .ofa import ofa_for_tokens
 from .random import column_stats, random_rows
-
-STAGE = "init"
-
 
 def init_seed(config: Config) -> int:
     return config.init.seed if config.init.seed is not None else config.run.seed
 
 
 def _load_source(config: Config):
-    from transformers import AutoModelForMaskedLM
-
-    try:
-        model = AutoModelForMaskedLM.from_pretrained(config.source.model)
-    except Exception as exc:  # hub/network/format errors of many types
-        raise HyperofaError(
-            f"source.model {config.source.model}: cannot load ({exc.__class__.__name__}: {str(exc)[:160]})"
-        ) from None
-    tokenizer = load_tokenizer(config.source.tokenizer or config.source.model)
+    key = "source.tokenizer" if config.source.tokenizer else "source.model"
+    model = load_model(config.source.model, key="source.model")
+    tokenizer = load_tokenizer(config.source.tokenizer or config.source.model, key)
     return model, tokenizer
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = tmp_name(path)
-    with open(tmp, "wb") as handle:
-        np.save(handle, array)
-    os.replace(tmp, path)
 
 
 def _ofa_settings(config: Config) -> dict[str, Any]:
     c = config.init
-    return dict(top_k=c.top_k, temperature=c.temperature, chunk_size=c.chunk_size, device=resolve_device(c.device))
+    return dict(top_k=c.top_k, temperature=c.temperature, chunk_size=c.chunk_size,
+                device=resolve_device(c.device, "init.device").type)
 
 
 def covered_new_tokens(mapping: Mapping, copied: np.ndarray) -> np.ndarray:
-    """Target tokens with words that are not copied: the set HyperOFA predicts and OFA initialises (§2)."""
-    covered = np.flatnonzero(np.diff(mapping.target_postings[0]) > 0)
-    return np.setdiff1d(covered, copied)
+    """Target tokens with words that are not copied: the set HyperOFA predicts and OFA initialises (docs/METHOD.md §1.8)."""
+    return np.setdiff1d(mapping.target_postings.covered(), copied)
 
 
 def heldout_quality(
@@ -80,10 +58,10 @@ def heldout_quality(
     """Mean cosine between each method's estimate and the true F_s row, over the hypernetwork test split.
 
     OFA estimates a test token from the other source tokens only (the test tokens are removed from the candidates,
-    with correct ids: the reference shifted neighbour ids, §7.6.5). HyperOFA uses the hypernetwork's test-split
+    with correct ids: the reference shifted neighbour ids, docs/METHOD.md §7). HyperOFA uses the hypernetwork's test-split
     predictions when the hypernet stage wrote them; random uses the same seeded rows as the assembly.
     """
-    test = mapping.split_test
+    test = mapping.split["test"]
     if len(test) == 0:
         return {}
     truth = np.asarray(mapping.source_coordinates[test], dtype=np.float32)
@@ -114,9 +92,7 @@ def heldout_quality(
 
 def _count_groups(mapping: Mapping, provenance: np.ndarray) -> dict[str, Any]:
     words = mapping.words()
-    if len(words) != len(mapping.word_vectors):
-        raise HyperofaError(f"{mapping.words_path}: {len(words)} words but word_vectors.npy has {len(mapping.word_vectors)} rows")
-    indptr, indices = mapping.target_postings
+    indptr, indices = mapping.target_postings.indptr, mapping.target_postings.indices
     lang_codes, lang_names = asm.group_codes(asm.word_language(w) for w in words)
     script_codes, script_names = asm.group_codes(asm.word_script(w) for w in words)
     return {
@@ -126,37 +102,33 @@ def _count_groups(mapping: Mapping, provenance: np.ndarray) -> dict[str, Any]:
     }
 
 
-def run_init_stage(config: Config, tracker: Any) -> int:
+def run(config: Config, tracker: Any) -> int:
     method = config.init.method
     run_dir = config.run_dir
-    stage = Stage(run_dir, f"{STAGE}/{method}")
+    stage = out_format.stage_of(run_dir, method)
     progress = sys.stderr.isatty()
-    with tracker.stage(f"{STAGE}-{method}", config) as t:
-        t0 = time.perf_counter()
-        target_dir = target_tokenizer_dir(config)
-        mapping_manifest = Stage(run_dir, "mapping").require()
-        inputs: dict[str, Any] = {
-            "init": config.section("init")["init"],
-            "seed": init_seed(config),
-            "source": config.section("source")["source"],
-            "target_tokenizer": tokenizer_fingerprint(target_dir),
-            "mapping": digest(mapping_manifest),
-        }
-        if method == "hyperofa":
-            inputs["hypernet"] = digest(Stage(run_dir, "hypernet").require())
-        if stage.is_complete(digest(inputs)):
-            print(f"hyperofa init: up to date ({stage.manifest_path})", file=sys.stderr)
+    t0 = time.perf_counter()
+    target_dir = target_tokenizer_dir(config)
+    inputs: dict[str, Any] = {
+        **config.fingerprint("init", "source"),
+        "seed": init_seed(config),
+        "target_tokenizer": tokenizer_fingerprint(target_dir),
+        "mapping": mapping_stage(run_dir).require().get("outputs"),
+    }
+    if method == "hyperofa":
+        inputs["hypernet"] = hypernet_stage(run_dir).require().get("outputs")
+    with StageShell.open(config, tracker, "init", stage, inputs, run_name=f"init-{method}") as shell:
+        if shell.up_to_date:
             return 0
+        t = shell.run
 
         # --- validate every input before writing anything --------------------------------------------------
         mapping = load_mapping(run_dir)
         source_model, source_tok = _load_source(config)
         target_tok = load_tokenizer(target_dir)
-        check_source_identity(mapping, source_identity(config))
         special_t, special_s, roles = special_token_pairs(source_tok, target_tok, f"target tokenizer {target_dir}")
-        check_mapping_matches(
-            mapping, len(source_tok), source_model.config.hidden_size, len(target_tok), inputs["target_tokenizer"]
-        )
+        mapping.require_source(source_identity(config), len(source_tok), source_model.config.hidden_size)
+        mapping.require_target(len(target_tok), inputs["target_tokenizer"])
         copy_t, copy_s = merge_copy_pairs(mapping.overlap_target, mapping.overlap_source, special_t, special_s)
         predicted_ids: Optional[np.ndarray] = None
         predicted_rows: Optional[np.ndarray] = None
@@ -202,16 +174,12 @@ def run_init_stage(config: Config, tracker: Any) -> int:
         counts = _count_groups(mapping, assembly.provenance)
         quality = heldout_quality(mapping, config, mean, std, progress)
 
-        stage.begin(digest(inputs))
-        _save_npy(stage.path / "F_t.npy", assembly.coordinates)
-        _save_npy(stage.path / "P.npy", mapping.primitives)
-        _save_npy(stage.path / "provenance.npy", assembly.provenance)
-        atomic_write_json(stage.path / "provenance_counts.json", counts)
-        atomic_write_json(stage.path / "quality.json", {"heldout_cosine": quality, "test_tokens": len(mapping.split_test)})
-        save_expanded_model(model, target_tok, stage.path / "model")
-        outputs = ["F_t.npy", "P.npy", "provenance.npy", "provenance_counts.json", "quality.json"] + sorted(
-            f"model/{p.name}" for p in (stage.path / "model").iterdir() if p.is_file()
+        shell.begin()
+        outputs = out_format.write_arrays(
+            stage.path, assembly.coordinates, mapping.primitives, assembly.provenance, counts,
+            {"heldout_cosine": quality, "test_tokens": len(mapping.split["test"])},
         )
+        model_dir = save_model_dir(model, target_tok, stage.path / out_format.MODEL)
         overall = counts["overall"]
         manifest_counts = {
             "V_t": len(target_tok),
@@ -222,10 +190,8 @@ def run_init_stage(config: Config, tracker: Any) -> int:
             "predictions_overridden_by_copy": assembly.predictions_overridden,
             **{f"provenance_{kind}": n for kind, n in overall.items()},
         }
-        stage.write_manifest(
-            config=config.effective(),
-            inputs=inputs,
-            outputs=outputs,
+        shell.finish(
+            outputs=outputs + model_files(model_dir),
             counts=manifest_counts,
             extra={
                 "method": method,
@@ -250,11 +216,7 @@ def run_init_stage(config: Config, tracker: Any) -> int:
         metrics.update({"seconds/load": load_s, "seconds/assemble": assemble_s, "seconds/export": export_s})
         t.log_metrics(metrics)
         t.set_tags({"init.method": method, "init.family": info.family})
-        t.log_artifact(stage.path / "provenance_counts.json")
-        t.log_artifact(stage.path / "quality.json")
-    print(
-        f"hyperofa init: {method}: {overall} -> {stage.path / 'model'}"
-        + (f"; held-out cosine {quality}" if quality else ""),
-        file=sys.stderr,
-    )
+        t.log_artifact(stage.path / out_format.PROVENANCE_COUNTS)
+        t.log_artifact(stage.path / out_format.QUALITY)
+    shell.say(f"{method}: {overall} -> {model_dir}" + (f"; held-out cosine {quality}" if quality else ""))
     return 0

@@ -17,9 +17,7 @@ block count), then blocks pass through a seeded shuffle buffer before batching.
 
 from __future__ import annotations
 
-import io
-import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -27,9 +25,9 @@ import numpy as np
 import torch
 
 from ..errors import HyperofaError
+from ..formats.shards import ShardSet, first_blocks, read_shard
+from ..runtime.seeds import mix_seed
 from .mlm import mask_tokens
-
-SPLITS = ("train", "heldout")
 
 
 @dataclass(frozen=True)
@@ -40,23 +38,6 @@ class MaskSpec:
     mask_id: int
     vocab_size: int
     probability: float = 0.15
-
-
-@dataclass
-class ShardSet:
-    """Tar shard paths per split and language (sorted), and the blocks per language when known."""
-
-    train: dict[str, list[str]]
-    heldout: dict[str, list[str]]
-    blocks: dict[str, int] = field(default_factory=dict)
-
-
-def mix_seed(*parts: int | str) -> int:
-    """A 63-bit seed from mixed ints and strings (strings through crc32, stable across processes and runs)."""
-    ints = [p if isinstance(p, int) else zlib.crc32(p.encode("utf-8")) for p in parts]
-    return int(np.random.SeedSequence(ints).generate_state(2, np.uint32).astype(np.uint64) @ [1 << 31, 1]) & (
-        (1 << 63) - 1
-    )
 
 
 def mixing_probabilities(
@@ -89,28 +70,14 @@ def slot_shards(shards: list[str], slot: int, n_slots: int) -> tuple[list[str], 
     return list(shards), (slot, n_slots)
 
 
-def read_shard(url: str) -> Iterator[tuple[str, np.ndarray]]:
-    """(sample key, uint32 [n, block] array) of each sample of one tar shard, in order (webdataset's reader)."""
-    import webdataset as wds
-
-    for sample in wds.tariterators.tarfile_samples([{"url": url}]):
-        data = sample.get("input_ids.npy")
-        if data is None:
-            raise HyperofaError(f"{url}: sample {sample.get('__key__')} has no input_ids.npy")
-        array = np.load(io.BytesIO(data), allow_pickle=False)
-        if array.ndim != 2:
-            raise HyperofaError(f"{url}: sample {sample.get('__key__')}: input_ids must be 2-D, got {array.shape}")
-        yield sample["__key__"], array
-
-
 def shard_blocks(url: str, keep: Optional[tuple[int, int]]) -> Iterator[tuple[str, np.ndarray]]:
     """(block id, block) for the blocks of a shard this slot keeps; ids are `shard#sample:row`."""
     index = 0
     name = Path(url).name
-    for key, array in read_shard(url):
-        for row in range(array.shape[0]):
+    for sample in read_shard(url):
+        for row in range(sample.blocks.shape[0]):
             if keep is None or index % keep[1] == keep[0]:
-                yield f"{name}#{key}:{row}", array[row]
+                yield f"{name}#{sample.key}:{row}", sample.blocks[row]
             index += 1
 
 
@@ -242,17 +209,10 @@ def heldout_batches(
     shards: list[str], n_blocks: int, micro_batch_size: int, mask: MaskSpec, seed: int, lang: str
 ) -> list[dict]:
     """The first `n_blocks` held-out blocks of a language, masked with a fixed seed: the same batches every eval."""
-    blocks: list[np.ndarray] = []
-    for shard in shards:
-        for _, block in shard_blocks(shard, None):
-            blocks.append(block)
-            if len(blocks) >= n_blocks:
-                break
-        if len(blocks) >= n_blocks:
-            break
-    if not blocks:
+    blocks = first_blocks(shards, n_blocks, [lang]).get(lang)
+    if blocks is None or not len(blocks):
         return []
-    ids = torch.from_numpy(np.stack(blocks).astype(np.int64))
+    ids = torch.from_numpy(blocks.astype(np.int64))
     generator = torch.Generator().manual_seed(mix_seed(seed, "heldout", lang))
     special = torch.tensor(mask.special_ids, dtype=torch.long)
     inputs, labels = mask_tokens(ids, special, mask.mask_id, mask.vocab_size, generator, mask.probability)
@@ -269,29 +229,3 @@ def mask_spec(tokenizer, probability: float) -> MaskSpec:
         vocab_size=len(tokenizer),
         probability=probability,
     )
-
-
-def load_shardset(prepare_dir: str | Path) -> tuple[ShardSet, dict]:
-    """The shards listed by a finished prepare stage's manifest (absolute paths), and the manifest."""
-    from ..artifacts import Stage
-
-    prepare_dir = Path(prepare_dir).resolve()
-    manifest = Stage(prepare_dir.parent, prepare_dir.name).require()
-    listed = manifest.get("shards")
-    if not isinstance(listed, list):
-        raise HyperofaError(f"{prepare_dir / 'manifest.json'}: no 'shards' list; re-run `hyperofa prepare`")
-    sets: dict[str, dict[str, list[str]]] = {split: {} for split in SPLITS}
-    blocks: dict[str, int] = {}
-    for shard in sorted(listed, key=lambda s: s["path"]):
-        split = shard.get("split")
-        if split not in sets:
-            continue
-        path = prepare_dir / shard["path"]
-        if not path.is_file():
-            raise HyperofaError(f"{path}: shard listed in the prepare manifest is missing; re-run `hyperofa prepare`")
-        sets[split].setdefault(shard["lang"], []).append(str(path))
-        if split == "train":
-            blocks[shard["lang"]] = blocks.get(shard["lang"], 0) + int(shard.get("blocks", 0))
-    if not sets["train"]:
-        raise HyperofaError(f"{prepare_dir / 'manifest.json'}: no training shards")
-    return ShardSet(sets["train"], sets["heldout"], blocks), manifest

@@ -1,11 +1,11 @@
 """From DeepSpeed checkpoints to a stock HF model directory, and to universal checkpoints.
 
-Export (INFRA_NOTES 0.6): `get_fp32_state_dict_from_zero_checkpoint` consolidates the ZeRO-1/2/3 partitions into
+Export (docs/DISTRIBUTED.md §2.3): `get_fp32_state_dict_from_zero_checkpoint` consolidates the ZeRO-1/2/3 partitions into
 one fp32 state dict; it is loaded into the stock HF class built from the starting model's config and written with
 `save_pretrained`, which re-ties the shared embedding/decoder matrix (`zero_to_fp32.py --safe_serialization`
 fails on the tied tensors). The result loads with `AutoModelForMaskedLM.from_pretrained` and no custom code.
 
-Universal checkpoints (INFRA_NOTES 0.7) let a job resume on a different number of ranks:
+Universal checkpoints (docs/DISTRIBUTED.md §2.4) let a job resume on a different number of ranks:
 
     python -m deepspeed.checkpoint.ds_to_universal --input_folder ckpt/<tag> \\
         --output_folder ckpt/<tag>_universal --inject_missing_state
@@ -33,9 +33,16 @@ TOKENIZER_GLOBS = ("tokenizer*", "special_tokens_map.json", "sentencepiece.bpe.m
 
 def consolidated_state_dict(ckpt_dir: str | Path, tag: Optional[str] = None) -> dict:
     """The full fp32 state dict of the HF model inside a (ZeRO-partitioned) checkpoint."""
+    import contextlib
+    import sys
+
+    from ..runtime.dsconfig import import_deepspeed
+
+    import_deepspeed()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    with contextlib.redirect_stdout(sys.stderr):  # it reports its progress with print()
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     return {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in state.items()}
 
 

@@ -1,6 +1,6 @@
 """MLM masking and the masked-positions-only LM head (pure torch, no DeepSpeed).
 
-With a 401k-token vocabulary the output projection dominates compute and activation memory (INFRA_NOTES 0.3,
+With a 401k-token vocabulary the output projection dominates compute and activation memory (docs/DISTRIBUTED.md §3,
 6.2): the stock HF head computes logits at every position and then ignores the 85% that carry label -100.
 `masked_lm_loss` runs the encoder, gathers the hidden states of the masked positions, and applies the model's
 own head (the same modules, so the same weights and tying) only there. The loss is identical to the stock one.

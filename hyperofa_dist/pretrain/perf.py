@@ -1,4 +1,4 @@
-"""Model FLOPs per token and MFU for an encoder masked LM (INFRA_NOTES 6.2), and accelerator peaks."""
+"""Model FLOPs per token and MFU for an encoder masked LM (docs/DISTRIBUTED.md §4), and accelerator peaks."""
 
 from __future__ import annotations
 

@@ -11,29 +11,27 @@ written last.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from ..artifacts import Stage, atomic_write_json, digest, sha256_file
 from ..config import Config
 from ..errors import HyperofaError
-from ..hypernet.launch import launch_command, planned_world_size, run_launcher
-from ..target import tokenizer_fingerprint
-from .data import load_shardset
+from ..formats import init as init_format
+from ..formats import pretrain as out_format
+from ..formats.jobdir import checkpoint_dir, latest_tag, read_client_info, write_job
+from ..formats.models import model_files, model_fingerprint, read_model_config, require_model_dir
+from ..formats.rundir import MANIFEST
+from ..formats.shards import ShardSet, load_shardset
+from ..formats.shards import prepare_dir as default_prepare_dir
+from ..formats.tokenizer import TOKENIZER_JSON, tokenizer_fingerprint
+from ..runtime.device import job_device_type, resolve_precision
+from ..runtime.dsconfig import fill_ds_config, load_template, validate_ds_config
+from ..runtime.launch import LaunchTarget, launch_command, planned_world_size, run_launcher
+from ..runtime.stage import StageShell
 
-STAGE = "pretrain"
-JOB_MODULE = "hyperofa_dist.pretrain.train"
-# Keys that change how the job is (re)started or benchmarked, not what it produces.
-RESTART_KEYS = ("resume", "universal", "master_port", "launcher", "hostfile", "bench")
-JOB_FILES = ("train_log.jsonl", "eval_log.jsonl", "probe.pt", "failure.json", "job.json")
-
-
-def stage_of(config: Config) -> Stage:
-    return Stage(config.run_dir / STAGE, config.pretrain.method)
+TARGET = LaunchTarget("hyperofa_dist.pretrain.train", "pretrain")
 
 
 def resolve_model(config: Config) -> Path:
@@ -42,46 +40,28 @@ def resolve_model(config: Config) -> Path:
     if p.model:
         path = Path(p.model).resolve()
     else:
-        Stage(config.run_dir / "init", p.method).require()
-        path = config.run_dir / "init" / p.method / "model"
-    if not (path / "config.json").is_file():
-        raise HyperofaError(f"{path}: not an HF model directory (config.json missing)")
-    if not (path / "tokenizer.json").is_file():
-        raise HyperofaError(f"{path}: the model directory has no tokenizer.json (its tokenizer is needed)")
-    return path
+        init_format.stage_of(config.run_dir, p.method).require()
+        path = init_format.model_dir(config.run_dir, p.method)
+    return require_model_dir(path)
 
 
-def check_tokenizer_match(prepare_manifest: dict, prepare_dir: Path, model_dir: Path) -> None:
+def check_tokenizer_match(shardset: ShardSet, prepare_dir: Path, model_dir: Path) -> None:
     """Shards are token ids: they only mean something under the tokenizer that made them."""
-    recorded = (prepare_manifest.get("inputs") or {}).get("tokenizer") or {}
-    made_with = recorded.get("tokenizer.json")
-    model_has = tokenizer_fingerprint(model_dir)["tokenizer.json"]
+    recorded = (shardset.manifest.get("inputs") or {}).get("tokenizer") or {}
+    made_with = recorded.get(TOKENIZER_JSON)
+    model_has = tokenizer_fingerprint(model_dir)[TOKENIZER_JSON]
     if made_with is None:
-        raise HyperofaError(f"{prepare_dir / 'manifest.json'}: records no tokenizer fingerprint; re-run prepare")
+        raise HyperofaError(f"{prepare_dir / MANIFEST}: records no tokenizer fingerprint; re-run prepare")
     if made_with != model_has:
         raise HyperofaError(
-            f"{prepare_dir}: shards were made with another tokenizer than the model's ({model_dir}/tokenizer.json "
+            f"{prepare_dir}: shards were made with another tokenizer than the model's ({model_dir}/{TOKENIZER_JSON} "
             f"sha256 {model_has[:12]} != {made_with[:12]} recorded by prepare); re-run prepare with the model's "
             "tokenizer or train the model that goes with these shards"
         )
 
 
-def precision_for(choice: str) -> str:
-    import torch
-
-    from ..dsconfig import resolve_precision
-
-    on_gpu = torch.cuda.is_available()
-    if not on_gpu and choice in ("bf16", "fp16"):
-        raise HyperofaError(f"pretrain.precision={choice} needs a GPU; this machine has none (use auto or fp32)")
-    return resolve_precision(choice, "cuda" if on_gpu else "cpu")
-
-
 def build_ds_config(config: Config, precision: str) -> dict[str, Any]:
-    """The shipped template (or pretrain.ds_config) filled from our config, then parsed by the installed DeepSpeed:
-    removed keys and any other rejected value fail here, before a process is launched."""
-    from ..dsconfig import fill_ds_config, load_template
-
+    """The shipped template (or pretrain.ds_config) filled from our config, then parsed by the installed DeepSpeed."""
     p = config.pretrain
     template, source = load_template(p.ds_config or p.zero)
     cfg = fill_ds_config(
@@ -104,28 +84,7 @@ def build_ds_config(config: Config, precision: str) -> dict[str, Any]:
     return cfg
 
 
-def validate_ds_config(cfg: dict[str, Any], source: Path) -> None:
-    from deepspeed.runtime.config import DeepSpeedConfig
-
-    try:
-        DeepSpeedConfig(json.loads(json.dumps(cfg)))
-    except Exception as exc:  # DeepSpeedConfigError, pydantic errors, assertion errors: all mean "fix the file"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        raise HyperofaError(f"{source}: DeepSpeed {_ds_version()} rejects this config: {first[:300]}") from None
-
-
-def _ds_version() -> str:
-    import deepspeed
-
-    return deepspeed.__version__
-
-
 # --- checkpoints -------------------------------------------------------------------------------------------
-
-
-def latest_tag(ckpt_dir: Path) -> Optional[str]:
-    latest = ckpt_dir / "latest"
-    return latest.read_text(encoding="utf-8").strip() if latest.is_file() else None
 
 
 def resume_plan(config: Config, ckpt_dir: Path, world: int) -> tuple[Optional[str], bool]:
@@ -134,8 +93,8 @@ def resume_plan(config: Config, ckpt_dir: Path, world: int) -> tuple[Optional[st
     tag = latest_tag(ckpt_dir)
     if tag is None:
         raise HyperofaError(f"{ckpt_dir}: no checkpoint to resume from (pretrain.resume=true)")
-    info_file = ckpt_dir / tag / "hyperofa.json"
-    written_by = json.loads(info_file.read_text(encoding="utf-8"))["world_size"] if info_file.is_file() else None
+    info = read_client_info(ckpt_dir, tag)
+    written_by = info["world_size"] if info else None
     if not p.universal:
         if written_by is not None and written_by != world:
             raise HyperofaError(
@@ -155,34 +114,28 @@ def trainable_rows_file(config: Config, model_dir: Path, out: Path) -> Optional[
     """Rows that train during the embedding warm-up, from the init stage's provenance (copied rows freeze)."""
     if config.pretrain.embedding_warmup_steps == 0:
         return None
-    import numpy as np
     import torch
 
     from .optim import trainable_rows_from_provenance
 
-    candidates = [model_dir.parent / "provenance.npy", model_dir / "provenance.npy"]
-    found = next((c for c in candidates if c.is_file()), None)
-    if found is None:
-        raise HyperofaError(
-            f"pretrain.embedding_warmup_steps needs the init stage's provenance.npy next to {model_dir} "
-            "(which rows were copied); none found"
-        )
-    vocab = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))["vocab_size"]
-    rows = trainable_rows_from_provenance(np.load(found), vocab)
-    path = out / "trainable_rows.pt"
+    provenance = init_format.load_provenance(init_format.find_provenance(model_dir))
+    rows = trainable_rows_from_provenance(provenance, read_model_config(model_dir)["vocab_size"])
+    path = out / out_format.TRAINABLE_ROWS
     torch.save(rows, path)
     return path
 
 
-def run_pretrain_stage(config: Config, tracker) -> int:
+def run(config: Config, tracker: Any) -> int:
     p = config.pretrain
-    stage = stage_of(config)
+    stage = out_format.stage_of(config.run_dir, p.method)
     model_dir = resolve_model(config)
-    prepare_dir = Path(p.shards).resolve() if p.shards else config.run_dir / "prepare"
-    shardset, prep_manifest = load_shardset(prepare_dir)
-    check_tokenizer_match(prep_manifest, prepare_dir, model_dir)
-    block_size = int(prep_manifest.get("block_size") or config.prepare.block_size)
-    model_cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    prepare_dir = Path(p.shards).resolve() if p.shards else default_prepare_dir(config.run_dir)
+    shardset = load_shardset(prepare_dir)
+    if not shardset.train:
+        raise HyperofaError(f"{prepare_dir / MANIFEST}: no training shards")
+    check_tokenizer_match(shardset, prepare_dir, model_dir)
+    block_size = shardset.block_size or config.prepare.block_size
+    model_cfg = read_model_config(model_dir)
     max_pos = int(model_cfg.get("max_position_embeddings", 10**9)) - (
         2 if model_cfg.get("model_type") in ("xlm-roberta", "roberta") else 0
     )
@@ -192,52 +145,45 @@ def run_pretrain_stage(config: Config, tracker) -> int:
         from .data import mixing_probabilities
 
         mixing_probabilities(sorted(shardset.train), shardset.blocks, p.language_weights)
-    precision = precision_for(p.precision)
+    precision = resolve_precision(p.precision, job_device_type(), "pretrain.precision")
     ds_config = build_ds_config(config, precision)
-    world = planned_world_size(p)
+    world = planned_world_size(p, "pretrain")
 
     inputs = {
-        "config": {
-            **{k: v for k, v in config.section("pretrain")["pretrain"].items() if k not in RESTART_KEYS},
-            "run.seed": config.run.seed,
-        },
-        "model": {"config.json": sha256_file(model_dir / "config.json"), "tokenizer": tokenizer_fingerprint(model_dir)},
-        "shards": prep_manifest.get("inputs_digest"),
+        "config": config.fingerprint("pretrain", "run"),
+        "model": model_fingerprint(model_dir),
+        "shards": shardset.manifest.get("inputs_digest"),
         "ds_config": ds_config,
         "precision": precision,
+        "world_size": world,
     }
-    inputs_digest = digest(inputs)
-    if stage.is_complete(inputs_digest) and not p.resume:
-        print(f"hyperofa pretrain: up to date ({stage.manifest_path})", file=sys.stderr)
-        return 0
     out = stage.path
-    ckpt_dir = out / "checkpoints"
-    resume_tag, universal = None, False
-    if p.resume:
-        resume_tag, universal = resume_plan(config, ckpt_dir, world)
-    elif latest_tag(ckpt_dir) is not None:
-        raise HyperofaError(
-            f"{ckpt_dir}: checkpoints of an earlier run exist; set pretrain.resume=true to continue it, or remove "
-            "the directory to start over"
-        )
-    if universal:
-        ds_config.setdefault("checkpoint", {})["load_universal"] = True
-
-    with tracker.stage(STAGE, config) as run:
-        stage.begin(inputs_digest)
-        if stage.manifest_path.is_file():
-            stage.manifest_path.unlink()
+    ckpt_dir = checkpoint_dir(out)
+    with StageShell.open(config, tracker, "pretrain", stage, inputs) as shell:
+        if shell.up_to_date and not p.resume:
+            return 0
+        resume_tag, universal = None, False
+        if p.resume:
+            resume_tag, universal = resume_plan(config, ckpt_dir, world)
+        elif latest_tag(ckpt_dir) is not None:
+            raise HyperofaError(
+                f"{ckpt_dir}: checkpoints of an earlier run exist; set pretrain.resume=true to continue it, or remove "
+                "the directory to start over"
+            )
+        if universal:
+            ds_config.setdefault("checkpoint", {})["load_universal"] = True
+        run_ = shell.run
+        shell.begin()
         if not p.resume:
-            for name in JOB_FILES:
+            for name in out_format.JOB_OUTPUTS:
                 (out / name).unlink(missing_ok=True)
-            for sub in ("ranks", "audit", "model"):
+            for sub in (out_format.RANKS, out_format.AUDIT, out_format.MODEL):
                 shutil.rmtree(out / sub, ignore_errors=True)
-        (out / "failure.json").unlink(missing_ok=True)
+        (out / out_format.FAILURE).unlink(missing_ok=True)
         rows_file = trainable_rows_file(config, model_dir, out)
         job = {
             "config": config.effective(),
-            "stage_dir": str(out),
-            "checkpoint_dir": str(ckpt_dir),
+            "out_dir": str(out),
             "model_dir": str(model_dir),
             "block_size": block_size,
             "train_shards": shardset.train,
@@ -249,19 +195,19 @@ def run_pretrain_stage(config: Config, tracker) -> int:
             "resume_tag": resume_tag,
             "trainable_rows": str(rows_file) if rows_file else None,
             # Remote rank 0 (multi-node) gets no environment from here: the MLflow parent travels in the job file.
-            "parent_run_id": run.run_id,
+            "parent_run_id": run_.run_id,
         }
-        job_file = atomic_write_json(out / "job.json", job)
-        cmd = launch_command(p, job_file, module=JOB_MODULE)
-        run.set_tags({"hyperofa.world_size": world, "hyperofa.precision": precision, "hyperofa.zero": p.zero})
-        print(f"hyperofa pretrain: launching {world} ranks: {' '.join(cmd)}", file=sys.stderr, flush=True)
+        job_file = write_job(out, job)
+        cmd = launch_command(p, job_file, TARGET)
+        run_.set_tags({"hyperofa.world_size": world, "hyperofa.precision": precision, "hyperofa.zero": p.zero})
+        shell.say(f"launching {world} ranks: {' '.join(cmd)}")
         if world > 1 and not p.hostfile and precision == "fp32":
             # CPU ranks: split the cores instead of every rank spawning a thread per core.
             os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world)))
-        code = run_launcher(cmd, run.run_id).returncode
-        failure = out / "failure.json"
-        if failure.is_file():
-            raise HyperofaError(json.loads(failure.read_text(encoding="utf-8"))["message"])
+        code = run_launcher(cmd, run_.run_id).returncode
+        failure = out_format.read_failure(out)
+        if failure:
+            raise HyperofaError(failure)
         if code != 0:
             last = latest_tag(ckpt_dir)
             kept = f"; the last checkpoint is {ckpt_dir / last} (resume with pretrain.resume=true)" if last else ""
@@ -270,25 +216,14 @@ def run_pretrain_stage(config: Config, tracker) -> int:
         from .export import export_hf
 
         tag = latest_tag(ckpt_dir)
-        export_hf(ckpt_dir, tag, model_dir, out / "model")
-        final_eval = _last_json_line(out / "eval_log.jsonl")
-        model_files = sorted(f.relative_to(out).as_posix() for f in (out / "model").iterdir() if f.is_file())
-        counts = {"steps": p.steps, "world_size": world, "final_checkpoint": tag}
-        stage.write_manifest(
-            config=config.effective(),
-            inputs=inputs,
-            outputs=model_files,
-            counts=counts,
+        exported = export_hf(ckpt_dir, tag, model_dir, out / out_format.MODEL)
+        final_eval = out_format.last_line(out / out_format.EVAL_LOG)
+        shell.finish(
+            outputs=model_files(exported),
+            counts={"steps": p.steps, "world_size": world, "final_checkpoint": tag},
             extra={"eval_loss": (final_eval or {}).get("loss", {})},
         )
-        run.log_artifact(out / "job.json")
-        run.set_tags({"hyperofa.checkpoints": str(ckpt_dir)})
-        print(f"hyperofa pretrain: {p.steps} steps done; model exported to {out / 'model'}", file=sys.stderr)
+        run_.log_artifact(job_file)
+        run_.set_tags({"hyperofa.checkpoints": str(ckpt_dir)})
+        shell.say(f"{p.steps} steps done; model exported to {exported}")
     return 0
-
-
-def _last_json_line(path: Path) -> Optional[dict]:
-    if not path.is_file():
-        return None
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return json.loads(lines[-1]) if lines else None

@@ -15,26 +15,26 @@ nothing is saved after it, so `latest` still names the last good checkpoint, and
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import signal
 import sys
 import time
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from ..artifacts import atomic_write_bytes, atomic_write_json
-from ..config import build_config
+from ..errors import HyperofaError
+from ..formats import pretrain as out_format
+from ..formats.jobdir import write_client_info
+from ..formats.shards import ShardSet
+from ..runtime.faults import Hooks, hooks_from_env
+from ..runtime.job import NAN_EXIT, JobContext, job_main
+from ..runtime.seeds import mix_seed
 from . import data as data_mod
 from .mlm import masked_lm_loss, sparse_embedding_grad
 from .optim import EmbeddingWarmup, apply_settings, group_settings, lr_at, param_groups
 from .perf import model_flops_per_token, mfu, peak_flops
 
-NAN_EXIT = 3
-FAULT_ENV = "HYPEROFA_FAULT"  # test hook: "nan@<step>" or "kill@<step>" exercises the guards through the launcher
+COMMAND = "pretrain"
 
 
 class MaskedLMObjective(torch.nn.Module):
@@ -59,24 +59,6 @@ def tag_of(step: int) -> str:
     return f"step{step:08d}"
 
 
-def _truncate_log(path: Path, last_step: int) -> None:
-    """Keep the JSON lines of steps up to last_step (the step a resumed run starts after)."""
-    if not path.is_file():
-        return
-    lines = path.read_text(encoding="utf-8").splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= last_step]
-    if len(kept) != len(lines):
-        atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode("utf-8"))
-
-
-def _fault() -> tuple[Optional[str], int]:
-    spec = os.environ.get(FAULT_ENV, "")
-    if "@" not in spec:
-        return None, -1
-    kind, step = spec.split("@", 1)
-    return kind, int(step)
-
-
 def _memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -88,29 +70,23 @@ def _memory_gb(device: torch.device) -> float:
         return float("nan")
 
 
-class Job:
-    def __init__(self, spec: dict[str, Any]):
+class PretrainJob(JobContext):
+    def __init__(self, spec: dict[str, Any], hooks: Optional[Hooks] = None):
         import deepspeed
-        from transformers import AutoModelForMaskedLM, AutoTokenizer
 
+        from ..formats.models import load_model
+        from ..formats.tokenizer import load_tokenizer
+
+        super().__init__(spec, COMMAND)
         self.spec = spec
-        self.config = build_config(spec["config"])
+        self.hooks = hooks or Hooks()
         self.p = self.config.pretrain
-        self.seed = self.config.run.seed
-        self.out = Path(spec["stage_dir"])
-        self.ckpt_dir = Path(spec["checkpoint_dir"])
-        on_gpu = torch.cuda.is_available()
-        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
-        self.rank = torch.distributed.get_rank()
-        self.world = torch.distributed.get_world_size()
-        self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if on_gpu else torch.device("cpu")
-        if on_gpu:
-            torch.cuda.set_device(self.device)
+        self.init_distributed()
 
-        tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
+        tokenizer = load_tokenizer(spec["model_dir"])
         self.mask = data_mod.mask_spec(tokenizer, self.p.mlm_probability)
         torch.manual_seed(self.seed)
-        model = AutoModelForMaskedLM.from_pretrained(spec["model_dir"], dtype=torch.float32)
+        model = load_model(spec["model_dir"], dtype=torch.float32)
         self.seq_len = int(spec["block_size"])
         self.flops_token = model_flops_per_token(model, self.seq_len, self.p.mlm_probability)
         self.peak = peak_flops(self.p.peak_tflops)
@@ -128,7 +104,7 @@ class Job:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=MaskedLMObjective(model), model_parameters=groups, config=spec["ds_config"]
         )
-        self.shardset = data_mod.ShardSet(spec["train_shards"], spec["heldout_shards"], spec["train_blocks"])
+        self.shardset = ShardSet(spec["train_shards"], spec["heldout_shards"], spec["train_blocks"])
         self.probs = data_mod.mixing_probabilities(
             sorted(self.shardset.train), self.shardset.blocks, self.p.language_weights
         )
@@ -147,7 +123,7 @@ class Job:
             str(self.ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
         )
         if path is None:
-            raise SystemExit(f"hyperofa pretrain: error: no checkpoint to resume from in {self.ckpt_dir}")
+            raise HyperofaError(f"{self.ckpt_dir}: no checkpoint to resume from (pretrain.resume=true)")
         self.step = int(client["step"])
         self.tokens_seen = int(client["tokens_seen"])
         self.last_good = str(path)
@@ -159,7 +135,7 @@ class Job:
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client, save_latest=True)
         torch.distributed.barrier()
         if self.rank == 0:
-            atomic_write_json(self.ckpt_dir / tag / "hyperofa.json", client)
+            write_client_info(self.ckpt_dir, tag, client)
         self.last_good = str(self.ckpt_dir / tag)
 
     # --- evaluation -------------------------------------------------------------------------------------------
@@ -192,23 +168,18 @@ class Job:
 
     # --- the loop -----------------------------------------------------------------------------------------------
 
-    def say(self, text: str) -> None:
-        if self.rank == 0:
-            print(f"hyperofa pretrain: {text}", file=sys.stderr, flush=True)
-
     def run(self, tracker) -> int:
         p = self.p
         if self.spec.get("resume"):
             self.resume()
         if self.warmup is not None and self.step >= p.embedding_warmup_steps:
             self.warmup.remove()
-        fault, fault_step = _fault()
-        log_path = self.out / "train_log.jsonl"
+        log_path = self.out / out_format.TRAIN_LOG
         if self.rank == 0:
             # Steps a killed run logged after its last checkpoint are trained again now: drop their old lines.
-            for name in ("train_log.jsonl", "eval_log.jsonl"):
-                _truncate_log(self.out / name, self.step)
-        audit = open(self.out / "audit" / f"rank{self.rank}.jsonl", "a") if p.data_audit else None
+            for name in (out_format.TRAIN_LOG, out_format.EVAL_LOG):
+                out_format.truncate_log(self.out / name, self.step)
+        audit = open(out_format.audit_path(self.out, self.rank), "a") if p.data_audit else None
         micro_steps, window_tokens, window_blocks, window_loss, window_steps = 0, 0, 0, 0.0, 0
         window_start = time.perf_counter()
         engine = self.engine
@@ -235,8 +206,7 @@ class Job:
             for index, batch in enumerate(loader):
                 micro = index % p.grad_accum
                 if micro == 0:
-                    if fault == "kill" and self.step + 1 == fault_step and self.rank == 0:
-                        os.kill(os.getpid(), signal.SIGKILL)
+                    self.hooks.before_step(self.step + 1, self.rank)
                     settings = group_settings(
                         self.step,
                         lr=lr_at(self.step, peak=p.lr, warmup=p.warmup_steps, total=p.steps, schedule=p.schedule),
@@ -244,10 +214,9 @@ class Job:
                         warmup_embedding_steps=p.embedding_warmup_steps,
                     )
                     apply_settings(self.optimizer, self.group_names, settings)
-                torch.manual_seed(data_mod.mix_seed(self.seed, "dropout", self.rank, self.step, micro))
+                torch.manual_seed(mix_seed(self.seed, "dropout", self.rank, self.step, micro))
                 loss, n_masked = self._loss(batch)
-                if fault == "nan" and self.step + 1 == fault_step:
-                    loss = loss * float("nan")
+                loss = self.hooks.loss(self.step + 1, loss)
                 check = torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=self.device)])
                 torch.distributed.all_reduce(check)
                 if not torch.isfinite(check[0]):
@@ -272,19 +241,8 @@ class Job:
                 grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
                 lr_now = settings["embedding"][0] if "embedding" in settings else p.lr
                 if self.rank == 0:
-                    with open(log_path, "a", encoding="utf-8") as handle:
-                        handle.write(
-                            json.dumps(
-                                {
-                                    "step": self.step,
-                                    "loss": loss_value,
-                                    "lr": lr_now,
-                                    "grad_norm": grad_norm,
-                                    "tokens_seen": self.tokens_seen,
-                                }
-                            )
-                            + "\n"
-                        )
+                    out_format.append_line(log_path, {"step": self.step, "loss": loss_value, "lr": lr_now,
+                                                      "grad_norm": grad_norm, "tokens_seen": self.tokens_seen})
                 if self.warmup is not None and self.step == p.embedding_warmup_steps:
                     self.warmup.remove()
                     self.say(f"embedding warm-up done at step {self.step}; training every parameter")
@@ -317,8 +275,7 @@ class Job:
                         evals["eval/loss"] = sum(losses.values()) / len(losses)
                     tracker.log_metrics(evals, step=self.step)
                     if self.rank == 0:
-                        with open(self.out / "eval_log.jsonl", "a", encoding="utf-8") as handle:
-                            handle.write(json.dumps({"step": self.step, "loss": losses}) + "\n")
+                        out_format.append_line(self.out / out_format.EVAL_LOG, {"step": self.step, "loss": losses})
                 if self.step % p.save_every == 0 or self.step == p.steps:
                     self.save()
                 window_start = time.perf_counter() if self.step % p.log_every == 0 else window_start
@@ -336,14 +293,14 @@ class Job:
         )
         message = f"loss became {value} at step {self.step + 1} (micro-batch {micro}); stopped without saving: {where}"
         if self.rank == 0:
-            atomic_write_json(self.out / "failure.json", {"reason": "non-finite loss", "message": message})
+            out_format.write_failure(self.out, "non-finite loss", message)
         self.say(message)
         return NAN_EXIT
 
     def finish(self, micro_steps: int) -> None:
-        atomic_write_json(
-            self.out / "ranks" / f"rank{self.rank}.json",
-            {"rank": self.rank, "world_size": self.world, "steps": self.step, "micro_steps": micro_steps},
+        out_format.write_rank_summary(
+            self.out, self.rank, {"rank": self.rank, "world_size": self.world, "steps": self.step,
+                                  "micro_steps": micro_steps},
         )
         # The engine's own loss on a fixed held-out batch: the exported HF model must reproduce it.
         probe = next((batches[0] for _, batches in sorted(self.eval_sets.items()) if batches), None)
@@ -355,34 +312,25 @@ class Job:
             if self.rank == 0:
                 torch.save(
                     {"input_ids": probe["input_ids"], "labels": probe["labels"], "loss": float(loss)},
-                    self.out / "probe.pt",
+                    self.out / out_format.PROBE,
                 )
         torch.distributed.barrier()
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description="hyperofa continued-pretraining job (one rank)")
-    parser.add_argument("--job", required=True, help="job.json written by `hyperofa pretrain`")
-    parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
-    args = parser.parse_args(argv)
-    if args.local_rank is not None:
-        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    spec = json.loads(Path(args.job).read_text(encoding="utf-8"))
-    from ..tracking import PARENT_ENV, make_tracker
-
-    if spec.get("parent_run_id") and not os.environ.get(PARENT_ENV):
-        os.environ[PARENT_ENV] = spec["parent_run_id"]
-
-    job = Job(spec)
-    for sub in ("ranks", "audit"):
+def run(spec: dict[str, Any], args: Any) -> int:
+    job = PretrainJob(spec, hooks_from_env())
+    for sub in (out_format.RANKS, out_format.AUDIT):
         (job.out / sub).mkdir(parents=True, exist_ok=True)
-    tracker = make_tracker(job.config)
-    with tracker.session("pretrain", job.config), tracker.stage("pretrain-train") as run:
-        run.set_tags({"hyperofa.world_size": job.world, "hyperofa.zero": job.p.zero})
+    tracker = job.tracker()
+    with tracker.session(COMMAND, job.config), tracker.stage("pretrain-train") as run_:
+        run_.set_tags({"hyperofa.world_size": job.world, "hyperofa.zero": job.p.zero})
         if job.rank == 0:
-            run.log_params({"ds_config": json.dumps(spec["ds_config"], sort_keys=True)})
-        code = job.run(run)
-    return code
+            run_.log_params({"ds_config": json.dumps(spec["ds_config"], sort_keys=True)})
+        return job.run(run_)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    return job_main(argv, COMMAND, run)
 
 
 if __name__ == "__main__":

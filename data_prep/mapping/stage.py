@@ -1,0 +1,151 @@
+"""`hyperofa mapping`: the hypernetwork's training data in `<run_dir>/mapping/` (formats/mapping.py).
+
+Reads the word vectors, the source model (tokenizer + input embeddings) and the target tokenizer; writes the
+copy pairs (overlap), the factorisation F_s / P, token -> word postings of both tokenizers (Ray), the word
+table, the train/val/test split of covered source tokens, coverage statistics, and the manifest last.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from hyperofa_dist.config import Config
+from hyperofa_dist.errors import HyperofaError
+from hyperofa_dist.factorize import check_rank, factorize
+from hyperofa_dist.formats.files import fingerprint_path
+from hyperofa_dist.formats.mapping import STAGE, STATS, WORD_CHUNK_ROWS, MappingParts, Postings, write_mapping
+from hyperofa_dist.formats.models import load_model, source_identity
+from hyperofa_dist.formats.rundir import Stage
+from hyperofa_dist.formats.tokenizer import load_tokenizer, target_tokenizer_dir, tokenizer_fingerprint
+from hyperofa_dist.formats.vectors import load_word_vectors, resolve_vectors_path
+from hyperofa_dist.runtime.ray import ray_session
+from hyperofa_dist.runtime.stage import StageShell
+from hyperofa_dist.tracking import numeric_metrics
+from hyperofa_dist.vocab import compute_overlap, same_vocabulary, special_ids
+
+from .postings import build_postings, coverage_stats
+from .split import split_tokens
+
+
+def load_source(config: Config):
+    """(tokenizer, E_s float32 [V_s, D]) of the source model; sizes must agree as the method asserts."""
+    key = "source.tokenizer" if config.source.tokenizer else "source.model"
+    tokenizer = load_tokenizer(config.source.tokenizer or config.source.model, key)
+    model = load_model(config.source.model, key="source.model")
+    embeddings = model.get_input_embeddings().weight.detach().float().numpy().copy()
+    del model
+    if embeddings.shape[0] != len(tokenizer):
+        raise HyperofaError(
+            f"source tokenizer has {len(tokenizer)} tokens but the model {config.source.model} has "
+            f"{embeddings.shape[0]} embedding rows; they must be the same (source.tokenizer / source.model)"
+        )
+    return tokenizer, embeddings
+
+
+def run(config: Config, tracker: Any) -> int:
+    k = config.mapping.num_primitives
+    vectors_path = resolve_vectors_path(config)
+    target_dir = target_tokenizer_dir(config)
+    inputs = {
+        "vectors": {"path": str(vectors_path), "fingerprint": fingerprint_path(vectors_path)},
+        "source": source_identity(config),
+        "target_tokenizer": tokenizer_fingerprint(target_dir),
+        "k": k,
+        "config": config.fingerprint("mapping", "run") | {"vectors.languages": config.vectors.languages},
+    }
+    with StageShell.open(config, tracker, STAGE, Stage(config.run_dir, STAGE), inputs) as shell:
+        if shell.up_to_date:
+            return 0
+        timings: dict[str, float] = {}
+        clock = time.perf_counter()
+
+        source_tok, embeddings = load_source(config)
+        check_rank(k, embeddings.shape)
+        target_tok = load_tokenizer(target_dir)
+        identical = same_vocabulary(source_tok, target_tok)
+        if identical:
+            shell.say(f"warning: the target tokenizer {target_dir} is identical to the source tokenizer: nothing to initialise")
+        words = load_word_vectors(vectors_path, config.vectors.languages)
+        timings["load_s"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        overlap = compute_overlap(target_tok, source_tok)
+        timings["overlap_s"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        factors = factorize(embeddings, k)
+        timings["factorize_s"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        with ray_session(config):
+            (src_indptr, src_indices), (tgt_indptr, tgt_indices) = build_postings(
+                [source_tok, target_tok], words.keys, config.mapping.words_per_task, config.mapping.max_retries
+            )
+        timings["postings_s"] = time.perf_counter() - clock
+
+        source_specials = special_ids(source_tok)
+        covered = np.flatnonzero(np.diff(src_indptr) > 0)
+        trainable = covered[~np.isin(covered, sorted(source_specials))]  # specials are copied by role, never predicted
+        seed = config.mapping.split_seed if config.mapping.split_seed is not None else config.run.seed
+        split = split_tokens(trainable, config.mapping.split, seed)
+
+        stats = {
+            "words": {
+                "keys": words.n_keys,
+                "kept": len(words),
+                "skipped_unexpected_format": words.skipped,
+                "skipped_examples": words.skipped_examples,
+                "languages": len(words.languages),
+                "dim": words.dim,
+            },
+            "overlap": overlap.stats,
+            "factorization": {
+                "k": factors.k,
+                "D": int(embeddings.shape[1]),
+                "factorized": factors.factorized,
+                "relative_reconstruction_error": factors.relative_error,
+            },
+            "source": coverage_stats(src_indptr, src_indices, words.lang_ids, words.languages, source_specials),
+            "target": coverage_stats(tgt_indptr, tgt_indices, words.lang_ids, words.languages, special_ids(target_tok)),
+            "split": {name: int(ids.size) for name, ids in split.items()},
+            "target_identical_to_source": identical,
+        }
+
+        shell.begin()
+        parts = MappingParts(
+            source_postings=Postings(src_indptr, src_indices),
+            target_postings=Postings(tgt_indptr, tgt_indices),
+            overlap_target=overlap.target_ids,
+            overlap_source=overlap.source_ids,
+            overlap_kinds=overlap.kinds,
+            split=split,
+            coordinates=factors.coordinates,
+            primitives=factors.primitives,
+            words=words.keys,
+            stats=stats,
+        )
+        word_blocks = (words.matrix(start, start + WORD_CHUNK_ROWS) for start in range(0, len(words), WORD_CHUNK_ROWS))
+        outputs = write_mapping(shell.path, parts, word_blocks, words.dim, vectors_path)
+        counts = {
+            "V_s": len(source_tok),
+            "V_t": len(target_tok),
+            "D": int(embeddings.shape[1]),
+            "k": factors.k,
+            "n_words": len(words),
+            "word_dim": words.dim,
+            "overlap_pairs": len(overlap),
+            "source_covered": stats["source"]["covered"],
+            "target_covered": stats["target"]["covered"],
+            **{f"split_{name}": n for name, n in stats["split"].items()},
+        }
+        shell.finish(outputs=outputs, counts=counts, extra={"factorized": factors.factorized, "timings": timings})
+        shell.run.log_metrics(numeric_metrics(stats) | timings)
+        shell.run.log_artifact(shell.path / STATS)
+        shell.say(
+            f"{len(words)} words; source {stats['source']['covered']}/{len(source_tok)} tokens covered, target "
+            f"{stats['target']['covered']}/{len(target_tok)}; {len(overlap)} copy pairs; k={factors.k} "
+            f"(error {factors.relative_error:.4f}) -> {shell.path}"
+        )
+    return 0

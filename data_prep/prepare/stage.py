@@ -1,0 +1,277 @@
+"""`hyperofa prepare`: the corpus, once and in parallel, into language-sampled, tokenized, packed shards.
+
+Ray core tasks work on (language, chunk) units planned by the corpus readers; small units are grouped so every
+task reads about `prepare.chunk_bytes`. Two rounds:
+1. count (only with a sentence budget or cap): the non-empty sentences of every unit, so the sampling plan can
+   be fixed per chunk before anything is written (`sampling`); without one a chunk's plan needs only its own
+   size and the task makes it;
+2. prepare: each task runs `chunk.process_chunk` on its units with the target tokenizer's Rust backend (shipped
+   once through the object store, loaded once per worker process) and returns the chunks' records only.
+
+A chunk whose record matches the stage's inputs is not run again; one whose shard went missing runs again and
+writes only the missing shard (the bytes are identical by construction). The manifest is written last from
+the records alone, so a run whose workers died and were retried ends with the same manifest as one that ran
+straight through.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from hyperofa_dist.config import Config
+from hyperofa_dist.formats.corpus import LanguageSource, Unit, discover, plan_units
+from hyperofa_dist.formats.files import digest, sha256_file
+from hyperofa_dist.formats.rundir import Stage
+from hyperofa_dist.formats.shards import SPLITS, STAGE
+from hyperofa_dist.formats.tokenizer import (
+    backend_json,
+    frame_ids,
+    load_tokenizer,
+    target_tokenizer_dir,
+    tokenizer_fingerprint,
+    worker_backend,
+)
+from hyperofa_dist.runtime.ray import ray_session, run_tasks
+from hyperofa_dist.runtime.stage import StageShell
+
+from .chunk import RECORDS, ChunkJob, Settings, count_unit, process_chunk, record_path
+from .packing import Specials
+from .sampling import ChunkPlan, needs_corpus_counts, plan_chunks
+
+SPLIT_STATS = ("sentences", "tokens", "tokens_in_blocks", "tokens_lost", "blocks", "shards")
+READ_STATS = ("lines", "empty", "invalid_utf8", "sentences", "train_unique", "encoded_tokens")
+RETRIES_KEY = "prepare.max_retries"
+
+
+# --- the Ray tasks -------------------------------------------------------------------------------------------
+
+
+def count_sentences(units: list[Unit], normalization: str) -> list[int]:
+    return [count_unit(unit, normalization) for unit in units]
+
+
+def prepare_chunks(jobs: list[ChunkJob], settings: Settings, tokenizer_json: str) -> list[dict[str, Any]]:
+    tokenizer = worker_backend(tokenizer_json)
+    return [process_chunk(job, settings, tokenizer) for job in jobs]
+
+
+def group_units(units: list[Unit], chunk_bytes: int) -> list[list[Unit]]:
+    """Consecutive units of about chunk_bytes per task (tiny languages share one), largest groups first.
+
+    Largest-first keeps the tail short: the last tasks to start are the small ones.
+    """
+    groups: list[list[Unit]] = []
+    current: list[Unit] = []
+    size = 0
+    for unit in units:
+        if unit.kind == "hub":  # a streamed hub language has no known size: a task of its own
+            groups.append([unit])
+            continue
+        current.append(unit)
+        size += unit.bytes
+        if size >= chunk_bytes:
+            groups.append(current)
+            current, size = [], 0
+    if current:
+        groups.append(current)
+    return sorted(groups, key=lambda g: -sum(u.bytes for u in g))
+
+
+# --- the stage ---------------------------------------------------------------------------------------------
+
+
+def corpus_fingerprint(sources: Iterable[LanguageSource], root: Optional[str]) -> dict[str, Any]:
+    """sha256 of every corpus file by its path inside the corpus (hub languages: the dataset name)."""
+    out: dict[str, Any] = {}
+    for source in sources:
+        if source.format == "hub":
+            out[source.lang] = {"hub": source.hub_name}
+        else:
+            out[source.lang] = {Path(f).relative_to(root).as_posix(): sha256_file(f) for f in source.files}
+    return out
+
+
+def _unit_digest(inputs_digest: str, unit: Unit) -> str:
+    return digest({"inputs": inputs_digest, "unit": [unit.lang, unit.chunk, unit.kind, unit.start, unit.end]})
+
+
+def _finished_record(stage_dir: Path, unit: Unit, record_digest: str) -> Optional[dict[str, Any]]:
+    """The unit's record from an earlier run with the same inputs, or None."""
+    path = record_path(stage_dir, unit.lang, unit.chunk)
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return record if record.get("digest") == record_digest else None
+
+
+def _remove_strays(stage_dir: Path, keep: set[str]) -> None:
+    """Delete files under the stage's data directories that this run did not produce (older configs, debris)."""
+    for top in (*SPLITS, RECORDS):
+        base = stage_dir / top
+        if not base.is_dir():
+            continue
+        for path in sorted(base.rglob("*"), reverse=True):
+            relative = path.relative_to(stage_dir).as_posix()
+            if path.is_file() and relative not in keep:
+                path.unlink()
+            elif path.is_dir() and not any(path.iterdir()):
+                path.rmdir()
+
+
+def aggregate(records: list[dict[str, Any]], languages: list[str]) -> dict[str, dict[str, int]]:
+    keys = [*READ_STATS, *(f"{s}_{k}" for s in SPLITS for k in SPLIT_STATS)]
+    per_lang = {lang: {k: 0 for k in keys} for lang in languages}
+    for record in records:
+        for key in keys:
+            per_lang[record["lang"]][key] += record["stats"][key]
+    return per_lang
+
+
+def _metrics(per_lang: dict[str, dict[str, int]], totals: dict[str, int]) -> dict[str, float]:
+    metrics = {f"{lang}/{key}": value for lang, stats in per_lang.items() for key, value in stats.items()}
+    metrics.update({f"total/{key}": value for key, value in totals.items()})
+    return metrics
+
+
+def _count_and_plan(units: list[Unit], previous: list[Optional[dict]], prep) -> dict[str, list[ChunkPlan]]:
+    """Count the sentences of every unit not finished before (a Ray round), then plan every chunk."""
+    to_count = [u for u, r in zip(units, previous) if r is None]
+    groups = group_units(to_count, prep.chunk_bytes)
+    counted = run_tasks(
+        count_sentences, [(g, prep.normalization) for g in groups], desc="prepare: count", retries_key=RETRIES_KEY,
+        max_retries=prep.max_retries,
+    )
+    n_of = {(u.lang, u.chunk): n for g, ns in zip(groups, counted) for u, n in zip(g, ns)}
+    for unit, record in zip(units, previous):
+        if record is not None:
+            n_of[(unit.lang, unit.chunk)] = record["plan"]["n"]
+    chunk_counts: dict[str, list[int]] = {}
+    for unit in units:
+        chunk_counts.setdefault(unit.lang, []).append(n_of[(unit.lang, unit.chunk)])
+    sampling = prep.sampling
+    return plan_chunks(
+        chunk_counts,
+        prep.heldout_fraction,
+        sampling.alpha,
+        sampling.total_sentences,
+        sampling.cap_per_language,
+        sampling.upsample,
+    )
+
+
+def run(config: Config, tracker) -> int:
+    prep = config.prepare
+    tokenizer_dir = target_tokenizer_dir(config)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    specials = Specials(*frame_ids(tokenizer, tokenizer_dir))
+    sources = discover(config.corpus)
+    inputs = {
+        "config": config.fingerprint("prepare", "corpus", "run"),
+        "tokenizer": tokenizer_fingerprint(tokenizer_dir),
+        "corpus": corpus_fingerprint(sources, config.corpus.path),
+    }
+    languages = [s.lang for s in sources]
+
+    with StageShell.open(config, tracker, STAGE, Stage(config.run_dir, STAGE), inputs) as shell:
+        run_ = shell.run
+        if shell.up_to_date:
+            run_.log_metrics(_metrics(shell.manifest["counts"]["languages"], shell.manifest["counts"]["totals"]))
+            return 0
+
+        started = time.perf_counter()
+        units = plan_units(sources, prep.chunk_bytes)
+        with_units = {u.lang for u in units}
+        skipped = {lang: "empty file" for lang in languages if lang not in with_units}
+        shell.begin()
+
+        unit_digests = [_unit_digest(shell.digest, u) for u in units]
+        previous = [_finished_record(shell.path, u, d) for u, d in zip(units, unit_digests)]
+        settings = Settings(
+            stage_dir=str(shell.path),
+            specials=specials,
+            seed=config.run.seed,
+            normalization=prep.normalization,
+            heldout_fraction=prep.heldout_fraction,
+            block_size=prep.block_size,
+            blocks_per_sample=prep.blocks_per_sample,
+            samples_per_shard=prep.samples_per_shard,
+            batch_size=prep.tokenize_batch_size,
+        )
+        with ray_session(config) as ray:
+            plans: Optional[dict[str, list[ChunkPlan]]] = None
+            if needs_corpus_counts(prep.sampling.total_sentences, prep.sampling.cap_per_language):
+                plans = _count_and_plan(units, previous, prep)
+            count_s = time.perf_counter() - started
+
+            jobs: list[ChunkJob] = []
+            records: list[dict[str, Any]] = []
+            for unit, record_digest, record in zip(units, unit_digests, previous):
+                if record is not None and shell.stage.outputs_intact(record["shards"]):
+                    records.append(record)
+                    continue
+                plan = plans[unit.lang][unit.chunk] if plans is not None else None
+                jobs.append(ChunkJob(unit, plan, record_digest, keep_existing=record is not None))
+            by_unit = {job.unit: job for job in jobs}
+            job_groups = [[by_unit[u] for u in g] for g in group_units([j.unit for j in jobs], prep.chunk_bytes)]
+            tokenizer_ref = ray.put(backend_json(tokenizer))
+            calls = [(g, settings, tokenizer_ref) for g in job_groups]
+            for result in run_tasks(
+                prepare_chunks, calls, desc="prepare", retries_key=RETRIES_KEY, max_retries=prep.max_retries
+            ):
+                records.extend(result)
+        wall_s = time.perf_counter() - started
+
+        records.sort(key=lambda r: (r["lang"], r["chunk"]))
+        for lang in languages:
+            if lang not in skipped and not any(r["plan"]["n"] for r in records if r["lang"] == lang):
+                skipped[lang] = "no non-empty sentence"
+        shard_files = [s for r in records for s in r["shards"]]
+        keep = {s["path"] for s in shard_files} | {
+            record_path(shell.path, r["lang"], r["chunk"]).relative_to(shell.path).as_posix() for r in records
+        }
+        _remove_strays(shell.path, keep)
+
+        per_lang = aggregate(records, languages)
+        totals = {key: sum(stats[key] for stats in per_lang.values()) for key in next(iter(per_lang.values()))}
+        for lang, reason in sorted(skipped.items()):
+            shell.say(f"skipped language {lang} ({reason})")
+        counts = {"languages": per_lang, "totals": totals, "skipped_languages": skipped, "units": len(units)}
+        shell.finish(
+            outputs=[],
+            counts=counts,
+            extra={
+                # Tasks hashed every shard from the bytes they wrote; re-reading them all here would double
+                # the I/O of the stage, so the records' hashes are the manifest's outputs.
+                "outputs": sorted(
+                    ({k: s[k] for k in ("path", "bytes", "sha256")} for s in shard_files), key=lambda s: s["path"]
+                ),
+                "shards": sorted(
+                    ({k: v for k, v in s.items() if k not in ("bytes", "sha256")} for s in shard_files),
+                    key=lambda s: s["path"],
+                ),
+                "block_size": prep.block_size,
+                "special_tokens": {"cls": specials.cls, "sep": specials.sep},
+            },
+        )
+        run_.log_metrics(_metrics(per_lang, totals))
+        run_.log_metrics(
+            {
+                "time/wall_s": wall_s,
+                "time/count_s": count_s,
+                "time/encoded_tokens_per_s": totals["encoded_tokens"] / max(wall_s, 1e-9),
+                "tasks": len(job_groups),
+            }
+        )
+        if skipped:
+            run_.set_tags({"hyperofa.skipped_languages": ",".join(sorted(skipped))})
+        shell.say(
+            f"{totals['train_blocks']} train and {totals['heldout_blocks']} held-out blocks of "
+            f"{prep.block_size} tokens from {len(languages) - len(skipped)} languages in {wall_s:.1f}s -> {shell.path}"
+        )
+    return 0

@@ -1,0 +1,16 @@
+"""On-disk formats: one module per artifact passed between stages, each owning its file names, its writer and
+its validating reader (which turns a missing, truncated or foreign file into one `HyperofaError` line).
+
+    files       atomic writes, hashes, the .npy/.npz writer and reader every format uses
+    rundir      stage directories and manifests
+    corpus      the user's corpus (three layouts) as units of work
+    tokenizer   HF tokenizer directories; the one tokenizer loader (also for Ray workers)
+    shards      prepare's webdataset shards and their listing
+    vectors     word-vector files (ColexNet+ .wv, gensim .kv, word2vec)
+    mapping     the mapping stage's postings, factors, split and word table
+    hypernet    the hypernetwork's weights, predictions and test metrics
+    jobdir      a DeepSpeed job's job file and checkpoints
+    init        the init stage's coordinates, provenance and expanded model
+    models      HF model directories
+    results     evaluation results
+"""

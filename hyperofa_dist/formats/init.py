@@ -1,0 +1,82 @@
+"""The init stage's output, `<run.dir>/init/<method>/`: the expanded model and how each of its rows was made.
+
+    F_t.npy                  target coordinates, float32 [V_t, k]
+    P.npy                    the primitives P [k, D] (the source's, reused): E_t = F_t P
+    provenance.npy           uint8 [V_t]: 0 copy, 1 hyperofa, 2 ofa, 3 random (`init.assemble.PROVENANCE_NAMES`)
+    provenance_counts.json   those counts overall, per word language and per script
+    quality.json             held-out coordinate cosine of each method on the hypernetwork's test split
+    model/                   stock HF masked LM + the target tokenizer (AutoModelForMaskedLM loads it)
+    manifest.json
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import HyperofaError
+from .files import atomic_write_json, load_npy, save_npy
+from .rundir import Stage
+
+STAGE = "init"
+COORDINATES = "F_t.npy"
+PRIMITIVES = "P.npy"
+PROVENANCE = "provenance.npy"
+PROVENANCE_COUNTS = "provenance_counts.json"
+QUALITY = "quality.json"
+MODEL = "model"
+
+
+def stage_of(run_dir: str | Path, method: str) -> Stage:
+    return Stage(run_dir, f"{STAGE}/{method}")
+
+
+def model_dir(run_dir: str | Path, method: str) -> Path:
+    return stage_of(run_dir, method).path / MODEL
+
+
+def method_of(model_path: Path) -> str | None:
+    """`.../init/<method>/model` (where this stage writes) names its method; any other path is unknown."""
+    parts = model_path.parts
+    if len(parts) >= 3 and parts[-1] == MODEL and parts[-3] == STAGE:
+        return parts[-2]
+    return None
+
+
+def write_arrays(out: Path, coordinates: np.ndarray, primitives: np.ndarray, provenance: np.ndarray,
+                 counts: dict[str, Any], quality: dict[str, Any]) -> list[str]:
+    save_npy(out / COORDINATES, coordinates)
+    save_npy(out / PRIMITIVES, primitives)
+    save_npy(out / PROVENANCE, provenance)
+    atomic_write_json(out / PROVENANCE_COUNTS, counts)
+    atomic_write_json(out / QUALITY, quality)
+    return [COORDINATES, PRIMITIVES, PROVENANCE, PROVENANCE_COUNTS, QUALITY]
+
+
+def load_factors(init_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(F_t memory-mapped, P) of an init output, checked to fit each other."""
+    coordinates = load_npy(init_dir / COORDINATES, mmap=True, what="target coordinates")
+    primitives = load_npy(init_dir / PRIMITIVES, what="primitives")
+    if coordinates.ndim != 2 or primitives.ndim != 2 or coordinates.shape[1] != primitives.shape[0]:
+        raise HyperofaError(f"{init_dir}: {COORDINATES} {coordinates.shape} and {PRIMITIVES} {primitives.shape} do not fit")
+    return coordinates, primitives
+
+
+def find_provenance(model_path: Path) -> Path:
+    """The provenance beside a model directory (`init/<method>/model` -> `init/<method>/provenance.npy`)."""
+    for candidate in (model_path.parent / PROVENANCE, model_path / PROVENANCE):
+        if candidate.is_file():
+            return candidate
+    raise HyperofaError(
+        f"{model_path}: no {PROVENANCE} beside the model (which rows were copied); the embedding warm-up needs "
+        "a model written by the init stage"
+    )
+
+
+def load_provenance(path: Path) -> np.ndarray:
+    provenance = load_npy(path, what="provenance")
+    if provenance.ndim != 1 or provenance.dtype != np.uint8:
+        raise HyperofaError(f"{path}: provenance must be uint8 [V_t], got {provenance.dtype} {provenance.shape}")
+    return provenance

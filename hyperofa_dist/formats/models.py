@@ -1,0 +1,104 @@
+"""HF model directories (the source model, every expanded and pretrained model): the one loader and writer.
+
+A model directory is what `save_pretrained` writes for the model and its tokenizer together; stock
+`AutoModelFor*.from_pretrained` and `AutoTokenizer.from_pretrained` load it with no custom code. The source model
+may also be an HF hub name (resolved by transformers; nothing is fetched when the hub is offline).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+from ..errors import HyperofaError
+from .files import fingerprint_dir, sha256_file, tmp_name
+from .tokenizer import TOKENIZER_JSON, tokenizer_fingerprint
+
+CONFIG = "config.json"
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
+MODEL_FILES = (CONFIG, *WEIGHT_FILES)
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Loading an MLM checkpoint into AutoModel/…ForTokenClassification prints expected key reports; hide them."""
+    from transformers.utils import logging as hf_logging
+
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(previous)
+        hf_logging.enable_progress_bar()
+
+
+def load_model(name: str | Path, auto_class: str = "AutoModelForMaskedLM", key: str = "", **kwargs: Any) -> Any:
+    """`transformers.<auto_class>.from_pretrained(name)`, in eval mode, with a one-line error naming `key`."""
+    import transformers
+
+    cls = getattr(transformers, auto_class)
+    where = f" ({key})" if key else ""
+    try:
+        with quiet_transformers():
+            model = cls.from_pretrained(str(name), **kwargs)
+    except Exception as exc:  # hub, network and checkpoint-format errors of many types
+        raise HyperofaError(
+            f"{name}: cannot load the model{where} ({exc.__class__.__name__}: {str(exc)[:200]})"
+        ) from None
+    return model.eval()
+
+
+def require_model_dir(path: Path, *, tokenizer: bool = True) -> Path:
+    """An HF model directory with its config (and, when asked, its tokenizer)."""
+    if not (path / CONFIG).is_file():
+        raise HyperofaError(f"{path}: not an HF model directory ({CONFIG} missing)")
+    if tokenizer and not (path / TOKENIZER_JSON).is_file():
+        raise HyperofaError(f"{path}: the model directory has no {TOKENIZER_JSON} (its tokenizer is needed)")
+    return path
+
+
+def read_model_config(path: Path) -> dict[str, Any]:
+    from .files import read_json
+
+    return read_json(path / CONFIG, "model config")
+
+
+def model_fingerprint(path: Path) -> dict[str, Any]:
+    """sha256 of the model's config and weights and of its tokenizer files: the identity of a model directory."""
+    return {
+        "model": {n: sha256_file(path / n) for n in MODEL_FILES if (path / n).is_file()},
+        "tokenizer": tokenizer_fingerprint(path),
+    }
+
+
+def source_identity(config: Any) -> dict[str, Any]:
+    """The source model's identity for manifests: its name and, when local, the hashes of its files."""
+    out: dict[str, Any] = {"model": config.source.model, "tokenizer": config.source.tokenizer}
+    for key, where in (("model_files", config.source.model), ("tokenizer_files", config.source.tokenizer)):
+        if where and Path(where).is_dir():
+            out[key] = fingerprint_dir(where, MODEL_FILES if key == "model_files" else None)
+    return out
+
+
+def save_model_dir(model: Any, tokenizer: Any, out_dir: str | Path) -> Path:
+    """save_pretrained of the model and its tokenizer into one directory (written to a sibling, then renamed)."""
+    out_dir = Path(out_dir)
+    tmp = tmp_name(out_dir)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def model_files(out_dir: Path) -> list[str]:
+    """The files of a saved model directory, relative to its parent (for a stage manifest)."""
+    return sorted(f"{out_dir.name}/{p.name}" for p in out_dir.iterdir() if p.is_file())

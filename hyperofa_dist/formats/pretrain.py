@@ -1,0 +1,87 @@
+"""The pretrain stage's output, `<run.dir>/pretrain/<method>/`: the trained model and the job's logs.
+
+    model/              stock HF masked LM + tokenizer, exported from the last checkpoint (what evaluate reads)
+    train_log.jsonl     one line per optimizer step: loss, lr, grad norm, tokens seen (rank 0)
+    eval_log.jsonl      one line per evaluation: held-out MLM loss per language
+    probe.pt            a fixed held-out batch and the engine's loss on it: the exported model must reproduce it
+    failure.json        why the job stopped itself (non-finite loss), for the stage shell's one-line error
+    trainable_rows.pt   rows that train during the embedding warm-up (from the init stage's provenance)
+    ranks/rank<r>.json  each rank's step and micro-step counts
+    audit/rank<r>.jsonl with pretrain.data_audit: the blocks each rank trained on
+    (job.json and checkpoints/ are the DeepSpeed job directory: formats/jobdir.py)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from .files import atomic_write_bytes, atomic_write_json, read_json
+from .rundir import Stage
+
+STAGE = "pretrain"
+MODEL = "model"
+TRAIN_LOG = "train_log.jsonl"
+EVAL_LOG = "eval_log.jsonl"
+PROBE = "probe.pt"
+FAILURE = "failure.json"
+TRAINABLE_ROWS = "trainable_rows.pt"
+RANKS = "ranks"
+AUDIT = "audit"
+JOB_OUTPUTS = (TRAIN_LOG, EVAL_LOG, PROBE, FAILURE)  # files of one run, removed before a fresh (not resumed) one
+
+
+def stage_of(run_dir: str | Path, method: str) -> Stage:
+    return Stage(Path(run_dir) / STAGE, method)
+
+
+def model_dir(run_dir: str | Path, method: str) -> Path:
+    return stage_of(run_dir, method).path / MODEL
+
+
+def append_line(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def read_lines(path: Path) -> Iterator[dict[str, Any]]:
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                yield json.loads(line)
+
+
+def last_line(path: Path) -> Optional[dict[str, Any]]:
+    found = None
+    for found in read_lines(path):
+        pass
+    return found
+
+
+def truncate_log(path: Path, last_step: int) -> None:
+    """Keep the lines of steps up to `last_step` (the step a resumed run starts after): a killed run's lines
+    past its last checkpoint are trained again and logged again."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    if len(kept) != len(lines):
+        atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode("utf-8"))
+
+
+def write_failure(out: Path, reason: str, message: str) -> Path:
+    return atomic_write_json(out / FAILURE, {"reason": reason, "message": message})
+
+
+def read_failure(out: Path) -> Optional[str]:
+    path = out / FAILURE
+    return read_json(path, "failure report")["message"] if path.is_file() else None
+
+
+def write_rank_summary(out: Path, rank: int, summary: dict[str, Any]) -> Path:
+    return atomic_write_json(out / RANKS / f"rank{rank}.json", summary)
+
+
+def audit_path(out: Path, rank: int) -> Path:
+    return out / AUDIT / f"rank{rank}.jsonl"

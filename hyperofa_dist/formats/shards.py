@@ -1,0 +1,246 @@
+"""The prepare shards: packed token blocks in deterministic webdataset tar files, written and read here only.
+
+Layout under a prepare directory (`<run.dir>/prepare/`):
+
+    train/<lang>/<lang>-<chunk:05d>-<index:06d>.tar     training shards
+    heldout/<lang>/<lang>-<chunk:05d>-<index:06d>.tar   held-out shards, same format
+    manifest.json                                       lists every shard (split, lang, chunk, blocks)
+
+A sample holds up to `blocks_per_sample` blocks as one `<key>.input_ids.npy` (uint32 `[n, block_size]`) plus
+`<key>.lang.txt`, so no tar member is tiny. Every header field that could vary between runs or machines (mtime,
+uid/gid, owner names, mode) is fixed: identical blocks give byte-identical shards, which is what lets a retried
+or re-run task rewrite identical bytes. `webdataset.WebDataset(urls).decode()` reads them; the system itself reads
+them with `read_shard`, which checks every sample and turns a truncated or foreign file into one line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional, Sequence
+
+import numpy as np
+
+from ..errors import HyperofaError
+from .files import atomic_write_bytes, npy_bytes, read_json
+from .rundir import MANIFEST, Stage
+
+STAGE = "prepare"
+SPLITS = ("train", "heldout")
+IDS_MEMBER = "input_ids.npy"
+LANG_MEMBER = "lang.txt"
+
+
+# --- writing -----------------------------------------------------------------------------------------------
+
+
+def shard_name(lang: str, chunk: int, index: int) -> str:
+    """A shard's path relative to its split directory."""
+    return f"{lang}/{lang}-{chunk:05d}-{index:06d}.tar"
+
+
+def sample_key(lang: str, chunk: int, sample: int) -> str:
+    # webdataset splits a member name at its first dot, so keys must not contain one.
+    return f"{lang}-{chunk:05d}-{sample:08d}"
+
+
+def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
+    """A tar archive of (name, data) members with every run-dependent header field fixed."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mtime = 0
+            info.mode = 0o444
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+@dataclass(frozen=True)
+class Shard:
+    name: str  # relative to the split directory
+    index: int
+    blocks: int
+    data: bytes
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.data).hexdigest()
+
+
+def build_shards(
+    blocks: np.ndarray, lang: str, chunk: int, blocks_per_sample: int, samples_per_shard: int
+) -> Iterator[Shard]:
+    """The shards of one (language, chunk), in order; no shard at all when there is no block."""
+    blocks_per_shard = blocks_per_sample * samples_per_shard
+    lang_bytes = lang.encode("utf-8")
+    for index, first in enumerate(range(0, blocks.shape[0], blocks_per_shard)):
+        members = []
+        stop = min(first + blocks_per_shard, blocks.shape[0])
+        for start in range(first, stop, blocks_per_sample):
+            key = sample_key(lang, chunk, start // blocks_per_sample)
+            members.append((f"{key}.{IDS_MEMBER}", npy_bytes(blocks[start : min(start + blocks_per_sample, stop)])))
+            members.append((f"{key}.{LANG_MEMBER}", lang_bytes))
+        yield Shard(shard_name(lang, chunk, index), index, stop - first, tar_bytes(members))
+
+
+def write_shard(path: Path, data: bytes, keep_existing: bool) -> bool:
+    """Write under a temporary name, then rename; with keep_existing a file of the right size is left alone.
+
+    Returns whether the file was (re)written.
+    """
+    if keep_existing and path.is_file() and path.stat().st_size == len(data):
+        return False
+    atomic_write_bytes(path, data)
+    return True
+
+
+# --- reading -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sample:
+    key: str
+    lang: str
+    blocks: np.ndarray  # uint32 [n, block_size]
+
+
+def read_shard(path: str | Path) -> Iterator[Sample]:
+    """The samples of one shard in file order, each checked: both members present, a 2-D unsigned id array."""
+    path = Path(path)
+    try:
+        with tarfile.open(path, "r|") as tar:  # streaming: members in order, nothing kept but the current sample
+            current: Optional[str] = None
+            parts: dict[str, bytes] = {}
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, _, ext = member.name.partition(".")
+                if current is not None and key != current:
+                    yield _sample(path, current, parts)
+                    parts = {}
+                current = key
+                parts[ext] = tar.extractfile(member).read()
+            if current is not None:
+                yield _sample(path, current, parts)
+    except FileNotFoundError:
+        raise HyperofaError(f"{path}: shard not found; re-run `hyperofa prepare`") from None
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise HyperofaError(
+            f"{path}: shard is truncated or not a tar archive ({exc.__class__.__name__}); re-run `hyperofa prepare`"
+        ) from None
+
+
+def _sample(path: Path, key: str, parts: dict[str, bytes]) -> Sample:
+    if IDS_MEMBER not in parts or LANG_MEMBER not in parts:
+        raise HyperofaError(f"{path}: sample {key} lacks {IDS_MEMBER} or {LANG_MEMBER}")
+    try:
+        array = np.load(io.BytesIO(parts[IDS_MEMBER]), allow_pickle=False)
+    except (ValueError, OSError, EOFError):
+        raise HyperofaError(f"{path}: sample {key}: {IDS_MEMBER} is not a .npy array") from None
+    if array.ndim != 2 or array.dtype.kind not in "ui":
+        raise HyperofaError(f"{path}: sample {key}: input_ids must be an integer [n, block_size] array, got {array.shape}")
+    return Sample(key, parts[LANG_MEMBER].decode("utf-8").strip(), array)
+
+
+def first_blocks(
+    shards: Sequence[str | Path], max_blocks: Optional[int] = None, languages: Optional[Iterable[str]] = None
+) -> dict[str, np.ndarray]:
+    """language -> its first `max_blocks` blocks (uint32 [n, block_size]) in shard order; one block width for all."""
+    found: dict[str, list[np.ndarray]] = {}
+    counts: dict[str, int] = {}
+    wanted = set(languages) if languages is not None else None
+    width: Optional[int] = None
+    for shard in shards:
+        for sample in read_shard(shard):
+            if wanted is not None and sample.lang not in wanted:
+                continue
+            have = counts.get(sample.lang, 0)
+            if max_blocks is not None and have >= max_blocks:
+                continue
+            array = sample.blocks
+            if width is not None and array.shape[1] != width:
+                raise HyperofaError(f"{shard}: sample {sample.key}: block size {array.shape[1]} differs from {width}")
+            width = array.shape[1]
+            if max_blocks is not None:
+                array = array[: max_blocks - have]
+            found.setdefault(sample.lang, []).append(array)
+            counts[sample.lang] = have + array.shape[0]
+    return {lang: np.concatenate(parts) for lang, parts in sorted(found.items())}
+
+
+# --- the listing of a prepare directory --------------------------------------------------------------------
+
+
+@dataclass
+class ShardSet:
+    """Tar shard paths per split and language (sorted), the blocks per language, and the prepare manifest."""
+
+    train: dict[str, list[str]]
+    heldout: dict[str, list[str]]
+    blocks: dict[str, int] = field(default_factory=dict)
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def block_size(self) -> Optional[int]:
+        size = self.manifest.get("block_size")
+        return int(size) if size else None
+
+
+def prepare_dir(run_dir: str | Path) -> Path:
+    """Where the prepare stage of a run directory writes its shards."""
+    return Path(run_dir) / STAGE
+
+
+def load_shardset(prepare_dir: str | Path) -> ShardSet:
+    """The shards a finished prepare stage lists in its manifest (absolute paths); a missing one is an error."""
+    prepare_dir = Path(prepare_dir).resolve()
+    manifest = Stage(prepare_dir.parent, prepare_dir.name).require()
+    listed = manifest.get("shards")
+    if not isinstance(listed, list):
+        raise HyperofaError(f"{prepare_dir / MANIFEST}: no 'shards' list; re-run `hyperofa prepare`")
+    sets: dict[str, dict[str, list[str]]] = {split: {} for split in SPLITS}
+    blocks: dict[str, int] = {}
+    for shard in sorted(listed, key=lambda s: s["path"]):
+        split = shard.get("split")
+        if split not in sets:
+            continue
+        path = prepare_dir / shard["path"]
+        if not path.is_file():
+            raise HyperofaError(f"{path}: shard listed in the prepare manifest is missing; re-run `hyperofa prepare`")
+        sets[split].setdefault(shard["lang"], []).append(str(path))
+        if split == "train":
+            blocks[shard["lang"]] = blocks.get(shard["lang"], 0) + int(shard.get("blocks", 0))
+    return ShardSet(sets["train"], sets["heldout"], blocks, manifest)
+
+
+def heldout_shards(path: str | Path) -> list[Path]:
+    """Held-out shards of a prepare directory (from its manifest when it lists them), or every tar under a
+    directory of shards (`<dir>/heldout/**` when present)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise HyperofaError(
+            f"{path}: held-out shard directory not found (run `hyperofa prepare` or set evaluate.heldout_dir)"
+        )
+    manifest_path = path / MANIFEST
+    if manifest_path.is_file():
+        listed = read_json(manifest_path, "prepare manifest").get("shards")
+        if isinstance(listed, list):
+            shards = [path / s["path"] for s in listed if s.get("split") == "heldout"]
+            missing = [p for p in shards if not p.is_file()]
+            if missing:
+                raise HyperofaError(f"{missing[0]}: held-out shard listed in the prepare manifest is missing")
+            if not shards:
+                raise HyperofaError(f"{manifest_path}: no held-out shards (prepare.heldout_fraction is 0?)")
+            return sorted(shards)
+    root = path / "heldout" if (path / "heldout").is_dir() else path
+    shards = sorted(root.rglob("*.tar"))
+    if not shards:
+        raise HyperofaError(f"{root}: no .tar shards found")
+    return shards

@@ -1,0 +1,98 @@
+"""The shape every stage shares: inputs -> fingerprint -> (up to date? stop) -> compute -> write -> manifest.
+
+A stage's `run(config, tracker)` opens a `StageShell` with the stage directory and the inputs that decide its
+result (config fingerprint, input files' hashes); the shell opens the stage's MLflow run, answers whether the
+manifest already matches, and writes the manifest last. What is computed in between is the stage's own pure code.
+
+    with StageShell.open(config, tracker, "mapping", Stage(run_dir, "mapping"), inputs) as shell:
+        if shell.up_to_date:
+            return 0
+        ...validate, compute...
+        shell.begin()                 # the stage directory is touched only now
+        ...write outputs...
+        shell.finish(outputs=[...], counts={...})
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Optional
+
+from ..formats.files import digest
+from ..formats.rundir import Stage
+
+
+def say(command: str, text: str) -> None:
+    """A progress or result line of a stage, on stderr (stdout carries only results: tables, bench JSON)."""
+    print(f"hyperofa {command}: {text}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class StageShell:
+    config: Any
+    name: str  # the command name, for messages
+    stage: Stage
+    inputs: dict[str, Any]
+    run: Any = None  # the stage's tracker run
+    up_to_date: bool = False
+    manifest: Optional[dict[str, Any]] = field(default=None)
+
+    @property
+    def digest(self) -> str:
+        return digest(self.inputs)
+
+    @property
+    def path(self):
+        return self.stage.path
+
+    @classmethod
+    @contextlib.contextmanager
+    def open(
+        cls,
+        config: Any,
+        tracker: Any,
+        name: str,
+        stage: Stage,
+        inputs: dict[str, Any],
+        *,
+        run_name: Optional[str] = None,
+        tracked: bool = True,
+    ) -> Iterator["StageShell"]:
+        """An up-to-date stage opens no MLflow run (a re-run adds nothing to the experiment). `tracked=False`: the
+        stage's run is opened elsewhere (a DeepSpeed job's rank 0)."""
+        from ..tracking import NullTracker
+
+        shell = cls(config, name, stage, inputs)
+        shell.up_to_date = stage.is_complete(shell.digest)
+        if shell.up_to_date:
+            shell.manifest = stage.manifest()
+            shell.run = NullTracker()
+            shell.say(f"up to date ({stage.manifest_path})")
+            yield shell
+            return
+        with (tracker if tracked else NullTracker()).stage(run_name or name, config) as run:
+            shell.run = run
+            yield shell
+
+    def say(self, text: str) -> None:
+        say(self.name, text)
+
+    def begin(self) -> None:
+        """Open the stage directory for writing: the manifest goes first, so the stage never looks complete while
+        its outputs are being replaced."""
+        self.stage.manifest_path.unlink(missing_ok=True)
+        self.stage.begin(self.digest)
+
+    def finish(
+        self,
+        outputs: Iterable[Any],
+        counts: Optional[dict[str, Any]] = None,
+        extra: Optional[dict[str, Any]] = None,
+    ) -> dict[str, Any]:
+        """Hash the outputs and write the manifest, last: from now on the stage is complete."""
+        self.manifest = self.stage.write_manifest(
+            config=self.config.effective(), inputs=self.inputs, outputs=outputs, counts=counts, extra=extra
+        )
+        return self.manifest

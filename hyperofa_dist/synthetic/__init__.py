@@ -1,0 +1,25 @@
+"""Generated data for tests, benchmarks and the demo; nothing is downloaded.
+
+world    a multilingual world (concept lexicon rendered per language), corpora, evaluation files, source
+         tokenizers of the three families and tiny masked LMs
+mapping  a mapping directory whose targets are a learnable function of the words (hypernetwork tests, bench)
+demo     the demo's world: corpus, evaluation data and a briefly pretrained source model
+"""
+
+from .world import (  # noqa: F401  (the package's API: tests and benches use `synthetic.World`, ...)
+    ALPHABETS,
+    FAMILIES,
+    Language,
+    World,
+    concept_entity,
+    concept_upos,
+    default_languages,
+    make_tiny_model,
+    read_lines,
+    skewed_sizes,
+    tagged_concept_sentences,
+    train_source_tokenizer,
+    write_corpus,
+    write_retrieval_data,
+    write_tagging_data,
+)

@@ -1,0 +1,418 @@
+"""A small generated multilingual world for tests, benchmarks and the demo (nothing from a hub).
+
+Languages share a concept lexicon: a sentence is a sequence of concept ids, rendered in every language by that
+language's word for each concept, so line i of every language's file are translations of each other. Words are
+built from per-language syllable inventories in Latin, Cyrillic or Greek script; a fraction of concepts are
+"loan words" spelled identically in all languages of a script, so vocabularies overlap as real ones do.
+Source tokenizers of the three families this system supports (SentencePiece-style Unigram like XLM-R,
+byte-level BPE like RoBERTa, WordPiece like BERT) are trained here with the `tokenizers` library, and tiny
+masked-LM models are built from configs.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional
+
+import numpy as np
+
+ALPHABETS = {
+    "Latn": ("ptkbdgmnlrsfvzhjw", "aeiouy"),
+    "Cyrl": ("пткбдгмнлрсфвзхжшч", "аеиоуыэюя"),
+    "Grek": ("πτκβδγμνλρσφζχθξψ", "αεηιουω"),
+}
+FAMILIES = ("xlmr", "roberta", "bert")
+
+
+@dataclass(frozen=True)
+class Language:
+    code: str  # lang_Script, e.g. qaa_Latn
+    script: str
+
+
+def default_languages(n: int = 6) -> list[Language]:
+    """qaa.. codes (ISO 639 private-use range) cycling through Latn, Cyrl, Grek."""
+    scripts = ["Latn", "Cyrl", "Latn", "Grek", "Latn", "Cyrl", "Grek", "Latn"]
+    out = []
+    for i in range(n):
+        script = scripts[i % len(scripts)]
+        out.append(Language(f"q{chr(ord('a') + i // 26)}{chr(ord('a') + i % 26)}_{script}", script))
+    return out
+
+
+class World:
+    """Concept lexicon rendered per language; deterministic in (seed, languages, n_concepts)."""
+
+    def __init__(
+        self,
+        languages: Iterable[Language],
+        n_concepts: int = 3000,
+        seed: int = 0,
+        loan_share: float = 0.1,
+        zipf_exponent: float = 1.05,
+        topics: int = 0,
+        topic_share: float = 0.8,
+    ):
+        self.languages = list(languages)
+        self.n_concepts = n_concepts
+        self.seed = seed
+        rng = np.random.default_rng(seed)
+        loans = rng.random(n_concepts) < loan_share
+        loan_words = {s: self._lexicon(s, np.random.default_rng([seed, 7, i])) for i, s in enumerate(ALPHABETS)}
+        self.lexicon: dict[str, list[str]] = {}
+        for index, lang in enumerate(self.languages):
+            own = self._lexicon(lang.script, np.random.default_rng([seed, 11, index]))
+            self.lexicon[lang.code] = [loan_words[lang.script][c] if loans[c] else own[c] for c in range(n_concepts)]
+        # Zipf-like concept frequencies, as in real text.
+        ranks = np.arange(1, n_concepts + 1, dtype=np.float64)
+        self.concept_p = (1.0 / ranks**zipf_exponent) / np.sum(1.0 / ranks**zipf_exponent)
+        # Optional topics give the world distributional semantics: a sentence draws most of its concepts from its
+        # topic, so concepts of one topic co-occur, which MLM embeddings and sentence-id word vectors both learn.
+        self.topics = topics
+        self.topic_share = topic_share
+        self.topic_of = np.random.default_rng([seed, 19]).integers(0, max(topics, 1), n_concepts)
+
+    def _lexicon(self, script: str, rng: np.random.Generator) -> list[str]:
+        consonants, vowels = ALPHABETS[script]
+        c = rng.permutation(list(consonants))[: max(6, len(consonants) - 4)]
+        v = rng.permutation(list(vowels))[: max(3, len(vowels) - 1)]
+        syllables = [a + b for a in c for b in v] + [a + b + d for a in c[:5] for b in v for d in c[-4:]]
+        words, seen = [], set()
+        while len(words) < self.n_concepts:
+            n = int(rng.choice([1, 2, 2, 3, 3, 4]))
+            word = "".join(syllables[int(i)] for i in rng.integers(0, len(syllables), n))
+            if word not in seen:
+                seen.add(word)
+                words.append(word)
+        return words
+
+    def concept_sentences(self, n: int, seed: int, min_len: int = 4, max_len: int = 14) -> list[np.ndarray]:
+        rng = np.random.default_rng([self.seed, 13, seed])
+        lengths = rng.integers(min_len, max_len + 1, n)
+        flat = rng.choice(self.n_concepts, size=int(lengths.sum()), p=self.concept_p)
+        if self.topics:
+            sentence_topic = np.repeat(rng.integers(0, self.topics, n), lengths)
+            from_topic = rng.random(flat.size) < self.topic_share
+            for topic in range(self.topics):
+                members = np.flatnonzero(self.topic_of == topic)
+                where = np.flatnonzero(from_topic & (sentence_topic == topic))
+                if members.size and where.size:
+                    p = self.concept_p[members] / self.concept_p[members].sum()
+                    flat[where] = rng.choice(members, size=where.size, p=p)
+        return np.split(flat, np.cumsum(lengths)[:-1])
+
+    def render(self, lang: str, sentences: list[np.ndarray]) -> list[str]:
+        words = self.lexicon[lang]
+        out = []
+        for s in sentences:
+            text = " ".join(words[c] for c in s)
+            out.append(text[0].upper() + text[1:] + ".")
+        return out
+
+
+def write_corpus(
+    root: str | Path,
+    world: World,
+    sizes: dict[str, int],
+    seed: int = 0,
+    gzip_languages: Iterable[str] = (),
+    parallel: bool = True,
+) -> dict[str, Path]:
+    """Write `<root>/<lang>.txt` (or `.txt.gz`) with sizes[lang] lines; parallel=True gives aligned lines."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    gz = set(gzip_languages)
+    shared = world.concept_sentences(max(sizes.values()), seed) if parallel else None
+    paths = {}
+    for index, (lang, n) in enumerate(sorted(sizes.items())):
+        sentences = shared[:n] if shared is not None else world.concept_sentences(n, seed * 1000 + index)
+        data = ("\n".join(world.render(lang, sentences)) + "\n").encode("utf-8")
+        if lang in gz:
+            path = root / f"{lang}.txt.gz"
+            path.write_bytes(gzip.compress(data, mtime=0))
+        else:
+            path = root / f"{lang}.txt"
+            path.write_bytes(data)
+        paths[lang] = path
+    return paths
+
+
+def skewed_sizes(languages: list[Language], largest: int, ratio: float = 0.35) -> dict[str, int]:
+    """Geometric sizes: the first language has `largest` lines, each next one `ratio` times fewer."""
+    return {lang.code: max(20, int(largest * ratio**i)) for i, lang in enumerate(languages)}
+
+
+# --- source tokenizers of the three families -------------------------------------------------------------
+
+
+def train_source_tokenizer(family: str, texts: list[str], vocab_size: int, out_dir: str | Path) -> Path:
+    """Train a tokenizer like the family's real one and save it in HF format (AutoTokenizer loads it)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    out_dir = Path(out_dir)
+    if family == "xlmr":
+        from transformers import XLMRobertaTokenizer
+
+        tok = Tokenizer(models.Unigram())
+        tok.normalizer = normalizers.NFKC()
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        trainer = trainers.UnigramTrainer(
+            vocab_size=vocab_size - 1, special_tokens=["<s>", "<pad>", "</s>", "<unk>"], unk_token="<unk>"
+        )
+        tok.train_from_iterator(texts, trainer)
+        from ..tokenizer.learn import canonical_unigram
+
+        # The Unigram trainer's scores differ in the last bits between runs; canonical scores make the world
+        # (and so the demo's numbers) the same on every run.
+        vocab = [tuple(v) for v in json.loads(tok.to_str())["model"]["vocab"]]
+        vocab = vocab[:4] + canonical_unigram(vocab[4:])  # the 4 special tokens keep ids 0-3
+        hf = XLMRobertaTokenizer(vocab=vocab)  # appends <mask> last, as XLM-R has it
+    elif family == "roberta":
+        from transformers import RobertaTokenizer
+
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
+        tok.train_from_iterator(texts, trainer)
+        model = json.loads(tok.to_str())["model"]
+        vocab = dict(model["vocab"])
+        vocab["<mask>"] = len(vocab)
+        merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+        hf = RobertaTokenizer(vocab=vocab, merges=merges)
+    elif family == "bert":
+        from transformers import BertTokenizer
+
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        trainer = trainers.WordPieceTrainer(
+            vocab_size=vocab_size, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        )
+        tok.train_from_iterator(texts, trainer)
+        hf = BertTokenizer(vocab=dict(json.loads(tok.to_str())["model"]["vocab"]))
+    else:
+        raise ValueError(f"unknown tokenizer family {family!r}; expected one of {FAMILIES}")
+    hf.model_max_length = 512
+    hf.save_pretrained(out_dir)
+    return out_dir
+
+
+def make_tiny_model(
+    family: str,
+    tokenizer_dir: str | Path,
+    out_dir: str | Path,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    seed: int = 0,
+    max_position: int = 130,
+) -> Path:
+    """A randomly initialised masked LM of the family's architecture, saved with its tokenizer."""
+    import torch
+    from transformers import (
+        AutoTokenizer,
+        BertConfig,
+        BertForMaskedLM,
+        RobertaConfig,
+        RobertaForMaskedLM,
+        XLMRobertaConfig,
+        XLMRobertaForMaskedLM,
+    )
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    common = dict(
+        vocab_size=len(tok),
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        intermediate_size=hidden_size * 4,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    if family == "bert":
+        model = BertForMaskedLM(BertConfig(max_position_embeddings=max_position, **common))
+    else:
+        cfg_cls, model_cls = (
+            (XLMRobertaConfig, XLMRobertaForMaskedLM) if family == "xlmr" else (RobertaConfig, RobertaForMaskedLM)
+        )
+        common.update(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+        model = model_cls(cfg_cls(max_position_embeddings=max_position + 2, **common))
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir
+
+
+def read_lines(path: str | Path, limit: Optional[int] = None) -> list[str]:
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as handle:
+        lines = []
+        for line in handle:
+            lines.append(line.rstrip("\n"))
+            if limit is not None and len(lines) >= limit:
+                break
+    return lines
+
+
+# --- evaluation data: parallel retrieval files and tagging files --------------------------------------------
+
+UPOS_CLASSES = ("NOUN", "VERB", "ADJ", "ADV", "DET", "ADP", "PRON", "NUM")
+# Word-class sequences of the generated grammar; every language shares it, so tags depend on word and position.
+TAG_TEMPLATES = (
+    ("DET", "NOUN", "VERB"),
+    ("DET", "ADJ", "NOUN", "VERB", "ADV"),
+    ("PRON", "VERB", "DET", "NOUN", "ADP", "DET", "NOUN"),
+    ("NUM", "ADJ", "NOUN", "VERB", "ADP", "PRON"),
+    ("DET", "NOUN", "ADP", "DET", "ADJ", "NOUN", "VERB"),
+    ("PRON", "ADV", "VERB", "NUM", "NOUN"),
+)
+ENTITY_TYPES = ("PER", "LOC", "ORG")
+
+
+def concept_upos(concept: int) -> str:
+    """The word class of a concept: the same in every language, as translations share their part of speech."""
+    return UPOS_CLASSES[concept % len(UPOS_CLASSES)]
+
+
+def concept_entity(concept: int) -> Optional[str]:
+    """`B-<type>` for a name's first word, `I-<type>` for a word that only continues names, None otherwise.
+
+    Every twentieth concept starts names and the concept ten further continues them (PER, LOC, ORG in turn), as
+    a family name follows a given name: the tag is a property of the word, so a tiny model can learn it."""
+    kind = ENTITY_TYPES[(concept // 20) % len(ENTITY_TYPES)]
+    if concept % 20 == 0:
+        return f"B-{kind}"
+    if concept % 20 == 10:
+        return f"I-{kind}"
+    return None
+
+
+def _unique_sentences(world: World, n: int, seed: int, langs: list[str]) -> list[np.ndarray]:
+    """n concept sentences whose renderings are distinct in every listed language (retrieval needs no twins)."""
+    out: list[np.ndarray] = []
+    seen: dict[str, set[str]] = {lang: set() for lang in langs}
+    attempt = 0
+    while len(out) < n:
+        for sentence in world.concept_sentences(2 * n, seed * 1000 + attempt):
+            texts = {lang: world.render(lang, [sentence])[0] for lang in langs}
+            if all(texts[lang] not in seen[lang] for lang in langs):
+                for lang in langs:
+                    seen[lang].add(texts[lang])
+                out.append(sentence)
+                if len(out) == n:
+                    break
+        attempt += 1
+    return out
+
+
+def write_retrieval_data(
+    root: str | Path,
+    world: World,
+    english_source: str,
+    languages: Iterable[str],
+    n: int,
+    seed: int = 0,
+    prefix: str = "tatoeba",
+    naming: str = "glot500",
+) -> dict[str, tuple[Path, Path]]:
+    """Line-aligned pairs per language: `<prefix>.<L>-eng_Latn.<L>` + `.eng_Latn` (naming glot500) or
+    `<prefix>.<iso>-eng.<iso>` + `.eng` (naming xtreme); the English side is `english_source` rendered."""
+    if naming not in ("glot500", "xtreme"):
+        raise ValueError(f"naming must be glot500 or xtreme, not {naming!r}")
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    languages = list(languages)
+    sentences = _unique_sentences(world, n, seed, [english_source] + languages)
+    eng_text = "\n".join(world.render(english_source, sentences)) + "\n"
+    paths = {}
+    for lang in languages:
+        code, eng = (lang, "eng_Latn") if naming == "glot500" else (lang.split("_")[0], "eng")
+        stem = f"{prefix}.{code}-{eng}"
+        lang_path, eng_path = root / f"{stem}.{code}", root / f"{stem}.{eng}"
+        lang_path.write_text("\n".join(world.render(lang, sentences)) + "\n", encoding="utf-8")
+        eng_path.write_text(eng_text, encoding="utf-8")
+        paths[lang] = (lang_path, eng_path)
+    return paths
+
+
+def tagged_concept_sentences(n: int, seed: int, task: str, n_concepts: int = 240) -> list[list[tuple[int, str]]]:
+    """Sentences of (concept, label) from the shared grammar over the first n_concepts concepts.
+
+    pos: labels are the concepts' UPOS classes; ner: BIO labels of names (see concept_entity) inserted among
+    ordinary words. A small concept pool lets a tiny model see every word in training."""
+    if task not in ("pos", "ner"):
+        raise ValueError(f"task must be pos or ner, not {task!r}")
+    rng = np.random.default_rng([seed, 17, 0 if task == "pos" else 1])
+    pool = np.arange(n_concepts)
+    ordinary = [concept_entity(int(k)) is None for k in pool]
+    by_class = {c: pool[[concept_upos(int(k)) == c and ordinary[k] for k in pool]] for c in UPOS_CLASSES}
+    starts = {e: pool[[concept_entity(int(k)) == f"B-{e}" for k in pool]] for e in ENTITY_TYPES}
+    continues = {e: pool[[concept_entity(int(k)) == f"I-{e}" for k in pool]] for e in ENTITY_TYPES}
+    out = []
+    for _ in range(n):
+        template = TAG_TEMPLATES[int(rng.integers(len(TAG_TEMPLATES)))]
+        words = [(int(rng.choice(by_class[c])), c) for c in template]
+        if task == "ner":
+            words = [(k, "O") for k, _ in words]
+            # One or two names of different types, each a first word and maybe a continuation word.
+            kinds = rng.choice(len(ENTITY_TYPES), size=int(rng.integers(1, 3)), replace=False)
+            for kind in (ENTITY_TYPES[int(k)] for k in kinds):
+                span = [(int(rng.choice(starts[kind])), f"B-{kind}")]
+                if rng.random() < 0.5:
+                    span.append((int(rng.choice(continues[kind])), f"I-{kind}"))
+                at = int(rng.integers(0, len(words) + 1))
+                while at < len(words) and words[at][1].startswith("I-"):
+                    at += 1
+                words[at:at] = span
+        out.append(words)
+    return out
+
+
+def write_tagging_data(
+    root: str | Path,
+    world: World,
+    task: str,
+    english_source: str,
+    languages: Iterable[str],
+    sizes: tuple[int, int, int] = (400, 100, 100),
+    seed: int = 0,
+    english: str = "eng_Latn",
+    n_concepts: int = 240,
+) -> dict[str, dict[str, Path]]:
+    """`{train,dev,test}-<english>` (rendered in english_source) plus `test-<L>` for every other language;
+    POS as CoNLL-U (`.conllu`, UPOS column, a final PUNCT), NER as `token<TAB>label` (`.tsv`)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    ext = "conllu" if task == "pos" else "tsv"
+    n_train, n_dev, n_test = sizes
+    splits = {
+        "train": tagged_concept_sentences(n_train, seed * 10 + 1, task, n_concepts),
+        "dev": tagged_concept_sentences(n_dev, seed * 10 + 2, task, n_concepts),
+        "test": tagged_concept_sentences(n_test, seed * 10 + 3, task, n_concepts),
+    }
+    jobs = [(split, english, english_source) for split in splits] + [("test", lang, lang) for lang in languages]
+    paths: dict[str, dict[str, Path]] = {}
+    for split, code, source in jobs:
+        words = world.lexicon[source]
+        blocks = []
+        for index, sentence in enumerate(splits[split]):
+            if task == "pos":
+                rows = [f"# sent_id = {split}-{index}"]
+                items = [(words[k], label) for k, label in sentence] + [(".", "PUNCT")]
+                rows += [f"{i}\t{w}\t_\t{label}\t_\t_\t_\t_\t_\t_" for i, (w, label) in enumerate(items, 1)]
+            else:
+                rows = [f"{words[k]}\t{label}" for k, label in sentence]
+            blocks.append("\n".join(rows) + "\n")
+        path = root / f"{split}-{code}.{ext}"
+        path.write_text("\n".join(blocks), encoding="utf-8")
+        paths.setdefault(code, {})[split] = path
+    return paths

@@ -1,0 +1,98 @@
+"""`hyperofa tokenizer`: build the target tokenizer from the corpus and save it in HF format.
+
+The stage shell around `build` and `learn`: load the source tokenizer (`source.tokenizer`, else `source.model`),
+read the first `tokenizer.sentences_per_language` sentences of every corpus language, extend or train, save
+into `<run_dir>/tokenizer/` (built in a sibling temporary directory, checked, then renamed into place), write
+the manifest last and log counts and per-language fertility to MLflow.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from ..config import Config
+from ..formats.corpus import discover
+from ..formats.rundir import Stage
+from ..formats.tokenizer import STAGE, load_tokenizer
+from ..runtime.stage import StageShell
+from .build import build_target, describe, read_sample, save_hf, source_fingerprint, special_roles, verify_hf
+
+SAMPLE_FILE = ".sample.txt"
+
+
+def load_source_tokenizer(config: Config) -> Any:
+    """The source tokenizer (`source.tokenizer`, else `source.model`) as a fast HF tokenizer."""
+    key = "source.tokenizer" if config.source.tokenizer else "source.model"
+    return load_tokenizer(config.source.tokenizer or config.source.model, key)
+
+
+def _swap_into_place(built: Path, final: Path) -> None:
+    """Replace `final` by `built` with renames only: `final` is either the old or the new directory, never half."""
+    old = final.with_name(f".{final.name}.old-{socket.gethostname()}-{os.getpid()}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(built, final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def run(config: Config, tracker: Any) -> int:
+    sources = discover(config.corpus)
+    source = load_source_tokenizer(config)
+    config.run_dir.mkdir(parents=True, exist_ok=True)
+    build = config.run_dir / f".{STAGE}.build-{socket.gethostname()}-{os.getpid()}"
+    if build.exists():
+        shutil.rmtree(build)
+    build.mkdir()
+    try:
+        started = time.perf_counter()
+        sample = read_sample(config, sources, build / SAMPLE_FILE)
+        sample_s = time.perf_counter() - started
+        inputs = {
+            "source_tokenizer": source_fingerprint(source),
+            "corpus_sample": sample.sha256,
+            **config.fingerprint("tokenizer"),
+            "normalization": config.prepare.normalization,
+        }
+        with StageShell.open(config, tracker, STAGE, Stage(config.run_dir, STAGE), inputs) as shell:
+            if shell.up_to_date:
+                return 0
+            started = time.perf_counter()
+            target, info = build_target(config, source, sample.file)
+            build_s = time.perf_counter() - started
+            sample.file.path.unlink()
+
+            roles = special_roles(source)
+            max_length = inputs["source_tokenizer"]["model_max_length"]
+            files = save_hf(target, roles, max_length, build)
+            check_texts = [s for lang in sorted(sample.heads) for s in sample.heads[lang][:50]]
+            verify_hf(build, target, roles, check_texts)
+
+            counts, extra = describe(config, source, target, info, sample)
+            shell.begin()
+            _swap_into_place(build, shell.path)
+            manifest = shell.finish(outputs=files, counts=counts, extra=extra)
+            _log(shell.run, manifest, sample_s, build_s)
+            shell.run.log_artifact(shell.stage.manifest_path)
+    finally:
+        if build.exists():
+            shutil.rmtree(build)
+    shell.say(f"{config.tokenizer.mode}: {counts['source_size']} -> {counts['target_size']} tokens in {shell.path}")
+    return 0
+
+
+def _log(tracker: Any, manifest: dict[str, Any], sample_s: float, build_s: float) -> None:
+    counts = manifest["counts"]
+    metrics = {k: v for k, v in counts.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    metrics.update(sample_s=sample_s, build_s=build_s, languages=len(counts["sample_sentences"]))
+    for lang, report in manifest["fertility"].items():
+        for key, value in report.items():
+            metrics[f"{key}/{lang}"] = value
+        metrics[f"sample_sentences/{lang}"] = counts["sample_sentences"][lang]
+    tracker.log_metrics(metrics)
+    tracker.set_tags({"hyperofa.up_to_date": "false", "hyperofa.shortfall": manifest.get("shortfall") or ""})

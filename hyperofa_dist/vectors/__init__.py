@@ -1,0 +1,1 @@
+"""The vectors stage: cross-lingual word vectors trained from a parallel corpus."""
