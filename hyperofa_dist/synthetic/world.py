@@ -160,7 +160,8 @@ def train_source_tokenizer(family: str, texts: list[str], vocab_size: int, out_d
         tok.normalizer = normalizers.NFKC()
         tok.pre_tokenizer = pre_tokenizers.Metaspace()
         trainer = trainers.UnigramTrainer(
-            vocab_size=vocab_size - 1, special_tokens=["<s>", "<pad>", "</s>", "<unk>"], unk_token="<unk>"
+            vocab_size=vocab_size - 1, special_tokens=["<s>", "<pad>", "</s>", "<unk>"], unk_token="<unk>",
+            show_progress=False,  # its progress output ends with newlines on stdout, which carries only results
         )
         tok.train_from_iterator(texts, trainer)
         from ..tokenizer.learn import canonical_unigram
@@ -179,6 +180,7 @@ def train_source_tokenizer(family: str, texts: list[str], vocab_size: int, out_d
             vocab_size=vocab_size,
             special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
         )
         tok.train_from_iterator(texts, trainer)
         model = json.loads(tok.to_str())["model"]
@@ -193,7 +195,7 @@ def train_source_tokenizer(family: str, texts: list[str], vocab_size: int, out_d
         tok.normalizer = normalizers.BertNormalizer(lowercase=True)
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         trainer = trainers.WordPieceTrainer(
-            vocab_size=vocab_size, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+            vocab_size=vocab_size, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], show_progress=False
         )
         tok.train_from_iterator(texts, trainer)
         hf = BertTokenizer(vocab=dict(json.loads(tok.to_str())["model"]["vocab"]))
