@@ -11,11 +11,11 @@ import torch
 from hyperofa_dist import synthetic
 from hyperofa_dist.errors import HyperofaError
 from hyperofa_dist.evaluate import mlm
-from hyperofa_dist.evaluate.model import stable_seed
 from hyperofa_dist.formats.models import load_model
 from hyperofa_dist.formats.shards import first_blocks, heldout_shards
 from hyperofa_dist.formats.tokenizer import load_tokenizer
 from hyperofa_dist.pretrain.mlm import mask_tokens
+from hyperofa_dist.runtime.seeds import HELDOUT, mix_seed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -59,7 +59,7 @@ def test_loss_equals_stock_hf_loss_and_is_deterministic(prepare_dir, model_dir):
     other_seed = mlm.mlm_loss_per_language(model, tok, blocks, seed=4, batch_size=4)
     for lang, ids in blocks.items():
         # The same masks, rebuilt here, through the stock HF forward with labels (logits at every position).
-        gen = torch.Generator().manual_seed(stable_seed(3, "heldout-mlm", lang))
+        gen = torch.Generator().manual_seed(mix_seed(3, HELDOUT, lang))
         special = torch.tensor(sorted(set(tok.all_special_ids)))
         inputs, labels = mask_tokens(torch.from_numpy(ids.astype(np.int64)), special, tok.mask_token_id, len(tok), gen)
         with torch.no_grad():

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import HyperofaError
-from .model import stable_seed
+from ..runtime.seeds import HELDOUT, mix_seed
 
 
 def mlm_loss_per_language(
@@ -44,7 +44,7 @@ def mlm_loss_per_language(
                 "rows; the shards were tokenized with another tokenizer"
             )
         ids = torch.from_numpy(array.astype(np.int64))
-        generator = torch.Generator().manual_seed(stable_seed(seed, "heldout-mlm", lang))
+        generator = torch.Generator().manual_seed(mix_seed(seed, HELDOUT, lang))
         inputs, labels = mask_tokens(ids, special, tokenizer.mask_token_id, len(tokenizer), generator, probability)
         total, count = 0.0, 0
         with torch.inference_mode():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any, Optional
 
@@ -23,12 +22,6 @@ def resolve_model_dir(spec: Optional[str], run_dir: Path) -> Path:
             return candidate.resolve()
     tried = ", ".join(str(c) for c in candidates)
     raise HyperofaError(f"evaluate.model={spec!r}: no HF model directory ({CONFIG}) at {tried}")
-
-
-def stable_seed(*parts: Any) -> int:
-    """A 63-bit seed from any values: independent streams per (seed, language) that do not shift when others change."""
-    text = "\x1f".join(str(p) for p in parts)
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
 
 
 def check_vocabulary(tokenizer_size: int, embedding_rows: int, model_dir: Path) -> None:

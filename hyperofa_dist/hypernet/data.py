@@ -21,6 +21,7 @@ import torch
 
 from ..formats.files import load_npy
 from ..formats.mapping import Postings
+from ..runtime.seeds import generator
 
 PAD = -1
 
@@ -98,12 +99,12 @@ def collate(token_ids: np.ndarray, word_lists: Sequence[np.ndarray], targets: np
     )
 
 
-def epoch_seed(seed: int, epoch: int, rank: int, stream: int) -> np.random.Generator:
-    """Independent generator per (seed, epoch, rank, stream): no state to carry across a resume."""
-    return np.random.default_rng([seed, epoch, rank, stream])
+def epoch_seed(seed: int, epoch: int, rank: int, stream: str) -> np.random.Generator:
+    """Independent generator per (seed, stream, epoch, rank): no state to carry across a resume."""
+    return generator(seed, stream, epoch, rank)
 
 
-SHUFFLE_STREAM, AUGMENT_STREAM = 1, 2
+SHUFFLE_STREAM, AUGMENT_STREAM = "shuffle", "augment"
 
 
 def rank_batches(

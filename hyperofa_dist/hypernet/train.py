@@ -28,6 +28,7 @@ from ..formats import hypernet as out_format
 from ..formats.jobdir import DS_CONFIG, latest_tag, require_rng, rng_path
 from ..formats.mapping import SPLIT, Mapping, load_mapping
 from ..runtime.job import JobContext, job_main
+from ..runtime.seeds import mix_seed
 from . import loop
 from .data import AugmentSpec, TokenSet, WordTable, rank_batches
 from .models import build_model, model_spec, trainable_parameters
@@ -41,10 +42,6 @@ def augment_spec(hp: Any) -> AugmentSpec:
 
 def loss_spec(hp: Any) -> loop.LossSpec:
     return loop.LossSpec(lam=hp.loss_lambda, temperature=hp.temperature)
-
-
-def rank_seed(seed: int, rank: int) -> int:
-    return (seed * 1_000_003 + rank + 1) % 2**63
 
 
 def rng_state() -> dict[str, Any]:
@@ -117,7 +114,7 @@ class HypernetJob(JobContext):
         )
         self.dtype = next(self.engine.module.parameters()).dtype
         self.zero_stage = self.engine.zero_optimization_stage()
-        torch.manual_seed(rank_seed(self.seed, self.rank))  # dropout streams differ per rank
+        torch.manual_seed(mix_seed(self.seed, "dropout", self.rank))  # dropout streams differ per rank
 
     # --- collectives -------------------------------------------------------------------------------------------
 

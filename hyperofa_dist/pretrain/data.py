@@ -26,7 +26,7 @@ import torch
 
 from ..errors import HyperofaError
 from ..formats.shards import ShardSet, first_blocks, read_shard
-from ..runtime.seeds import mix_seed
+from ..runtime.seeds import HELDOUT, mix_seed
 from .mlm import mask_tokens
 
 
@@ -213,7 +213,7 @@ def heldout_batches(
     if blocks is None or not len(blocks):
         return []
     ids = torch.from_numpy(blocks.astype(np.int64))
-    generator = torch.Generator().manual_seed(mix_seed(seed, "heldout", lang))
+    generator = torch.Generator().manual_seed(mix_seed(seed, HELDOUT, lang))
     special = torch.tensor(mask.special_ids, dtype=torch.long)
     inputs, labels = mask_tokens(ids, special, mask.mask_id, mask.vocab_size, generator, mask.probability)
     return [
