@@ -1,6 +1,6 @@
 """The pipeline end to end: a real `mlflow server`, a SIGKILLed DeepSpeed rank, an unreachable tracking server.
 
-One small generated world (hyperofa_dist.demo_world) is shared by the module; both pipeline runs use the same run
+One small generated world (hyperofa_dist.synthetic.demo) is shared by the module; both pipeline runs use the same run
 directory, so the second finds tokenizer, prepare, vectors and mapping up to date and only adds its own method.
 """
 

@@ -17,7 +17,7 @@ from hyperofa_dist.errors import HyperofaError
 from hyperofa_dist.factorize import check_rank, factorize
 from hyperofa_dist.formats.files import fingerprint_path
 from hyperofa_dist.formats.mapping import STAGE, STATS, WORD_CHUNK_ROWS, MappingParts, Postings, write_mapping
-from hyperofa_dist.formats.models import load_model, source_identity
+from hyperofa_dist.formats.models import load_source, source_identity
 from hyperofa_dist.formats.rundir import Stage
 from hyperofa_dist.formats.tokenizer import load_tokenizer, target_tokenizer_dir, tokenizer_fingerprint
 from hyperofa_dist.formats.vectors import load_word_vectors, resolve_vectors_path
@@ -30,11 +30,9 @@ from .postings import build_postings, coverage_stats
 from .split import split_tokens
 
 
-def load_source(config: Config):
+def source_embeddings(config: Config):
     """(tokenizer, E_s float32 [V_s, D]) of the source model; sizes must agree as the method asserts."""
-    key = "source.tokenizer" if config.source.tokenizer else "source.model"
-    tokenizer = load_tokenizer(config.source.tokenizer or config.source.model, key)
-    model = load_model(config.source.model, key="source.model")
+    model, tokenizer = load_source(config)
     embeddings = model.get_input_embeddings().weight.detach().float().numpy().copy()
     del model
     if embeddings.shape[0] != len(tokenizer):
@@ -62,7 +60,7 @@ def run(config: Config, tracker: Any) -> int:
         timings: dict[str, float] = {}
         clock = time.perf_counter()
 
-        source_tok, embeddings = load_source(config)
+        source_tok, embeddings = source_embeddings(config)
         check_rank(k, embeddings.shape)
         target_tok = load_tokenizer(target_dir)
         identical = same_vocabulary(source_tok, target_tok)

@@ -23,7 +23,7 @@ from ..config import Config
 from ..formats.corpus import discover, iter_sentences
 from ..formats.rundir import Stage
 from ..formats.shards import STAGE
-from ..formats.tokenizer import TOKENIZER_JSON, backend_from_json
+from ..formats.tokenizer import TOKENIZER_JSON, backend_from_json, load_tokenizer
 from ..registry import command
 from ..runtime.ray import ray_session, wait_for_workers
 from ..tracking import NullTracker
@@ -101,6 +101,9 @@ def run(config: Config, args) -> int:
         batch = config.prepare.tokenize_batch_size
         raw_tokens, raw_s = raw_tokenizer_rate(tokenizer / TOKENIZER_JSON, sentences, batch)
         del sentences
+        # The stage loads its tokenizer with AutoTokenizer; its first call in a process imports transformers'
+        # tokenizer classes (about a second). That is start-up, counted apart like Ray's, not work per token.
+        load_tokenizer(tokenizer)
         runs = {}
         for cpus in (1, 2):
             run_dir = workdir / f"run_{cpus}_workers"

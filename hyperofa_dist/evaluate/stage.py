@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..config import Config
+from ..config import Config, flatten
 from ..errors import HyperofaError
 from ..formats import results as out_format
 from ..formats.files import sha256_file
@@ -53,16 +53,6 @@ def with_average(per_language: dict[str, dict[str, float]]) -> dict[str, dict[st
     metrics = sorted({m for values in per_language.values() for m in values})
     average = {m: float(np.mean([v[m] for v in per_language.values() if m in v])) for m in metrics}
     return {**dict(sorted(per_language.items())), "average": average}
-
-
-def flatten_results(results: dict[str, dict[str, dict[str, float]]]) -> dict[str, float]:
-    """{task: {lang: {metric: v}}} -> {'task.lang.metric': v}: the MLflow metric names."""
-    return {
-        f"{task}.{lang}.{metric}": value
-        for task, languages in results.items()
-        for lang, metrics in languages.items()
-        for metric, value in metrics.items()
-    }
 
 
 def default_name(model_dir: Path, run_dir: Path) -> str:
@@ -200,7 +190,7 @@ def run(config: Config, tracker: Any) -> int:
         out_format.write_results(results_path, results)
         if output != results_path:
             out_format.write_results(output, results)
-        run_.log_metrics({**flatten_results(results), **extra}, step=ev.step)
+        run_.log_metrics({**flatten(results), **extra}, step=ev.step)  # task.lang.metric
         flat_skipped = {f"{t}:{l}": r for t, langs in skipped.items() for l, r in langs.items()}
         if flat_skipped:
             run_.set_tags({"evaluate.skipped": ", ".join(sorted(flat_skipped))})

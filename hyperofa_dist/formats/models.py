@@ -53,6 +53,14 @@ def load_model(name: str | Path, auto_class: str = "AutoModelForMaskedLM", key: 
     return model.eval()
 
 
+def load_source(config: Any) -> tuple[Any, Any]:
+    """(masked LM, fast tokenizer) of the source model (`source.model`; the tokenizer from `source.tokenizer` when
+    set): the one loader of the stages that read the source (mapping, init)."""
+    from .tokenizer import source_tokenizer
+
+    return load_model(config.source.model, key="source.model"), source_tokenizer(config)
+
+
 def require_model_dir(path: Path, *, tokenizer: bool = True) -> Path:
     """An HF model directory with its config (and, when asked, its tokenizer)."""
     if not (path / CONFIG).is_file():

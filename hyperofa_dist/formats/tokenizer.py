@@ -100,6 +100,12 @@ def load_tokenizer(name: str | Path, key: str = "") -> Any:
     return tokenizer
 
 
+def source_tokenizer(config: Any) -> Any:
+    """The source tokenizer: `source.tokenizer`, else the source model's (`source.model`)."""
+    key = "source.tokenizer" if config.source.tokenizer else "source.model"
+    return load_tokenizer(config.source.tokenizer or config.source.model, key)
+
+
 def backend_json(tokenizer: Any) -> str:
     """The Rust tokenizer behind an HF fast tokenizer, serialized: what Ray ships to the workers."""
     backend = getattr(tokenizer, "backend_tokenizer", None)

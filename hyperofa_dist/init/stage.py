@@ -21,7 +21,7 @@ from ..formats.hypernet import load_predictions, load_test_predictions
 from ..formats.hypernet import stage_of as hypernet_stage
 from ..formats.mapping import Mapping, load_mapping
 from ..formats.mapping import stage_of as mapping_stage
-from ..formats.models import load_model, model_files, save_model_dir, source_identity
+from ..formats.models import load_source, model_files, save_model_dir, source_identity
 from ..formats.tokenizer import load_tokenizer, target_tokenizer_dir, tokenizer_fingerprint
 from ..runtime.device import resolve_device
 from ..runtime.stage import StageShell
@@ -32,13 +32,6 @@ from .random import column_stats, random_rows
 
 def init_seed(config: Config) -> int:
     return config.init.seed if config.init.seed is not None else config.run.seed
-
-
-def _load_source(config: Config):
-    key = "source.tokenizer" if config.source.tokenizer else "source.model"
-    model = load_model(config.source.model, key="source.model")
-    tokenizer = load_tokenizer(config.source.tokenizer or config.source.model, key)
-    return model, tokenizer
 
 
 def _ofa_settings(config: Config) -> dict[str, Any]:
@@ -124,7 +117,7 @@ def run(config: Config, tracker: Any) -> int:
 
         # --- validate every input before writing anything --------------------------------------------------
         mapping = load_mapping(run_dir)
-        source_model, source_tok = _load_source(config)
+        source_model, source_tok = load_source(config)
         target_tok = load_tokenizer(target_dir)
         special_t, special_s, roles = special_token_pairs(source_tok, target_tok, f"target tokenizer {target_dir}")
         mapping.require_source(source_identity(config), len(source_tok), source_model.config.hidden_size)

@@ -18,17 +18,11 @@ from typing import Any
 from ..config import Config
 from ..formats.corpus import discover
 from ..formats.rundir import Stage
-from ..formats.tokenizer import STAGE, load_tokenizer
+from ..formats.tokenizer import STAGE, source_tokenizer
 from ..runtime.stage import StageShell
 from .build import build_target, describe, read_sample, save_hf, source_fingerprint, special_roles, verify_hf
 
 SAMPLE_FILE = ".sample.txt"
-
-
-def load_source_tokenizer(config: Config) -> Any:
-    """The source tokenizer (`source.tokenizer`, else `source.model`) as a fast HF tokenizer."""
-    key = "source.tokenizer" if config.source.tokenizer else "source.model"
-    return load_tokenizer(config.source.tokenizer or config.source.model, key)
 
 
 def _swap_into_place(built: Path, final: Path) -> None:
@@ -43,7 +37,7 @@ def _swap_into_place(built: Path, final: Path) -> None:
 
 def run(config: Config, tracker: Any) -> int:
     sources = discover(config.corpus)
-    source = load_source_tokenizer(config)
+    source = source_tokenizer(config)
     config.run_dir.mkdir(parents=True, exist_ok=True)
     build = config.run_dir / f".{STAGE}.build-{socket.gethostname()}-{os.getpid()}"
     if build.exists():
