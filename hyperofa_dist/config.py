@@ -234,11 +234,20 @@ class InitConfig(Section):
         "hyperofa", description="How non-copied covered tokens get coordinates: hypernetwork predictions, OFA, or random."
     )
     top_k: int = Field(10, ge=1, description="OFA: source neighbours combined per new token.")
+    ofa_weighting: Literal["spellings", "unique"] = Field(
+        "spellings",
+        description="OFA token mean: a word weighs as many of its spellings as yield the token (the reference), "
+        "or unique: each word once.",
+    )
     temperature: float = Field(0.1, gt=0.0, description="OFA: softmax temperature over neighbour cosine similarities.")
     chunk_size: int = Field(
         1024, ge=1, description="OFA: target tokens per similarity chunk (memory ~ chunk x covered source tokens x 4 B)."
     )
     device: Literal["auto", "cpu", "cuda"] = Execution("auto", description="OFA similarity search device; auto: cuda if any.")
+    heldout_blocks: int = Field(
+        64, ge=0, description="Held-out blocks per language for the step-0 new-token MLM loss (0: not measured)."
+    )
+    heldout_batch_size: int = Field(16, ge=1, description="Blocks per forward pass for the new-token MLM loss.")
     pad_to_multiple_of: Optional[int] = Field(
         None, ge=1, description="Pad the model's vocabulary rows to a multiple of this (e.g. 64); unset: no padding."
     )
@@ -385,6 +394,11 @@ class HypernetConfig(LaunchConfig):
     num_heads: int = Field(10, ge=1, description="setformer: attention heads (must divide the word-vector dim).")
     dropout: float = Field(0.4, ge=0.0, lt=1.0, description="Dropout between LSTM layers and in the head.")
     max_context: int = Field(256, ge=1, description="At most this many word vectors per token.")
+    context: Literal["sample", "first"] = Field(
+        "sample",
+        description="Which words a longer list keeps when not augmented: a seeded sample fixed per token (the same "
+        "in every split), or first: the lowest word indices.",
+    )
     epochs: int = Field(300, ge=1, description="Training epochs.")
     batch_size: int = Field(256, ge=1, description="Tokens per rank per micro-batch (in-batch negatives).")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")

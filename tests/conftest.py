@@ -217,7 +217,7 @@ def write_init_mapping(run_dir: Path, source_model: Path, target_tokenizer: Path
     vectors_file = save_npy(run_dir / "vectors.npy", vectors)  # the "file" the mapping records a fingerprint of
 
     def postings(tok) -> Postings:
-        return Postings(*build_local(backend_encoder(backend_json(tok)), keys, len(tok), 4096))
+        return build_local(backend_encoder(backend_json(tok)), keys, len(tok), 4096)
 
     source, target = postings(s_tok), postings(t_tok)
     factors = factorize(e_s, k)

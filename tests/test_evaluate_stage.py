@@ -56,7 +56,7 @@ def test_results_json_mlflow_and_rerun(run_dir, capsys):
         for metric, value in langs["average"].items():
             assert value == pytest.approx(np.mean([v[metric] for v in per_lang.values()]))
     assert set(results["srb"]["qac_Latn"]) == {"top1", "top5", "top10"}
-    assert set(results["mlm"]["qaa_Latn"]) == {"loss", "perplexity"}
+    assert set(results["mlm"]["qaa_Latn"]) == {"loss", "perplexity", "positions"}
 
     stage_dir = run_dir / "run" / "evaluate" / "init-random"
     assert json.loads((stage_dir / "results.json").read_text()) == results

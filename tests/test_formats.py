@@ -84,8 +84,11 @@ def test_damaged_manifest_is_one_line(xlmr, capsys):
 def test_postings_that_are_not_csr_are_refused(xlmr, capsys):
     path = xlmr.run_dir / "mapping" / mapping_format.POSTINGS_SOURCE
     with np.load(path) as data:
-        save_npz(path, indptr=data["indptr"][::-1].copy(), indices=data["indices"])
+        arrays = {name: data[name] for name in data.files}
+    save_npz(path, **{**arrays, "indptr": arrays["indptr"][::-1].copy()})
     fails_in_one_line(capsys, ["init", *xlmr.overrides("init.method=random")], "not a valid CSR index")
+    save_npz(path, **{**arrays, "spellings": np.zeros_like(arrays["spellings"])})
+    fails_in_one_line(capsys, ["init", *xlmr.overrides("init.method=random")], "spelling counts must be 1-3")
 
 
 # --- hypernet predictions (read by init) ---------------------------------------------------------------------

@@ -10,7 +10,9 @@ import torch.nn.functional as F
 
 from hyperofa_dist.hypernet import loop
 from hyperofa_dist.formats.mapping import Postings
-from hyperofa_dist.hypernet.data import AugmentSpec, PAD, TokenSet, WordTable, augment, collate, eval_rounds, rank_batches
+from hyperofa_dist.hypernet.data import (
+    PAD, AugmentSpec, ContextRule, TokenSet, WordTable, augment, collate, context_words, eval_rounds, rank_batches,
+)
 from hyperofa_dist.hypernet.loss import hypernet_loss
 from hyperofa_dist.hypernet.models import BiLSTMHypernet, SetFormerHypernet, build_model, trainable_parameters
 from hyperofa_dist.hypernet.predict import predict_rows, split_metrics, tokens_to_predict
@@ -104,6 +106,32 @@ def test_augmentation_follows_the_method():
     # Same (seed) -> same draws; the caller seeds per (seed, epoch, rank).
     a = [augment(words, np.random.default_rng(5), spec, 256) for _ in range(2)]
     assert np.array_equal(a[0], a[1])
+
+
+def test_a_long_list_keeps_a_fixed_sample_spread_over_the_whole_list():
+    """A token's 1,000 words, the first 500 of one language and the rest of another (a table grouped by language):
+    with a cap of 8, `first` sees only the first language, `sample` both, and the same 8 words in every split."""
+    words = np.arange(1000, 2000)
+    rule = ContextRule("sample", seed=3, side="source")
+    kept = context_words(words, 8, token_id=17, rule=rule)
+    assert len(kept) == 8 and np.all(np.diff(kept) > 0) and set(kept) <= set(words)
+    assert (kept < 1500).any() and (kept >= 1500).any()
+    np.testing.assert_array_equal(context_words(words, 8, 17, rule), kept)  # fixed per token
+    assert not np.array_equal(context_words(words, 8, 18, rule), kept)  # another token, another sample
+    assert not np.array_equal(context_words(words, 8, 17, ContextRule("sample", 4, "source")), kept)
+    np.testing.assert_array_equal(context_words(words, 8, 17, ContextRule("first")), words[:8])
+    np.testing.assert_array_equal(context_words(words[:5], 8, 17, rule), words[:5])  # short lists are whole
+    # Over many tokens the sample is uniform: about half of the kept words come from each language.
+    share = np.mean([(context_words(words, 8, t, rule) < 1500).mean() for t in range(400)])
+    assert 0.45 < share < 0.55
+    # A TokenSet serves the same context to validation, test and prediction, and to the un-augmented training half.
+    postings = Postings(np.array([0, 1000]), words.astype(np.int32))
+    tokens = TokenSet(np.array([0]), postings, np.zeros((1, 2), np.float32), 2, ContextRule("sample", 3, "source"))
+    batch = tokens.batch(np.array([0]), 8)
+    np.testing.assert_array_equal(batch.words[0].numpy(), context_words(words, 8, 0, tokens.context))
+    never = AugmentSpec(prob=0.0)
+    trained = tokens.batch(np.array([0]), 8, np.random.default_rng(0), never)
+    np.testing.assert_array_equal(trained.words[0].numpy(), batch.words[0].numpy())
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])

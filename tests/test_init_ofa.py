@@ -96,3 +96,24 @@ def test_fewer_candidates_than_top_k_and_bad_settings():
         ofa_predict(cand, cand, coords, temperature=0)
     with pytest.raises(HyperofaError, match="no candidate"):
         ofa_predict(cand, cand[:0], coords[:0])
+
+
+def test_a_word_weighs_as_many_spellings_as_yield_the_token():
+    """The reference's worked example: token T comes from word 0 through two spellings and from word 1 through one,
+    so its mean is (2 v0 + v1) / 3; counted once per word it would be (v0 + v1) / 2."""
+    words = np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32)
+    target = Postings(np.array([0, 2]), np.array([0, 1], dtype=np.int32), np.array([2, 1], dtype=np.uint8))
+    np.testing.assert_allclose(
+        token_mean_vectors(target.indptr, target.indices, words, [0], weights=target.spellings), [[2 / 3, 1 / 3]]
+    )
+    np.testing.assert_allclose(token_mean_vectors(target.indptr, target.indices, words, [0]), [[0.5, 0.5]])
+    # Two source tokens, one per word; OFA over both with temperature 0.1.
+    source = Postings(np.array([0, 1, 2]), np.array([0, 1], dtype=np.int32), np.array([3, 1], dtype=np.uint8))
+    f_s = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], dtype=np.float32)
+    got = ofa_for_tokens(target, source, words, f_s, np.array([0]), top_k=2, temperature=0.1)
+    sims = np.array([2, 1]) / np.sqrt(5)  # cosine of (2/3, 1/3) with (1, 0) and (0, 1)
+    weights = np.exp(sims / 0.1) / np.exp(sims / 0.1).sum()
+    np.testing.assert_allclose(got[0], weights @ f_s, atol=1e-6)
+    assert weights[0] == pytest.approx(0.9887, abs=1e-4)
+    unique = ofa_for_tokens(target, source, words, f_s, np.array([0]), top_k=2, temperature=0.1, weighting="unique")
+    np.testing.assert_allclose(unique[0], [0.5, 0.5, 0.0], atol=1e-6)  # equal similarity to both neighbours

@@ -121,3 +121,41 @@ def test_bench_small_scale_prints_the_fields(tmp_path):
     # checked here; `hyperofa bench init` measures it in a fresh process against the 4 GiB target.
     assert result["seconds"] > 0 and result["peak_rss_gib"] > 0
     assert result["baseline_dense_f64_seconds_extrapolated"] > 0
+
+
+def test_new_token_loss_counts_only_masked_new_tokens_of_held_out_text(xlmr, prepare_format, small_corpus):
+    """Held-out shards of the target tokenizer in the run: init reports the masked-LM loss over masked positions whose
+    label is a new token, equal to the stock HF loss with every other label ignored."""
+    import torch
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    from hyperofa_dist import synthetic
+    from hyperofa_dist.pretrain.mlm import mask_tokens
+    from hyperofa_dist.runtime.seeds import HELDOUT, mix_seed
+
+    tok = AutoTokenizer.from_pretrained(str(xlmr.target_tokenizer))
+    langs = ("qac_Latn", "qad_Grek")
+    blocks = {
+        lang: {"heldout": prepare_format.framed_blocks(tok, synthetic.read_lines(small_corpus / f"{lang}.txt", 80), 32)[:6]}
+        for lang in langs
+    }
+    prepare_format.write(xlmr.run_dir / "prepare", blocks, xlmr.target_tokenizer, 32)
+    assert run_init(xlmr, "init.method=random", "init.heldout_blocks=5") == 0
+    out = xlmr.run_dir / "init" / "random"
+    reported = json.loads((out / "quality.json").read_text())["new_token_mlm"]
+    assert set(reported["loss"]) == {*langs, "average"}
+    model = AutoModelForMaskedLM.from_pretrained(str(out / "model")).eval()
+    provenance = np.load(out / "provenance.npy")
+    special = torch.tensor(sorted(set(tok.all_special_ids)))
+    for lang in langs:
+        ids = torch.from_numpy(blocks[lang]["heldout"][:5].astype(np.int64))
+        gen = torch.Generator().manual_seed(mix_seed(0, HELDOUT, lang))
+        inputs, labels = mask_tokens(ids, special, tok.mask_token_id, len(tok), gen)
+        copied = torch.from_numpy(provenance == asm.COPY)
+        labels[(labels >= 0) & copied[labels.clamp(min=0)]] = -100
+        with torch.no_grad():
+            expected = float(model(input_ids=inputs, labels=labels).loss)
+        assert reported["loss"][lang] == pytest.approx(expected, abs=1e-4)
+        assert reported["positions"][lang] == int((labels >= 0).sum()) > 0
+    manifest = Stage(xlmr.run_dir, "init/random").require()
+    assert manifest["new_token_mlm_loss"]["average"] == pytest.approx(np.mean([reported["loss"][l] for l in langs]))

@@ -56,8 +56,8 @@ def test_joined_calls_give_each_string_its_own_tokens(toks, keys, family, per_se
 @pytest.mark.parametrize("words_per_task", [7, 100_000])
 def test_postings_of_tricky_words_equal_the_per_word_loop(toks, keys, family, words_per_task):
     tok = toks[family]
-    indptr, indices = P.build_local(P.backend_encoder(backend_json(tok)), keys, len(tok), words_per_task)
-    assert P.csr_equals_lists(indptr, indices, P.reference_postings(tok, keys))
+    postings = P.build_local(P.backend_encoder(backend_json(tok)), keys, len(tok), words_per_task)
+    assert P.csr_equals_lists(postings, P.reference_postings(tok, keys))
 
 
 def _space_joined(tok, texts):
@@ -102,8 +102,8 @@ def test_a_length_limit_left_in_the_tokenizer_does_not_cut_words(toks, keys):
     tok = toks["xlmr"]
     blob = json.loads(backend_json(tok))
     blob["truncation"] = {"direction": "Right", "max_length": 3, "strategy": "LongestFirst", "stride": 0}
-    indptr, indices = P.build_local(P.backend_encoder(json.dumps(blob)), keys, len(tok), 50)
-    assert P.csr_equals_lists(indptr, indices, P.reference_postings(tok, keys))
+    postings = P.build_local(P.backend_encoder(json.dumps(blob)), keys, len(tok), 50)
+    assert P.csr_equals_lists(postings, P.reference_postings(tok, keys))
     from tokenizers import Tokenizer
 
     with pytest.raises(ValueError, match="truncation"):
@@ -132,9 +132,9 @@ def test_leading_space_reuse_only_where_the_pipeline_drops_it(toks, keys, family
     # Whitespace-dropping pipelines (these Metaspace "always" and BERT ones) reuse; byte-level BPE keeps `Ġ`.
     assert encoder.strips_leading_spaces == (family != "roberta")
     assert _differs_with_a_leading_space(rust, texts) == (family == "roberta")
-    indptr, indices = P.build_local(encoder, keys, len(tok), 60)
+    postings = P.build_local(encoder, keys, len(tok), 60)
     assert encoder.strips_leading_spaces == (family != "roberta")
-    assert P.csr_equals_lists(indptr, indices, P.reference_postings(tok, keys))
+    assert P.csr_equals_lists(postings, P.reference_postings(tok, keys))
 
 
 def test_pipelines_where_a_leading_space_matters_are_not_allowed(toks, keys):
@@ -169,10 +169,10 @@ def test_a_wrong_leading_space_reuse_is_caught(toks, keys, monkeypatch, caplog):
 
     refused = J.JoinedEncoder(first)
     assert not refused.strips_leading_spaces and "leading space changes the tokens of probe strings" in caplog.text
-    assert P.csr_equals_lists(*P.build_local(refused, keys, first.get_vocab_size(), 60), reference)
+    assert P.csr_equals_lists(P.build_local(refused, keys, first.get_vocab_size(), 60), reference)
 
     monkeypatch.setattr(J, "PROBES", ())
     sneaky = J.JoinedEncoder(first)
     assert sneaky.strips_leading_spaces and sneaky.joined
-    assert P.csr_equals_lists(*P.build_local(sneaky, keys, first.get_vocab_size(), 60), reference)
+    assert P.csr_equals_lists(P.build_local(sneaky, keys, first.get_vocab_size(), 60), reference)
     assert not sneaky.strips_leading_spaces and "on a sample of a chunk" in caplog.text

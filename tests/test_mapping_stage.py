@@ -73,9 +73,9 @@ def test_mapping_outputs_follow_the_contract_and_the_method(ray_cluster, models,
     assert (counts["n_words"], counts["word_dim"]) == table.shape
 
     for name, tok in (("source", source), ("target", target)):
-        indptr, indices = (lambda p: (p.indptr, p.indices))(Postings.load(out / f"postings_{name}.npz"))
-        assert indptr.shape == (len(tok) + 1,) and indices.dtype == np.int32
-        assert P.csr_equals_lists(indptr, indices, P.reference_postings(tok, words.keys))
+        postings = Postings.load(out / f"postings_{name}.npz")
+        assert postings.indptr.shape == (len(tok) + 1,) and postings.indices.dtype == np.int32
+        assert P.csr_equals_lists(postings, P.reference_postings(tok, words.keys))
 
     with np.load(out / "overlap.npz") as ov:
         expected = compute_overlap(target, source)
@@ -91,7 +91,7 @@ def test_mapping_outputs_follow_the_contract_and_the_method(ray_cluster, models,
     err = np.linalg.norm(emb - f @ prim) / np.linalg.norm(emb)
     assert stats["factorization"]["relative_reconstruction_error"] == pytest.approx(err, rel=1e-4)
 
-    src_indptr, _ = (lambda p: (p.indptr, p.indices))(Postings.load(out / "postings_source.npz"))
+    src_indptr = Postings.load(out / "postings_source.npz").indptr
     covered = set(np.flatnonzero(np.diff(src_indptr) > 0)) - set(source.all_special_ids)
     with np.load(out / "split.npz") as split:
         parts = [split[n] for n in ("train", "val", "test")]

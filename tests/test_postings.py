@@ -35,29 +35,34 @@ def test_spelling_variants_follow_the_method():
 @pytest.mark.parametrize("words_per_task", [1, 97, 100_000])
 def test_batched_chunks_equal_the_per_word_loop(toks, keys, family, words_per_task):
     tok = toks[family]
-    indptr, indices = P.build_local(P.backend_encoder(backend_json(tok)), keys, len(tok), words_per_task)
+    postings = P.build_local(P.backend_encoder(backend_json(tok)), keys, len(tok), words_per_task)
+    indptr, indices = postings.indptr, postings.indices
     assert indptr.dtype == np.int64 and indices.dtype == np.int32 and indptr.shape == (len(tok) + 1,)
     reference = P.reference_postings(tok, keys)
-    assert P.csr_equals_lists(indptr, indices, reference)
+    assert P.csr_equals_lists(postings, reference)
     assert indptr[-1] > len(keys)  # non-trivial: most words give several postings
+    assert postings.spellings.max() > 1  # a word often yields a token through several of its spellings
 
 
 def test_csr_comparison_detects_a_difference(toks, keys):
     tok = toks["xlmr"]
-    indptr, indices = P.build_local(P.backend_encoder(backend_json(tok)), keys, len(tok), 50)
+    postings = P.build_local(P.backend_encoder(backend_json(tok)), keys, len(tok), 50)
     reference = P.reference_postings(tok, keys)
-    token = next(t for t, words in reference.items() if len(words) > 1)
-    reference[token] = reference[token][:-1]
-    assert not P.csr_equals_lists(indptr, indices, reference)
+    token = next(t for t, words in reference.items() if len(set(words)) > 1)
+    dropped = {**reference, token: [w for w in reference[token] if w != reference[token][-1]]}
+    assert not P.csr_equals_lists(postings, dropped)  # a word missing
+    repeated = next(t for t, words in reference.items() if len(words) > len(set(words)))
+    once = {**reference, repeated: sorted(set(reference[repeated]))}
+    assert not P.csr_equals_lists(postings, once)  # a word's spelling count wrong
 
 
 def test_coverage_stats_count_what_the_lists_hold(toks, keys):
     tok = toks["bert"]
-    indptr, indices = P.build_local(P.backend_encoder(backend_json(tok)), keys, len(tok), 200)
-    reference = P.reference_postings(tok, keys)
+    postings = P.build_local(P.backend_encoder(backend_json(tok)), keys, len(tok), 200)
+    reference = {t: sorted(set(words)) for t, words in P.reference_postings(tok, keys).items()}
     langs = sorted({k[:3] if k[3:4] == ":" else "eng" for k in keys})
     lang_ids = np.array([langs.index(k[:3] if k[3:4] == ":" else "eng") for k in keys], dtype=np.int32)
-    stats = P.coverage_stats(indptr, indices, lang_ids, langs, specials=[tok.unk_token_id])
+    stats = P.coverage_stats(postings, lang_ids, langs, specials=[tok.unk_token_id])
     lengths = [len(v) for v in reference.values()]
     assert stats["covered"] == len(reference) and stats["not_covered"] == len(tok) - len(reference)
     assert stats["postings"] == sum(lengths)
@@ -73,7 +78,8 @@ def test_coverage_stats_count_what_the_lists_hold(toks, keys):
 
 
 def test_npz_is_byte_deterministic_and_loadable(tmp_path):
-    arrays = {"indptr": np.array([0, 1, 1, 3], dtype=np.int64), "indices": np.array([3, 1, 2], dtype=np.int32)}
+    arrays = {"indptr": np.array([0, 1, 1, 3], dtype=np.int64), "indices": np.array([3, 1, 2], dtype=np.int32),
+              "spellings": np.array([1, 3, 2], dtype=np.uint8)}
     a, b = save_npz(tmp_path / "a.npz", **arrays), save_npz(tmp_path / "b.npz", **arrays)
     assert a.read_bytes() == b.read_bytes()
     postings = Postings.load(a)
@@ -94,5 +100,5 @@ def test_worker_tokenizer_keeps_unigram_scores_exact(world, tmp_path):
     rebuilt = backend_from_json(backend_json(tok))
     assert json.loads(rebuilt.to_str())["model"] == json.loads(tok.backend_tokenizer.to_str())["model"]
     keys = [f"{lang.code[:3]}:{w}" for lang in world.languages for w in world.lexicon[lang.code][400:700]]
-    indptr, indices = P.build_local(P.backend_encoder(backend_json(tok)), keys, len(tok), 500)
-    assert P.csr_equals_lists(indptr, indices, P.reference_postings(tok, keys))
+    postings = P.build_local(P.backend_encoder(backend_json(tok)), keys, len(tok), 500)
+    assert P.csr_equals_lists(postings, P.reference_postings(tok, keys))

@@ -1,18 +1,18 @@
 """Token -> word postings, as CSR arrays, built by Ray tasks over chunks of words.
 
-The method (HyperOFA's `get_subword_to_word_mappings` in `hyperofa/utils.py`, OFA's in `ofa/utils.py`):
-
-for word i it tokenizes three spellings, (a) `word`, (b) `' ' + word`, (c) the capitalised form
+The method (docs/METHOD.md §1.5; HyperOFA's `get_subword_to_word_mappings` in `hyperofa/utils.py`, OFA's in
+`ofa/utils.py`): for word i it tokenizes three spellings, (a) `word`, (b) `' ' + word`, (c) the capitalised form
 (`word[1].upper() + word[2:]` when the key began with a `$` boundary, else `' ' + word[0].upper() + word[1:]`),
-and adds i to the list of every token of every variant. Lists are sorted and de-duplicated here (the reference
-kept CPython set order).
+and appends i to the list of every token of each spelling. Here a list holds each word once, sorted, with the
+number of its spellings that yield the token beside it (`spellings`, 1-3): HyperOFA's de-duplicated list and OFA's
+list with repeats are both exactly recoverable from it.
 
 The reference makes one `tokenizer.encode` call per variant. Here a chunk's variants are de-duplicated (and,
 for pipelines that provably drop leading spaces, `' ' + w` shares `w`'s encoding) and tokenized by the Rust
 tokenizer in one joined call that still tokenizes each variant on its own (`joined_encoding`), and the
-(token, word) pairs are grouped with numpy: the chunk comes back as per-token counts and a flat int32 array of
-word indices, never as Python lists.
-The driver merges chunks in two passes (sum the counts, then scatter each chunk's indices), so it holds only the
+(token, word) pairs are grouped with numpy: the chunk comes back as per-token counts, a flat int32 array of
+word indices and their uint8 spelling counts, never as Python lists.
+The driver merges chunks in two passes (sum the counts, then scatter each chunk's arrays), so it holds only the
 final CSR arrays and one chunk at a time.
 """
 
@@ -24,6 +24,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from hyperofa_dist.errors import HyperofaError
+from hyperofa_dist.formats.mapping import Postings
 from hyperofa_dist.formats.tokenizer import backend_json, worker_backend
 from hyperofa_dist.formats.vectors import parse_key
 from hyperofa_dist.runtime.ray import run_tasks
@@ -60,10 +61,15 @@ def key_variants(keys: Sequence[str]) -> list[str]:
     return out
 
 
-def chunk_postings(encode_batch: EncodeBatch, keys: Sequence[str], first_word: int, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Postings of words first_word .. first_word+len(keys)-1: (counts int32[vocab_size], word indices int32).
+def chunk_postings(
+    encode_batch: EncodeBatch, keys: Sequence[str], first_word: int, vocab_size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Postings of words first_word .. first_word+len(keys)-1: (counts int32[vocab_size], word indices int32,
+    spellings uint8).
 
-    The indices are grouped by token (ascending), sorted and unique within each token.
+    The indices are grouped by token (ascending), sorted and unique within each token; `spellings[i]` is how many
+    of word indices[i]'s three spellings yield the token (1-3): the weight OFA gives the word in the token's mean
+    (docs/METHOD.md §2), where the reference appends the word once per such spelling.
     """
     variants = key_variants(keys)
     unique, variant_slot, flat, owner = _encode_spellings(encode_batch, variants)
@@ -78,12 +84,16 @@ def chunk_postings(encode_batch: EncodeBatch, keys: Sequence[str], first_word: i
     starts = np.repeat(offsets[variant_slot], per_variant)
     within = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(per_variant) - per_variant, per_variant)
     tokens = flat[starts + within]
-    words = np.repeat(np.arange(len(variants), dtype=np.int64) // 3, per_variant)
+    # A token appearing twice in one spelling's encoding counts once for it (the reference takes a set per spelling).
+    n_variants = max(len(variants), 1)
+    token_variant = np.unique(tokens * n_variants + np.repeat(np.arange(len(variants), dtype=np.int64), per_variant))
     n_words = max(len(keys), 1)
-    pairs = np.unique(tokens * n_words + words)
+    pairs, spellings = np.unique(
+        (token_variant // n_variants) * n_words + (token_variant % n_variants) // 3, return_counts=True
+    )
     counts = np.bincount(pairs // n_words, minlength=vocab_size).astype(np.int32)
     indices = (pairs % n_words + first_word).astype(np.int32)
-    return counts, indices
+    return counts, indices, spellings.astype(np.uint8)
 
 
 def _encode_spellings(encode_batch: EncodeBatch, variants: list[str]):
@@ -103,11 +113,16 @@ def _encode_spellings(encode_batch: EncodeBatch, variants: list[str]):
             return unique, slots, flat, owner
 
 
-def merge_chunks(vocab_size: int, chunks: Iterable[Callable[[], np.ndarray]], fetch: Callable[[int], tuple[np.ndarray, np.ndarray]], n_chunks: int) -> tuple[np.ndarray, np.ndarray]:
-    """CSR (indptr int64[V+1], indices int32) from chunks in word order, holding one chunk at a time.
+def merge_chunks(
+    vocab_size: int,
+    chunks: Iterable[Callable[[], np.ndarray]],
+    fetch: Callable[[int], tuple[np.ndarray, np.ndarray, np.ndarray]],
+    n_chunks: int,
+) -> Postings:
+    """CSR postings from chunks in word order, holding one chunk at a time.
 
     `chunks` yields, per chunk, a callable returning its counts (first pass); `fetch(i)` returns chunk i's
-    (counts, indices) in the second pass. Chunks cover ascending word ranges, so appending each chunk's
+    (counts, indices, spellings) in the second pass. Chunks cover ascending word ranges, so appending each chunk's
     segment per token keeps every list sorted.
     """
     totals = np.zeros(vocab_size, dtype=np.int64)
@@ -116,18 +131,20 @@ def merge_chunks(vocab_size: int, chunks: Iterable[Callable[[], np.ndarray]], fe
     indptr = np.zeros(vocab_size + 1, dtype=np.int64)
     np.cumsum(totals, out=indptr[1:])
     indices = np.empty(int(indptr[-1]), dtype=np.int32)
+    spellings = np.empty(int(indptr[-1]), dtype=np.uint8)
     cursor = indptr[:-1].copy()
     for i in range(n_chunks):
-        counts, chunk_indices = fetch(i)
+        counts, chunk_indices, chunk_spellings = fetch(i)
         counts = counts.astype(np.int64)
         chunk_starts = np.cumsum(counts) - counts
         dest = np.repeat(cursor - chunk_starts, counts) + np.arange(chunk_indices.size, dtype=np.int64)
         indices[dest] = chunk_indices
+        spellings[dest] = chunk_spellings
         cursor += counts
-    return indptr, indices
+    return Postings(indptr, indices, spellings)
 
 
-def build_local(encode_batch: EncodeBatch, keys: Sequence[str], vocab_size: int, words_per_task: int) -> tuple[np.ndarray, np.ndarray]:
+def build_local(encode_batch: EncodeBatch, keys: Sequence[str], vocab_size: int, words_per_task: int) -> Postings:
     """The same postings in this process, chunk by chunk (tests, and small vocabularies without Ray)."""
     results = [
         chunk_postings(encode_batch, keys[start : start + words_per_task], start, vocab_size)
@@ -137,7 +154,8 @@ def build_local(encode_batch: EncodeBatch, keys: Sequence[str], vocab_size: int,
 
 
 def reference_postings(tokenizer, keys: Sequence[str]) -> dict[int, list[int]]:
-    """The method's algorithm as written: one `tokenizer.encode` per variant, then de-duplicated lists (sorted).
+    """The method's algorithm as written: one `tokenizer.encode` per spelling, the word appended once per spelling
+    that yields the token (OFA's lists, with their repeats, in word order).
 
     The baseline of `hyperofa bench mapping` and the brute-force oracle of the tests.
     """
@@ -147,21 +165,28 @@ def reference_postings(tokenizer, keys: Sequence[str]) -> dict[int, list[int]]:
         for variant in spelling_variants(parsed[1], parsed[2]):
             for token in set(tokenizer.encode(variant, add_special_tokens=False)):
                 lists.setdefault(token, []).append(index)
-    return {token: sorted(set(words)) for token, words in lists.items()}
+    return {token: sorted(words) for token, words in lists.items()}
 
 
-def csr_equals_lists(indptr: np.ndarray, indices: np.ndarray, lists: dict[int, list[int]]) -> bool:
-    if int(indptr[-1]) != sum(len(v) for v in lists.values()):
+def csr_equals_lists(postings: Postings, lists: dict[int, list[int]]) -> bool:
+    """The CSR postings hold exactly these lists: each word once, with its repeats as its spelling count."""
+    unique = {t: sorted(set(words)) for t, words in lists.items()}
+    if int(postings.indptr[-1]) != sum(len(v) for v in unique.values()):
         return False
-    for token in range(len(indptr) - 1):
-        got = indices[indptr[token] : indptr[token + 1]]
-        if got.size != len(lists.get(token, ())) or (got.size and not np.array_equal(got, lists[token])):
+    for token in range(postings.vocab_size):
+        got = postings.words(token)
+        want = unique.get(token, [])
+        if got.size != len(want) or (got.size and not np.array_equal(got, want)):
+            return False
+        if got.size and not np.array_equal(postings.spelling_counts(token), [lists[token].count(w) for w in want]):
             return False
     return True
 
 
-def coverage_stats(indptr: np.ndarray, indices: np.ndarray, lang_ids: np.ndarray, languages: list[str], specials: Iterable[int] = ()) -> dict:
-    """Covered tokens, list-length percentiles over covered tokens, and per word language: words, postings, tokens."""
+def coverage_stats(postings: Postings, lang_ids: np.ndarray, languages: list[str], specials: Iterable[int] = ()) -> dict:
+    """Covered tokens, list-length percentiles over covered tokens, per word language (words, postings, tokens),
+    and how the OFA weights spread (postings by spelling count)."""
+    indptr, indices = postings.indptr, postings.indices
     lengths = np.diff(indptr)
     covered = lengths > 0
     vocab = int(lengths.size)
@@ -176,6 +201,7 @@ def coverage_stats(indptr: np.ndarray, indices: np.ndarray, lang_ids: np.ndarray
         "length_percentiles": {
             str(p): (float(np.percentile(lengths[covered], p)) if covered.any() else 0.0) for p in PERCENTILES
         },
+        "postings_by_spellings": {str(m): int(np.sum(postings.spellings == m)) for m in (1, 2, 3)},
     }
     token_of = np.repeat(np.arange(vocab, dtype=np.int64), lengths)
     lang_of = lang_ids[indices].astype(np.int64)
@@ -212,9 +238,7 @@ def _postings_task(blob: bytes, first_word: int, vocab_sizes: list[int], *tokeni
     return (len(keys), *out)  # the word count first: small, fetched to learn that the task succeeded
 
 
-def build_postings(
-    tokenizers: Sequence, keys: Sequence[str], words_per_task: int, max_retries: int = 3
-) -> list[tuple[np.ndarray, np.ndarray]]:
+def build_postings(tokenizers: Sequence, keys: Sequence[str], words_per_task: int, max_retries: int = 3) -> list[Postings]:
     """CSR postings of every tokenizer over the same words, one Ray task per chunk of words (Ray must be up).
 
     The driver merges the chunks' results one at a time from the object store, so it holds only the final CSR
@@ -225,23 +249,25 @@ def build_postings(
     json_refs = [ray.put(backend_json(t)) for t in tokenizers]
     starts = list(range(0, len(keys), words_per_task))
     calls = [("\n".join(keys[start : start + words_per_task]).encode("utf-8"), start, sizes, *json_refs) for start in starts]
+    per = 3  # counts, indices, spellings per tokenizer
     refs = run_tasks(
         _postings_task, calls, desc="postings", retries_key="mapping.max_retries", max_retries=max_retries,
-        num_returns=1 + 2 * len(tokenizers), fetch=False, weights=[min(words_per_task, len(keys) - s) for s in starts],
-        unit="word",
+        num_returns=1 + per * len(tokenizers), fetch=False,
+        weights=[min(words_per_task, len(keys) - s) for s in starts], unit="word",
     )
     out = []
     for j in range(len(tokenizers)):
-        count_refs = [r[1 + 2 * j] for r in refs]
-        index_refs = [r[2 + 2 * j] for r in refs]
+        first = 1 + per * j
+        chunk_refs = [r[first : first + per] for r in refs]
         out.append(
             merge_chunks(
                 sizes[j],
-                (lambda ref=ref: ray.get(ref) for ref in count_refs),
-                lambda i: (ray.get(count_refs[i]), ray.get(index_refs[i])),
+                (lambda ref=parts[0]: ray.get(ref) for parts in chunk_refs),
+                lambda i: tuple(ray.get(chunk_refs[i])),
                 len(refs),
             )
         )
         for r in refs:  # free this tokenizer's chunks before merging the next one
-            r[1 + 2 * j] = r[2 + 2 * j] = None
+            r[first : first + per] = [None] * per
+        chunk_refs.clear()
     return out

@@ -16,7 +16,7 @@ from hyperofa_dist.config import Config
 from hyperofa_dist.errors import HyperofaError
 from hyperofa_dist.factorize import check_rank, factorize
 from hyperofa_dist.formats.files import fingerprint_path
-from hyperofa_dist.formats.mapping import STAGE, STATS, WORD_CHUNK_ROWS, MappingParts, Postings, write_mapping
+from hyperofa_dist.formats.mapping import FORMAT_VERSION, STAGE, STATS, WORD_CHUNK_ROWS, MappingParts, write_mapping
 from hyperofa_dist.formats.models import load_source, source_identity
 from hyperofa_dist.formats.rundir import Stage
 from hyperofa_dist.formats.tokenizer import load_tokenizer, target_tokenizer_dir, tokenizer_fingerprint
@@ -53,6 +53,7 @@ def run(config: Config, tracker: Any) -> int:
         "target_tokenizer": tokenizer_fingerprint(target_dir),
         "k": k,
         "config": config.fingerprint("mapping", "run") | {"vectors.languages": config.vectors.languages},
+        "format": FORMAT_VERSION,
     }
     with StageShell.open(config, tracker, STAGE, Stage(config.run_dir, STAGE), inputs) as shell:
         if shell.up_to_date:
@@ -78,13 +79,13 @@ def run(config: Config, tracker: Any) -> int:
 
         clock = time.perf_counter()
         with ray_session(config):
-            (src_indptr, src_indices), (tgt_indptr, tgt_indices) = build_postings(
+            source_postings, target_postings = build_postings(
                 [source_tok, target_tok], words.keys, config.mapping.words_per_task, config.mapping.max_retries
             )
         timings["postings_s"] = time.perf_counter() - clock
 
         source_specials = special_ids(source_tok)
-        covered = np.flatnonzero(np.diff(src_indptr) > 0)
+        covered = source_postings.covered()
         trainable = covered[~np.isin(covered, sorted(source_specials))]  # specials are copied by role, never predicted
         seed = config.mapping.split_seed if config.mapping.split_seed is not None else config.run.seed
         split = split_tokens(trainable, config.mapping.split, seed)
@@ -105,16 +106,16 @@ def run(config: Config, tracker: Any) -> int:
                 "factorized": factors.factorized,
                 "relative_reconstruction_error": factors.relative_error,
             },
-            "source": coverage_stats(src_indptr, src_indices, words.lang_ids, words.languages, source_specials),
-            "target": coverage_stats(tgt_indptr, tgt_indices, words.lang_ids, words.languages, special_ids(target_tok)),
+            "source": coverage_stats(source_postings, words.lang_ids, words.languages, source_specials),
+            "target": coverage_stats(target_postings, words.lang_ids, words.languages, special_ids(target_tok)),
             "split": {name: int(ids.size) for name, ids in split.items()},
             "target_identical_to_source": identical,
         }
 
         shell.begin()
         parts = MappingParts(
-            source_postings=Postings(src_indptr, src_indices),
-            target_postings=Postings(tgt_indptr, tgt_indices),
+            source_postings=source_postings,
+            target_postings=target_postings,
             overlap_target=overlap.target_ids,
             overlap_source=overlap.source_ids,
             overlap_kinds=overlap.kinds,

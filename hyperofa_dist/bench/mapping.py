@@ -91,7 +91,7 @@ def run(config, args) -> int:
             wait_for_workers(workers)
         ray_start = time.perf_counter() - started
         started = time.perf_counter()
-        [(indptr, indices)] = build_postings([tokenizer], keys, words_per_task)
+        [postings] = build_postings([tokenizer], keys, words_per_task)
         built = time.perf_counter() - started
     peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the baseline's lists exist
 
@@ -107,8 +107,8 @@ def run(config, args) -> int:
         "words_per_s": round(len(keys) / built, 1),
         "baseline_words_per_s": round(len(keys) / baseline, 1),
         "speedup": round(baseline / built, 2),
-        "identical": csr_equals_lists(indptr, indices, reference),
-        "postings": int(indptr[-1]),
+        "identical": csr_equals_lists(postings, reference),
+        "postings": int(postings.indptr[-1]),
         "driver_peak_rss_mib": round(peak_rss_mib, 1),
         "build_s": round(built, 2),
         "baseline_s": round(baseline, 2),

@@ -3,7 +3,8 @@
 Held-out blocks are read per language (at most `max_blocks` each, in shard order), masked with the same 80/10/10
 rule as pretraining from a generator seeded by (seed, language) alone, so a language's numbers do not move when
 other languages or the batch size change. The loss is the mean cross-entropy over all masked tokens of the
-language; perplexity is its exponential.
+language; perplexity is its exponential. With `scored_labels`, the same positions are masked but only those whose
+label is a marked token id count (the init stage scores the new tokens: where the init methods differ).
 """
 
 from __future__ import annotations
@@ -26,8 +27,12 @@ def mlm_loss_per_language(
     probability: float = 0.15,
     batch_size: int = 16,
     device: Any = "cpu",
+    scored_labels: Any = None,
 ) -> dict[str, dict[str, float]]:
-    """{language: {'loss', 'perplexity'}} of a stock masked LM on fixed-seed masked blocks."""
+    """{language: {'loss', 'perplexity', 'positions'}} of a stock masked LM on fixed-seed masked blocks.
+
+    `scored_labels` (bool per token id): count only masked positions whose label is marked; a language without
+    such a position is left out."""
     import torch
     from tqdm.auto import tqdm
 
@@ -46,6 +51,11 @@ def mlm_loss_per_language(
         ids = torch.from_numpy(array.astype(np.int64))
         generator = torch.Generator().manual_seed(mix_seed(seed, HELDOUT, lang))
         inputs, labels = mask_tokens(ids, special, tokenizer.mask_token_id, len(tokenizer), generator, probability)
+        if scored_labels is not None:
+            keep = torch.as_tensor(scored_labels, dtype=torch.bool)
+            labels = torch.where((labels >= 0) & keep[labels.clamp(min=0)], labels, torch.full_like(labels, -100))
+            if not bool((labels >= 0).any()):
+                continue
         total, count = 0.0, 0
         with torch.inference_mode():
             for start in tqdm(range(0, len(ids), batch_size), desc=f"mlm {lang}", leave=False, disable=None):
@@ -58,5 +68,5 @@ def mlm_loss_per_language(
         if count == 0:
             raise HyperofaError(f"held-out blocks of {lang}: no token was masked (too few blocks?)")
         mean = total / count
-        out[lang] = {"loss": mean, "perplexity": math.exp(min(mean, 700.0))}
+        out[lang] = {"loss": mean, "perplexity": math.exp(min(mean, 700.0)), "positions": count}
     return out

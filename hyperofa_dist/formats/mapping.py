@@ -1,7 +1,8 @@
 """The mapping stage's output, `<run.dir>/mapping/`: everything the hypernetwork and the init stage read.
 
     postings_source.npz      CSR token -> word postings of the source tokenizer (`indptr` int64 [V_s+1],
-                             `indices` int32): the sorted word indices whose spellings yield the token
+                             `indices` int32, `spellings` uint8): the sorted word indices whose spellings yield the
+                             token, and how many of each word's three spellings do (OFA's weight, 1-3)
     postings_target.npz      the same for the target tokenizer ([V_t+1])
     overlap.npz              copy pairs: `target_ids`, `source_ids`, `kinds` (0 special, 1 exact, 2 fuzzy)
     split.npz                `train`, `val`, `test`: covered source token ids for the hypernetwork
@@ -30,6 +31,9 @@ from .files import atomic_write_bytes, atomic_write_json, digest, load_npy, load
 from .rundir import MANIFEST, Stage
 
 STAGE = "mapping"
+# Part of the mapping stage's inputs: a mapping written in an older layout is rebuilt, never misread.
+# 2: postings carry per-posting spelling counts.
+FORMAT_VERSION = 2
 POSTINGS_SOURCE = "postings_source.npz"
 POSTINGS_TARGET = "postings_target.npz"
 OVERLAP = "overlap.npz"
@@ -45,25 +49,31 @@ WORD_CHUNK_ROWS = 65536
 
 
 class Postings:
-    """token id -> sorted word indices, as CSR arrays (`indptr` int64 [V+1], `indices` int32)."""
+    """token id -> sorted word indices, as CSR arrays (`indptr` int64 [V+1], `indices` int32), with each posting's
+    spelling count (`spellings` uint8, 1-3: how many of the word's spellings yield the token)."""
 
-    def __init__(self, indptr: np.ndarray, indices: np.ndarray):
+    def __init__(self, indptr: np.ndarray, indices: np.ndarray, spellings: Optional[np.ndarray] = None):
         self.indptr = np.asarray(indptr, dtype=np.int64)
         self.indices = np.asarray(indices)
+        self.spellings = (
+            np.ones(len(self.indices), dtype=np.uint8) if spellings is None else np.asarray(spellings, dtype=np.uint8)
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> "Postings":
-        data = load_npz(path, ("indptr", "indices"), what="postings")
-        indptr, indices = data["indptr"], data["indices"]
+        data = load_npz(path, ("indptr", "indices", "spellings"), what="postings")
+        indptr, indices, spellings = data["indptr"], data["indices"], data["spellings"]
         if (
             indptr.ndim != 1 or indices.ndim != 1 or len(indptr) < 1 or indptr[0] != 0
             or indptr[-1] != len(indices) or np.any(np.diff(indptr) < 0)
         ):
             raise HyperofaError(f"{path}: indptr is not a valid CSR index for {len(indices)} postings")
-        return cls(indptr, indices)
+        if spellings.shape != indices.shape or (len(spellings) and not 1 <= int(spellings.min()) <= int(spellings.max()) <= 3):
+            raise HyperofaError(f"{path}: spelling counts must be 1-3, one per posting")
+        return cls(indptr, indices, spellings)
 
     def save(self, path: str | Path) -> Path:
-        return save_npz(path, indptr=self.indptr, indices=self.indices)
+        return save_npz(path, indptr=self.indptr, indices=self.indices, spellings=self.spellings)
 
     @property
     def vocab_size(self) -> int:
@@ -81,6 +91,9 @@ class Postings:
 
     def words(self, token_id: int) -> np.ndarray:
         return self.indices[self.indptr[token_id] : self.indptr[token_id + 1]]
+
+    def spelling_counts(self, token_id: int) -> np.ndarray:
+        return self.spellings[self.indptr[token_id] : self.indptr[token_id + 1]]
 
 
 @dataclass

@@ -3,7 +3,12 @@
 - `WordTable`: the frozen word-vector table, memory-mapped once per rank; rows are gathered per batch, so the
   table is never a parameter, never on the optimizer, never in a checkpoint.
 - `augment`: with probability `prob`, a list longer than `threshold` is replaced by a random 50-100 % subset in
-  random order; every list is then capped (256). The generator is seeded per (seed, epoch, rank).
+  random order, then capped (256). The generator is seeded per (seed, epoch, rank).
+- `context_words`: which words a list longer than the cap keeps when it is not augmented (validation, test,
+  prediction, and the other half of training): a seeded sample fixed per token, the same in every split and
+  epoch, spread over the whole list (`hypernet.context=sample`); `first` keeps the lowest word indices, which for a
+  word table grouped by language means the first few languages only. The reference kept CPython set order, an
+  arbitrary but fixed subset (docs/FIDELITY.md).
 - `rank_batches`: one seeded permutation shared by all ranks, cut into groups of `group_factor` batches sorted by
   pre-augmentation length, cut into batches; batch j goes to rank j mod world. Ranks therefore get disjoint
   samples and exactly the same number of batches (the remainder is dropped, as the reference's drop_last).
@@ -77,12 +82,33 @@ class Batch:
         return int(self.token_ids.shape[0])
 
 
-def augment(words: np.ndarray, rng: np.random.Generator, spec: AugmentSpec, cap: int) -> np.ndarray:
+@dataclass(frozen=True)
+class ContextRule:
+    """How a list longer than the cap is cut when it is not augmented; `side` keeps source and target tokens of the
+    same id on independent samples."""
+
+    rule: str = "sample"  # "sample" or "first"
+    seed: int = 0
+    side: str = "source"
+
+
+def context_words(words: np.ndarray, cap: int, token_id: int, rule: ContextRule) -> np.ndarray:
+    if len(words) <= cap or rule.rule == "first":
+        return words[:cap]
+    pick = generator(rule.seed, "context", rule.side, int(token_id)).choice(len(words), cap, replace=False)
+    return words[np.sort(pick)]
+
+
+def augment(
+    words: np.ndarray, rng: np.random.Generator, spec: AugmentSpec, cap: int, fixed: Optional[np.ndarray] = None
+) -> np.ndarray:
+    """A random 50-100 % subset in random order (with probability `prob`, lists longer than `threshold`), capped;
+    otherwise `fixed` (the token's context) or the first `cap` words."""
     if rng.random() < spec.prob and len(words) > spec.threshold:
         fraction = rng.uniform(spec.min_fraction, spec.max_fraction)
         n = max(1, int(len(words) * fraction))
-        words = words[rng.permutation(len(words))[:n]]
-    return words[:cap]
+        return words[rng.permutation(len(words))[:n]][:cap]
+    return words[:cap] if fixed is None else fixed
 
 
 def collate(token_ids: np.ndarray, word_lists: Sequence[np.ndarray], targets: np.ndarray) -> Batch:
@@ -139,11 +165,19 @@ def rank_batches(
 class TokenSet:
     """Tokens (a split, or target tokens to predict) with their postings and, when known, their target rows."""
 
-    def __init__(self, token_ids: np.ndarray, postings: Postings, targets: Optional[np.ndarray], k: int):
+    def __init__(
+        self,
+        token_ids: np.ndarray,
+        postings: Postings,
+        targets: Optional[np.ndarray],
+        k: int,
+        context: ContextRule = ContextRule(),
+    ):
         self.token_ids = np.asarray(token_ids, dtype=np.int64)
         self.postings = postings
         self.targets = targets
         self.k = k
+        self.context = context
         self.lengths = postings.lengths(self.token_ids)
 
     def __len__(self) -> int:
@@ -160,7 +194,8 @@ class TokenSet:
         lists = []
         for tid in ids:
             words = self.postings.words(int(tid))
-            lists.append(augment(words, rng, spec, cap) if rng is not None else words[:cap])
+            fixed = context_words(words, cap, int(tid), self.context)
+            lists.append(augment(words, rng, spec, cap, fixed) if rng is not None else fixed)
         targets = self.targets[ids] if self.targets is not None else np.zeros((len(ids), self.k), np.float32)
         return collate(ids, lists, targets)
 

@@ -8,7 +8,7 @@ at max_context. Batches are formed from tokens of similar length (less padding);
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ from torch import nn
 
 from ..formats.hypernet import write_predictions, write_test_predictions
 from ..formats.mapping import Postings
-from .data import TokenSet, WordTable
+from .data import ContextRule, TokenSet, WordTable
 
 
 def tokens_to_predict(target: Postings, copied: np.ndarray) -> np.ndarray:
@@ -75,16 +75,22 @@ def predict_all(
     cap: int,
     device: torch.device,
     dtype: torch.dtype = torch.float32,
+    context: Optional[dict[str, ContextRule]] = None,
 ) -> dict[str, Any]:
     """Write predicted target coordinates and test-split predictions + metrics into out_dir; return the metrics."""
     k = int(coordinates.shape[1])
     ids = tokens_to_predict(target, copied)
-    rows = predict_rows(model, table, TokenSet(ids, target, None, k), batch_size=batch_size, cap=cap, device=device, dtype=dtype)
+    context = context or {"source": ContextRule(side="source"), "target": ContextRule(side="target")}
+    rows = predict_rows(
+        model, table, TokenSet(ids, target, None, k, context["target"]), batch_size=batch_size, cap=cap,
+        device=device, dtype=dtype,
+    )
     write_predictions(out_dir, ids, rows)
 
     test_ids = np.asarray(test_ids, dtype=np.int64)
     test_rows = predict_rows(
-        model, table, TokenSet(test_ids, source, coordinates, k), batch_size=batch_size, cap=cap, device=device, dtype=dtype
+        model, table, TokenSet(test_ids, source, coordinates, k, context["source"]), batch_size=batch_size, cap=cap,
+        device=device, dtype=dtype,
     )
     metrics = split_metrics(test_rows, np.asarray(coordinates[test_ids], dtype=np.float32))
     metrics["predicted_count"] = int(len(ids))

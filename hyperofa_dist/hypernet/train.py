@@ -30,7 +30,7 @@ from ..formats.mapping import SPLIT, Mapping, load_mapping
 from ..runtime.job import JobContext, job_main
 from ..runtime.seeds import mix_seed
 from . import loop
-from .data import AugmentSpec, TokenSet, WordTable, rank_batches
+from .data import AugmentSpec, ContextRule, TokenSet, WordTable, rank_batches
 from .models import build_model, model_spec, trainable_parameters
 
 COMMAND = "hypernet"
@@ -38,6 +38,10 @@ COMMAND = "hypernet"
 
 def augment_spec(hp: Any) -> AugmentSpec:
     return AugmentSpec(prob=hp.augment_prob, threshold=hp.augment_threshold, min_fraction=hp.augment_min_fraction)
+
+
+def context_rule(hp: Any, seed: int, side: str) -> ContextRule:
+    return ContextRule(hp.context, seed, side)
 
 
 def loss_spec(hp: Any) -> loop.LossSpec:
@@ -99,8 +103,9 @@ class HypernetJob(JobContext):
         self.table = WordTable(self.mapping.word_vectors_path, self.device)
         coords = np.asarray(self.mapping.source_coordinates)
         source = self.mapping.source_postings
-        self.train_set = TokenSet(self.splits["train"], source, coords, self.mapping.k)
-        self.val_set = TokenSet(self.splits["val"], source, coords, self.mapping.k)
+        context = context_rule(self.hp, self.seed, "source")
+        self.train_set = TokenSet(self.splits["train"], source, coords, self.mapping.k, context)
+        self.val_set = TokenSet(self.splits["val"], source, coords, self.mapping.k, context)
 
         torch.manual_seed(self.seed)  # same initial weights on every rank (DeepSpeed also broadcasts rank 0's)
         self.spec = model_spec(self.hp, word_dim=self.mapping.word_dim, k=self.mapping.k)
@@ -255,6 +260,7 @@ class HypernetJob(JobContext):
             model, self.table, source=self.mapping.source_postings, target=self.mapping.target_postings,
             coordinates=np.asarray(self.mapping.source_coordinates), copied=self.mapping.overlap_target,
             test_ids=self.splits["test"], out_dir=self.out, batch_size=self.hp.predict_batch_size,
+            context={side: context_rule(self.hp, self.seed, side) for side in ("source", "target")},
             cap=self.hp.max_context, device=self.device,
         )
         tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})

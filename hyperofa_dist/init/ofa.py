@@ -11,8 +11,8 @@ Deviations from the reference, on purpose:
 - Candidates are the source tokens that have a word vector (non-empty postings). The reference also admits
   uncovered source tokens with similarity 0, which can matter only when fewer than top_k covered source tokens
   have a positive similarity; their rows carry no word evidence, so they are left out.
-- The postings are de-duplicated (the mapping contract), so each word counts once in a token's mean; the
-  reference OFA counted a word once per spelling variant that produced the token.
+- None on the weights: a word counts once per spelling that yields the token (1-3, the postings' `spellings`),
+  as the reference's lists with repeats do; `init.ofa_weighting=unique` counts each word once instead.
 - The softmax subtracts the row maximum (same value, no overflow).
 """
 
@@ -35,8 +35,10 @@ def token_mean_vectors(
     word_vectors: np.ndarray,
     token_ids: Sequence[int] | np.ndarray,
     gather_entries: int = GATHER_ENTRIES,
+    weights: Optional[np.ndarray] = None,
 ) -> np.ndarray:
-    """Mean word vector of each token in `token_ids` (float32 [n, word_dim]); tokens without words get zeros.
+    """Weighted mean word vector of each token in `token_ids` (float32 [n, word_dim]); tokens without words get
+    zeros. `weights` (one per posting, e.g. the spelling counts) default to 1: the plain mean.
 
     `indptr`/`indices` are the token -> word CSR postings; `word_vectors` may be a memory map: rows are gathered
     in bounded groups and summed in float64, so a token with millions of words costs no more memory than others.
@@ -47,6 +49,10 @@ def token_mean_vectors(
     starts = np.asarray(indptr[token_ids], dtype=np.int64)
     lengths = np.asarray(indptr[token_ids + 1], dtype=np.int64) - starts
     out = np.zeros((len(token_ids), word_vectors.shape[1]), dtype=np.float64)
+    totals = np.zeros(len(token_ids), dtype=np.float64)
+
+    def weighted(rows: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        return rows if weights is None else rows * np.asarray(weights[positions], dtype=np.float64)[:, None]
     order = np.flatnonzero(lengths > 0)
     i = 0
     while i < len(order):
@@ -61,7 +67,8 @@ def token_mean_vectors(
             acc = np.zeros(word_vectors.shape[1], dtype=np.float64)
             for a in range(start, start + length, gather_entries):
                 b = min(a + gather_entries, start + length)
-                acc += np.asarray(word_vectors[np.asarray(indices[a:b], dtype=np.int64)], dtype=np.float64).sum(0)
+                rows = np.asarray(word_vectors[np.asarray(indices[a:b], dtype=np.int64)], dtype=np.float64)
+                acc += weighted(rows, np.arange(a, b)).sum(0)
             out[row] = acc
         else:
             lens = lengths[group]
@@ -69,14 +76,19 @@ def token_mean_vectors(
             # positions of every posting of the group, token after token
             positions = np.repeat(starts[group] - offsets, lens) + np.arange(int(lens.sum()))
             words = np.asarray(indices[positions], dtype=np.int64)
-            rows = torch.from_numpy(np.asarray(word_vectors[words], dtype=np.float64))
+            rows = torch.from_numpy(weighted(np.asarray(word_vectors[words], dtype=np.float64), positions))
             # index_add_ is several times faster than np.add.reduceat over many short segments
             segment = torch.from_numpy(np.repeat(np.arange(len(group)), lens))
             sums = torch.zeros(len(group), rows.shape[1], dtype=torch.float64).index_add_(0, segment, rows)
             out[group] = sums.numpy()
         i = j
     nonzero = lengths > 0
-    out[nonzero] /= lengths[nonzero, None]
+    if weights is None:
+        totals = lengths.astype(np.float64)
+    else:
+        cumulative = np.concatenate([[0.0], np.cumsum(np.asarray(weights, dtype=np.float64))])
+        totals = cumulative[starts + lengths] - cumulative[starts]
+    out[nonzero] /= totals[nonzero, None]
     return out.astype(np.float32)
 
 
@@ -144,11 +156,13 @@ def ofa_for_tokens(
     source_coordinates: np.ndarray,
     token_ids: np.ndarray,
     exclude_sources: Optional[np.ndarray] = None,
+    weighting: str = "spellings",
     **settings: Any,
 ) -> np.ndarray:
     """OFA coordinates of `token_ids` of the target vocabulary, neighbours drawn from the covered source tokens.
 
-    `settings` are `ofa_predict`'s (top_k, temperature, chunk_size, device, progress).
+    `weighting`: "spellings" (a word weighs as many of its spellings as yield the token, the reference) or
+    "unique" (each word once). `settings` are `ofa_predict`'s (top_k, temperature, chunk_size, device, progress).
 
     `exclude_sources` removes source ids from the candidates (the held-out evaluation estimates a source test
     token from the other source tokens only).
@@ -156,7 +170,14 @@ def ofa_for_tokens(
     covered = source_postings.covered()
     if exclude_sources is not None and len(exclude_sources):
         covered = np.setdiff1d(covered, np.asarray(exclude_sources, dtype=np.int64), assume_unique=False)
-    candidate_vectors = token_mean_vectors(source_postings.indptr, source_postings.indices, word_vectors, covered)
+    if weighting not in ("spellings", "unique"):
+        raise HyperofaError(f"config key init.ofa_weighting: {weighting!r} is not one of spellings, unique")
+
+    def means(postings: Postings, ids: np.ndarray) -> np.ndarray:
+        weights = postings.spellings if weighting == "spellings" else None
+        return token_mean_vectors(postings.indptr, postings.indices, word_vectors, ids, weights=weights)
+
+    candidate_vectors = means(source_postings, covered)
     candidate_coordinates = np.asarray(source_coordinates[covered], dtype=np.float32)
-    target_vectors = token_mean_vectors(target_postings.indptr, target_postings.indices, word_vectors, token_ids)
+    target_vectors = means(target_postings, token_ids)
     return ofa_predict(target_vectors, candidate_vectors, candidate_coordinates, **settings)

@@ -22,6 +22,8 @@ from ..formats.hypernet import stage_of as hypernet_stage
 from ..formats.mapping import Mapping, load_mapping
 from ..formats.mapping import stage_of as mapping_stage
 from ..formats.models import load_source, model_files, save_model_dir, source_identity
+from ..formats.rundir import Stage
+from ..formats.shards import STAGE as PREPARE_STAGE
 from ..formats.tokenizer import load_tokenizer, target_tokenizer_dir, tokenizer_fingerprint
 from ..runtime.device import resolve_device
 from ..runtime.stage import StageShell
@@ -36,7 +38,7 @@ def init_seed(config: Config) -> int:
 
 def _ofa_settings(config: Config) -> dict[str, Any]:
     c = config.init
-    return dict(top_k=c.top_k, temperature=c.temperature, chunk_size=c.chunk_size,
+    return dict(top_k=c.top_k, temperature=c.temperature, chunk_size=c.chunk_size, weighting=c.ofa_weighting,
                 device=resolve_device(c.device, "init.device").type)
 
 
@@ -83,6 +85,39 @@ def heldout_quality(
     return out
 
 
+def new_token_loss(
+    config: Config, model: Any, tokenizer: Any, target_fingerprint: dict[str, str], provenance: np.ndarray
+) -> dict[str, Any]:
+    """Step-0 MLM loss on held-out text at masked positions whose label is a new (not copied) token: the only
+    positions where the init methods differ. Uses the prepare stage's held-out shards when they were made with the
+    target tokenizer, masked with the same HELDOUT stream as evaluate and the pretraining job; {} otherwise."""
+    from ..evaluate.mlm import mlm_loss_per_language
+    from ..formats.shards import first_blocks, heldout_shards, prepare_dir
+    from ..formats.tokenizer import TOKENIZER_JSON
+
+    c = config.init
+    shards_dir = prepare_dir(config.run_dir)
+    manifest = Stage(shards_dir.parent, shards_dir.name).manifest() if c.heldout_blocks else None
+    made_with = ((manifest or {}).get("inputs") or {}).get("tokenizer", {}).get(TOKENIZER_JSON)
+    if manifest is None or made_with != target_fingerprint.get(TOKENIZER_JSON):
+        return {}
+    blocks = first_blocks(heldout_shards(shards_dir), c.heldout_blocks)
+    if not blocks:
+        return {}
+    scored = np.zeros(model.get_input_embeddings().num_embeddings, dtype=bool)
+    scored[: len(provenance)] = provenance != asm.COPY
+    device = resolve_device(c.device, "init.device")
+    per_language = mlm_loss_per_language(
+        model.to(device), tokenizer, blocks, seed=config.run.seed, probability=config.evaluate.mlm_probability,
+        batch_size=c.heldout_batch_size, device=device, scored_labels=scored,
+    )
+    model.to("cpu")
+    losses = {lang: round(v["loss"], 6) for lang, v in per_language.items()}
+    if losses:
+        losses["average"] = round(float(np.mean(list(losses.values()))), 6)
+    return {"loss": losses, "positions": {lang: v["positions"] for lang, v in per_language.items()}}
+
+
 def _count_groups(mapping: Mapping, provenance: np.ndarray) -> dict[str, Any]:
     words = mapping.words()
     indptr, indices = mapping.target_postings.indptr, mapping.target_postings.indices
@@ -110,6 +145,9 @@ def run(config: Config, tracker: Any) -> int:
     }
     if method == "hyperofa":
         inputs["hypernet"] = hypernet_stage(run_dir).require().get("outputs")
+    if config.init.heldout_blocks:  # the new-token loss reads prepare's held-out shards when there are any
+        prepared = Stage(run_dir, PREPARE_STAGE).manifest()
+        inputs["heldout"] = {"shards": (prepared or {}).get("inputs_digest"), "mlm": config.evaluate.mlm_probability}
     with StageShell.open(config, tracker, "init", stage, inputs, run_name=f"init-{method}") as shell:
         if shell.up_to_date:
             return 0
@@ -166,11 +204,12 @@ def run(config: Config, tracker: Any) -> int:
         del embeddings
         counts = _count_groups(mapping, assembly.provenance)
         quality = heldout_quality(mapping, config, mean, std, progress)
+        new_tokens = new_token_loss(config, model, target_tok, inputs["target_tokenizer"], assembly.provenance)
 
         shell.begin()
         outputs = out_format.write_arrays(
             stage.path, assembly.coordinates, mapping.primitives, assembly.provenance, counts,
-            {"heldout_cosine": quality, "test_tokens": len(mapping.split["test"])},
+            {"heldout_cosine": quality, "test_tokens": len(mapping.split["test"]), "new_token_mlm": new_tokens},
         )
         model_dir = save_model_dir(model, target_tok, stage.path / out_format.MODEL)
         overall = counts["overall"]
@@ -194,6 +233,7 @@ def run(config: Config, tracker: Any) -> int:
                 "position_shift": info.position_shift,
                 "special_tokens": roles,
                 "heldout_cosine": quality,
+                "new_token_mlm_loss": new_tokens.get("loss", {}),
             },
         )
         export_s = time.perf_counter() - t2
@@ -206,10 +246,16 @@ def run(config: Config, tracker: Any) -> int:
         metrics.update({f"heldout_cosine/{m}": v for m, v in quality.items()})
         if method in quality:
             metrics["heldout_cosine"] = quality[method]
+        for lang, value in new_tokens.get("loss", {}).items():
+            metrics["new_token_mlm_loss" if lang == "average" else f"new_token_mlm_loss/{lang}"] = value
         metrics.update({"seconds/load": load_s, "seconds/assemble": assemble_s, "seconds/export": export_s})
         t.log_metrics(metrics)
         t.set_tags({"init.method": method, "init.family": info.family})
         t.log_artifact(stage.path / out_format.PROVENANCE_COUNTS)
         t.log_artifact(stage.path / out_format.QUALITY)
-    shell.say(f"{method}: {overall} -> {model_dir}" + (f"; held-out cosine {quality}" if quality else ""))
+    new_loss = new_tokens.get("loss", {}).get("average")
+    shell.say(
+        f"{method}: {overall} -> {model_dir}" + (f"; held-out cosine {quality}" if quality else "")
+        + (f"; new-token MLM loss {new_loss:.4f}" if new_loss is not None else "")
+    )
     return 0
