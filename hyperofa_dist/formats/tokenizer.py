@@ -10,7 +10,9 @@ Every stage that tokenizes loads through here:
   holds exactly the model the driver's tokenizer holds in memory. (Loading `tokenizer.json` with
   `Tokenizer.from_file` in a worker is not the same: transformers builds family classes such as
   `XLMRobertaTokenizer` from the Python-parsed vocabulary, so such a file can tokenize differently in Rust.)
-A worker tokenizer never truncates or pads: a limit left in a `tokenizer.json` would cut words and joined calls.
+No tokenizer loaded here truncates or pads: a published `tokenizer.json` may fix both for its model's own
+fine-tuning (max_length 128, fixed padding), and any stage that honoured them would silently cut or pad text.
+`file_settings` tells what a directory's file asked for, so a stage can record that it ignored it.
 """
 
 from __future__ import annotations
@@ -95,9 +97,26 @@ def load_tokenizer(name: str | Path, key: str = "") -> Any:
         ) from None
     finally:
         hub_log.setLevel(level)
-    if getattr(tokenizer, "backend_tokenizer", None) is None:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
         raise HyperofaError(f"{text}: tokenizer has no fast (tokenizers) backend{where}")
+    if backend.truncation is not None:
+        backend.no_truncation()
+    if backend.padding is not None:
+        backend.no_padding()
     return tokenizer
+
+
+def file_settings(name: str | Path) -> dict[str, Any]:
+    """The truncation and padding a local tokenizer directory's tokenizer.json asks for (absent when none)."""
+    path = Path(name).expanduser() / TOKENIZER_JSON
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise HyperofaError(f"{path}: not valid JSON") from None
+    return {key: data[key] for key in ("truncation", "padding") if data.get(key) is not None}
 
 
 def source_tokenizer(config: Any) -> Any:

@@ -14,6 +14,7 @@ from .world import (  # noqa: F401  (the package's API: tests and benches use `s
     concept_entity,
     concept_upos,
     default_languages,
+    multiscript_languages,
     make_tiny_model,
     read_lines,
     skewed_sizes,

@@ -19,11 +19,24 @@ from typing import Iterable, Optional
 
 import numpy as np
 
+# Per script: onsets and nuclei of its syllables (a nucleus may be empty for a syllabary or logographs).
 ALPHABETS = {
     "Latn": ("ptkbdgmnlrsfvzhjw", "aeiouy"),
     "Cyrl": ("пткбдгмнлрсфвзхжшч", "аеиоуыэюя"),
     "Grek": ("πτκβδγμνλρσφζχθξψ", "αεηιουω"),
+    # Beyond European scripts (`multiscript_languages`): right-to-left abjads, an abugida whose vowels are
+    # combining marks, a syllabary, precomposed Hangul blocks, Han logographs and Thai, both written without spaces.
+    "Arab": ("بتثجحخدذرزسشصضطعغفقكلمنهوي", ("", "ا", "و", "ي")),
+    "Hebr": ("בגדהזחטכלמנסעפצקרשת", ("", "ו", "י", "א")),
+    "Deva": ("कखगघचछजटडतथदधनपबभमयरलवशसह", ("", "ा", "ि", "ी", "ु", "ू", "े", "ो", "ं")),
+    "Ethi": ("ሀለሐመሠረሰሸቀበተቸነአከወዘየደገጠጸፈፐ", ("",)),
+    "Hang": (tuple(chr(0xAC00 + (lead * 21 + vowel) * 28) for lead in range(0, 19, 2) for vowel in range(0, 21, 4)), ("",)),
+    "Hani": ("人大中国水火山木日月天地上下心手口目田土生金言車門", ("",)),
+    "Thai": ("กขคงจชซดตทนบปพมยรลวสห", ("ะ", "า", "ิ", "ี", "ุ", "ู", "ำ")),
 }
+# Scripts written without spaces between words.
+UNSPACED = {"Hani", "Thai"}
+EMOJI = ("😀", "🎉", "🌍", "❤️", "🚀", "👍🏽")
 FAMILIES = ("xlmr", "roberta", "bert")
 
 
@@ -31,6 +44,11 @@ FAMILIES = ("xlmr", "roberta", "bert")
 class Language:
     code: str  # lang_Script, e.g. qaa_Latn
     script: str
+
+
+def multiscript_languages() -> list[Language]:
+    """One language per script of ALPHABETS (qma..), Latin first: the widest world the generator makes."""
+    return [Language(f"qm{chr(ord('a') + i)}_{script}", script) for i, script in enumerate(ALPHABETS)]
 
 
 def default_languages(n: int = 6) -> list[Language]:
@@ -55,8 +73,12 @@ class World:
         zipf_exponent: float = 1.05,
         topics: int = 0,
         topic_share: float = 0.8,
+        mixed: bool = False,
     ):
+        """`mixed`: some concepts are written in Latin script in every language and some words carry an emoji,
+        so lines mix scripts (off by default: the worlds of the demo and most tests stay as they are)."""
         self.languages = list(languages)
+        self.mixed = mixed
         self.n_concepts = n_concepts
         self.seed = seed
         rng = np.random.default_rng(seed)
@@ -66,6 +88,12 @@ class World:
         for index, lang in enumerate(self.languages):
             own = self._lexicon(lang.script, np.random.default_rng([seed, 11, index]))
             self.lexicon[lang.code] = [loan_words[lang.script][c] if loans[c] else own[c] for c in range(n_concepts)]
+            if mixed:
+                latin = loan_words["Latn"]
+                self.lexicon[lang.code] = [
+                    latin[c] if c % 29 == 5 else word + (EMOJI[c % len(EMOJI)] if c % 23 == 7 else "")
+                    for c, word in enumerate(self.lexicon[lang.code])
+                ]
         # Zipf-like concept frequencies, as in real text.
         ranks = np.arange(1, n_concepts + 1, dtype=np.float64)
         self.concept_p = (1.0 / ranks**zipf_exponent) / np.sum(1.0 / ranks**zipf_exponent)
@@ -78,7 +106,7 @@ class World:
     def _lexicon(self, script: str, rng: np.random.Generator) -> list[str]:
         consonants, vowels = ALPHABETS[script]
         c = rng.permutation(list(consonants))[: max(6, len(consonants) - 4)]
-        v = rng.permutation(list(vowels))[: max(3, len(vowels) - 1)]
+        v = rng.permutation(list(vowels))[: max(min(3, len(vowels)), len(vowels) - 1)]
         syllables = [a + b for a in c for b in v] + [a + b + d for a in c[:5] for b in v for d in c[-4:]]
         words, seen = [], set()
         while len(words) < self.n_concepts:
@@ -106,10 +134,12 @@ class World:
 
     def render(self, lang: str, sentences: list[np.ndarray]) -> list[str]:
         words = self.lexicon[lang]
+        script = next(l.script for l in self.languages if l.code == lang)
+        joiner = "" if script in UNSPACED else " "
         out = []
         for s in sentences:
-            text = " ".join(words[c] for c in s)
-            out.append(text[0].upper() + text[1:] + ".")
+            text = joiner.join(words[c] for c in s)
+            out.append(text[0].upper() + text[1:] + ("。" if script == "Hani" else "."))
         return out
 
 
@@ -148,8 +178,12 @@ def skewed_sizes(languages: list[Language], largest: int, ratio: float = 0.35) -
 # --- source tokenizers of the three families -------------------------------------------------------------
 
 
-def train_source_tokenizer(family: str, texts: list[str], vocab_size: int, out_dir: str | Path) -> Path:
-    """Train a tokenizer like the family's real one and save it in HF format (AutoTokenizer loads it)."""
+def train_source_tokenizer(
+    family: str, texts: list[str], vocab_size: int, out_dir: str | Path, lowercase: bool = True
+) -> Path:
+    """Train a tokenizer like the family's real one and save it in HF format (AutoTokenizer loads it).
+
+    `lowercase=False` makes a cased BERT (the WordPiece normalizer keeps case and accents)."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
     out_dir = Path(out_dir)
@@ -192,13 +226,13 @@ def train_source_tokenizer(family: str, texts: list[str], vocab_size: int, out_d
         from transformers import BertTokenizer
 
         tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         trainer = trainers.WordPieceTrainer(
             vocab_size=vocab_size, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], show_progress=False
         )
         tok.train_from_iterator(texts, trainer)
-        hf = BertTokenizer(vocab=dict(json.loads(tok.to_str())["model"]["vocab"]))
+        hf = BertTokenizer(vocab=dict(json.loads(tok.to_str())["model"]["vocab"]), do_lower_case=lowercase)
     else:
         raise ValueError(f"unknown tokenizer family {family!r}; expected one of {FAMILIES}")
     hf.model_max_length = 512

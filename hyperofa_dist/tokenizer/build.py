@@ -119,8 +119,9 @@ def save_hf(tokenizer: Any, roles: dict[str, str], model_max_length: int, out_di
     return sorted(p.name for p in out_dir.iterdir() if p.is_file())
 
 
-def verify_hf(out_dir: Path, tokenizer: Any, roles: dict[str, str], texts: list[str]) -> None:
-    """Stock AutoTokenizer must give exactly what the `tokenizers` object gives; otherwise this is a bug."""
+def verify_hf(out_dir: Path, tokenizer: Any, roles: dict[str, str], texts: list[str], name: str = "") -> None:
+    """Stock AutoTokenizer must give exactly what the `tokenizers` object gives; a difference is one line naming the
+    first text and tokens that differ (what a user of the saved tokenizer would get wrong)."""
     from transformers import AutoTokenizer
 
     loaded = AutoTokenizer.from_pretrained(str(out_dir))
@@ -135,10 +136,18 @@ def verify_hf(out_dir: Path, tokenizer: Any, roles: dict[str, str], texts: list[
             problems.append(f"{role} token id differs")
     batch = loaded(texts, add_special_tokens=True)["input_ids"] if texts else []
     expected = [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=True)]
-    if batch != expected:
-        problems.append("ids differ on the sample")
+    for text, got, want in zip(texts, batch, expected):
+        if got != want:
+            at = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+            pieces = lambda ids: tokenizer.id_to_token(ids[at]) if at < len(ids) else "<end>"  # noqa: E731
+            problems.append(
+                f"ids differ first on {text[:60]!r} at piece {at}: AutoTokenizer {pieces(got)!r}, built {pieces(want)!r}"
+            )
+            break
     if problems:
-        raise AssertionError(f"AutoTokenizer does not reproduce the built tokenizer: {'; '.join(problems)}")
+        raise HyperofaError(
+            f"{name or out_dir}: stock AutoTokenizer does not reproduce the built tokenizer: {'; '.join(problems)}"
+        )
 
 
 def build_target(config: Config, source: Any, texts: SampleFile) -> tuple[Any, dict[str, Any]]:

@@ -94,6 +94,9 @@ def model_family(tokenizer: Tokenizer) -> str:
 
 def _inspect(tokenizer: Tokenizer) -> _Source:
     data = json.loads(tokenizer.to_str())
+    # A published tokenizer.json may fix a truncation length and padding (for its model's own fine-tuning); a
+    # target built from it must not inherit them: every stage tokenizes whole sentences.
+    data["truncation"] = data["padding"] = None
     family = model_family(tokenizer)
     size = tokenizer.get_vocab_size(with_added_tokens=True)
     by_id: dict[int, str] = {i: t for t, i in tokenizer.get_vocab(with_added_tokens=True).items()}

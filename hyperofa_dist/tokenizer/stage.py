@@ -18,7 +18,7 @@ from typing import Any
 from ..config import Config
 from ..formats.corpus import discover
 from ..formats.rundir import Stage
-from ..formats.tokenizer import STAGE, source_tokenizer
+from ..formats.tokenizer import STAGE, file_settings, source_tokenizer
 from ..runtime.stage import StageShell
 from .build import build_target, describe, read_sample, save_hf, source_fingerprint, special_roles, verify_hf
 
@@ -65,9 +65,14 @@ def run(config: Config, tracker: Any) -> int:
             max_length = inputs["source_tokenizer"]["model_max_length"]
             files = save_hf(target, roles, max_length, build)
             check_texts = [s for lang in sorted(sample.heads) for s in sample.heads[lang][:50]]
-            verify_hf(build, target, roles, check_texts)
+            verify_hf(build, target, roles, check_texts, name=f"the target tokenizer of {shell.path}")
 
             counts, extra = describe(config, source, target, info, sample)
+            ignored = file_settings(config.source.tokenizer or config.source.model)
+            if ignored:
+                extra["source_settings_ignored"] = ignored
+                shell.say(f"ignored the source tokenizer's {' and '.join(sorted(ignored))} (every stage tokenizes whole "
+                          "sentences); the target has neither")
             shell.begin()
             _swap_into_place(build, shell.path)
             manifest = shell.finish(outputs=files, counts=counts, extra=extra)
