@@ -186,6 +186,11 @@ class PretrainConfig(LaunchConfig):
     )
     model: Optional[str] = Field(None, description="Train this HF masked-LM directory instead of the init output.")
     shards: Optional[str] = Field(None, description="Prepare output to read instead of <run.dir>/prepare.")
+    embeddings: Literal["auto", "factorised", "full"] = Field(
+        "auto",
+        description="Train the word embeddings as F_t P (factorised, the method's setting: V k + k D parameters) or as "
+        "one V x D matrix (full); auto: factorised when F_t.npy and P.npy lie beside the model and k < D.",
+    )
     zero: Literal["zero1", "zero2", "zero3", "zero3-offload"] = Field(
         "zero2", description="DeepSpeed template in ds_configs/ (ZeRO stage and offload)."
     )

@@ -380,6 +380,30 @@ class PretrainKit:
         save_npy(model.parent / init_format.PROVENANCE, provenance)
         return tok, model
 
+    def factorised_model(self, root: Path, model: Path, k: int = 8) -> Path:
+        """A copy of `model` at <root>/init/hyperofa/model whose word embeddings are exactly F_t P of rank k (the
+        product taken as the init stage takes it), with F_t.npy, P.npy and the provenance beside it."""
+        import shutil
+
+        import torch
+
+        from hyperofa_dist.factorize import factorize
+        from hyperofa_dist.formats import init as init_format
+        from hyperofa_dist.formats.models import load_model
+        from hyperofa_dist.init.assemble import full_embeddings
+
+        net = load_model(model)
+        factors = factorize(net.get_input_embeddings().weight.detach().numpy(), k)
+        with torch.no_grad():
+            net.get_input_embeddings().weight.copy_(
+                torch.from_numpy(full_embeddings(factors.coordinates, factors.primitives)))
+        out = init_format.model_dir(root, "hyperofa")
+        shutil.copytree(model, out)  # the tokenizer files byte for byte: shards record their sha256
+        net.save_pretrained(out)
+        init_format.save_factors(out.parent, factors.coordinates, factors.primitives)
+        shutil.copy(model.parent / init_format.PROVENANCE, out.parent / init_format.PROVENANCE)
+        return out
+
     def real_prepare(self, run_dir: Path, corpus: Path, tok: Path) -> Path:
         """`hyperofa prepare` (Ray, one CPU) into <run_dir>/prepare with small shards so languages have several."""
         from data_prep.prepare.stage import run

@@ -15,7 +15,7 @@ def test_factorised_model_matches_full_rank_trains_and_exports(tmp_path, init_wo
     np.save(init_dir / "F_t.npy", e.coordinates)
     np.save(init_dir / "P.npy", mapping.primitives)
 
-    model = load_factorised(init_dir).eval()
+    model = load_factorised(init_dir / "model").eval()
     assert is_factorised(model)
     emb, dec = model.get_input_embeddings(), model.get_output_embeddings()
     assert dec.embedding is emb  # the output projection uses the same F_t and P

@@ -6,6 +6,9 @@ Four launches cover the acceptance points (each costs 10-20 s of start-up, so ch
   B  ZeRO-3, same run killed (SIGKILL on rank 0) after the step-4 checkpoint;
   C  ZeRO-3, resumed: the same losses at the same steps as A (1e-4), warm-up again exact, export again exact.
   D  1 rank resuming A's 2-rank checkpoint through a universal checkpoint, then a NaN loss stops it.
+  E  ZeRO-2, factorised embeddings (F_t P of rank 8, the model's own embeddings being that product): the first
+     step's loss equals A's, the embeddings have V k + k D parameters, the export holds E = F_t P and the factors;
+  F  ZeRO-3 factorised, killed after the step-4 checkpoint, and G resumed: E's losses (1e-4).
 """
 
 from __future__ import annotations
@@ -62,8 +65,8 @@ def job_world(tmp_path_factory, small_corpus, pretrain_kit):
     return {"root": root, "model": model, "prepare": prepare}
 
 
-def _config(job_world, name, *extra):
-    return load_config(None, [f"run.dir={job_world['root'] / name}", f"pretrain.model={job_world['model']}",
+def _config(job_world, name, *extra, model=None):
+    return load_config(None, [f"run.dir={job_world['root'] / name}", f"pretrain.model={model or job_world['model']}",
                               f"pretrain.shards={job_world['prepare']}", *COMMON, *extra])
 
 
@@ -200,3 +203,84 @@ def test_two_rank_checkpoint_resumes_on_one_rank_then_nan_stops_keeping_the_last
     assert all(np.isfinite(r["loss"]) for r in rows)
     info = json.loads((ckpt / "step00000008" / "hyperofa.json").read_text())
     assert info["world_size"] == 1 and info["step"] == 8
+
+
+# --- factorised embeddings ----------------------------------------------------------------------------------
+
+K = 8
+
+
+@pytest.fixture(scope="module")
+def factorised_model(job_world, pretrain_kit):
+    return pretrain_kit.factorised_model(job_world["root"] / "fact", job_world["model"], k=K)
+
+
+@pytest.fixture(scope="module")
+def run_e(job_world, factorised_model):
+    config = _config(job_world, "e", "pretrain.zero=zero2", "tracking.enabled=false", model=factorised_model)
+    assert config.pretrain.embeddings == "auto"  # factors beside the model, k < D: factorised
+    assert _run(config) == 0
+    return config.run_dir / "pretrain" / "hyperofa"
+
+
+def _check_factorised_export(stage_dir: Path) -> None:
+    from hyperofa_dist.formats.init import load_factors
+    from hyperofa_dist.formats.models import load_model
+
+    coordinates, primitives = load_factors(stage_dir)
+    model = load_model(stage_dir / "model")
+    weight = model.get_input_embeddings().weight.detach().numpy()
+    assert coordinates.shape == (weight.shape[0], K) and primitives.shape == (K, weight.shape[1])
+    np.testing.assert_allclose(weight, coordinates.astype(np.float64) @ primitives.astype(np.float64), atol=1e-6)
+    _check_export(stage_dir)  # the stock model gives the engine's loss on the probe batch
+
+
+def test_factorised_zero2_starts_at_the_full_rank_loss_with_vk_plus_kd_embedding_parameters(run_a, run_e, job_world):
+    from transformers import AutoConfig
+
+    full, fact = _losses(run_a), _losses(run_e)
+    # The model's embeddings are F_t P, so the first step sees the same model in both forms ...
+    start = json.loads((run_e / "manifest.json").read_text())
+    assert start["embeddings"] == "factorised"
+    # ... and A's model is the full-rank original, not the rank-8 product: compare with a full-rank run of E's model.
+    cfg = AutoConfig.from_pretrained(job_world["model"])
+    vocab, hidden = cfg.vocab_size, cfg.hidden_size
+    assert start["counts"]["parameters_embeddings"] == vocab * K + K * hidden
+    params = json.loads((run_a / "parameters.json").read_text())
+    assert params["parameters_embeddings"] == vocab * hidden
+    assert params["parameters_total"] - start["counts"]["parameters_total"] == vocab * hidden - (vocab * K + K * hidden)
+    assert sorted(fact) == sorted(full) and np.mean([fact[5], fact[6]]) < np.mean([fact[1], fact[2]]) - 0.02
+    _check_factorised_export(run_e)
+
+
+def test_factorised_first_loss_equals_the_full_rank_first_loss(run_e, job_world, factorised_model):
+    config = _config(job_world, "e_full", "pretrain.zero=zero2", "tracking.enabled=false", "pretrain.steps=1",
+                     "pretrain.embeddings=full", model=factorised_model)
+    assert _run(config) == 0
+    stage_dir = config.run_dir / "pretrain" / "hyperofa"
+    assert json.loads((stage_dir / "manifest.json").read_text())["embeddings"] == "full"
+    assert _losses(stage_dir)[1] == pytest.approx(_losses(run_e)[1], abs=1e-5)
+
+
+def test_factorised_zero3_killed_then_resumed_repeats_the_uninterrupted_losses(run_e, job_world, factorised_model):
+    args = ("pretrain.zero=zero3", "tracking.enabled=false")
+    config = _config(job_world, "fg", *args, model=factorised_model)
+    stage_dir = config.run_dir / "pretrain" / "hyperofa"
+    with pytest.raises(HyperofaError, match="exited with status .*last checkpoint is .*step00000004"):
+        _run(config, fault="kill@5")
+    resumed = _config(job_world, "fg", *args, "pretrain.resume=true", model=factorised_model)
+    assert _run(resumed) == 0
+    expected, got = _losses(run_e), _losses(stage_dir)
+    assert sorted(got) == sorted(expected)
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], abs=1e-4), step
+    _check_factorised_export(stage_dir)
+    # the warm-up trained only new coordinate rows: copied rows and P are unchanged at step 2
+    from hyperofa_dist.formats.init import load_factors
+
+    warm = consolidated_state_dict(stage_dir / "checkpoints", "step00000002")
+    coordinates, primitives = load_factors(factorised_model.parent)
+    f_t = warm["roberta.embeddings.word_embeddings.coordinates.weight"]
+    assert torch.equal(f_t[:COPIED], torch.from_numpy(np.array(coordinates[:COPIED])))
+    assert (f_t[COPIED:len(coordinates)] != torch.from_numpy(np.array(coordinates[COPIED:]))).any(dim=1).float().mean() > 0.9
+    assert torch.equal(warm["roberta.embeddings.word_embeddings.primitives"], torch.from_numpy(primitives))

@@ -47,16 +47,30 @@ def method_of(model_path: Path) -> str | None:
 
 def write_arrays(out: Path, coordinates: np.ndarray, primitives: np.ndarray, provenance: np.ndarray,
                  counts: dict[str, Any], quality: dict[str, Any]) -> list[str]:
-    save_npy(out / COORDINATES, coordinates)
-    save_npy(out / PRIMITIVES, primitives)
+    names = save_factors(out, coordinates, primitives)
     save_npy(out / PROVENANCE, provenance)
     atomic_write_json(out / PROVENANCE_COUNTS, counts)
     atomic_write_json(out / QUALITY, quality)
-    return [COORDINATES, PRIMITIVES, PROVENANCE, PROVENANCE_COUNTS, QUALITY]
+    return [*names, PROVENANCE, PROVENANCE_COUNTS, QUALITY]
+
+
+def save_factors(out: Path, coordinates: np.ndarray, primitives: np.ndarray) -> list[str]:
+    """F_t.npy and P.npy into `out`, beside a model directory: the factorised form of that model (init writes
+    it for every method; pretrain writes it after factorised training, for users who continue factorised)."""
+    save_npy(out / COORDINATES, coordinates)
+    save_npy(out / PRIMITIVES, primitives)
+    return [COORDINATES, PRIMITIVES]
+
+
+def factors_beside(model_path: Path) -> Path | None:
+    """The directory holding the factorised form of a model directory (its parent, as init and pretrain write
+    it), or None when there is none."""
+    parent = Path(model_path).parent
+    return parent if (parent / COORDINATES).is_file() and (parent / PRIMITIVES).is_file() else None
 
 
 def load_factors(init_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(F_t memory-mapped, P) of an init output, checked to fit each other."""
+    """(F_t memory-mapped, P) of an init (or factorised pretrain) output, checked to fit each other."""
     coordinates = load_npy(init_dir / COORDINATES, mmap=True, what="target coordinates")
     primitives = load_npy(init_dir / PRIMITIVES, what="primitives")
     if coordinates.ndim != 2 or primitives.ndim != 2 or coordinates.shape[1] != primitives.shape[0]:

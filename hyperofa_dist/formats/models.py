@@ -76,6 +76,39 @@ def read_model_config(path: Path) -> dict[str, Any]:
     return read_json(path / CONFIG, "model config")
 
 
+def read_word_embeddings(path: Path, rows: Any) -> Any:
+    """Rows of a model directory's input word-embedding matrix as float64, read without loading the model (only
+    those rows from a safetensors file; a pickled `pytorch_model.bin` is memory-mapped)."""
+    import numpy as np
+
+    suffix = "word_embeddings.weight"
+    safetensors = path / "model.safetensors"
+    index = path / "model.safetensors.index.json"
+    if index.is_file():  # sharded: the index names the file holding the tensor
+        from .files import read_json
+
+        found = [f for k, f in (read_json(index, "weights index").get("weight_map") or {}).items() if k.endswith(suffix)]
+        safetensors = path / found[0] if len(found) == 1 else safetensors
+    if safetensors.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(safetensors), framework="pt") as handle:
+            keys = [k for k in handle.keys() if k.endswith(suffix)]
+            if len(keys) == 1:
+                table = handle.get_slice(keys[0])
+                return np.stack([table[int(r) : int(r) + 1].float().numpy()[0] for r in rows]).astype(np.float64)
+    elif (path / "pytorch_model.bin").is_file():
+        import torch
+
+        state = torch.load(path / "pytorch_model.bin", map_location="cpu", mmap=True, weights_only=True)
+        keys = [k for k in state if k.endswith(suffix)]
+        if len(keys) == 1:
+            return state[keys[0]][torch.as_tensor(rows)].double().numpy()
+    else:
+        keys = []
+    raise HyperofaError(f"{path}: cannot find one `*{suffix}` tensor in the model weights (found {keys[:3]})")
+
+
 def model_fingerprint(path: Path) -> dict[str, Any]:
     """sha256 of the model's config and weights and of its tokenizer files: the identity of a model directory."""
     return {

@@ -1,6 +1,9 @@
 """The pretrain stage's output, `<run.dir>/pretrain/<method>/`: the trained model and the job's logs.
 
     model/              stock HF masked LM + tokenizer, exported from the last checkpoint (what evaluate reads)
+    F_t.npy, P.npy      after factorised training: the trained coordinates [V, k] (V the model's rows, padding
+                        included) and primitives [k, D], model/'s embeddings being their product (formats/init.py)
+    parameters.json     parameter counts of the model as trained: total and word embeddings (V k + k D or V D)
     train_log.jsonl     one line per optimizer step: loss, lr, grad norm, tokens seen (rank 0)
     eval_log.jsonl      one line per evaluation: held-out MLM loss per language
     probe.pt            a fixed held-out batch and the engine's loss on it: the exported model must reproduce it
@@ -18,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from .files import atomic_write_bytes, atomic_write_json, read_json
+from .init import COORDINATES, PRIMITIVES
 from .rundir import Stage
 
 STAGE = "pretrain"
@@ -29,7 +33,9 @@ FAILURE = "failure.json"
 TRAINABLE_ROWS = "trainable_rows.pt"
 RANKS = "ranks"
 AUDIT = "audit"
-JOB_OUTPUTS = (TRAIN_LOG, EVAL_LOG, PROBE, FAILURE)  # files of one run, removed before a fresh (not resumed) one
+PARAMETERS = "parameters.json"
+FACTORS = (COORDINATES, PRIMITIVES)
+JOB_OUTPUTS = (TRAIN_LOG, EVAL_LOG, PROBE, FAILURE, PARAMETERS)  # one run's files, removed before a fresh one
 
 
 def stage_of(run_dir: str | Path, method: str) -> Stage:
@@ -77,6 +83,15 @@ def write_failure(out: Path, reason: str, message: str) -> Path:
 def read_failure(out: Path) -> Optional[str]:
     path = out / FAILURE
     return read_json(path, "failure report")["message"] if path.is_file() else None
+
+
+def write_parameter_counts(out: Path, counts: dict[str, int]) -> Path:
+    return atomic_write_json(out / PARAMETERS, counts)
+
+
+def read_parameter_counts(out: Path) -> dict[str, int]:
+    path = out / PARAMETERS
+    return read_json(path, "parameter counts") if path.is_file() else {}
 
 
 def write_rank_summary(out: Path, rank: int, summary: dict[str, Any]) -> Path:

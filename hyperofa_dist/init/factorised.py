@@ -1,4 +1,4 @@
-"""Memory-light factorised variant of an expanded model (OFA's factorised models, `model_loader_extra.py` of cisnlp/ofa) and its export to stock format.
+"""The factorised form of an expanded model, as the method's continued pretraining trains it, and its export.
 
 The word embeddings are F_t P: trainable coordinates F_t [V, k] and shared primitives P [k, D]. The output
 projection is tied to the same two tensors, logits = (h P^T) F_t^T + b, so embeddings take V k + k D parameters
@@ -6,6 +6,12 @@ instead of V D (about 161M instead of 308M for XLM-R to Glot500 at k = 400). The
 classes to load such a model; here the factorised modules are swapped into a stock HF model in memory, and
 `to_full_rank` swaps them back to a plain tied `nn.Embedding` / `nn.Linear` with E = F_t P, so the saved result is
 an ordinary checkpoint that `AutoModelForMaskedLM` loads.
+
+The decoder reads F_t and P without owning them (they are registered once, under the input embedding): a module
+shared by two parents would appear twice in state dicts and be gathered twice by ZeRO-3. Under ZeRO-3 the job
+registers them as the decoder's external parameters (`zero3_external_parameters`) so they are gathered for the
+head too. State dicts of a factorised model name the two tensors `<...>word_embeddings.coordinates.weight` and
+`<...>word_embeddings.primitives`; `full_rank_state` turns such a dict into the stock one.
 """
 
 from __future__ import annotations
@@ -38,23 +44,69 @@ class FactorisedDecoder(nn.Module):
 
     def __init__(self, embedding: FactorisedEmbedding, bias: nn.Parameter):
         super().__init__()
-        self.embedding = embedding
+        self._shared = (embedding,)  # a tuple: nn.Module registers neither it nor its parameters here
         self.bias = bias
+
+    @property
+    def embedding(self) -> FactorisedEmbedding:
+        return self._shared[0]
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         down = hidden @ self.embedding.primitives.T
         return down @ self.embedding.coordinates.weight.T + self.bias
 
 
+COORDINATES_KEY = "word_embeddings.coordinates.weight"
+PRIMITIVES_KEY = "word_embeddings.primitives"
+FULL_KEY = "word_embeddings.weight"
+
+
 def is_factorised(model: Any) -> bool:
     return isinstance(model.get_input_embeddings(), FactorisedEmbedding)
 
 
+def parameter_counts(model: Any) -> dict[str, int]:
+    """Unique parameters of a model (tied tensors once) and of its word embeddings (V k + k D, or V D)."""
+    unique = {id(param): param.numel() for param in model.parameters()}
+    embedding = model.get_input_embeddings()
+    if isinstance(embedding, FactorisedEmbedding):
+        words = embedding.coordinates.weight.numel() + embedding.primitives.numel()
+    else:
+        words = embedding.weight.numel()
+    return {"parameters_total": sum(unique.values()), "parameters_embeddings": words}
+
+
+def zero3_external_parameters(model: Any) -> None:
+    """Tell ZeRO-3 that the decoder's forward uses F_t and P (owned by the input embedding) so it gathers them."""
+    import deepspeed
+
+    decoder = model.get_output_embeddings()
+    deepspeed.zero.register_external_parameter(decoder, decoder.embedding.coordinates.weight)
+    deepspeed.zero.register_external_parameter(decoder, decoder.embedding.primitives)
+
+
+def full_rank_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], Optional[tuple]]:
+    """A factorised model's state dict -> (the stock full-rank one with E = F_t P, (F_t, P)); a stock dict is
+    returned unchanged with None. The product is taken in float64 and stored in float32."""
+    coordinate_keys = [key for key in state if key.endswith(COORDINATES_KEY)]
+    if not coordinate_keys:
+        return state, None
+    if len(coordinate_keys) != 1:
+        raise ValueError(f"several factorised embeddings in one state dict: {coordinate_keys}")
+    prefix = coordinate_keys[0][: -len(COORDINATES_KEY)]
+    coordinates = state[prefix + COORDINATES_KEY].detach().float()
+    primitives = state[prefix + PRIMITIVES_KEY].detach().float()
+    out = {k: v for k, v in state.items() if k not in (prefix + COORDINATES_KEY, prefix + PRIMITIVES_KEY)}
+    out[prefix + FULL_KEY] = (coordinates.double() @ primitives.double()).float()
+    return out, (coordinates, primitives)
+
+
 def factorise(model: Any, coordinates: np.ndarray, primitives: np.ndarray) -> Any:
-    """Swap a stock masked LM's tied word embeddings / decoder for F_t P (in place; returns the model).
+    """Swap a stock model's word embeddings (and a masked LM's tied decoder) for F_t P (in place; returns the model).
 
     `coordinates` may have fewer rows than the model's (padded) vocabulary: padding rows get zero coordinates,
-    as they have zero embeddings in the exported model.
+    as they have zero embeddings in the exported model. A model without an output projection (a token
+    classifier) only gets the factorised input embedding.
     """
     vocab = model.get_input_embeddings().weight.shape[0]
     hidden = model.config.hidden_size
@@ -65,42 +117,49 @@ def factorise(model: Any, coordinates: np.ndarray, primitives: np.ndarray) -> An
     coords = torch.zeros(vocab, coordinates.shape[1], dtype=torch.float32)
     coords[: len(coordinates)] = torch.from_numpy(np.array(coordinates, dtype=np.float32))
     prims = torch.from_numpy(np.array(primitives, dtype=np.float32))
-    bias = model.get_output_embeddings().bias
+    decoder = model.get_output_embeddings()
     embedding = FactorisedEmbedding(coords, prims, model.config.pad_token_id)
     model.set_input_embeddings(embedding)
-    model.set_output_embeddings(FactorisedDecoder(embedding, bias))
+    if decoder is not None:
+        model.set_output_embeddings(FactorisedDecoder(embedding, decoder.bias))
     return model
 
 
 def to_full_rank(model: Any) -> Any:
-    """Replace the factorised modules by a plain tied embedding E = F_t P and decoder (in place; returns model)."""
+    """Replace the factorised modules by a plain embedding E = F_t P (tied to a plain decoder in a masked LM),
+    in place; returns the model."""
     embedding = model.get_input_embeddings()
     if not isinstance(embedding, FactorisedEmbedding):
         raise ValueError("model is not factorised")
-    bias = model.get_output_embeddings().bias
+    decoder = model.get_output_embeddings()
     with torch.no_grad():
         weight = embedding.full_weight().detach().clone()
     plain = nn.Embedding(weight.shape[0], weight.shape[1], padding_idx=model.config.pad_token_id)
     with torch.no_grad():
         plain.weight.copy_(weight)
-    decoder = nn.Linear(weight.shape[1], weight.shape[0])
-    decoder.weight = plain.weight
-    decoder.bias = bias
     model.set_input_embeddings(plain)
-    model.set_output_embeddings(decoder)
-    model.config.tie_word_embeddings = True
-    model.tie_weights()
+    if decoder is not None:
+        linear = nn.Linear(weight.shape[1], weight.shape[0])
+        linear.weight = plain.weight
+        linear.bias = decoder.bias
+        model.set_output_embeddings(linear)
+        model.config.tie_word_embeddings = True
+        model.tie_weights()
     return model
 
 
-def load_factorised(init_dir: str | Path) -> Any:
-    """The factorised model from an init output `<run_dir>/init/<method>/` (model/, F_t.npy, P.npy)."""
-    from ..formats.init import MODEL, load_factors
+def load_factorised(model_dir: str | Path, auto_class: str = "AutoModelForMaskedLM", **kwargs: Any) -> Any:
+    """The factorised form of a model directory written by init or pretrain (F_t.npy and P.npy beside it)."""
+    from ..errors import HyperofaError
+    from ..formats.init import COORDINATES, PRIMITIVES, factors_beside, load_factors
     from ..formats.models import load_model
 
-    init_dir = Path(init_dir)
-    coordinates, primitives = load_factors(init_dir)
-    return factorise(load_model(init_dir / MODEL), coordinates, primitives)
+    model_dir = Path(model_dir)
+    where = factors_beside(model_dir)
+    if where is None:
+        raise HyperofaError(f"{model_dir}: no {COORDINATES} and {PRIMITIVES} beside the model (its factorised form)")
+    coordinates, primitives = load_factors(where)
+    return factorise(load_model(model_dir, auto_class, **kwargs), coordinates, primitives)
 
 
 def save_full_rank(model: Any, tokenizer: Any, out_dir: str | Path) -> Path:

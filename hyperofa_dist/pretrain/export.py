@@ -4,6 +4,8 @@ Export (docs/DISTRIBUTED.md §2.3): `get_fp32_state_dict_from_zero_checkpoint` c
 one fp32 state dict; it is loaded into the stock HF class built from the starting model's config and written with
 `save_pretrained`, which re-ties the shared embedding/decoder matrix (`zero_to_fp32.py --safe_serialization`
 fails on the tied tensors). The result loads with `AutoModelForMaskedLM.from_pretrained` and no custom code.
+A factorised checkpoint (F_t and P trained) is exported as the same stock model with E = F_t P, and F_t.npy and
+P.npy are written beside it so a user can continue factorised.
 
 Universal checkpoints (docs/DISTRIBUTED.md §2.4) let a job resume on a different number of ranks:
 
@@ -46,13 +48,18 @@ def consolidated_state_dict(ckpt_dir: str | Path, tag: Optional[str] = None) -> 
     return {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in state.items()}
 
 
-def export_hf(ckpt_dir: str | Path, tag: Optional[str], start_model: str | Path, out_dir: str | Path) -> Path:
-    """Write `out_dir` as a stock HF masked-LM directory (weights + config + tokenizer) from a checkpoint."""
+def export_hf(ckpt_dir: str | Path, tag: Optional[str], start_model: str | Path,
+              out_dir: str | Path) -> tuple[Path, list[str]]:
+    """Write `out_dir` as a stock HF masked-LM directory (weights + config + tokenizer) from a checkpoint; for a
+    factorised checkpoint also F_t.npy and P.npy beside it. Returns (out_dir, the factor files' names)."""
     import torch
     from transformers import AutoConfig, AutoModelForMaskedLM
 
+    from ..formats.init import save_factors
+    from ..init.factorised import full_rank_state
+
     out_dir, start_model = Path(out_dir), Path(start_model)
-    state = consolidated_state_dict(ckpt_dir, tag)
+    state, factors = full_rank_state(consolidated_state_dict(ckpt_dir, tag))
     config = AutoConfig.from_pretrained(str(start_model))
     model = AutoModelForMaskedLM.from_config(config, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -72,7 +79,10 @@ def export_hf(ckpt_dir: str | Path, tag: Optional[str], start_model: str | Path,
                 shutil.copy2(path, tmp / path.name)
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
-    return out_dir
+    names: list[str] = []
+    if factors is not None:
+        names = save_factors(out_dir.parent, factors[0].numpy(), factors[1].numpy())
+    return out_dir, names
 
 
 def to_universal(ckpt_dir: str | Path, tag: str) -> str:
@@ -103,7 +113,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--tag", default=None, help="checkpoint tag (default: the one `latest` names)")
     args = parser.parse_args(argv)
     try:
-        export_hf(args.checkpoint_dir, args.tag, args.model, args.out_dir)
+        _, factors = export_hf(args.checkpoint_dir, args.tag, args.model, args.out_dir)
+        if factors:
+            print(f"export: factorised checkpoint: {', '.join(factors)} written beside {args.out_dir}", file=sys.stderr)
     except HyperofaError as exc:
         print(f"export: error: {exc}", file=sys.stderr)
         return 2

@@ -62,8 +62,16 @@ def encoder_of(model: torch.nn.Module) -> torch.nn.Module:
 def sparse_embedding_grad(model: torch.nn.Module) -> bool:
     """Make the input lookup emit a sparse gradient where the embedding is tied to the decoder; True if it did.
 
+    A factorised model's coordinate lookup F_t[ids] is tied the same way (the decoder multiplies by all of F_t).
     Untied embeddings keep the dense gradient: a sparse `.grad` alone would reach the optimizer and ZeRO."""
+    from ..init.factorised import FactorisedDecoder, FactorisedEmbedding
+
     lookup, decoder = model.get_input_embeddings(), model.get_output_embeddings()
+    if isinstance(lookup, FactorisedEmbedding):
+        if not isinstance(decoder, FactorisedDecoder) or decoder.embedding is not lookup:
+            return False
+        lookup.coordinates.sparse = True
+        return True
     if decoder is None or decoder.weight is not lookup.weight or not isinstance(lookup, torch.nn.Embedding):
         return False
     lookup.sparse = True

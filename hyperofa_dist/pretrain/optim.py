@@ -4,7 +4,8 @@ The schedule is a pure function of the optimizer step, so a resumed run needs no
 each group's lr (and weight decay) before every optimizer step.
 
 Embedding warm-up ("train only the new rows first"): for the first N steps the gradient of every parameter
-except the word embeddings is zeroed and so are the embedding rows of copied (and padding) tokens, and those
+except the word embeddings (a factorised model's coordinates F_t; its primitives P move every row, so they wait)
+is zeroed and so are the embedding rows of copied (and padding) tokens, and those
 groups get lr 0 and weight decay 0. Zero gradient and zero lr together keep AdamW from moving them at all
 (decoupled weight decay is lr-scaled; Adam's moments stay 0, so they start clean after the warm-up). Masking
 gradients with tensor hooks instead of toggling `requires_grad` keeps the optimizer's parameter set fixed, which
@@ -36,10 +37,13 @@ def lr_at(step: int, *, peak: float, warmup: int, total: int, schedule: str) -> 
 
 
 def embedding_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """The input word-embedding matrix and, when untied, the output projection (deduplicated)."""
-    params = [model.get_input_embeddings().weight]
+    """The vocabulary-sized parameters: the input word-embedding matrix and, when untied, the output projection
+    (deduplicated); in a factorised model the coordinates F_t only. The primitives P are shared by every token,
+    so they train with the encoder (frozen in the warm-up, where moving P would move the copied rows too)."""
+    lookup = model.get_input_embeddings()
+    params = [lookup.coordinates.weight if hasattr(lookup, "coordinates") else lookup.weight]
     out = model.get_output_embeddings()
-    if out is not None and all(out.weight is not p for p in params):
+    if out is not None and hasattr(out, "weight") and all(out.weight is not p for p in params):
         params.append(out.weight)
     return params
 

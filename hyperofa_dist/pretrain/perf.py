@@ -19,11 +19,14 @@ PEAK_TFLOPS = (
 
 
 def body_params(model: torch.nn.Module) -> int:
-    """Non-embedding parameters (the lm_head's dense and LayerNorm included, the tied vocab projection not)."""
-    skip = {id(model.get_input_embeddings().weight)}
-    out = model.get_output_embeddings()
-    if out is not None:
-        skip.add(id(out.weight))
+    """Non-embedding parameters (the lm_head's dense and LayerNorm included, the tied vocab projection and a
+    factorised model's F_t and P not)."""
+    from .optim import embedding_params
+
+    skip = {id(p) for p in embedding_params(model)}
+    lookup = model.get_input_embeddings()
+    if hasattr(lookup, "primitives"):
+        skip.add(id(lookup.primitives))
     base = getattr(model, model.base_model_prefix)
     for name in ("position_embeddings", "token_type_embeddings"):
         module = getattr(base.embeddings, name, None)
@@ -38,15 +41,24 @@ def body_params(model: torch.nn.Module) -> int:
     return total
 
 
-def flops_per_token(n_body: int, layers: int, hidden: int, seq_len: int, vocab: int, predicted_share: float) -> float:
-    """Training FLOPs per token: 6*N_body + 12*L*d*T (attention) + 6*d*V*f_pred (vocab projection)."""
-    return 6.0 * n_body + 12.0 * layers * hidden * seq_len + 6.0 * hidden * vocab * predicted_share
+def flops_per_token(n_body: int, layers: int, hidden: int, seq_len: int, vocab: int, predicted_share: float,
+                    rank: Optional[int] = None) -> float:
+    """Training FLOPs per token: 6*N_body + 12*L*d*T (attention) + 6*d*V*f_pred (vocab projection).
+
+    Factorised embeddings of rank k: the lookup F_t[ids] P costs 6*k*d per token and the head (h P^T) F_t^T
+    costs 6*(d*k + k*V) per predicted token instead of 6*d*V."""
+    common = 6.0 * n_body + 12.0 * layers * hidden * seq_len
+    if rank is None:
+        return common + 6.0 * hidden * vocab * predicted_share
+    return common + 6.0 * rank * hidden + 6.0 * (hidden * rank + rank * vocab) * predicted_share
 
 
 def model_flops_per_token(model: torch.nn.Module, seq_len: int, predicted_share: float) -> float:
     cfg = model.config
+    lookup = model.get_input_embeddings()
+    rank = int(lookup.primitives.shape[0]) if hasattr(lookup, "primitives") else None
     return flops_per_token(
-        body_params(model), cfg.num_hidden_layers, cfg.hidden_size, seq_len, cfg.vocab_size, predicted_share
+        body_params(model), cfg.num_hidden_layers, cfg.hidden_size, seq_len, cfg.vocab_size, predicted_share, rank
     )
 
 

@@ -7,6 +7,11 @@ are rejected), and a resume must find a checkpoint written by the same number of
 `pretrain.universal` converts it. The job then runs under the `deepspeed` launcher; when it ends, the last
 checkpoint is exported to a stock HF model directory `<run.dir>/pretrain/<method>/model/` and the manifest is
 written last.
+
+Factorised training (`pretrain.embeddings`, docs/METHOD.md §4.1): the word embeddings train as F_t P, read from the
+F_t.npy and P.npy beside the model (the init stage writes them). Before launch the stage checks that the model's
+own embeddings are F_t P on a sample of rows, so factors left beside another model are never trained silently.
+The export then holds both forms: the stock full-rank `model/` (E = F_t P) and the trained F_t.npy and P.npy.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from ..errors import HyperofaError
 from ..formats import init as init_format
 from ..formats import pretrain as out_format
 from ..formats.jobdir import checkpoint_dir, latest_tag, read_client_info, write_job
+from ..formats.files import sha256_file
 from ..formats.models import model_files, model_fingerprint, read_model_config, require_model_dir
 from ..formats.rundir import MANIFEST
 from ..formats.shards import ShardSet, load_shardset
@@ -43,6 +49,57 @@ def resolve_model(config: Config) -> Path:
         init_format.stage_of(config.run_dir, p.method).require()
         path = init_format.model_dir(config.run_dir, p.method)
     return require_model_dir(path)
+
+
+# Rows of E compared with F_t P before factorised training, and the relative tolerance (E is stored in float32).
+_FACTOR_SAMPLE_ROWS = 256
+_FACTOR_RTOL = 1e-3
+
+
+def embeddings_plan(config: Config, model_dir: Path) -> tuple[str, Optional[Path]]:
+    """("factorised", the directory holding F_t.npy and P.npy) or ("full", None), after checking the factors
+    fit the model and are the factorisation of its embeddings."""
+    want = config.pretrain.embeddings
+    if want == "full":
+        return "full", None
+    where = init_format.factors_beside(model_dir)
+    if where is None:
+        if want == "factorised":
+            raise HyperofaError(
+                f"{model_dir.parent}: pretrain.embeddings=factorised needs {init_format.COORDINATES} and "
+                f"{init_format.PRIMITIVES} beside the model (the init stage writes them); set "
+                "pretrain.embeddings=full to train the full-rank matrix"
+            )
+        return "full", None
+    coordinates, primitives = init_format.load_factors(where)
+    k, hidden = primitives.shape
+    cfg = read_model_config(model_dir)
+    if hidden != cfg.get("hidden_size") or len(coordinates) > int(cfg.get("vocab_size", 0)):
+        raise HyperofaError(
+            f"{where}: F_t {coordinates.shape} and P {primitives.shape} do not fit the model in {model_dir} "
+            f"(vocab_size {cfg.get('vocab_size')}, hidden_size {cfg.get('hidden_size')})"
+        )
+    if want == "auto" and k >= hidden:
+        return "full", None  # no factorisation was made (k = D): the full-rank model is the same thing
+    _check_factors_match(model_dir, coordinates, primitives)
+    return "factorised", where
+
+
+def _check_factors_match(model_dir: Path, coordinates, primitives) -> None:
+    import numpy as np
+
+    from ..formats.models import read_word_embeddings
+
+    rows = np.unique(np.linspace(0, len(coordinates) - 1, min(_FACTOR_SAMPLE_ROWS, len(coordinates))).astype(np.int64))
+    stored = read_word_embeddings(model_dir, rows)
+    product = np.asarray(coordinates[rows], dtype=np.float64) @ np.asarray(primitives, dtype=np.float64)
+    error = float(np.linalg.norm(stored - product) / max(np.linalg.norm(product), 1e-12))
+    if error > _FACTOR_RTOL:
+        raise HyperofaError(
+            f"{model_dir}: the model's word embeddings are not F_t P of the factors beside it (relative difference "
+            f"{error:.2e} on {len(rows)} rows); they belong to another model. Set pretrain.embeddings=full or "
+            "re-run init"
+        )
 
 
 def check_tokenizer_match(shardset: ShardSet, prepare_dir: Path, model_dir: Path) -> None:
@@ -148,6 +205,7 @@ def run(config: Config, tracker: Any) -> int:
     precision = resolve_precision(p.precision, job_device_type(), "pretrain.precision")
     ds_config = build_ds_config(config, precision)
     world = planned_world_size(p, "pretrain")
+    embeddings, factors = embeddings_plan(config, model_dir)
 
     inputs = {
         "config": config.fingerprint("pretrain", "run"),
@@ -156,7 +214,10 @@ def run(config: Config, tracker: Any) -> int:
         "ds_config": ds_config,
         "precision": precision,
         "world_size": world,
+        "embeddings": embeddings,
     }
+    if factors is not None:
+        inputs["factors"] = {n: sha256_file(factors / n) for n in (init_format.COORDINATES, init_format.PRIMITIVES)}
     out = stage.path
     ckpt_dir = checkpoint_dir(out)
     with StageShell.open(config, tracker, "pretrain", stage, inputs) as shell:
@@ -175,7 +236,7 @@ def run(config: Config, tracker: Any) -> int:
         run_ = shell.run
         shell.begin()
         if not p.resume:
-            for name in out_format.JOB_OUTPUTS:
+            for name in (*out_format.JOB_OUTPUTS, *out_format.FACTORS):
                 (out / name).unlink(missing_ok=True)
             for sub in (out_format.RANKS, out_format.AUDIT, out_format.MODEL):
                 shutil.rmtree(out / sub, ignore_errors=True)
@@ -194,12 +255,14 @@ def run(config: Config, tracker: Any) -> int:
             "resume": p.resume,
             "resume_tag": resume_tag,
             "trainable_rows": str(rows_file) if rows_file else None,
+            "factors_dir": str(factors) if factors else None,
             # Remote rank 0 (multi-node) gets no environment from here: the MLflow parent travels in the job file.
             "parent_run_id": run_.run_id,
         }
         job_file = write_job(out, job)
         cmd = launch_command(p, job_file, TARGET)
-        run_.set_tags({"hyperofa.world_size": world, "hyperofa.precision": precision, "hyperofa.zero": p.zero})
+        run_.set_tags({"hyperofa.world_size": world, "hyperofa.precision": precision, "hyperofa.zero": p.zero,
+                       "hyperofa.embeddings": embeddings})
         shell.say(f"launching {world} ranks: {' '.join(cmd)}")
         if world > 1 and not p.hostfile and precision == "fp32":
             # CPU ranks: split the cores instead of every rank spawning a thread per core.
@@ -216,14 +279,16 @@ def run(config: Config, tracker: Any) -> int:
         from .export import export_hf
 
         tag = latest_tag(ckpt_dir)
-        exported = export_hf(ckpt_dir, tag, model_dir, out / out_format.MODEL)
+        exported, factor_files = export_hf(ckpt_dir, tag, model_dir, out / out_format.MODEL)
         final_eval = out_format.last_line(out / out_format.EVAL_LOG)
+        sizes = out_format.read_parameter_counts(out)
         shell.finish(
-            outputs=model_files(exported),
-            counts={"steps": p.steps, "world_size": world, "final_checkpoint": tag},
-            extra={"eval_loss": (final_eval or {}).get("loss", {})},
+            outputs=model_files(exported) + factor_files,
+            counts={"steps": p.steps, "world_size": world, "final_checkpoint": tag, **sizes},
+            extra={"eval_loss": (final_eval or {}).get("loss", {}), "embeddings": embeddings},
         )
         run_.log_artifact(job_file)
         run_.set_tags({"hyperofa.checkpoints": str(ckpt_dir)})
-        shell.say(f"{p.steps} steps done; model exported to {exported}")
+        shell.say(f"{p.steps} steps done ({embeddings} embeddings); model exported to {exported}"
+                  + (f", factors beside it ({', '.join(factor_files)})" if factor_files else ""))
     return 0

@@ -5,7 +5,7 @@
 `hyperofa pretrain` (stage.py) writes `job.json` (the effective config, resolved paths and the filled DeepSpeed
 config) and launches this module; it can also be launched by hand with the same file (see launch/README.md).
 
-The loop, top to bottom: load the HF masked LM, wrap it so the engine's forward returns the masked-positions-only
+The loop, top to bottom: load the HF masked LM (swapping in F_t P when the stage planned factorised embeddings), wrap it so the engine's forward returns the masked-positions-only
 MLM loss, `deepspeed.initialize` with our AdamW groups, optionally resume, then per data epoch (checkpoint
 interval) build a loader that yields exactly the epoch's micro-batches on every rank and train. Each micro-step's
 dropout seed and each batch's mask are functions of (seed, rank, step), so a resumed run repeats the
@@ -87,6 +87,19 @@ class PretrainJob(JobContext):
         self.mask = data_mod.mask_spec(tokenizer, self.p.mlm_probability)
         torch.manual_seed(self.seed)
         model = load_model(spec["model_dir"], dtype=torch.float32)
+        if spec.get("factors_dir"):
+            from pathlib import Path
+
+            from ..formats.init import load_factors
+            from ..init.factorised import factorise, zero3_external_parameters
+
+            factorise(model, *load_factors(Path(spec["factors_dir"])))
+            if (spec["ds_config"].get("zero_optimization") or {}).get("stage") == 3:
+                zero3_external_parameters(model)
+        if self.rank == 0:
+            from ..init.factorised import parameter_counts
+
+            out_format.write_parameter_counts(self.out, parameter_counts(model))
         self.seq_len = int(spec["block_size"])
         self.flops_token = model_flops_per_token(model, self.seq_len, self.p.mlm_probability)
         self.peak = peak_flops(self.p.peak_tflops)
@@ -325,7 +338,8 @@ def run(spec: dict[str, Any], args: Any) -> int:
     with tracker.session(COMMAND, job.config), tracker.stage("pretrain-train") as run_:
         run_.set_tags({"hyperofa.world_size": job.world, "hyperofa.zero": job.p.zero})
         if job.rank == 0:
-            run_.log_params({"ds_config": json.dumps(spec["ds_config"], sort_keys=True)})
+            run_.log_params({"ds_config": json.dumps(spec["ds_config"], sort_keys=True),
+                             **out_format.read_parameter_counts(job.out)})
         return job.run(run_)
 
 
