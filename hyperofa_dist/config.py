@@ -65,6 +65,11 @@ class RayConfig(Section):
 class SourceConfig(Section):
     model: str = Field("xlm-roberta-base", min_length=1, description="Source model: HF hub name or local directory.")
     tokenizer: Optional[str] = Field(None, description="Source tokenizer; unset means the source model's.")
+    mlm_head: Optional[str] = Field(
+        None,
+        description="Masked LM (HF dir or hub name, same architecture) whose MLM head init copies when source.model "
+        "has none (a sentence-embedding model); unset: such a head is made from run.seed, the same for every method.",
+    )
 
 
 class CorpusConfig(Section):

@@ -21,12 +21,13 @@ from ..formats.hypernet import load_predictions, load_test_predictions
 from ..formats.hypernet import stage_of as hypernet_stage
 from ..formats.mapping import Mapping, load_mapping
 from ..formats.mapping import stage_of as mapping_stage
-from ..formats.models import load_source, model_files, save_model_dir, source_identity
+from ..formats.models import load_source, model_files, model_identity, save_model_dir, source_identity
 from ..formats.tokenizer import load_tokenizer, target_tokenizer_dir, tokenizer_fingerprint
 from ..runtime.device import resolve_device
 from ..runtime.stage import StageShell
 from . import assemble as asm
 from .export import build_expanded_model, merge_copy_pairs, special_token_pairs
+from .head import complete_head
 from .ofa import ofa_for_tokens
 from .random import column_stats, random_rows
 
@@ -107,6 +108,8 @@ def run(config: Config, tracker: Any) -> int:
         "seed": init_seed(config),
         "target_tokenizer": tokenizer_fingerprint(target_dir),
         "mapping": mapping_stage(run_dir).require().get("outputs"),
+        # A source without an MLM head gets one from run.seed (or source.mlm_head), whatever init.seed says.
+        "mlm_head": {"seed": config.run.seed, **(model_identity(config.source.mlm_head) if config.source.mlm_head else {})},
     }
     if method == "hyperofa":
         inputs["hypernet"] = hypernet_stage(run_dir).require().get("outputs")
@@ -117,7 +120,9 @@ def run(config: Config, tracker: Any) -> int:
 
         # --- validate every input before writing anything --------------------------------------------------
         mapping = load_mapping(run_dir)
-        source_model, source_tok = load_source(config)
+        source = load_source(config)
+        source_model, source_tok = source.model, source.tokenizer
+        head = complete_head(source_model, source.missing, seed=config.run.seed, donor=config.source.mlm_head)
         target_tok = load_tokenizer(target_dir)
         special_t, special_s, roles = special_token_pairs(source_tok, target_tok, f"target tokenizer {target_dir}")
         mapping.require_source(source_identity(config), len(source_tok), source_model.config.hidden_size)
@@ -129,6 +134,17 @@ def run(config: Config, tracker: Any) -> int:
             predicted_ids, predicted_rows = load_predictions(run_dir)
             asm.check_predictions(predicted_ids, predicted_rows, len(target_tok), mapping.k, "hypernet predictions")
         load_s = time.perf_counter() - t0
+        if head.origin != "checkpoint":
+            made = (
+                f"copied from source.mlm_head={head.donor}" if head.origin == "copied" else
+                f"made from run.seed={head.seed}, the same for every init method (set source.mlm_head to copy a "
+                "trained one)"
+            )
+            shell.say(f"warning: the source model {config.source.model} has no MLM head (missing "
+                      f"{', '.join(head.missing)}); the head is {made}")
+        elif config.source.mlm_head:
+            shell.say(f"warning: source.mlm_head is set but the source model {config.source.model} has its own MLM "
+                      "head; it is kept")
 
         # --- assemble ---------------------------------------------------------------------------------------
         t1 = time.perf_counter()
@@ -188,6 +204,7 @@ def run(config: Config, tracker: Any) -> int:
             counts=manifest_counts,
             extra={
                 "method": method,
+                "mlm_head": head.as_dict(),
                 "family": info.family,
                 "factorized": not asm.is_identity(mapping.primitives),
                 "padded_rows": info.padded_rows,
@@ -208,7 +225,7 @@ def run(config: Config, tracker: Any) -> int:
             metrics["heldout_cosine"] = quality[method]
         metrics.update({"seconds/load": load_s, "seconds/assemble": assemble_s, "seconds/export": export_s})
         t.log_metrics(metrics)
-        t.set_tags({"init.method": method, "init.family": info.family})
+        t.set_tags({"init.method": method, "init.family": info.family, "init.mlm_head": head.origin})
         t.log_artifact(stage.path / out_format.PROVENANCE_COUNTS)
         t.log_artifact(stage.path / out_format.QUALITY)
     shell.say(f"{method}: {overall} -> {model_dir}" + (f"; held-out cosine {quality}" if quality else ""))
