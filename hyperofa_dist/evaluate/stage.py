@@ -150,7 +150,7 @@ def evaluate_model(
             blocks = first_blocks(heldout_shards(_heldout_dir(config)), ev.mlm_blocks, ev.languages)
             if not blocks:
                 raise HyperofaError(f"{_heldout_dir(config)}: no held-out blocks for the requested languages")
-            per_language = mlm.mlm_loss_per_language(
+            per_language, unscored = mlm.mlm_loss_per_language(
                 model,
                 tokenizer,
                 blocks,
@@ -159,7 +159,9 @@ def evaluate_model(
                 batch_size=ev.mlm_batch_size,
                 device=device,
             )
-            skipped[task] = {l: "no held-out blocks" for l in (ev.languages or []) if l not in blocks}
+            skipped[task] = {l: "no held-out blocks" for l in (ev.languages or []) if l not in blocks} | unscored
+            if not per_language:
+                raise HyperofaError(f"{_heldout_dir(config)}: no held-out token was masked in any language")
             del model
         results[task] = with_average(per_language)
         extra[f"time/{task}_s"] = time.perf_counter() - started
