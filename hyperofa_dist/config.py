@@ -280,7 +280,11 @@ class EvaluateConfig(Section):
     output: Optional[str] = Execution(
         None, description="Results JSON path; unset: <run.dir>/evaluate/<name>/results.json."
     )
-    languages: Optional[list[str]] = Field(None, description="Languages to evaluate; unset: every language found.")
+    languages: Optional[list[str]] = Field(
+        None,
+        description="Languages to evaluate as lang_Script codes (deu_Latn), mapped to each benchmark's own codes "
+        "(Tatoeba's deu); a benchmark's own code works too; unset: every language found.",
+    )
     english: str = Field("eng_Latn", min_length=1, description="Code of English (query side, tagging train/dev).")
     layer: int = Field(
         8, description="Retrieval layer: hidden_states index (8 = output of layer 8, 0 = embeddings, -1 = last)."

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,9 @@ LANG_MEMBER = "lang.txt"
 def shard_name(lang: str, chunk: int, index: int) -> str:
     """A shard's path relative to its split directory."""
     return f"{lang}/{lang}-{chunk:05d}-{index:06d}.tar"
+
+
+SHARD_FILE = re.compile(r"^(?P<lang>.+)-\d{5}-\d{6}\.tar$")  # the file name shard_name gives
 
 
 def sample_key(lang: str, chunk: int, sample: int) -> str:
@@ -245,3 +249,16 @@ def heldout_shards(path: str | Path) -> list[Path]:
     if not shards:
         raise HyperofaError(f"{root}: no .tar shards found")
     return shards
+
+
+def shards_by_language(shards: Sequence[str | Path]) -> dict[str, list[Path]]:
+    """The shards of each language, from the file names `shard_name` gives (a shard named otherwise: from the
+    language of its first sample)."""
+    out: dict[str, list[Path]] = {}
+    for shard in shards:
+        shard = Path(shard)
+        match = SHARD_FILE.match(shard.name)
+        lang = match["lang"] if match else next((sample.lang for sample in read_shard(shard)), None)
+        if lang is not None:
+            out.setdefault(lang, []).append(shard)
+    return out
