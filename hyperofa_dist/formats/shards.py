@@ -8,10 +8,11 @@ Layout under a prepare directory (`<run.dir>/prepare/`):
 
 A sample holds up to `blocks_per_sample` blocks as one `<key>.input_ids.npy` (uint32 `[n, block_size]`) plus
 `<key>.lang.txt`, so no tar member is tiny. A held-out block may end in padding (its last id is the tokenizer's pad
-id; the prepare manifest's `special_tokens.pad`): consumers give padding attention 0 and never predict it. Every header field that could vary between runs or machines (mtime,
-uid/gid, owner names, mode) is fixed: identical blocks give byte-identical shards, which is what lets a retried
-or re-run task rewrite identical bytes. `webdataset.WebDataset(urls).decode()` reads them; the system itself reads
-them with `read_shard`, which checks every sample and turns a truncated or foreign file into one line.
+id; the prepare manifest's `special_tokens.pad`): consumers give padding attention 0 and never predict it.
+Every header field that could vary between runs or machines (mtime, uid/gid, owner names, mode) is fixed:
+identical blocks give byte-identical shards, which is what lets a retried or re-run task rewrite identical bytes.
+`webdataset.WebDataset(urls).decode()` reads them; the system itself reads them with `read_shard`, which checks
+every sample and turns a truncated or foreign file into one line.
 """
 
 from __future__ import annotations

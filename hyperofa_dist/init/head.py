@@ -44,7 +44,12 @@ def head_weights(model: Any, missing: list[str]) -> list[str]:
         )
     embedding = model.get_input_embeddings().weight
     params = dict(model.named_parameters(remove_duplicate=False))
-    return [name for name in missing if name in params and params[name] is not embedding]
+    # A tied weight (lm_head.bias = lm_head.decoder.bias) that was loaded under one of its names is not missing.
+    loaded = {id(tensor) for name, tensor in params.items() if name not in missing}
+    return [
+        name for name in missing
+        if name in params and params[name] is not embedding and id(params[name]) not in loaded
+    ]
 
 
 def seed_head(model: Any, names: list[str], seed: int) -> None:

@@ -109,7 +109,10 @@ def run(config: Config, tracker: Any) -> int:
         "target_tokenizer": tokenizer_fingerprint(target_dir),
         "mapping": mapping_stage(run_dir).require().get("outputs"),
         # A source without an MLM head gets one from run.seed (or source.mlm_head), whatever init.seed says.
-        "mlm_head": {"seed": config.run.seed, **(model_identity(config.source.mlm_head) if config.source.mlm_head else {})},
+        "mlm_head": {
+            "seed": config.run.seed,
+            **(model_identity(config.source.mlm_head) if config.source.mlm_head else {}),
+        },
     }
     if method == "hyperofa":
         inputs["hypernet"] = hypernet_stage(run_dir).require().get("outputs")
