@@ -65,6 +65,11 @@ class RayConfig(Section):
 class SourceConfig(Section):
     model: str = Field("xlm-roberta-base", min_length=1, description="Source model: HF hub name or local directory.")
     tokenizer: Optional[str] = Field(None, description="Source tokenizer; unset means the source model's.")
+    mlm_head: Optional[str] = Field(
+        None,
+        description="Masked LM (HF dir or hub name, same architecture) whose MLM head init copies when source.model "
+        "has none (a sentence-embedding model); unset: such a head is made from run.seed, the same for every method.",
+    )
 
 
 class CorpusConfig(Section):
@@ -289,7 +294,11 @@ class EvaluateConfig(Section):
     output: Optional[str] = Execution(
         None, description="Results JSON path; unset: <run.dir>/evaluate/<name>/results.json."
     )
-    languages: Optional[list[str]] = Field(None, description="Languages to evaluate; unset: every language found.")
+    languages: Optional[list[str]] = Field(
+        None,
+        description="Languages to evaluate as lang_Script codes (deu_Latn), mapped to each benchmark's own codes "
+        "(Tatoeba's deu); a benchmark's own code works too; unset: every language found.",
+    )
     english: str = Field("eng_Latn", min_length=1, description="Code of English (query side, tagging train/dev).")
     layer: int = Field(
         8, description="Retrieval layer: hidden_states index (8 = output of layer 8, 0 = embeddings, -1 = last)."

@@ -269,6 +269,27 @@ class InitWorlds:
             self.cache[key] = InitWorld(root / "run", source_model, target, vectors, family, k_used, 32)
         return self.cache[key]
 
+    def headless(self, family: str, k: Optional[int] = None) -> InitWorld:
+        """A world whose source model is `get(family, k)`'s encoder saved without its MLM head, as a
+        sentence-embedding model is published (AutoModel weights plus the tokenizer), with its own mapping."""
+        key = ("headless", family, k)
+        if key not in self.cache:
+            from transformers import AutoModel
+
+            from hyperofa_dist.formats.models import quiet_transformers
+            from hyperofa_dist.formats.tokenizer import load_tokenizer
+
+            base = self.get(family, k)
+            root = self.tmp_path_factory.mktemp(f"headless_{family}_{k}")
+            with quiet_transformers():
+                AutoModel.from_pretrained(str(base.source_model)).save_pretrained(root / "source_model")
+            load_tokenizer(base.source_model).save_pretrained(root / "source_model")
+            vectors, k_used = write_init_mapping(root / "run", root / "source_model", base.target_tokenizer,
+                                                 self.world, k=k)
+            self.cache[key] = InitWorld(root / "run", root / "source_model", base.target_tokenizer, vectors, family,
+                                        k_used, base.hidden)
+        return self.cache[key]
+
     @staticmethod
     def fresh_run(base: InitWorld, run_dir: Path) -> InitWorld:
         """A copy of a world's run directory (mapping only) that a test may extend or break."""

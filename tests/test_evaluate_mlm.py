@@ -54,9 +54,10 @@ def test_reads_only_heldout_shards_capped_per_language(prepare_dir):
 def test_loss_equals_stock_hf_loss_and_is_deterministic(prepare_dir, model_dir):
     model, tok = load_model(model_dir, "AutoModelForMaskedLM"), load_tokenizer(model_dir)
     blocks = first_blocks(heldout_shards(prepare_dir))
-    out = mlm.mlm_loss_per_language(model, tok, blocks, seed=3, batch_size=4)
-    again = mlm.mlm_loss_per_language(model, tok, blocks, seed=3, batch_size=7)
-    other_seed = mlm.mlm_loss_per_language(model, tok, blocks, seed=4, batch_size=4)
+    out, skipped = mlm.mlm_loss_per_language(model, tok, blocks, seed=3, batch_size=4)
+    again, _ = mlm.mlm_loss_per_language(model, tok, blocks, seed=3, batch_size=7)
+    other_seed, _ = mlm.mlm_loss_per_language(model, tok, blocks, seed=4, batch_size=4)
+    assert skipped == {}
     for lang, ids in blocks.items():
         # The same masks, rebuilt here, through the stock HF forward with labels (logits at every position).
         gen = torch.Generator().manual_seed(mix_seed(3, HELDOUT, lang))
@@ -84,3 +85,26 @@ def test_no_shards_is_an_error(tmp_path):
         heldout_shards(tmp_path)
     with pytest.raises(HyperofaError, match="not found"):
         heldout_shards(tmp_path / "absent")
+
+
+def test_a_padded_short_block_scores_like_its_unpadded_tokens(model_dir, small_corpus):
+    from data_prep.prepare.packing import Specials, flatten_ids, pack_sentences
+
+    model, tok = load_model(model_dir, "AutoModelForMaskedLM"), load_tokenizer(model_dir)
+    lines = synthetic.read_lines(small_corpus / "qaa_Latn.txt", limit=3)
+    flat, offsets = flatten_ids(tok(lines, add_special_tokens=False)["input_ids"])
+    specials = Specials(tok.cls_token_id, tok.sep_token_id, tok.pad_token_id)
+    blocks = pack_sentences(flat, offsets, np.arange(3), 128, specials, pad_short=True).blocks
+    real = int(np.count_nonzero(blocks[0] != tok.pad_token_id))
+    assert blocks.shape == (1, 128) and real < 100  # a short block, padded
+    out, skipped = mlm.mlm_loss_per_language(model, tok, {"qac_Latn": blocks}, seed=11)
+    gen = torch.Generator().manual_seed(mix_seed(11, HELDOUT, "qac_Latn"))
+    special = torch.tensor(sorted(set(tok.all_special_ids)))
+    inputs, labels = mask_tokens(torch.from_numpy(blocks.astype(np.int64)), special, tok.mask_token_id, len(tok), gen)
+    assert int((labels[0, real:] != -100).sum()) == 0  # padding is never a prediction target
+    with torch.no_grad():
+        unpadded = float(model(input_ids=inputs[:, :real], labels=labels[:, :real]).loss)
+        ignoring_mask = float(model(input_ids=inputs, labels=labels).loss)
+    assert skipped == {} and out["qac_Latn"]["loss"] == pytest.approx(unpadded, rel=1e-6)
+    # Attending to the padding moves the loss by ~1e-5 (relative) on this tiny model: 100x the tolerance above.
+    assert ignoring_mask != pytest.approx(unpadded, rel=1e-6)

@@ -106,3 +106,15 @@ def test_layer_must_exist_in_the_model(tmp_path):
         hidden_state_index(8, 2, tmp_path)
     with pytest.raises(HyperofaError, match="evaluate.layer=-4"):
         hidden_state_index(-4, 2, tmp_path)
+
+
+def test_language_codes_resolve_to_each_benchmarks_own():
+    from hyperofa_dist.evaluate.languages import resolve
+
+    found, skipped = resolve(["deu_Latn", "srp", "fra", "eng_Latn", "deu", "xyz_Latn"],
+                             ["deu", "srp_Cyrl", "srp_Latn", "fra_Latn", "eng_Latn"], "no data")
+    assert found == {"deu_Latn": "deu", "fra": "fra_Latn", "eng_Latn": "eng_Latn"}
+    assert skipped == {"srp": "ambiguous: the data has srp_Cyrl, srp_Latn; name one",
+                       "deu": "the same data as deu_Latn", "xyz_Latn": "no data"}
+    # Written as the data writes it, a code is taken as it is even when a script-less twin exists.
+    assert resolve(["deu_Latn"], ["deu", "deu_Latn"], "")[0] == {"deu_Latn": "deu_Latn"}

@@ -128,3 +128,29 @@ def test_bad_input_is_one_clear_line(run_dir, capsys, args, message):
     code = main(["evaluate", *args, f"run.dir={run_dir / 'run'}", "tracking.enabled=false", "evaluate.name=bad"])
     assert message in one_line_error(capsys, code)
     assert not (run_dir / "run" / "evaluate" / "bad" / "manifest.json").exists()
+
+
+def test_one_lang_script_code_runs_retrieval_on_iso_named_files_and_mlm(run_dir, world, capsys):
+    # XTREME/LASER names Tatoeba files with the ISO code alone (tatoeba.qac-eng.qac); the held-out shards use qac_Latn.
+    data = run_dir / "data_xtreme"
+    synthetic.write_retrieval_data(data / "srt", world, "qaa_Latn", ["qac_Latn", "qad_Grek"], n=40, naming="xtreme")
+    assert (data / "srt" / "tatoeba.qac-eng.qac").is_file()
+    code = main(["evaluate", "--model", "init/random", "--data", str(data), "--tasks", "srt,mlm",
+                 f"run.dir={run_dir / 'run'}", "evaluate.layer=-1", "evaluate.name=one-code",
+                 "evaluate.languages=[qac_Latn, qab_Cyrl]"])
+    assert code == 0
+    results = json.loads((run_dir / "run" / "evaluate" / "one-code" / "results.json").read_text())
+    assert sorted(results["srt"]) == sorted(results["mlm"]) == ["average", "qac_Latn"]
+    assert set(results["srt"]["qac_Latn"]) == {"top1", "top5", "top10"} and results["srt"]["qac_Latn"]["top10"] > 0
+    assert results["mlm"]["qac_Latn"]["loss"] > 0
+    manifest = json.loads((run_dir / "run" / "evaluate" / "one-code" / "manifest.json").read_text())
+    # qab_Cyrl has neither retrieval files nor held-out shards here: listed under the requested code for both tasks.
+    assert manifest["skipped"] == {"srt": {"qab_Cyrl": "no parallel files"}, "mlm": {"qab_Cyrl": "no held-out blocks"}}
+    assert "srt: skipped qab_Cyrl (no parallel files)" in capsys.readouterr().err
+
+    # The benchmark's own code is accepted as well: `qac` names the srt files and the one qac_* of the shards.
+    assert main(["evaluate", "--model", "init/random", "--data", str(data), "--tasks", "srt,mlm",
+                 f"run.dir={run_dir / 'run'}", "evaluate.layer=-1", "evaluate.name=own-code",
+                 "evaluate.languages=[qac]"]) == 0
+    own = json.loads((run_dir / "run" / "evaluate" / "own-code" / "results.json").read_text())
+    assert own["srt"]["qac"] == results["srt"]["qac_Latn"] and own["mlm"]["qac"] == results["mlm"]["qac_Latn"]

@@ -93,3 +93,17 @@ def test_special_tokens_map_by_role_or_fail(source_tokenizers, tmp_path):
 def test_merge_copy_pairs_special_roles_win():
     t, s = merge_copy_pairs(np.array([0, 4, 9]), np.array([10, 14, 19]), np.array([4, 2]), np.array([1, 0]))
     assert t.tolist() == [0, 2, 4, 9] and s.tolist() == [10, 0, 1, 19]
+
+
+def test_head_weights_are_only_those_missing_under_every_tied_name(init_worlds):
+    from hyperofa_dist.formats.models import load_model
+    from hyperofa_dist.init.head import head_weights
+
+    model = load_model(init_worlds.get("xlmr").source_model)
+    # lm_head.decoder.bias is lm_head.bias: reported missing under one name only, it was loaded under the other.
+    assert head_weights(model, ["lm_head.decoder.bias"]) == []
+    both = ["lm_head.bias", "lm_head.decoder.bias", "lm_head.dense.weight"]
+    assert head_weights(model, both) == both
+    assert head_weights(model, ["lm_head.decoder.weight"]) == []  # the word embedding, rebuilt by the export
+    with pytest.raises(HyperofaError, match="lacks 1 weights outside the MLM head"):
+        head_weights(model, ["roberta.encoder.layer.0.output.dense.weight", "lm_head.bias"])

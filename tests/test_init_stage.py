@@ -159,3 +159,58 @@ def test_new_token_loss_counts_only_masked_new_tokens_of_held_out_text(xlmr, pre
         assert reported["positions"][lang] == int((labels >= 0).sum()) > 0
     manifest = Stage(xlmr.run_dir, "init/random").require()
     assert manifest["new_token_mlm_loss"]["average"] == pytest.approx(np.mean([reported["loss"][l] for l in langs]))
+
+
+def _head(model_dir):
+    """The MLM-head weights of a saved model (everything under lm_head./cls. except the tied decoder weight)."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(model_dir / "model.safetensors"))
+    return {k: v for k, v in state.items() if k.startswith(("lm_head.", "cls.")) and not k.endswith("decoder.weight")}
+
+
+def test_headless_source_gets_one_seeded_head_for_every_method(tmp_path, init_worlds, capsys):
+    import torch
+
+    w = init_worlds.fresh_run(init_worlds.headless("xlmr", k=8), tmp_path / "run")
+    assert run_init(w, "init.method=random") == 0
+    assert run_init(w, "init.method=ofa") == 0
+    random_head, ofa_head = _head(w.run_dir / "init/random/model"), _head(w.run_dir / "init/ofa/model")
+    assert {"lm_head.dense.weight", "lm_head.layer_norm.weight"} <= set(random_head)
+    assert random_head.keys() == ofa_head.keys()
+    for name in random_head:
+        torch.testing.assert_close(random_head[name], ofa_head[name], rtol=0, atol=0)
+    dense = random_head["lm_head.dense.weight"]
+    assert 0.01 < float(dense.std()) < 0.03  # N(0, initializer_range=0.02), not left at zero
+    err = capsys.readouterr().err
+    assert "warning: the source model" in err and "has no MLM head (missing lm_head.bias" in err
+    assert "lm_head.dense.weight" in err and "made from run.seed=0" in err
+    manifest = Stage(w.run_dir, "init/ofa").require()
+    assert manifest["mlm_head"]["origin"] == "seeded" and manifest["mlm_head"]["seed"] == 0
+    assert "lm_head.dense.weight" in manifest["mlm_head"]["missing"]
+
+    # Another run.seed gives another head: the head follows run.seed, not chance.
+    other = init_worlds.fresh_run(w, tmp_path / "other")
+    assert run_init(other, "init.method=random", "run.seed=1") == 0
+    assert not torch.equal(_head(other.run_dir / "init/random/model")["lm_head.dense.weight"], dense)
+
+
+def test_headless_source_copies_the_head_of_source_mlm_head(tmp_path, init_worlds, capsys):
+    import torch
+
+    with_head = init_worlds.get("xlmr", k=8).source_model
+    w = init_worlds.fresh_run(init_worlds.headless("xlmr", k=8), tmp_path / "run")
+    assert run_init(w, "init.method=random", f"source.mlm_head={with_head}") == 0
+    assert f"copied from source.mlm_head={with_head}" in capsys.readouterr().err
+    ours, donor = _head(w.run_dir / "init/random/model"), _head(with_head)
+    for name in ("lm_head.dense.weight", "lm_head.dense.bias", "lm_head.layer_norm.weight"):
+        torch.testing.assert_close(ours[name], donor[name], rtol=0, atol=0)
+    manifest = Stage(w.run_dir, "init/random").require()
+    assert manifest["mlm_head"] == {"origin": "copied", "donor": str(with_head),
+                                    "missing": manifest["mlm_head"]["missing"]}
+
+    # A donor of another family is refused before anything is written.
+    bert = init_worlds.get("bert").source_model
+    message = _error_case(init_worlds.fresh_run(w, tmp_path / "bad"), capsys, "init.method=random",
+                          f"source.mlm_head={bert}")
+    assert "source.mlm_head" in message and "cannot give its head" in message

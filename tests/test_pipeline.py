@@ -130,8 +130,10 @@ def test_pipeline_against_a_real_mlflow_server(world, mlflow_server):
     assert pngs, files + nested
 
 
-def _rank_pids() -> list[int]:
-    out = subprocess.run(["pgrep", "-f", "hyperofa_dist.pretrain.train"], capture_output=True, text=True)
+def _rank_pids(run_dir: Path) -> list[int]:
+    """Ranks of this run only: the machine may run other people's pretraining jobs, which must not be killed."""
+    out = subprocess.run(["pgrep", "-f", f"hyperofa_dist.pretrain.train --local_rank=[0-9]+ --job {run_dir}/"],
+                         capture_output=True, text=True)
     return [int(x) for x in out.stdout.split()]
 
 
@@ -146,7 +148,7 @@ def test_killed_rank_then_pipeline_again_resumes_and_completes(world):
     killed = False
     while time.time() < deadline and proc.poll() is None:
         if (stage_dir / "checkpoints" / "latest").is_file():
-            for pid in _rank_pids()[-1:]:  # one rank, as a node failure would
+            for pid in _rank_pids(run_dir)[-1:]:  # one rank, as a node failure would
                 os.kill(pid, signal.SIGKILL)
                 killed = True
             if killed:

@@ -134,6 +134,65 @@ def test_pack_with_too_little_text_loses_everything_and_says_so():
     assert packed.tokens == 4 and packed.tokens_lost == 4 and packed.tokens_in_blocks == 0
 
 
+def test_pad_short_gives_text_shorter_than_a_block_one_padded_block_and_changes_nothing_else():
+    padding = Specials(cls=0, sep=2, pad=1)
+    flat, offsets = flatten_ids([[5, 6, 7], [8]])
+    packed = pack_sentences(flat, offsets, np.array([0, 1]), 16, padding, pad_short=True)
+    assert packed.blocks.tolist() == [[0, 5, 6, 7, 2, 8, 2, 2] + [1] * 8]
+    assert (packed.tokens, packed.tokens_in_blocks, packed.tokens_lost, packed.padded_blocks) == (4, 4, 0, 1)
+    assert [p.tolist() for p in unpack_blocks(packed.blocks, sep=2, pad=1)] == [[5, 6, 7], [8], []]
+    # Text that fills a block is cut exactly as without pad_short: the tail is still dropped, never padded.
+    rng = np.random.default_rng(1)
+    flat, offsets = flatten_ids(_random_sentences(rng, 30))
+    order = np.arange(30)
+    plain = pack_sentences(flat, offsets, order, 32, SPECIALS)
+    padded = pack_sentences(flat, offsets, order, 32, padding, pad_short=True)
+    assert np.array_equal(plain.blocks, padded.blocks) and padded.padded_blocks == 0
+    assert padded.tokens_lost == plain.tokens_lost > 0
+    # No pad token of its own (none, or the same id as sep): nothing to pad with, the short text is lost as before.
+    for specials in (SPECIALS, Specials(cls=0, sep=2, pad=2)):
+        flat, offsets = flatten_ids([[5, 6, 7], [8]])
+        assert pack_sentences(flat, offsets, np.array([0, 1]), 16, specials, pad_short=True).blocks.shape == (0, 16)
+
+
+def test_a_language_with_three_short_heldout_sentences_gets_a_heldout_block(tmp_path, world, source_tokenizers):
+    from data_prep.prepare.chunk import ChunkJob, Settings, process_chunk
+    from hyperofa_dist import synthetic
+    from hyperofa_dist.config import CorpusConfig
+    from hyperofa_dist.formats.corpus import discover, plan_units
+    from hyperofa_dist.formats.tokenizer import backend_json, load_tokenizer, worker_backend
+
+    corpus = tmp_path / "corpus"
+    synthetic.write_corpus(corpus, world, {"qaa_Latn": 60}, seed=0)
+    (unit,) = plan_units(discover(CorpusConfig(path=str(corpus))), 1 << 20)
+    tok = load_tokenizer(source_tokenizers["xlmr"])
+    backend = worker_backend(backend_json(tok))
+
+    def run(out, specials):
+        settings = Settings(str(out), specials, seed=0, normalization="NFC", heldout_fraction=0.05, block_size=64,
+                            blocks_per_sample=4, samples_per_shard=4, batch_size=16)
+        return process_chunk(ChunkJob(unit, None, "digest", keep_existing=False), settings, backend)
+
+    record = run(tmp_path / "padded", Specials(tok.cls_token_id, tok.sep_token_id, tok.pad_token_id))
+    stats = record["stats"]
+    assert stats["heldout_sentences"] == 3 and 0 < stats["heldout_tokens"] + 3 < 62  # shorter than one block
+    assert (stats["heldout_blocks"], stats["heldout_padded_blocks"], stats["heldout_tokens_lost"]) == (1, 1, 0)
+    (heldout,) = [s for s in record["shards"] if s["split"] == "heldout"]
+    (sample,) = list(read_shard(tmp_path / "padded" / heldout["path"]))
+    block = sample.blocks[0]
+    assert block[0] == tok.cls_token_id and block[-1] == tok.pad_token_id
+    assert int(np.count_nonzero(block == tok.pad_token_id)) == 64 - 2 - stats["heldout_tokens"] - 3
+    pieces = unpack_blocks(sample.blocks, tok.sep_token_id, tok.pad_token_id)
+    assert len(pieces) == 4 and pieces[-1].size == 0
+    assert sum(p.size for p in pieces) == stats["heldout_tokens"]
+
+    # Without a pad token the held-out text is lost as before, and the training shards are byte for byte the same.
+    before = run(tmp_path / "plain", Specials(tok.cls_token_id, tok.sep_token_id))
+    assert before["stats"]["heldout_blocks"] == 0 and before["stats"]["heldout_tokens_lost"] == stats["heldout_tokens"]
+    train = [s for s in record["shards"] if s["split"] == "train"]
+    assert train and train == [s for s in before["shards"] if s["split"] == "train"]
+
+
 def test_shards_are_deterministic_tars_with_fixed_headers(tmp_path):
     blocks = np.arange(11 * 8, dtype=np.uint32).reshape(11, 8)
     first = list(build_shards(blocks, "aaa_Latn", 3, blocks_per_sample=2, samples_per_shard=2))

@@ -101,14 +101,16 @@ def test_shard_token_counts_sum_to_manifest_totals(run_a):
         for _, sample_lang, ids in ((s.key, s.lang, s.blocks) for s in read_shard(path)):
             assert sample_lang == lang and ids.dtype == np.uint32 and ids.shape[1] == BLOCK
             per[lang][f"{split}_blocks"] += ids.shape[0]
-            content = ids[:, 1:-1] != manifest["special_tokens"]["sep"]
+            pad = manifest["special_tokens"]["pad"]
+            content = (ids[:, 1:-1] != manifest["special_tokens"]["sep"]) & (ids[:, 1:-1] != pad)
             per[lang][f"{split}_tokens_in_blocks"] += int(np.count_nonzero(content))
+            per[lang][f"{split}_padded_blocks"] += int(np.count_nonzero(ids[:, -1] == pad))
             per[lang]["all_tokens"] += ids.size
         per[lang][f"{split}_shards"] += 1
     languages = manifest["counts"]["languages"]
     for lang, stats in languages.items():
         for key in ("train_blocks", "heldout_blocks", "train_tokens_in_blocks", "heldout_tokens_in_blocks",
-                    "train_shards", "heldout_shards"):
+                    "train_shards", "heldout_shards", "train_padded_blocks", "heldout_padded_blocks"):
             assert per[lang][key] == stats[key], (lang, key)
         assert stats["train_blocks"] > 0 and stats["heldout_blocks"] > 0
         assert stats["train_tokens_in_blocks"] + stats["train_tokens_lost"] == stats["train_tokens"]
@@ -122,7 +124,7 @@ def test_blocks_decode_to_the_kept_sentences_in_order(run_a, prep_tokenizer):
 
     config, manifest = run_a
     tokenizer = Tokenizer.from_file(str(prep_tokenizer / "tokenizer.json"))
-    sep = manifest["special_tokens"]["sep"]
+    sep, pad = manifest["special_tokens"]["sep"], manifest["special_tokens"]["pad"]
     units = plan_units(discover(config.corpus), config.prepare.chunk_bytes)
     read = {(u.lang, u.chunk): read_unit_sentences(u)[0] for u in units}
     counts = defaultdict(list)
@@ -146,7 +148,7 @@ def test_blocks_decode_to_the_kept_sentences_in_order(run_a, prep_tokenizer):
             arrays = blocks.get((split, unit.lang, unit.chunk))
             if not arrays:
                 continue
-            pieces = unpack_blocks(np.concatenate(arrays), sep)
+            pieces = unpack_blocks(np.concatenate(arrays), sep, pad)
             decoded = [tokenizer.decode(p.tolist()) for p in pieces[:-1]]
             assert decoded == expected[split][: len(decoded)], (split, unit.lang, unit.chunk)
             tail = pieces[-1].tolist()
@@ -293,3 +295,24 @@ def test_glot500_local_layout_is_prepared_through_the_readers(tmp_path, small_co
         assert languages[lang]["train_sentences"] + languages[lang]["heldout_sentences"] == expected[lang]
         assert languages[lang]["train_blocks"] > 0
     assert set(manifest["inputs"]["corpus"]["qac_Latn"]) == {"qac_Latn/part-0.jsonl", "qac_Latn/part-1.jsonl"}
+
+
+def test_every_language_with_heldout_text_gets_a_block_and_the_summary_names_those_without(
+    tmp_path, world, prep_tokenizer, ray_cluster, capsys
+):
+    corpus = tmp_path / "corpus"
+    # 60 short sentences: 3 held out (5%), far shorter than one block; 8 sentences: round(0.4) = 0 held out.
+    synthetic.write_corpus(corpus, world, {"qaa_Latn": 2000, "qab_Cyrl": 60, "qac_Latn": 8}, seed=0)
+    manifest = prepare(make_config(tmp_path / "run", corpus, prep_tokenizer, prepare__sampling__total_sentences="null",
+                                   prepare__block_size=256))
+    languages = manifest["counts"]["languages"]
+    assert languages["qab_Cyrl"]["heldout_sentences"] == 3 and languages["qab_Cyrl"]["heldout_tokens"] + 3 < 254
+    assert languages["qab_Cyrl"]["heldout_blocks"] == languages["qab_Cyrl"]["heldout_padded_blocks"] == 1
+    assert languages["qab_Cyrl"]["heldout_tokens_lost"] == 0
+    # Padding is decided per chunk: qaa_Latn's small chunks (chunk_bytes 16 KiB) pad their short held-out parts too.
+    assert languages["qaa_Latn"]["heldout_blocks"] > languages["qaa_Latn"]["heldout_padded_blocks"]
+    assert manifest["counts"]["languages_without_heldout"] == {"qac_Latn": "no held-out sentence"}
+    assert all(s["train_padded_blocks"] == 0 for s in languages.values())
+    err = capsys.readouterr().err
+    assert "held-out blocks: 2 of 3 languages have some (fewest: qab_Cyrl with 1; 2 with a padded short block); " \
+           "none: qac_Latn (no held-out sentence)" in err

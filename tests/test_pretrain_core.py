@@ -144,6 +144,22 @@ def test_heldout_batches_are_fixed(quick_world):
     assert not torch.isin(a[0]["input_ids"][a[0]["labels"] != IGNORE], special).all()
 
 
+def test_heldout_batches_give_padding_no_attention_and_no_label(quick_world, tmp_path, prepare_format):
+    from data_prep.prepare.packing import Specials, flatten_ids, pack_sentences
+
+    tok = AutoTokenizer.from_pretrained(str(quick_world["tok"]))
+    flat, offsets = flatten_ids([[7, 8, 9], [10, 11]])
+    short = pack_sentences(flat, offsets, np.arange(2), 32, Specials(tok.cls_token_id, tok.sep_token_id,
+                                                                     tok.pad_token_id), pad_short=True).blocks
+    assert short.shape == (1, 32) and short[0, -1] == tok.pad_token_id
+    out = prepare_format.write(tmp_path / "prepare", {"qaa_Latn": {"heldout": short}}, quick_world["tok"], 32)
+    (batch,) = D.heldout_batches(load_shardset(out).heldout["qaa_Latn"], 10, 4, D.mask_spec(tok, 0.5), 0, "qaa_Latn")
+    padding = torch.from_numpy(short.astype(np.int64)) == tok.pad_token_id
+    assert int(padding.sum()) == 32 - 9
+    assert torch.equal(batch["attention_mask"], (~padding).long())
+    assert (batch["labels"][padding] == IGNORE).all() and (batch["labels"][~padding] != IGNORE).any()
+
+
 def test_flops_per_token_matches_the_design_table(quick_world):
     # docs/DISTRIBUTED.md §4: XLM-R-base body 86.44M, V=401,145, seq 512: 2.42 GFLOP full logits, 0.85 masked-only.
     assert flops_per_token(86.44e6, 12, 768, 512, 401_145, 1.0) / 1e9 == pytest.approx(2.42, abs=0.01)

@@ -112,7 +112,8 @@ def _check_export(stage_dir: Path) -> None:
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
     probe = torch.load(stage_dir / "probe.pt")
     with torch.no_grad():
-        stock = model(input_ids=probe["input_ids"], labels=probe["labels"]).loss.item()
+        stock = model(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"],
+                      labels=probe["labels"]).loss.item()
     assert stock == pytest.approx(probe["loss"], abs=1e-5)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections import Counter
 
 import numpy as np
@@ -152,12 +153,17 @@ def test_trained_vectors_put_translations_next_to_each_other(trained_vectors, sm
         assert total >= 90 and hits / total >= 0.8, (a, b, total, hits)
 
 
-def test_vectors_train_is_reproducible_and_a_rerun_is_a_no_op(trained_vectors, small_corpus, tmp_path):
+def test_vectors_train_is_reproducible_and_a_rerun_is_a_no_op(trained_vectors, small_corpus, tmp_path, capsys):
     argv = ["vectors", "train", f"run.dir={tmp_path}", f"vectors.train.corpus={small_corpus}", "tracking.enabled=false",
             "vectors.train.dim=48", "vectors.train.epochs=10", "vectors.train.alpha=0.25"]
     assert cli.main(argv) == 0
     ours = tmp_path / "vectors" / "vectors.kv"
     assert ours.read_bytes() == trained_vectors.read_bytes()
+    # The progress bar, on stderr: one step per epoch with that epoch's words/s.
+    captured = capsys.readouterr()
+    bars = [part for part in captured.err.split("\r") if part.startswith("vectors train:")]
+    assert len(bars) >= 10 and "10/10" in bars[-1] and "words/s" in bars[-1] and "vectors train" not in captured.out
+    assert int(re.search(r"([\d,]+) words/s", bars[-1]).group(1).replace(",", "")) > 1000
     manifest = tmp_path / "vectors" / "manifest.json"
     before = manifest.stat().st_mtime_ns, ours.stat().st_mtime_ns
     assert cli.main(argv) == 0

@@ -32,9 +32,10 @@ from .split import split_tokens
 
 def source_embeddings(config: Config):
     """(tokenizer, E_s float32 [V_s, D]) of the source model; sizes must agree as the method asserts."""
-    model, tokenizer = load_source(config)
+    source = load_source(config)
+    model, tokenizer = source.model, source.tokenizer
     embeddings = model.get_input_embeddings().weight.detach().float().numpy().copy()
-    del model
+    del model, source
     if embeddings.shape[0] != len(tokenizer):
         raise HyperofaError(
             f"source tokenizer has {len(tokenizer)} tokens but the model {config.source.model} has "

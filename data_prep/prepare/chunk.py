@@ -98,7 +98,10 @@ def process_chunk(job: ChunkJob, settings: Settings, tokenizer: Any) -> dict[str
     }
     shards: list[dict[str, Any]] = []
     for split in SPLITS:
-        packed = pack_sentences(flat, offsets, orders[split], settings.block_size, settings.specials)
+        # Held-out text shorter than one block still gives one (padded) block; training blocks are never padded.
+        packed = pack_sentences(
+            flat, offsets, orders[split], settings.block_size, settings.specials, pad_short=split == "heldout"
+        )
         n_shards = 0
         for shard in build_shards(
             packed.blocks, unit.lang, unit.chunk, settings.blocks_per_sample, settings.samples_per_shard
@@ -125,6 +128,7 @@ def process_chunk(job: ChunkJob, settings: Settings, tokenizer: Any) -> dict[str
                 f"{split}_tokens_in_blocks": packed.tokens_in_blocks,
                 f"{split}_tokens_lost": packed.tokens_lost,
                 f"{split}_blocks": int(packed.blocks.shape[0]),
+                f"{split}_padded_blocks": packed.padded_blocks,
                 f"{split}_shards": n_shards,
             }
         )

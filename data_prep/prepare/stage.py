@@ -38,10 +38,10 @@ from hyperofa_dist.runtime.ray import ray_session, run_tasks
 from hyperofa_dist.runtime.stage import StageShell
 
 from .chunk import RECORDS, ChunkJob, Settings, count_unit, process_chunk, record_path
-from .packing import Specials
+from .packing import RULES, Specials
 from .sampling import ChunkPlan, needs_corpus_counts, plan_chunks
 
-SPLIT_STATS = ("sentences", "tokens", "tokens_in_blocks", "tokens_lost", "blocks", "shards")
+SPLIT_STATS = ("sentences", "tokens", "tokens_in_blocks", "tokens_lost", "blocks", "padded_blocks", "shards")
 READ_STATS = ("lines", "empty", "invalid_utf8", "sentences", "train_unique", "encoded_tokens")
 RETRIES_KEY = "prepare.max_retries"
 
@@ -133,6 +133,32 @@ def aggregate(records: list[dict[str, Any]], languages: list[str]) -> dict[str, 
     return per_lang
 
 
+def without_heldout(per_lang: dict[str, dict[str, int]], skipped: dict[str, str]) -> dict[str, str]:
+    """Languages (with text) that got no held-out block, and why."""
+    out = {}
+    for lang, stats in per_lang.items():
+        if lang in skipped or stats["heldout_blocks"]:
+            continue
+        n = stats["heldout_sentences"]
+        out[lang] = "no held-out sentence" if n == 0 else f"{n} held-out sentences, shorter than a block, no pad token"
+    return out
+
+
+def heldout_summary(per_lang: dict[str, dict[str, int]], without: dict[str, str], skipped: dict[str, str]) -> str:
+    """One line: how many languages got held-out blocks (the fewest, the padded ones) and which got none."""
+    have = {lang: stats["heldout_blocks"] for lang, stats in per_lang.items() if lang not in skipped}
+    if not any(per_lang[lang]["heldout_sentences"] for lang in have):
+        return "held-out blocks: none (no language has a held-out sentence; prepare.heldout_fraction)"
+    line = f"held-out blocks: {len(have) - len(without)} of {len(have)} languages have some"
+    if len(have) > len(without):
+        fewest = min((n, lang) for lang, n in have.items() if n)
+        padded = sum(1 for lang in have if per_lang[lang]["heldout_padded_blocks"])
+        line += f" (fewest: {fewest[1]} with {fewest[0]}; {padded} with a padded short block)"
+    if without:
+        line += "; none: " + ", ".join(f"{lang} ({why})" for lang, why in sorted(without.items()))
+    return line
+
+
 def _metrics(per_lang: dict[str, dict[str, int]], totals: dict[str, int]) -> dict[str, float]:
     metrics = {f"{lang}/{key}": value for lang, stats in per_lang.items() for key, value in stats.items()}
     metrics.update({f"total/{key}": value for key, value in totals.items()})
@@ -169,10 +195,12 @@ def run(config: Config, tracker) -> int:
     prep = config.prepare
     tokenizer_dir = target_tokenizer_dir(config)
     tokenizer = load_tokenizer(tokenizer_dir)
-    specials = Specials(*frame_ids(tokenizer, tokenizer_dir))
+    pad = tokenizer.pad_token_id
+    specials = Specials(*frame_ids(tokenizer, tokenizer_dir), pad=int(pad) if pad is not None else None)
     sources = discover(config.corpus)
     inputs = {
         "config": config.fingerprint("prepare", "corpus", "run"),
+        "packing": RULES,
         "tokenizer": tokenizer_fingerprint(tokenizer_dir),
         "corpus": corpus_fingerprint(sources, config.corpus.path),
     }
@@ -241,7 +269,14 @@ def run(config: Config, tracker) -> int:
         totals = {key: sum(stats[key] for stats in per_lang.values()) for key in next(iter(per_lang.values()))}
         for lang, reason in sorted(skipped.items()):
             shell.say(f"skipped language {lang} ({reason})")
-        counts = {"languages": per_lang, "totals": totals, "skipped_languages": skipped, "units": len(units)}
+        no_heldout = without_heldout(per_lang, skipped)
+        counts = {
+            "languages": per_lang,
+            "totals": totals,
+            "skipped_languages": skipped,
+            "languages_without_heldout": no_heldout,
+            "units": len(units),
+        }
         shell.finish(
             outputs=[],
             counts=counts,
@@ -256,7 +291,7 @@ def run(config: Config, tracker) -> int:
                     key=lambda s: s["path"],
                 ),
                 "block_size": prep.block_size,
-                "special_tokens": {"cls": specials.cls, "sep": specials.sep},
+                "special_tokens": {"cls": specials.cls, "sep": specials.sep, "pad": specials.pad},
             },
         )
         run_.log_metrics(_metrics(per_lang, totals))
@@ -266,10 +301,14 @@ def run(config: Config, tracker) -> int:
                 "time/count_s": count_s,
                 "time/encoded_tokens_per_s": totals["encoded_tokens"] / max(wall_s, 1e-9),
                 "tasks": len(job_groups),
+                "languages_without_heldout": len(no_heldout),
             }
         )
         if skipped:
             run_.set_tags({"hyperofa.skipped_languages": ",".join(sorted(skipped))})
+        if no_heldout:
+            run_.set_tags({"hyperofa.languages_without_heldout": ",".join(sorted(no_heldout))})
+        shell.say(heldout_summary(per_lang, no_heldout, skipped))
         shell.say(
             f"{totals['train_blocks']} train and {totals['heldout_blocks']} held-out blocks of "
             f"{prep.block_size} tokens from {len(languages) - len(skipped)} languages in {wall_s:.1f}s -> {shell.path}"

@@ -18,6 +18,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from ..errors import HyperofaError
+from .languages import resolve
 
 KS = (1, 5, 10)
 PAIR_FILE = re.compile(r"^(?P<prefix>.+)\.(?P<lang>[^.\-]+)-(?P<eng>eng(?:_Latn)?)\.(?P<side>[^.]+)$")
@@ -33,7 +34,10 @@ class PairFiles:
 def discover_pairs(
     data_dir: str | Path, languages: Optional[Sequence[str]] = None
 ) -> tuple[dict[str, PairFiles], dict[str, str]]:
-    """(language -> its two files, skipped language -> why) for the parallel files of one directory."""
+    """(language -> its two files, skipped language -> why) for the parallel files of one directory.
+
+    Without `languages` every language is keyed by its code in the file names; with them, each requested code
+    (`deu_Latn`, or the files' own `deu`) is found through `languages.resolve` and keys its pair."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise HyperofaError(f"{data_dir}: retrieval data directory not found")
@@ -62,11 +66,9 @@ def discover_pairs(
         else:
             found[lang] = PairFiles(lang, lang_path, eng_path)
     if languages is not None:
-        wanted = set(languages)
-        for lang in sorted(wanted - set(expected)):
-            skipped[lang] = "no parallel files"
-        found = {k: v for k, v in found.items() if k in wanted}
-        skipped = {k: v for k, v in skipped.items() if k in wanted}
+        codes, unresolved = resolve(languages, expected, "no parallel files")
+        found = {key: found[code] for key, code in codes.items() if code in found}
+        skipped = {key: skipped[code] for key, code in codes.items() if code in skipped} | unresolved
     return found, skipped
 
 

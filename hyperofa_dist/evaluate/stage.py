@@ -5,7 +5,8 @@ sits in task sub-directories of `evaluate.data_dir`; the mlm task reads the held
 stage directory `<run.dir>/evaluate/<name>/` holds results.json and the manifest (inputs: the evaluate config,
 the model's and the data's fingerprints), so re-running the same evaluation is a no-op. Metrics go to MLflow as
 `<task>.<lang>.<metric>` and `<task>.average.<metric>` at step `evaluate.step`, tagged with `init.method` so
-`hyperofa compare` can group runs.
+`hyperofa compare` can group runs. `evaluate.languages` holds one code per language (`deu_Latn`); each task maps it
+to its data's own code (`languages.resolve`) and reports under the requested one.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ from ..formats import results as out_format
 from ..formats.files import sha256_file
 from ..formats.init import method_of
 from ..formats.models import CONFIG, load_model, model_fingerprint, read_model_config
-from ..formats.shards import first_blocks, heldout_shards, prepare_dir
+from ..formats.shards import first_blocks, heldout_shards, prepare_dir, shards_by_language
 from ..formats.tokenizer import load_tokenizer
 from ..runtime.device import resolve_device
 from ..runtime.stage import StageShell
 from . import mlm, retrieval, tagging
+from .languages import resolve
 from .model import check_model_vocabulary, check_vocabulary, hidden_state_index, resolve_model_dir
 
 TASK_DIRS = {"srt": ("srt", "tatoeba"), "srb": ("srb", "bible"), "pos": ("pos", "udpos"), "ner": ("ner", "panx")}
@@ -147,10 +149,20 @@ def evaluate_model(
         else:
             model = load_model(model_dir, "AutoModelForMaskedLM").to(device)
             check_model_vocabulary(tokenizer, model, model_dir)
-            blocks = first_blocks(heldout_shards(_heldout_dir(config)), ev.mlm_blocks, ev.languages)
+            by_lang = shards_by_language(heldout_shards(_heldout_dir(config)))
+            if ev.languages is None:
+                chosen, skipped[task] = {lang: lang for lang in by_lang}, {}
+            else:  # corpus codes (deu_Latn) or a bare ISO code that names one of them
+                chosen, skipped[task] = resolve(ev.languages, by_lang, "no held-out blocks")
+            blocks = first_blocks(
+                sorted(p for code in chosen.values() for p in by_lang[code]), ev.mlm_blocks, chosen.values()
+            )
+            skipped[task] |= {key: "no held-out blocks" for key, code in chosen.items() if code not in blocks}
             if not blocks:
                 raise HyperofaError(f"{_heldout_dir(config)}: no held-out blocks for the requested languages")
-            per_language = mlm.mlm_loss_per_language(
+            # Masks are seeded by the shards' own code, as in the pretraining job's evaluations; results and
+            # skips are reported under the requested code.
+            by_code, unscored = mlm.mlm_loss_per_language(
                 model,
                 tokenizer,
                 blocks,
@@ -159,7 +171,10 @@ def evaluate_model(
                 batch_size=ev.mlm_batch_size,
                 device=device,
             )
-            skipped[task] = {l: "no held-out blocks" for l in (ev.languages or []) if l not in blocks}
+            per_language = {key: by_code[code] for key, code in chosen.items() if code in by_code}
+            skipped[task] |= {key: unscored[code] for key, code in chosen.items() if code in unscored}
+            if not per_language:
+                raise HyperofaError(f"{_heldout_dir(config)}: no held-out token was masked in any language")
             del model
         results[task] = with_average(per_language)
         extra[f"time/{task}_s"] = time.perf_counter() - started

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..errors import HyperofaError
 from ..formats.models import load_model
+from .languages import resolve
 
 IGNORE = -100
 SPLITS = ("train", "dev", "test")
@@ -275,7 +276,7 @@ def evaluate_tagging(
     if task not in MISSING_LABEL:
         raise ValueError(f"unknown tagging task {task!r}")
     files = discover_tagging(data_dir)
-    eng = next((code for code in (english, english.split("_")[0]) if code in files), None)
+    eng = resolve([english], files, "")[0].get(english)
     if eng is None:
         raise HyperofaError(f"{data_dir}: no English files (train-{english}.tsv/.conllu) to fine-tune {task}")
     for split in ("train", "dev"):
@@ -289,17 +290,15 @@ def evaluate_tagging(
     label_ids = {name: i for i, name in enumerate(label_names)}
 
     tests, skipped = {}, {}
-    wanted = set(languages) | {eng} if languages is not None else None
-    for lang in sorted(files):
-        if wanted is not None and lang not in wanted:
-            continue
-        if "test" in files[lang]:
-            tests[lang] = files[lang]["test"]
+    if languages is None:
+        chosen = {code: code for code in sorted(files)}
+    else:  # requested codes (English always) key their files' results
+        chosen, skipped = resolve([english, *languages], files, "no files")
+    for key, code in chosen.items():
+        if "test" in files[code]:
+            tests[key] = files[code]["test"]
         else:
-            skipped[lang] = "no test file"
-    if wanted is not None:
-        for lang in sorted(wanted - set(files)):
-            skipped[lang] = "no files"
+            skipped[key] = "no test file"
     test_sentences = {lang: read_tagged(path, task)[: settings.max_test_sentences] for lang, path in tests.items()}
 
     torch.manual_seed(settings.seed)

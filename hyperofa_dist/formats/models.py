@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -39,26 +40,52 @@ def quiet_transformers() -> Iterator[None]:
 
 def load_model(name: str | Path, auto_class: str = "AutoModelForMaskedLM", key: str = "", **kwargs: Any) -> Any:
     """`transformers.<auto_class>.from_pretrained(name)`, in eval mode, with a one-line error naming `key`."""
+    return _from_pretrained(name, auto_class, key, **kwargs)[0]
+
+
+def load_model_reporting_missing(
+    name: str | Path, auto_class: str = "AutoModelForMaskedLM", key: str = "", **kwargs: Any
+) -> tuple[Any, list[str]]:
+    """`load_model`, plus the sorted names of the weights the checkpoint lacked: transformers fills those with
+    its own unseeded random init, which a caller that needs them must replace (`init.head`)."""
+    return _from_pretrained(name, auto_class, key, output_loading_info=True, **kwargs)
+
+
+def _from_pretrained(name: str | Path, auto_class: str, key: str, **kwargs: Any) -> tuple[Any, list[str]]:
     import transformers
 
     cls = getattr(transformers, auto_class)
     where = f" ({key})" if key else ""
     try:
         with quiet_transformers():
-            model = cls.from_pretrained(str(name), **kwargs)
+            loaded = cls.from_pretrained(str(name), **kwargs)
     except Exception as exc:  # hub, network and checkpoint-format errors of many types
         raise HyperofaError(
             f"{name}: cannot load the model{where} ({exc.__class__.__name__}: {str(exc)[:200]})"
         ) from None
-    return model.eval()
+    if kwargs.get("output_loading_info"):
+        model, info = loaded
+        return model.eval(), sorted(info.get("missing_keys") or ())
+    return loaded.eval(), []
 
 
-def load_source(config: Any) -> tuple[Any, Any]:
-    """(masked LM, fast tokenizer) of the source model (`source.model`; the tokenizer from `source.tokenizer` when
-    set): the one loader of the stages that read the source (mapping, init)."""
+@dataclass
+class Source:
+    """The source model as the stages read it: masked LM, fast tokenizer, and the weights its checkpoint lacked
+    (a sentence-embedding model has no MLM head: its head weights are listed here)."""
+
+    model: Any
+    tokenizer: Any
+    missing: list[str] = field(default_factory=list)
+
+
+def load_source(config: Any) -> Source:
+    """The source model (`source.model`; the tokenizer from `source.tokenizer` when set): the one loader of the
+    stages that read the source (mapping, init)."""
     from .tokenizer import source_tokenizer
 
-    return load_model(config.source.model, key="source.model"), source_tokenizer(config)
+    model, missing = load_model_reporting_missing(config.source.model, key="source.model")
+    return Source(model, source_tokenizer(config), missing)
 
 
 def require_model_dir(path: Path, *, tokenizer: bool = True) -> Path:
@@ -123,6 +150,14 @@ def source_identity(config: Any) -> dict[str, Any]:
     for key, where in (("model_files", config.source.model), ("tokenizer_files", config.source.tokenizer)):
         if where and Path(where).is_dir():
             out[key] = fingerprint_dir(where, MODEL_FILES if key == "model_files" else None)
+    return out
+
+
+def model_identity(where: str) -> dict[str, Any]:
+    """A model's identity for manifests: its name and, when it is a local directory, the hashes of its files."""
+    out: dict[str, Any] = {"model": where}
+    if Path(where).is_dir():
+        out["model_files"] = fingerprint_dir(where, MODEL_FILES)
     return out
 
 

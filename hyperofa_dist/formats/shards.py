@@ -7,16 +7,19 @@ Layout under a prepare directory (`<run.dir>/prepare/`):
     manifest.json                                       lists every shard (split, lang, chunk, blocks)
 
 A sample holds up to `blocks_per_sample` blocks as one `<key>.input_ids.npy` (uint32 `[n, block_size]`) plus
-`<key>.lang.txt`, so no tar member is tiny. Every header field that could vary between runs or machines (mtime,
-uid/gid, owner names, mode) is fixed: identical blocks give byte-identical shards, which is what lets a retried
-or re-run task rewrite identical bytes. `webdataset.WebDataset(urls).decode()` reads them; the system itself reads
-them with `read_shard`, which checks every sample and turns a truncated or foreign file into one line.
+`<key>.lang.txt`, so no tar member is tiny. A held-out block may end in padding (its last id is the tokenizer's pad
+id; the prepare manifest's `special_tokens.pad`): consumers give padding attention 0 and never predict it.
+Every header field that could vary between runs or machines (mtime, uid/gid, owner names, mode) is fixed:
+identical blocks give byte-identical shards, which is what lets a retried or re-run task rewrite identical bytes.
+`webdataset.WebDataset(urls).decode()` reads them; the system itself reads them with `read_shard`, which checks
+every sample and turns a truncated or foreign file into one line.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import re
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +43,9 @@ LANG_MEMBER = "lang.txt"
 def shard_name(lang: str, chunk: int, index: int) -> str:
     """A shard's path relative to its split directory."""
     return f"{lang}/{lang}-{chunk:05d}-{index:06d}.tar"
+
+
+SHARD_FILE = re.compile(r"^(?P<lang>.+)-\d{5}-\d{6}\.tar$")  # the file name shard_name gives
 
 
 def sample_key(lang: str, chunk: int, sample: int) -> str:
@@ -244,3 +250,16 @@ def heldout_shards(path: str | Path) -> list[Path]:
     if not shards:
         raise HyperofaError(f"{root}: no .tar shards found")
     return shards
+
+
+def shards_by_language(shards: Sequence[str | Path]) -> dict[str, list[Path]]:
+    """The shards of each language, from the file names `shard_name` gives (a shard named otherwise: from the
+    language of its first sample)."""
+    out: dict[str, list[Path]] = {}
+    for shard in shards:
+        shard = Path(shard)
+        match = SHARD_FILE.match(shard.name)
+        lang = match["lang"] if match else next((sample.lang for sample in read_shard(shard)), None)
+        if lang is not None:
+            out.setdefault(lang, []).append(shard)
+    return out

@@ -21,7 +21,7 @@ from ..formats.hypernet import load_predictions, load_test_predictions
 from ..formats.hypernet import stage_of as hypernet_stage
 from ..formats.mapping import Mapping, load_mapping
 from ..formats.mapping import stage_of as mapping_stage
-from ..formats.models import load_source, model_files, save_model_dir, source_identity
+from ..formats.models import load_source, model_files, model_identity, save_model_dir, source_identity
 from ..formats.rundir import Stage
 from ..formats.shards import STAGE as PREPARE_STAGE
 from ..formats.tokenizer import load_tokenizer, target_tokenizer_dir, tokenizer_fingerprint
@@ -29,6 +29,7 @@ from ..runtime.device import resolve_device
 from ..runtime.stage import StageShell
 from . import assemble as asm
 from .export import build_expanded_model, merge_copy_pairs, special_token_pairs
+from .head import complete_head
 from .ofa import ofa_for_tokens
 from .random import column_stats, random_rows
 
@@ -107,7 +108,7 @@ def new_token_loss(
     scored = np.zeros(model.get_input_embeddings().num_embeddings, dtype=bool)
     scored[: len(provenance)] = provenance != asm.COPY
     device = resolve_device(c.device, "init.device")
-    per_language = mlm_loss_per_language(
+    per_language, _ = mlm_loss_per_language(
         model.to(device), tokenizer, blocks, seed=config.run.seed, probability=config.evaluate.mlm_probability,
         batch_size=c.heldout_batch_size, device=device, scored_labels=scored,
     )
@@ -142,6 +143,11 @@ def run(config: Config, tracker: Any) -> int:
         "seed": init_seed(config),
         "target_tokenizer": tokenizer_fingerprint(target_dir),
         "mapping": mapping_stage(run_dir).require().get("outputs"),
+        # A source without an MLM head gets one from run.seed (or source.mlm_head), whatever init.seed says.
+        "mlm_head": {
+            "seed": config.run.seed,
+            **(model_identity(config.source.mlm_head) if config.source.mlm_head else {}),
+        },
     }
     if method == "hyperofa":
         inputs["hypernet"] = hypernet_stage(run_dir).require().get("outputs")
@@ -155,7 +161,9 @@ def run(config: Config, tracker: Any) -> int:
 
         # --- validate every input before writing anything --------------------------------------------------
         mapping = load_mapping(run_dir)
-        source_model, source_tok = load_source(config)
+        source = load_source(config)
+        source_model, source_tok = source.model, source.tokenizer
+        head = complete_head(source_model, source.missing, seed=config.run.seed, donor=config.source.mlm_head)
         target_tok = load_tokenizer(target_dir)
         special_t, special_s, roles = special_token_pairs(source_tok, target_tok, f"target tokenizer {target_dir}")
         mapping.require_source(source_identity(config), len(source_tok), source_model.config.hidden_size)
@@ -167,6 +175,17 @@ def run(config: Config, tracker: Any) -> int:
             predicted_ids, predicted_rows = load_predictions(run_dir)
             asm.check_predictions(predicted_ids, predicted_rows, len(target_tok), mapping.k, "hypernet predictions")
         load_s = time.perf_counter() - t0
+        if head.origin != "checkpoint":
+            made = (
+                f"copied from source.mlm_head={head.donor}" if head.origin == "copied" else
+                f"made from run.seed={head.seed}, the same for every init method (set source.mlm_head to copy a "
+                "trained one)"
+            )
+            shell.say(f"warning: the source model {config.source.model} has no MLM head (missing "
+                      f"{', '.join(head.missing)}); the head is {made}")
+        elif config.source.mlm_head:
+            shell.say(f"warning: source.mlm_head is set but the source model {config.source.model} has its own MLM "
+                      "head; it is kept")
 
         # --- assemble ---------------------------------------------------------------------------------------
         t1 = time.perf_counter()
@@ -227,6 +246,7 @@ def run(config: Config, tracker: Any) -> int:
             counts=manifest_counts,
             extra={
                 "method": method,
+                "mlm_head": head.as_dict(),
                 "family": info.family,
                 "factorized": not asm.is_identity(mapping.primitives),
                 "padded_rows": info.padded_rows,
@@ -250,7 +270,7 @@ def run(config: Config, tracker: Any) -> int:
             metrics["new_token_mlm_loss" if lang == "average" else f"new_token_mlm_loss/{lang}"] = value
         metrics.update({"seconds/load": load_s, "seconds/assemble": assemble_s, "seconds/export": export_s})
         t.log_metrics(metrics)
-        t.set_tags({"init.method": method, "init.family": info.family})
+        t.set_tags({"init.method": method, "init.family": info.family, "init.mlm_head": head.origin})
         t.log_artifact(stage.path / out_format.PROVENANCE_COUNTS)
         t.log_artifact(stage.path / out_format.QUALITY)
     new_loss = new_tokens.get("loss", {}).get("average")

@@ -38,6 +38,7 @@ class MaskSpec:
     mask_id: int
     vocab_size: int
     probability: float = 0.15
+    pad_id: Optional[int] = None  # held-out blocks may end in padding (prepare pads a too-short held-out part)
 
 
 def mixing_probabilities(
@@ -216,8 +217,14 @@ def heldout_batches(
     generator = torch.Generator().manual_seed(mix_seed(seed, HELDOUT, lang))
     special = torch.tensor(mask.special_ids, dtype=torch.long)
     inputs, labels = mask_tokens(ids, special, mask.mask_id, mask.vocab_size, generator, mask.probability)
+    # From the ids before masking: a random replacement that happens to be the pad id is still a real position.
+    attention = (ids != mask.pad_id).long() if mask.pad_id is not None else torch.ones_like(ids)
     return [
-        {"input_ids": inputs[s : s + micro_batch_size], "labels": labels[s : s + micro_batch_size]}
+        {
+            "input_ids": inputs[s : s + micro_batch_size],
+            "labels": labels[s : s + micro_batch_size],
+            "attention_mask": attention[s : s + micro_batch_size],
+        }
         for s in range(0, len(blocks), micro_batch_size)
     ]
 
@@ -228,4 +235,5 @@ def mask_spec(tokenizer, probability: float) -> MaskSpec:
         mask_id=int(tokenizer.mask_token_id),
         vocab_size=len(tokenizer),
         probability=probability,
+        pad_id=int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else None,
     )

@@ -38,7 +38,8 @@ COMMAND = "pretrain"
 
 
 class MaskedLMObjective(torch.nn.Module):
-    """Wraps the HF model so `engine(input_ids, labels)` is the MLM loss with logits only at masked positions.
+    """Wraps the HF model so `engine(input_ids, labels[, attention_mask])` is the MLM loss with logits only at masked
+    positions (training blocks are never padded; held-out ones may be, and carry their attention mask).
 
     Going through the engine's forward (rather than calling submodules from outside) is what lets ZeRO-3 gather
     and release the partitioned parameters around every submodule, the tied decoder included. A tied input
@@ -50,8 +51,10 @@ class MaskedLMObjective(torch.nn.Module):
         self.model = model
         sparse_embedding_grad(model)
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        loss, n_masked = masked_lm_loss(self.model, input_ids, labels)
+    def forward(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        loss, n_masked = masked_lm_loss(self.model, input_ids, labels, attention_mask)
         return loss, torch.tensor(float(n_masked), device=loss.device)
 
 
@@ -156,6 +159,8 @@ class PretrainJob(JobContext):
     def _loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         ids = batch["input_ids"].to(self.device, non_blocking=True)
         labels = batch["labels"].to(self.device, non_blocking=True)
+        if "attention_mask" in batch:
+            return self.engine(ids, labels, batch["attention_mask"].to(self.device, non_blocking=True))
         return self.engine(ids, labels)
 
     @torch.no_grad()
@@ -324,7 +329,8 @@ class PretrainJob(JobContext):
             self.engine.train()
             if self.rank == 0:
                 torch.save(
-                    {"input_ids": probe["input_ids"], "labels": probe["labels"], "loss": float(loss)},
+                    {"input_ids": probe["input_ids"], "labels": probe["labels"],
+                     "attention_mask": probe["attention_mask"], "loss": float(loss)},
                     self.out / out_format.PROBE,
                 )
         torch.distributed.barrier()

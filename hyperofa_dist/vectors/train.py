@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 import gzip
 import re
+import sys
+import time
 from pathlib import Path
-from typing import Iterator
+from typing import IO, Any, Iterator, Optional
 
 from ..errors import HyperofaError
 
@@ -79,6 +81,37 @@ class SentenceIdCorpus:
                 line_no += 1
 
 
+def epoch_progress(epochs: int, file: IO[str]) -> Any:
+    """A gensim callback that drives a tqdm bar: one step per epoch, the epoch's words/s beside it.
+
+    gensim logs its own progress at INFO only; a corpus of hundreds of languages trains for many minutes, and
+    without this a run said nothing until it ended. Words are the corpus tokens gensim reads per epoch
+    (`corpus_total_words`, sentence ids included)."""
+    from gensim.models.callbacks import CallbackAny2Vec
+    from tqdm import tqdm
+
+    class EpochProgress(CallbackAny2Vec):
+        def __init__(self) -> None:
+            self.bar: Optional[Any] = None
+            self.started = 0.0
+
+        def on_train_begin(self, model: Any) -> None:
+            self.bar = tqdm(total=epochs, desc="vectors train", unit="epoch", file=file, mininterval=0.0)
+
+        def on_epoch_begin(self, model: Any) -> None:
+            self.started = time.perf_counter()
+
+        def on_epoch_end(self, model: Any) -> None:
+            seconds = max(time.perf_counter() - self.started, 1e-9)
+            self.bar.set_postfix_str(f"{model.corpus_total_words / seconds:,.0f} words/s", refresh=False)
+            self.bar.update(1)
+
+        def on_train_end(self, model: Any) -> None:
+            self.bar.close()
+
+    return EpochProgress()
+
+
 def train_vectors(
     corpus_dir: str | Path,
     *,
@@ -91,8 +124,11 @@ def train_vectors(
     alpha: float = 0.1,
     sample: float = 0.0,
     lowercase: bool = True,
+    progress: bool = True,
 ):
-    """Train SID-SGNS vectors; returns gensim KeyedVectors holding only `iso:word` keys (frequency order)."""
+    """Train SID-SGNS vectors; returns gensim KeyedVectors holding only `iso:word` keys (frequency order).
+
+    `progress`: an epoch bar on stderr; it never changes the vectors."""
     from gensim.models import Word2Vec
 
     files = corpus_languages(corpus_dir)
@@ -115,6 +151,7 @@ def train_vectors(
     words = [key for key in model.wv.index_to_key if not key.startswith("#")]
     if not words:
         raise HyperofaError(f"{corpus_dir}: no word occurs {min_count} times (config key vectors.train.min_count)")
-    model.train(corpus, total_examples=model.corpus_count, epochs=model.epochs)
+    callbacks = [epoch_progress(model.epochs, sys.stderr)] if progress else []
+    model.train(corpus, total_examples=model.corpus_count, epochs=model.epochs, callbacks=callbacks)
     kv = model.wv.vectors_for_all(words, allow_inference=False, copy_vecattrs=True)
     return kv
