@@ -167,6 +167,9 @@ class PretrainBenchConfig(Section):
     grad_accum: int = Field(2, ge=1, description="bench pretrain: micro-steps per optimizer step, in both loops.")
     steps: int = Field(2, ge=1, description="bench pretrain: timed optimizer steps per loop.")
     warmup: int = Field(1, ge=0, description="bench pretrain: untimed optimizer steps first.")
+    rank: int = Field(
+        400, ge=1, description="bench pretrain with pretrain.embeddings=factorised: k of F_t P (the report's XLM-R: 400)."
+    )
 
 
 class LaunchConfig(Section):
@@ -275,6 +278,17 @@ class TaggingEvalConfig(Section):
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay (the method: 0).")
     seed: Optional[int] = Field(None, ge=0, description="Seed of head init, dropout and data order; unset: run.seed.")
     max_train_sentences: Optional[int] = Field(None, ge=1, description="Use at most this many English train sentences.")
+    select_every: Optional[int] = Field(
+        None, ge=1, description="Score English dev every N optimizer steps and at the end, keep the best; unset: "
+        "the reference's NER 1000, POS 500."
+    )
+    score_unit: Literal["piece", "sentence"] = Field(
+        "piece", description="seqeval sequences: each piece of a cut sentence (the reference), or whole sentences."
+    )
+    embeddings: Literal["auto", "factorised", "full"] = Field(
+        "auto", description="Fine-tune a model with F_t.npy and P.npy beside it factorised (the reference), or its "
+        "full-rank matrix; auto: factorised when they exist and k < D."
+    )
 
 
 class EvaluateConfig(Section):

@@ -422,7 +422,8 @@ class PretrainKit:
         shutil.copytree(model, out)  # the tokenizer files byte for byte: shards record their sha256
         net.save_pretrained(out)
         init_format.save_factors(out.parent, factors.coordinates, factors.primitives)
-        shutil.copy(model.parent / init_format.PROVENANCE, out.parent / init_format.PROVENANCE)
+        if (model.parent / init_format.PROVENANCE).is_file():
+            shutil.copy(model.parent / init_format.PROVENANCE, out.parent / init_format.PROVENANCE)
         return out
 
     def real_prepare(self, run_dir: Path, corpus: Path, tok: Path) -> Path:

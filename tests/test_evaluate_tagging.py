@@ -60,6 +60,37 @@ def test_pieces_respect_the_length_budget(tagger_model):
     assert all(p.input_ids[0] == tok.cls_token_id and p.input_ids[-1] == tok.sep_token_id for p in pieces)
 
 
+def test_reference_frame_and_budget_253_of_256(tagger_model):
+    """XLM-R/RoBERTa: `<s> words </s></s>`, 253 one-piece words per piece of 256; BERT: one `[SEP]`, 254."""
+    tok = load_tokenizer(tagger_model)
+    assert len(tok("dyha", add_special_tokens=False)["input_ids"]) == 1
+    sentence = tagging.Sentence(["dyha"] * 600, ["O"] * 600)
+    pieces, counts = tagging.to_pieces([sentence], tok, max_length=256, extra_sep=True)
+    assert counts == [3] and [len(p.positions) for p in pieces] == [253, 253, 94]
+    assert [len(p.input_ids) for p in pieces] == [256, 256, 97]
+    assert all(p.input_ids[0] == tok.cls_token_id and p.input_ids[-2:] == [tok.sep_token_id] * 2 for p in pieces)
+    assert pieces[0].positions == list(range(1, 254))
+    single, _ = tagging.to_pieces([sentence], tok, max_length=256, extra_sep=False)
+    assert [len(p.positions) for p in single] == [254, 254, 92] and single[0].input_ids[-2] != tok.sep_token_id
+    assert tagging.sep_token_extra("xlm-roberta") and tagging.sep_token_extra("roberta")
+    assert not tagging.sep_token_extra("bert")
+
+
+def test_pieces_are_scored_as_sequences_unless_sentences_are_asked_for():
+    # One sentence "Anna Maria lebt" cut after "Anna": the PER chunk crosses the cut.
+    gold = [["B-PER"], ["I-PER", "O"]]
+    pred = [["B-PER"], ["I-PER", "O"]]
+    by_piece = tagging._score_sequences([2], gold, "piece")
+    assert by_piece == gold  # two sequences: seqeval sees two PER chunks, each right
+    assert tagging.tagging_scores(by_piece, tagging._score_sequences([2], pred, "piece"), False)["f1"] == 100.0
+    by_sentence = tagging._score_sequences([2], gold, "sentence")
+    assert by_sentence == [["B-PER", "I-PER", "O"]]
+    # A prediction that misses the second half scores 100 per piece (chunk B-PER alone) but 0 per sentence.
+    half = [["B-PER"], ["O", "O"]]
+    assert tagging.tagging_scores(gold[:1], half[:1], False)["f1"] == 100.0
+    assert tagging.tagging_scores(by_sentence, tagging._score_sequences([2], half, "sentence"), False)["f1"] == 0.0
+
+
 @pytest.mark.parametrize("task", ["pos", "ner"])
 def test_english_above_90_and_zero_shot_reported(tmp_path, world, tagger_model, task):
     synthetic.write_tagging_data(tmp_path, world, task, "qaa_Latn", ["qac_Latn", "qab_Cyrl"], sizes=(200, 40, 60))
@@ -77,7 +108,35 @@ def test_english_above_90_and_zero_shot_reported(tmp_path, world, tagger_model, 
         assert english["accuracy"] > 90.0
     # Zero-shot is far below English for an untrained encoder: no cross-lingual alignment to transfer through.
     assert outcome.per_language["qab_Cyrl"]["f1"] < english["f1"] - 30
-    assert 1 <= outcome.best_epoch <= SETTINGS.epochs and outcome.dev_f1 > 90.0
+    assert outcome.dev_f1 > 90.0 and outcome.candidates[outcome.best_step] == outcome.dev_f1
+    assert outcome.steps in outcome.candidates and not outcome.factorised
+
+
+def test_dev_selection_every_n_steps_keeps_the_earliest_best(tmp_path, world, tagger_model):
+    synthetic.write_tagging_data(tmp_path, world, "ner", "qaa_Latn", ["qac_Latn"], sizes=(64, 20, 10))
+    settings = tagging.TaggingSettings(epochs=3, lr=3e-3, batch_size=16, max_length=64, seed=0, select_every=3)
+    outcome = tagging.evaluate_tagging(tagger_model, load_tokenizer(tagger_model), tmp_path, "ner", settings=settings)
+    assert outcome.steps == 12  # 64 sentences / 16 x 3 epochs
+    assert sorted(outcome.candidates) == [3, 6, 9, 12]
+    best = max(outcome.candidates.values())
+    assert outcome.best_step == min(s for s, f1 in outcome.candidates.items() if f1 == best)
+    assert outcome.dev_f1 == best
+    assert tagging.SELECT_EVERY == {"ner": 1000, "pos": 500}
+
+
+def test_a_model_with_its_factors_beside_fine_tunes_factorised(tmp_path, world, tagger_model, pretrain_kit):
+    factorised = pretrain_kit.factorised_model(tmp_path / "fact", tagger_model, k=24)  # of hidden 32
+    synthetic.write_tagging_data(tmp_path / "data", world, "ner", "qaa_Latn", ["qac_Latn"], sizes=(200, 40, 60))
+    settings = tagging.TaggingSettings(epochs=6, lr=3e-3, batch_size=16, max_length=64, seed=5,
+                                       factors_dir=factorised.parent)
+    tok = load_tokenizer(factorised)
+    fact = tagging.evaluate_tagging(factorised, tok, tmp_path / "data", "ner", settings=settings)
+    settings = tagging.TaggingSettings(epochs=6, lr=3e-3, batch_size=16, max_length=64, seed=5)
+    full = tagging.evaluate_tagging(factorised, tok, tmp_path / "data", "ner", settings=settings)
+    assert fact.factorised and not full.factorised
+    # Same model, same head seed and batches: only the parameterisation differs, and with it the updates.
+    assert fact.dev_f1 > 50.0 and full.dev_f1 > 50.0, (fact.dev_f1, full.dev_f1)
+    assert fact.per_language != full.per_language
 
 
 def test_seeded_runs_are_identical(tmp_path, world, tagger_model):

@@ -10,6 +10,12 @@ step every `pretrain.bench.grad_accum` micro-steps), in this process, one after 
             AdamW groups, clipping and precision; `pretrain.compile=true` compiles the encoder.
 Untimed warm-up steps come first; tokens/s counts every position of every sequence. On a GPU, MFU counts model FLOPs as
 `pretrain/perf.py` does, with the measured share of predicted positions (ours) or 1 (baseline). Prints one JSON line.
+
+With `pretrain.embeddings=factorised` the comparison is factorised against full-rank embeddings, both on our
+engine: each runs in its own fresh process (so each peak memory is its own: CUDA peak allocation on a GPU, peak RSS
+on a CPU), the factorised one with F_t [V, k] and P [k, D] at k = `pretrain.bench.rank` (values drawn at random:
+speed and memory do not depend on them). The line then carries `tokens_per_s` and `peak_memory_gib` of the
+factorised run beside `baseline_*` of the full-rank one, and both parameter counts.
 """
 
 from __future__ import annotations
@@ -131,9 +137,114 @@ def _init_single_process() -> None:
 def run(config: Config, args: Any = None) -> int:
     # DeepSpeed logs and prints to stdout (its logger binds the stream at import): keep stdout for the JSON line.
     with contextlib.redirect_stdout(sys.stderr):
-        result = measure(config)
+        if config.pretrain.embeddings == "factorised":
+            result = measure_factorised(config)
+        else:
+            result = measure(config)
     print(json.dumps(result), flush=True)
     return 0
+
+
+def _peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def measure_one(config: Config, embeddings: str) -> dict[str, Any]:
+    """Our engine on full-rank or factorised embeddings, in this (fresh) process: tokens/s, peak memory, sizes."""
+    import numpy as np
+
+    from ..init.factorised import factorise, parameter_counts, zero3_external_parameters
+
+    bench = config.pretrain.bench
+    on_gpu = torch.cuda.is_available()
+    device = torch.device("cuda", 0) if on_gpu else torch.device("cpu")
+    precision = resolve_precision(config.pretrain.precision, "cuda" if on_gpu else "cpu", "pretrain.precision")
+    batch = bench.micro_batch_size or (16 if on_gpu else 3)
+    ids, labels = make_batch(bench, batch, config.run.seed)
+    model = build_model(bench)
+    if embeddings == "factorised":
+        rng = np.random.default_rng(config.run.seed)
+        coordinates = rng.standard_normal((bench.vocab_size, bench.rank), dtype=np.float32) * 0.02
+        primitives = rng.standard_normal((bench.rank, bench.hidden_size), dtype=np.float32) * 0.05
+        factorise(model, coordinates, primitives)
+        del coordinates
+        if config.pretrain.zero.startswith("zero3"):
+            zero3_external_parameters(model)
+    counts = parameter_counts(model)
+    flops = model_flops_per_token(model, bench.seq_len, float((labels != -100).float().mean()))
+    model = model.to(device)
+    ids, labels = ids.to(device), labels.to(device)
+    _init_single_process()
+    seconds = ours_seconds(config, model, ids, labels, bench, device, precision)
+    tokens = batch * bench.seq_len * bench.grad_accum * bench.steps
+    peak = peak_flops(config.pretrain.peak_tflops)
+    out = {"embeddings": embeddings, "tokens_per_s": tokens / seconds, "peak_memory_gib": _peak_memory_gib(device),
+           "micro_batch_size": batch, "precision": precision, **counts,
+           "device": torch.cuda.get_device_name() if on_gpu else "cpu"}
+    if peak:
+        out["mfu"] = tokens / seconds * flops / peak
+    return out
+
+
+def measure_factorised(config: Config) -> dict[str, Any]:
+    """Full-rank and factorised runs of our engine, each in a fresh process, compared in one line."""
+    import subprocess
+    import tempfile
+
+    from ..errors import HyperofaError
+
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = os.path.join(tmp, "config.json")
+        with open(spec, "w", encoding="utf-8") as handle:
+            json.dump(config.effective(), handle)
+        for embeddings in ("full", "factorised"):
+            done = subprocess.run([sys.executable, "-m", __name__, "--one", embeddings, "--config", spec],
+                                  stdout=subprocess.PIPE, text=True)
+            if done.returncode != 0 or not done.stdout.strip():
+                raise HyperofaError(f"bench pretrain: the {embeddings} run failed (exit {done.returncode}; see stderr)")
+            runs[embeddings] = json.loads(done.stdout.strip().splitlines()[-1])
+    bench, full, fact = config.pretrain.bench, runs["full"], runs["factorised"]
+    result = {
+        "vocab_size": bench.vocab_size, "hidden_size": bench.hidden_size, "num_layers": bench.num_layers,
+        "seq_len": bench.seq_len, "rank": bench.rank, "micro_batch_size": fact["micro_batch_size"],
+        "grad_accum": bench.grad_accum, "zero": config.pretrain.ds_config or config.pretrain.zero,
+        "precision": fact["precision"], "device": fact["device"], "embeddings": "factorised",
+        "tokens_per_s": fact["tokens_per_s"], "baseline_tokens_per_s": full["tokens_per_s"],
+        "speedup": fact["tokens_per_s"] / full["tokens_per_s"],
+        "peak_memory_gib": fact["peak_memory_gib"], "baseline_peak_memory_gib": full["peak_memory_gib"],
+        "memory_ratio": fact["peak_memory_gib"] / full["peak_memory_gib"],
+        "parameters_total": fact["parameters_total"], "baseline_parameters_total": full["parameters_total"],
+        "parameters_embeddings": fact["parameters_embeddings"],
+        "baseline_parameters_embeddings": full["parameters_embeddings"],
+    }
+    if "mfu" in fact:
+        result.update(mfu=fact["mfu"], baseline_mfu=full["mfu"])
+    return result
+
+
+def _main(argv: Optional[list[str]] = None) -> int:
+    """One measurement in a fresh process: `python -m hyperofa_dist.bench.pretrain --one full --config c.json`."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--one", choices=("full", "factorised"), required=True)
+    parser.add_argument("--config", required=True)
+    args = parser.parse_args(argv)
+    with open(args.config, encoding="utf-8") as handle:
+        config = Config.model_validate(json.load(handle))
+    with contextlib.redirect_stdout(sys.stderr):
+        result = measure_one(config, args.one)
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())
 
 
 def measure(config: Config) -> dict[str, Any]:

@@ -87,6 +87,11 @@ def _inputs(config: Config, model_dir: Path) -> dict[str, Any]:
             inputs["data"][task] = {p.name: sha256_file(p) for p in heldout_shards(_heldout_dir(config))}
         else:
             inputs["data"][task] = _files_fingerprint(task_data_dir(config.evaluate.data_dir, task))
+    from ..formats.init import FACTORS, factors_beside
+
+    beside = factors_beside(model_dir)
+    if beside is not None and {"pos", "ner"} & set(config.evaluate.tasks):
+        inputs["factors"] = {name: sha256_file(beside / name) for name in FACTORS}  # tagging may fine-tune them
     return inputs
 
 
@@ -122,6 +127,8 @@ def evaluate_model(
                 task=task,
             )
         elif task in ("pos", "ner"):
+            from ..init.factorised import plan_factorised
+
             t = ev.tagging
             settings = tagging.TaggingSettings(
                 epochs=t.epochs,
@@ -132,6 +139,9 @@ def evaluate_model(
                 seed=config.run.seed if t.seed is None else t.seed,
                 max_train_sentences=t.max_train_sentences,
                 max_test_sentences=ev.max_sentences,
+                select_every=t.select_every,
+                score_unit=t.score_unit,
+                factors_dir=plan_factorised(model_dir, t.embeddings, "evaluate.tagging.embeddings"),
             )
             outcome = tagging.evaluate_tagging(
                 model_dir,
@@ -145,7 +155,9 @@ def evaluate_model(
             )
             per_language, skipped[task] = outcome.per_language, outcome.skipped
             extra[f"{task}.english_dev.f1"] = outcome.dev_f1
-            extra[f"{task}.best_epoch"] = float(outcome.best_epoch)
+            extra[f"{task}.best_step"] = float(outcome.best_step)
+            extra[f"{task}.steps"] = float(outcome.steps)
+            extra[f"{task}.factorised"] = float(outcome.factorised)
         else:
             model = load_model(model_dir, "AutoModelForMaskedLM").to(device)
             check_model_vocabulary(tokenizer, model, model_dir)

@@ -1,19 +1,26 @@
 """Zero-shot cross-lingual tagging (POS, NER), as the method evaluates it (docs/METHOD.md §5.3).
 
 A stock `AutoModelForTokenClassification` (the encoder plus a fresh linear head) is fine-tuned on English train
-data, the epoch with the best English dev F1 is kept, and that model tags every other language's test file.
-Files are `{train,dev,test}-<lang>.conllu` (POS: the UPOS column) or `{train,dev,test}-<lang>.tsv`
+data; every `select_every` optimizer steps (the reference: NER 1000, POS 500) and after the last one the model is
+scored on English dev, the candidate with the best dev F1 is kept (the earliest on a tie), and it tags every other
+language's test file. A model with its factorised form beside it (F_t.npy, P.npy) is fine-tuned factorised, as the
+reference does at step 0 and after factorised pretraining: English fine-tuning then moves P, and with it every
+token's embedding. Files are `{train,dev,test}-<lang>.conllu` (POS: the UPOS column) or `{train,dev,test}-<lang>.tsv`
 (`token<TAB>label`, blank line between sentences; the XTREME preprocessed form of WikiANN and UD).
-The first subword of a word carries its label; the rest and the special tokens are ignored. Sentences longer
-than the model's budget are cut into pieces, as the reference pre-splits them. F1 is seqeval's (micro,
-chunk-based, also for POS, to match the method's numbers); POS also reports token accuracy.
+
+Input as the reference builds it: every word tokenized alone, the first subword carries its label (the rest and
+the special tokens are ignored), RoBERTa/XLM-R sentences framed `<s> ... </s></s>` (`sep_token_extra`; BERT keeps
+`[CLS] ... [SEP]`), and a sentence longer than the budget (max_length minus the specials: 253 of 256) cut into
+pieces before it is framed. F1 is seqeval's (micro, chunk-based, also for POS, to match the method's numbers),
+each piece scored as its own sequence as the reference does (`score_unit: sentence` joins a sentence's pieces
+again); POS also reports token accuracy.
 """
 
 from __future__ import annotations
 
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -133,13 +140,25 @@ def word_ids(tokenizer: Any, words: Sequence[str]) -> dict[str, list[int]]:
     return dict(zip(unique, encoded))
 
 
-def to_pieces(sentences: list[Sentence], tokenizer: Any, max_length: int) -> tuple[list[Piece], list[int]]:
-    """(pieces, pieces per sentence): sentences cut so that every piece fits max_length with its two specials."""
-    budget = max_length - 2
+# Model types whose tagging input ends in two separators (the reference's `sep_token_extra`).
+SEP_EXTRA_TYPES = ("roberta", "xlm-roberta")
+
+
+def sep_token_extra(model_type: Optional[str]) -> bool:
+    return model_type in SEP_EXTRA_TYPES
+
+
+def to_pieces(sentences: list[Sentence], tokenizer: Any, max_length: int,
+              extra_sep: bool = False) -> tuple[list[Piece], list[int]]:
+    """(pieces, pieces per sentence): sentences cut so that every piece fits max_length with its specials (the
+    opening one and one or, with `extra_sep`, two closing separators)."""
+    closing = 2 if extra_sep else 1
+    budget = max_length - 1 - closing
     if budget < 1:
         raise HyperofaError(f"evaluate.tagging.max_length={max_length} leaves no room for words")
     unk = tokenizer.unk_token_id
     cls_id, sep_id = _frame_ids(tokenizer)
+    end = [sep_id] * closing
     vocab = word_ids(tokenizer, [w for s in sentences for w in s.words])
     pieces: list[Piece] = []
     counts: list[int] = []
@@ -151,13 +170,13 @@ def to_pieces(sentences: list[Sentence], tokenizer: Any, max_length: int) -> tup
             if not sub or len(sub) > budget:
                 sub = [unk]
             if len(ids) - 1 + len(sub) > budget:
-                pieces.append(Piece(ids + [sep_id], positions, gold))
+                pieces.append(Piece(ids + end, positions, gold))
                 ids, positions, gold = [cls_id], [], []
             positions.append(len(ids))
             gold.append(label)
             ids.extend(sub)
         if positions:
-            pieces.append(Piece(ids + [sep_id], positions, gold))
+            pieces.append(Piece(ids + end, positions, gold))
         counts.append(len(pieces) - before)
     return pieces, counts
 
@@ -211,6 +230,10 @@ def tagging_scores(gold: list[list[str]], pred: list[list[str]], accuracy: bool)
 # --- fine-tuning and zero-shot testing ---------------------------------------------------------------------
 
 
+# Optimizer steps between English-dev selections in the reference's scripts.
+SELECT_EVERY = {"ner": 1000, "pos": 500}
+
+
 @dataclass
 class TaggingSettings:
     epochs: int = 10
@@ -221,14 +244,20 @@ class TaggingSettings:
     seed: int = 1
     max_train_sentences: Optional[int] = None
     max_test_sentences: Optional[int] = None
+    select_every: Optional[int] = None  # None: SELECT_EVERY[task]
+    score_unit: str = "piece"  # or "sentence"
+    factors_dir: Optional[Path] = None  # fine-tune factorised: F_t.npy and P.npy there
 
 
 @dataclass
 class TaggingOutcome:
     per_language: dict[str, dict[str, float]]
     skipped: dict[str, str]
-    best_epoch: int
+    best_step: int
     dev_f1: float
+    steps: int = 0
+    candidates: dict[int, float] = field(default_factory=dict)  # step -> English dev F1
+    factorised: bool = False
 
 
 def predict(model: Any, pieces: list[Piece], id2label: list[str], pad: int, batch_size: int, device: Any):
@@ -244,6 +273,10 @@ def predict(model: Any, pieces: list[Piece], id2label: list[str], pad: int, batc
             for i, piece in enumerate(chunk):
                 out.append([id2label[int(k)] for k in best[i, piece.positions]])
     return out
+
+
+def _score_sequences(counts: list[int], values: list[list[str]], unit: str) -> list[list[str]]:
+    return _regroup(counts, values) if unit == "sentence" else values
 
 
 def _regroup(pieces_per_sentence: list[int], values: list[list[str]]) -> list[list[str]]:
@@ -308,21 +341,43 @@ def evaluate_tagging(
         num_labels=len(label_names),
         id2label=dict(enumerate(label_names)),
         label2id=label_ids,
-    ).to(device)
+    )
+    if settings.factors_dir is not None:
+        from ..formats.init import load_factors
+        from ..init.factorised import factorise
+
+        factorise(model, *load_factors(settings.factors_dir))
+    model.to(device)
+    extra_sep = sep_token_extra(getattr(model.config, "model_type", None))
+    unit = settings.score_unit
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    train_pieces, _ = to_pieces(train, tokenizer, settings.max_length)
-    dev_pieces, dev_counts = to_pieces(dev, tokenizer, settings.max_length)
-    dev_gold = [s.labels for s in dev]
+    train_pieces, _ = to_pieces(train, tokenizer, settings.max_length, extra_sep)
+    dev_pieces, dev_counts = to_pieces(dev, tokenizer, settings.max_length, extra_sep)
+    dev_gold = _score_sequences(dev_counts, [p.gold for p in dev_pieces], unit)
 
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=settings.lr, eps=1e-8, weight_decay=settings.weight_decay
     )
     steps_per_epoch = -(-len(train_pieces) // settings.batch_size)
     total = max(1, steps_per_epoch * settings.epochs)
+    every = settings.select_every or SELECT_EVERY[task]
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / total))
     order_rng = np.random.default_rng(settings.seed)
-    best_f1, best_epoch, best_state = -1.0, 0, None
-    for epoch in tqdm(range(1, settings.epochs + 1), desc=f"{task} fine-tune", leave=False, disable=None):
+    candidates: dict[int, float] = {}
+    best_f1, best_step, best_state = -1.0, 0, None
+
+    def select(step: int) -> None:
+        nonlocal best_f1, best_step, best_state
+        pred = _score_sequences(dev_counts, predict(model, dev_pieces, label_names, pad, settings.batch_size, device), unit)
+        f1 = tagging_scores(dev_gold, pred, accuracy=False)["f1"]
+        candidates[step] = f1
+        if f1 > best_f1:  # strictly better: a tie keeps the earlier candidate
+            best_f1, best_step = f1, step
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        model.train()
+
+    step = 0
+    for _ in tqdm(range(1, settings.epochs + 1), desc=f"{task} fine-tune", leave=False, disable=None):
         model.train()
         order = order_rng.permutation(len(train_pieces))
         for start in range(0, len(order), settings.batch_size):
@@ -334,17 +389,17 @@ def evaluate_tagging(
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             schedule.step()
-        pred = _regroup(dev_counts, predict(model, dev_pieces, label_names, pad, settings.batch_size, device))
-        f1 = tagging_scores(dev_gold, pred, accuracy=False)["f1"]
-        if f1 > best_f1:
-            best_f1, best_epoch = f1, epoch
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-    if best_state is not None:
+            step += 1
+            if step % every == 0 and step != total:
+                select(step)
+    select(step)  # the final model is always a candidate
+    if best_state is not None and best_step != step:
         model.load_state_dict(best_state)
 
     per_language = {}
     for lang, sentences in test_sentences.items():
-        pieces, counts = to_pieces(sentences, tokenizer, settings.max_length)
-        pred = _regroup(counts, predict(model, pieces, label_names, pad, settings.batch_size, device))
-        per_language[lang] = tagging_scores([s.labels for s in sentences], pred, accuracy=task == "pos")
-    return TaggingOutcome(per_language, skipped, best_epoch, best_f1)
+        pieces, counts = to_pieces(sentences, tokenizer, settings.max_length, extra_sep)
+        gold = _score_sequences(counts, [p.gold for p in pieces], unit)
+        pred = _score_sequences(counts, predict(model, pieces, label_names, pad, settings.batch_size, device), unit)
+        per_language[lang] = tagging_scores(gold, pred, accuracy=task == "pos")
+    return TaggingOutcome(per_language, skipped, best_step, best_f1, step, candidates, settings.factors_dir is not None)

@@ -27,6 +27,7 @@ PROVENANCE = "provenance.npy"
 PROVENANCE_COUNTS = "provenance_counts.json"
 QUALITY = "quality.json"
 MODEL = "model"
+FACTORS = (COORDINATES, PRIMITIVES)
 
 
 def stage_of(run_dir: str | Path, method: str) -> Stage:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from .files import atomic_write_bytes, atomic_write_json, read_json
-from .init import COORDINATES, PRIMITIVES
+from .init import FACTORS  # noqa: F401 - a factorised pretrain output holds the same two files
 from .rundir import Stage
 
 STAGE = "pretrain"
@@ -34,7 +34,6 @@ TRAINABLE_ROWS = "trainable_rows.pt"
 RANKS = "ranks"
 AUDIT = "audit"
 PARAMETERS = "parameters.json"
-FACTORS = (COORDINATES, PRIMITIVES)
 JOB_OUTPUTS = (TRAIN_LOG, EVAL_LOG, PROBE, FAILURE, PARAMETERS)  # one run's files, removed before a fresh one
 
 

@@ -148,6 +148,59 @@ def to_full_rank(model: Any) -> Any:
     return model
 
 
+# Rows of E compared with F_t P before a model is used factorised, and the relative tolerance (E is float32).
+_FACTOR_SAMPLE_ROWS = 256
+_FACTOR_RTOL = 1e-3
+
+
+def plan_factorised(model_dir: Path, want: str, key: str) -> Optional[Path]:
+    """The directory holding a model directory's factorised form (F_t.npy, P.npy) when config `key` = `want`
+    (auto | factorised | full) says to use it, else None. auto: when the factors exist and k < D. Factors that do
+    not fit the model, or whose product is not the model's embeddings (left beside another model), are refused."""
+    from ..errors import HyperofaError
+    from ..formats.init import COORDINATES, PRIMITIVES, factors_beside, load_factors
+    from ..formats.models import read_model_config
+
+    if want == "full":
+        return None
+    model_dir = Path(model_dir)
+    where = factors_beside(model_dir)
+    if where is None:
+        if want == "factorised":
+            raise HyperofaError(
+                f"{model_dir.parent}: {key}=factorised needs {COORDINATES} and {PRIMITIVES} beside the model (the "
+                f"init stage writes them); set {key}=full to use the full-rank matrix"
+            )
+        return None
+    coordinates, primitives = load_factors(where)
+    k, hidden = primitives.shape
+    cfg = read_model_config(model_dir)
+    if hidden != cfg.get("hidden_size") or len(coordinates) > int(cfg.get("vocab_size", 0)):
+        raise HyperofaError(
+            f"{where}: F_t {coordinates.shape} and P {primitives.shape} do not fit the model in {model_dir} "
+            f"(vocab_size {cfg.get('vocab_size')}, hidden_size {cfg.get('hidden_size')})"
+        )
+    if want == "auto" and k >= hidden:
+        return None  # no factorisation was made (k = D): the full-rank model is the same thing
+    _check_factors_match(model_dir, coordinates, primitives, key)
+    return where
+
+
+def _check_factors_match(model_dir: Path, coordinates: np.ndarray, primitives: np.ndarray, key: str) -> None:
+    from ..errors import HyperofaError
+    from ..formats.models import read_word_embeddings
+
+    rows = np.unique(np.linspace(0, len(coordinates) - 1, min(_FACTOR_SAMPLE_ROWS, len(coordinates))).astype(np.int64))
+    stored = read_word_embeddings(model_dir, rows)
+    product = np.asarray(coordinates[rows], dtype=np.float64) @ np.asarray(primitives, dtype=np.float64)
+    error = float(np.linalg.norm(stored - product) / max(np.linalg.norm(product), 1e-12))
+    if error > _FACTOR_RTOL:
+        raise HyperofaError(
+            f"{model_dir}: the model's word embeddings are not F_t P of the factors beside it (relative difference "
+            f"{error:.2e} on {len(rows)} rows); they belong to another model. Set {key}=full or re-run init"
+        )
+
+
 def load_factorised(model_dir: str | Path, auto_class: str = "AutoModelForMaskedLM", **kwargs: Any) -> Any:
     """The factorised form of a model directory written by init or pretrain (F_t.npy and P.npy beside it)."""
     from ..errors import HyperofaError

@@ -51,55 +51,12 @@ def resolve_model(config: Config) -> Path:
     return require_model_dir(path)
 
 
-# Rows of E compared with F_t P before factorised training, and the relative tolerance (E is stored in float32).
-_FACTOR_SAMPLE_ROWS = 256
-_FACTOR_RTOL = 1e-3
-
-
 def embeddings_plan(config: Config, model_dir: Path) -> tuple[str, Optional[Path]]:
-    """("factorised", the directory holding F_t.npy and P.npy) or ("full", None), after checking the factors
-    fit the model and are the factorisation of its embeddings."""
-    want = config.pretrain.embeddings
-    if want == "full":
-        return "full", None
-    where = init_format.factors_beside(model_dir)
-    if where is None:
-        if want == "factorised":
-            raise HyperofaError(
-                f"{model_dir.parent}: pretrain.embeddings=factorised needs {init_format.COORDINATES} and "
-                f"{init_format.PRIMITIVES} beside the model (the init stage writes them); set "
-                "pretrain.embeddings=full to train the full-rank matrix"
-            )
-        return "full", None
-    coordinates, primitives = init_format.load_factors(where)
-    k, hidden = primitives.shape
-    cfg = read_model_config(model_dir)
-    if hidden != cfg.get("hidden_size") or len(coordinates) > int(cfg.get("vocab_size", 0)):
-        raise HyperofaError(
-            f"{where}: F_t {coordinates.shape} and P {primitives.shape} do not fit the model in {model_dir} "
-            f"(vocab_size {cfg.get('vocab_size')}, hidden_size {cfg.get('hidden_size')})"
-        )
-    if want == "auto" and k >= hidden:
-        return "full", None  # no factorisation was made (k = D): the full-rank model is the same thing
-    _check_factors_match(model_dir, coordinates, primitives)
-    return "factorised", where
+    """("factorised", the directory holding F_t.npy and P.npy) or ("full", None)."""
+    from ..init.factorised import plan_factorised
 
-
-def _check_factors_match(model_dir: Path, coordinates, primitives) -> None:
-    import numpy as np
-
-    from ..formats.models import read_word_embeddings
-
-    rows = np.unique(np.linspace(0, len(coordinates) - 1, min(_FACTOR_SAMPLE_ROWS, len(coordinates))).astype(np.int64))
-    stored = read_word_embeddings(model_dir, rows)
-    product = np.asarray(coordinates[rows], dtype=np.float64) @ np.asarray(primitives, dtype=np.float64)
-    error = float(np.linalg.norm(stored - product) / max(np.linalg.norm(product), 1e-12))
-    if error > _FACTOR_RTOL:
-        raise HyperofaError(
-            f"{model_dir}: the model's word embeddings are not F_t P of the factors beside it (relative difference "
-            f"{error:.2e} on {len(rows)} rows); they belong to another model. Set pretrain.embeddings=full or "
-            "re-run init"
-        )
+    where = plan_factorised(model_dir, config.pretrain.embeddings, "pretrain.embeddings")
+    return ("factorised", where) if where is not None else ("full", None)
 
 
 def check_tokenizer_match(shardset: ShardSet, prepare_dir: Path, model_dir: Path) -> None:
