@@ -70,3 +70,20 @@ def test_extend_round_trips_every_script_and_ignores_a_published_fixed_length(ki
     target = AutoTokenizer.from_pretrained(str(tmp_path / "b" / "tokenizer"))
     long_line = " ".join(synthetic.read_lines(scripts_corpus / "qmf_Deva.txt", 5))
     assert len(target(long_line)["input_ids"]) > 16  # nothing truncates
+
+
+def test_prepare_blocks_from_a_fixed_length_tokenizer_equal_the_clean_ones(tmp_path, small_corpus, pretrain_kit,
+                                                                            capsys):
+    texts = synthetic.read_lines(small_corpus / "qaa_Latn.txt")
+    clean = synthetic.train_source_tokenizer("xlmr", texts, 400, tmp_path / "clean")
+    fixed = with_fixed_length(clean, tmp_path / "fixed")
+    made = {}
+    for name, tok in (("clean", clean), ("fixed", fixed)):
+        prepared = pretrain_kit.real_prepare(tmp_path / name, small_corpus, tok)
+        manifest = json.loads((prepared / "manifest.json").read_text())
+        made[name] = ({o["path"]: o["sha256"] for o in manifest["outputs"]}, manifest)
+    assert made["clean"][0] == made["fixed"][0] and len(made["clean"][0]) > 4  # every shard, byte for byte
+    assert "tokenizer_settings_ignored" not in made["clean"][1]
+    ignored = made["fixed"][1]["tokenizer_settings_ignored"]["tokenizer"]
+    assert ignored["truncation"]["max_length"] == 16 and ignored["padding"]["strategy"] == {"Fixed": 16}
+    assert "ignored the truncation and padding set in the tokenizer.json of tokenizer" in capsys.readouterr().err

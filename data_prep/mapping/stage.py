@@ -19,7 +19,7 @@ from hyperofa_dist.formats.files import fingerprint_path
 from hyperofa_dist.formats.mapping import FORMAT_VERSION, STAGE, STATS, WORD_CHUNK_ROWS, MappingParts, write_mapping
 from hyperofa_dist.formats.models import load_source, source_identity
 from hyperofa_dist.formats.rundir import Stage
-from hyperofa_dist.formats.tokenizer import load_tokenizer, target_tokenizer_dir, tokenizer_fingerprint
+from hyperofa_dist.formats.tokenizer import ignored_settings, load_tokenizer, target_tokenizer_dir, tokenizer_fingerprint
 from hyperofa_dist.formats.vectors import load_word_vectors, resolve_vectors_path
 from hyperofa_dist.runtime.ray import ray_session
 from hyperofa_dist.runtime.stage import StageShell
@@ -140,7 +140,9 @@ def run(config: Config, tracker: Any) -> int:
             "target_covered": stats["target"]["covered"],
             **{f"split_{name}": n for name, n in stats["split"].items()},
         }
-        shell.finish(outputs=outputs, counts=counts, extra={"factorized": factors.factorized, "timings": timings})
+        tokenizers = {"source": config.source.tokenizer or config.source.model, "target": target_dir}
+        shell.finish(outputs=outputs, counts=counts, extra={"factorized": factors.factorized, "timings": timings,
+                                                            **ignored_settings(tokenizers, shell.say)})
         shell.run.log_metrics(numeric_metrics(stats) | timings)
         shell.run.log_artifact(shell.path / STATS)
         shell.say(

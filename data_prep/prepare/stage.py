@@ -29,6 +29,7 @@ from hyperofa_dist.formats.shards import SPLITS, STAGE
 from hyperofa_dist.formats.tokenizer import (
     backend_json,
     frame_ids,
+    ignored_settings,
     load_tokenizer,
     target_tokenizer_dir,
     tokenizer_fingerprint,
@@ -292,6 +293,7 @@ def run(config: Config, tracker) -> int:
                 ),
                 "block_size": prep.block_size,
                 "special_tokens": {"cls": specials.cls, "sep": specials.sep, "pad": specials.pad},
+                **ignored_settings({"tokenizer": tokenizer_dir}, shell.say),
             },
         )
         run_.log_metrics(_metrics(per_lang, totals))

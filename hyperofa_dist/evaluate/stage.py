@@ -26,7 +26,7 @@ from ..formats.files import sha256_file
 from ..formats.init import method_of
 from ..formats.models import CONFIG, load_model, model_fingerprint, read_model_config
 from ..formats.shards import first_blocks, heldout_shards, prepare_dir, shards_by_language
-from ..formats.tokenizer import load_tokenizer
+from ..formats.tokenizer import ignored_settings, load_tokenizer
 from ..runtime.device import resolve_device
 from ..runtime.stage import StageShell
 from . import mlm, retrieval, tagging
@@ -225,7 +225,8 @@ def run(config: Config, tracker: Any) -> int:
         shell.finish(
             outputs=[out_format.RESULTS],
             counts={task: len(langs) - 1 for task, langs in results.items()},
-            extra={"skipped": skipped, "init_method": method, "step": ev.step},
+            extra={"skipped": skipped, "init_method": method, "step": ev.step,
+                   **ignored_settings({"model": model_dir}, shell.say)},
         )
     summary = ", ".join(
         f"{task} {MAIN_METRIC[task]}={values['average'][MAIN_METRIC[task]]:.2f}" for task, values in results.items()

@@ -119,6 +119,18 @@ def file_settings(name: str | Path) -> dict[str, Any]:
     return {key: data[key] for key in ("truncation", "padding") if data.get(key) is not None}
 
 
+def ignored_settings(dirs: dict[str, Any], say: Any = None) -> dict[str, Any]:
+    """{"tokenizer_settings_ignored": {key: settings}} for the tokenizer directories (by config key) whose
+    tokenizer.json asks for truncation or padding, which every load here drops; {} when none does. `say` gets one
+    line naming them."""
+    found = {key: file_settings(path) for key, path in dirs.items() if path is not None}
+    found = {key: settings for key, settings in found.items() if settings}
+    if found and say is not None:
+        say(f"ignored the truncation and padding set in the tokenizer.json of {', '.join(sorted(found))} "
+            "(they would cut or pad text; recorded in the manifest)")
+    return {"tokenizer_settings_ignored": found} if found else {}
+
+
 def source_tokenizer(config: Any) -> Any:
     """The source tokenizer: `source.tokenizer`, else the source model's (`source.model`)."""
     key = "source.tokenizer" if config.source.tokenizer else "source.model"

@@ -24,7 +24,7 @@ from ..formats.mapping import stage_of as mapping_stage
 from ..formats.models import load_source, model_files, model_identity, save_model_dir, source_identity
 from ..formats.rundir import Stage
 from ..formats.shards import STAGE as PREPARE_STAGE
-from ..formats.tokenizer import load_tokenizer, target_tokenizer_dir, tokenizer_fingerprint
+from ..formats.tokenizer import ignored_settings, load_tokenizer, target_tokenizer_dir, tokenizer_fingerprint
 from ..runtime.device import resolve_device
 from ..runtime.stage import StageShell
 from . import assemble as asm
@@ -254,6 +254,8 @@ def run(config: Config, tracker: Any) -> int:
                 "special_tokens": roles,
                 "heldout_cosine": quality,
                 "new_token_mlm_loss": new_tokens.get("loss", {}),
+                **ignored_settings({"source": config.source.tokenizer or config.source.model, "target": target_dir},
+                                   shell.say),
             },
         )
         export_s = time.perf_counter() - t2
