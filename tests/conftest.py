@@ -54,6 +54,16 @@ def source_tokenizers(tmp_path_factory, small_corpus) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def causal_tokenizers(tmp_path_factory, small_corpus) -> dict[str, Path]:
+    """A Llama-3-style (byte-level BPE, special tokens after it) and a Llama-2-style (SentencePiece BPE with byte
+    fallback) source tokenizer, trained like `source_tokenizers` on the first language only."""
+    root = tmp_path_factory.mktemp("causal_tok")
+    texts = synthetic.read_lines(small_corpus / "qaa_Latn.txt")
+    return {kind: synthetic.train_source_tokenizer(kind, texts, 400, root / kind)
+            for kind in synthetic.CAUSAL_TOKENIZER_FAMILIES}
+
+
+@pytest.fixture(scope="session")
 def trained_vectors(tmp_path_factory, small_corpus) -> Path:
     """Cross-lingual `iso:word` vectors trained here by `hyperofa vectors train` on the parallel small_corpus."""
     from hyperofa_dist import cli

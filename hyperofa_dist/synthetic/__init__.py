@@ -1,14 +1,17 @@
 """Generated data for tests, benchmarks and the demo; nothing is downloaded.
 
 world    a multilingual world (concept lexicon rendered per language), corpora, evaluation files, source
-         tokenizers of the three families and tiny masked LMs
+         tokenizers of the three masked-LM families and the two causal-LM kinds, tiny masked and causal LMs
 mapping  a mapping directory whose targets are a learnable function of the words (hypernetwork tests, bench)
 demo     the demo's world: corpus, evaluation data and a briefly pretrained source model
 """
 
 from .world import (  # noqa: F401  (the package's API: tests and benches use `synthetic.World`, ...)
     ALPHABETS,
+    CAUSAL_FAMILIES,
+    CAUSAL_TOKENIZER_FAMILIES,
     FAMILIES,
+    LLAMA3_SPECIALS,
     Language,
     World,
     concept_entity,

@@ -4,9 +4,10 @@ Languages share a concept lexicon: a sentence is a sequence of concept ids, rend
 language's word for each concept, so line i of every language's file are translations of each other. Words are
 built from per-language syllable inventories in Latin, Cyrillic or Greek script; a fraction of concepts are
 "loan words" spelled identically in all languages of a script, so vocabularies overlap as real ones do.
-Source tokenizers of the three families this system supports (SentencePiece-style Unigram like XLM-R,
-byte-level BPE like RoBERTa, WordPiece like BERT) are trained here with the `tokenizers` library, and tiny
-masked-LM models are built from configs.
+Source tokenizers of the three masked-LM families (SentencePiece-style Unigram like XLM-R, byte-level BPE like
+RoBERTa, WordPiece like BERT) and of the two causal-LM kinds (byte-level BPE with special tokens after its vocabulary
+like Llama 3 / Qwen2, SentencePiece-style BPE with byte fallback like Llama 2 / Mistral) are trained here with the
+`tokenizers` library, and tiny masked and causal LMs are built from configs.
 """
 
 from __future__ import annotations
@@ -38,6 +39,23 @@ ALPHABETS = {
 UNSPACED = {"Hani", "Thai"}
 EMOJI = ("😀", "🎉", "🌍", "❤️", "🚀", "👍🏽")
 FAMILIES = ("xlmr", "roberta", "bert")
+# Tokenizers of causal LMs (`train_source_tokenizer`) and causal-LM architectures (`make_tiny_model`): untied llama
+# (input embeddings and output head are two matrices, as Llama and Mistral) and tied qwen2 (one matrix, as small
+# Qwen2 and Gemma models).
+CAUSAL_TOKENIZER_FAMILIES = ("llama3", "llama2")
+CAUSAL_FAMILIES = {"llama": False, "qwen2": True}  # family -> tie_word_embeddings
+# Llama 3 keeps 256 special tokens after its BPE vocabulary, most of them reserved; the tiny one keeps 16, named
+# and reserved interleaved as there.
+LLAMA3_SPECIALS = (
+    "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>", "<|start_header_id|>", "<|end_header_id|>",
+    "<|eom_id|>", "<|eot_id|>", "<|python_tag|>", *(f"<|reserved_special_token_{i}|>" for i in range(3, 8)),
+)
+# Llama 3's pre-tokenizer split (words with an optional leading non-letter, numbers in threes, punctuation runs).
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
 
 
 @dataclass(frozen=True)
@@ -179,14 +197,20 @@ def skewed_sizes(languages: list[Language], largest: int, ratio: float = 0.35) -
 
 
 def train_source_tokenizer(
-    family: str, texts: list[str], vocab_size: int, out_dir: str | Path, lowercase: bool = True
+    family: str, texts: list[str], vocab_size: int, out_dir: str | Path, lowercase: bool = True, legacy: bool = True
 ) -> Path:
     """Train a tokenizer like the family's real one and save it in HF format (AutoTokenizer loads it).
 
-    `lowercase=False` makes a cased BERT (the WordPiece normalizer keeps case and accents)."""
+    `lowercase=False` makes a cased BERT (the WordPiece normalizer keeps case and accents). The causal kinds
+    (llama3, llama2) learn `vocab_size` BPE entries; llama3 puts its special tokens after them, llama2 its three
+    special tokens and 256 byte tokens before them. `legacy=False` makes llama2 the newer conversion (no
+    normalizer, a Metaspace pre-tokenizer) instead of Llama 2's own (Prepend/Replace normalizer, no pre-tokenizer).
+    """
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
     out_dir = Path(out_dir)
+    if family in CAUSAL_TOKENIZER_FAMILIES:
+        return _causal_tokenizer(family, texts, vocab_size, out_dir, legacy)
     if family == "xlmr":
         from transformers import XLMRobertaTokenizer
 
@@ -234,9 +258,69 @@ def train_source_tokenizer(
         tok.train_from_iterator(texts, trainer)
         hf = BertTokenizer(vocab=dict(json.loads(tok.to_str())["model"]["vocab"]), do_lower_case=lowercase)
     else:
-        raise ValueError(f"unknown tokenizer family {family!r}; expected one of {FAMILIES}")
+        raise ValueError(f"unknown tokenizer family {family!r}; expected one of {FAMILIES + CAUSAL_TOKENIZER_FAMILIES}")
     hf.model_max_length = 512
     hf.save_pretrained(out_dir)
+    return out_dir
+
+
+def _causal_tokenizer(family: str, texts: list[str], vocab_size: int, out_dir: Path, legacy: bool) -> Path:
+    """A Llama-3-style or Llama-2-style tokenizer.json, saved with the generic class as the hub's are loaded."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers import trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if family == "llama3":
+        # Byte-level BPE over a regex split; merges are not applied to a word that is itself a token (Llama 3's
+        # ignore_merges); the special tokens follow the BPE vocabulary and BOS opens every encoding.
+        tok = Tokenizer(models.BPE(ignore_merges=True))
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
+        ])
+        tok.decoder = decoders.ByteLevel()
+        tok.train_from_iterator(texts, trainers.BpeTrainer(
+            vocab_size=vocab_size, min_frequency=2, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ))
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in LLAMA3_SPECIALS])
+        bos, eos = LLAMA3_SPECIALS[:2]
+        roles = {"bos_token": bos, "eos_token": eos}
+    else:
+        # SentencePiece BPE as HF converts it: <unk> <s> </s>, the 256 byte tokens <0x00>..<0xFF> a character
+        # outside the vocabulary falls back to, then the learned pieces. SentencePiece never merges across words;
+        # the trainer sees words cut before each "▁", the saved tokenizer the whole line, as in the real files.
+        learner = Tokenizer(models.BPE())
+        learner.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+        learner.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="never", split=True)
+        learner.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2,
+                                                               show_progress=False))
+        learned = json.loads(learner.to_str())["model"]
+        vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+        for piece, _ in sorted(learned["vocab"].items(), key=lambda kv: kv[1]):
+            vocab.setdefault(piece, len(vocab))
+        merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in learned["merges"]]
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+        if legacy:
+            tok.normalizer = learner.normalizer
+        else:
+            tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+        tok.decoder = decoders.Sequence([
+            decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0),
+        ])
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<unk>", "<s>", "</s>")])
+        bos, roles = "<s>", {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
+    )
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=512, **roles)
+    hf.save_pretrained(out_dir)
+    # Family classes (LlamaTokenizer, Qwen2Tokenizer) rebuild the pipeline from the vocabulary in transformers 5;
+    # the generic class loads tokenizer.json as written, as the hub's Llama 3 files ask for.
+    config_path = out_dir / "tokenizer_config.json"
+    data = json.loads(config_path.read_text(encoding="utf-8"))
+    data["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_path.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
     return out_dir
 
 
@@ -250,8 +334,12 @@ def make_tiny_model(
     seed: int = 0,
     max_position: int = 130,
 ) -> Path:
-    """A randomly initialised masked LM of the family's architecture, saved with its tokenizer."""
+    """A randomly initialised masked LM of the family's architecture (a causal LM for CAUSAL_FAMILIES), saved with
+    its tokenizer."""
     import torch
+
+    if family in CAUSAL_FAMILIES:
+        return _causal_model(family, tokenizer_dir, Path(out_dir), hidden_size, num_layers, num_heads, seed, max_position)
     from transformers import (
         AutoTokenizer,
         BertConfig,
@@ -282,6 +370,34 @@ def make_tiny_model(
         common.update(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
         model = model_cls(cfg_cls(max_position_embeddings=max_position + 2, **common))
     out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir
+
+
+def _causal_model(family: str, tokenizer_dir: str | Path, out_dir: Path, hidden_size: int, num_layers: int,
+                  num_heads: int, seed: int, max_position: int) -> Path:
+    """A tiny LlamaForCausalLM (untied) or Qwen2ForCausalLM (tied), with grouped-query attention as both use."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    cfg_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if family == "llama" else (Qwen2Config, Qwen2ForCausalLM)
+    config = cfg_cls(
+        vocab_size=len(tok),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 4,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=max(1, num_heads // 2),
+        max_position_embeddings=max_position,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        # no pad_token_id: the embedding would then freeze that row's input gradient, and Llama has no pad token
+        tie_word_embeddings=CAUSAL_FAMILIES[family],
+    )
+    torch.manual_seed(seed)
+    model = model_cls(config)
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
     return out_dir
