@@ -199,7 +199,7 @@ class PretrainConfig(LaunchConfig):
         description="Train the word embeddings as F_t P (factorised, the method's setting: V k + k D parameters) or as "
         "one V x D matrix (full); auto: factorised when F_t.npy and P.npy lie beside the model and k < D.",
     )
-    zero: Literal["zero1", "zero2", "zero3", "zero3-offload"] = Field(
+    zero: Literal["zero1", "zero2", "zero2-offload", "zero3", "zero3-offload"] = Field(
         "zero2", description="DeepSpeed template in ds_configs/ (ZeRO stage and offload)."
     )
     ds_config: Optional[str] = Field(None, description="Own DeepSpeed JSON template instead of ds_configs/<zero>.json.")
@@ -219,6 +219,15 @@ class PretrainConfig(LaunchConfig):
     )
     clip: float = Field(1.0, ge=0.0, description="Gradient clipping by global norm; 0 disables.")
     mlm_probability: float = Field(0.15, gt=0.0, lt=1.0, description="Share of non-special tokens masked (80/10/10).")
+    causal_attention: Literal["document", "block"] = Field(
+        "document",
+        description="Causal LMs: document: each corpus line reads only itself (block-causal mask, positions restart "
+        "at its start token); block: the whole block is one causal sequence.",
+    )
+    loss_chunk: int = Field(
+        1024, ge=0, description="Causal LMs: tokens per chunk of the output projection and loss (memory ~ chunk x V x 4 B); "
+        "0: full logits.",
+    )
     language_weights: Optional[dict[str, float]] = Field(
         None, description="Per-language sampling weights at load time; unset means proportional to blocks."
     )
@@ -237,6 +246,10 @@ class PretrainConfig(LaunchConfig):
         False, description="Resume through a universal checkpoint (converted once): needed when the rank count changes."
     )
     compile: bool = Field(False, description="torch.compile the encoder (GPU).")
+    gradient_checkpointing: bool = Execution(
+        False, description="Recompute each layer's activations in backward (HF gradient checkpointing): less memory, "
+        "about a third more compute, the same numbers.",
+    )
     peak_tflops: Optional[float] = Execution(None, gt=0.0, description="Accelerator peak for MFU; unset: known GPU table.")
     data_audit: bool = Execution(False, description="Write the ids of the blocks each rank trained on (to check the split).")
     bench: PretrainBenchConfig = Execution(default_factory=PretrainBenchConfig)

@@ -112,8 +112,10 @@ def framed_blocks(tokenizer: Any, lines: list[str], block_size: int) -> np.ndarr
     """Blocks as prepare packs them: the sentences' ids each followed by the separator, cut into `<s> ... </s>`."""
     from data_prep.prepare.packing import Specials, flatten_ids, pack_sentences
 
+    from hyperofa_dist.formats.tokenizer import frame_ids
+
     flat, offsets = flatten_ids(tokenizer(lines, add_special_tokens=False)["input_ids"])
-    specials = Specials(cls=tokenizer.cls_token_id, sep=tokenizer.sep_token_id)
+    specials = Specials(*frame_ids(tokenizer, "fixture"))  # cls/sep, else bos/eos (a causal tokenizer's)
     return pack_sentences(flat, offsets, np.arange(len(lines)), block_size, specials).blocks
 
 
@@ -398,18 +400,60 @@ class PretrainKit:
     def tokenizer_and_model(self, root: Path, corpus: Path, vocab: int = 500, seed: int = 0) -> tuple[Path, Path]:
         """(tokenizer dir, model dir) with the model at <root>/init/hyperofa/model and a provenance beside it."""
         from hyperofa_dist.formats import init as init_format
-        from hyperofa_dist.formats.files import save_npy
-        from hyperofa_dist.formats.models import read_model_config
 
         texts = [line for f in sorted(corpus.iterdir()) for line in synthetic.read_lines(f, 400)]
         tok = synthetic.train_source_tokenizer("xlmr", texts, vocab, root / f"tok{seed}")
         model = synthetic.make_tiny_model(
             "xlmr", tok, init_format.model_dir(root, "hyperofa"), max_position=self.BLOCK + 8, seed=seed
         )
+        self._provenance(model)
+        return tok, model
+
+    def causal_tokenizer(self, root: Path, corpus: Path, kind: str = "llama3", vocab: int = 500) -> Path:
+        """A causal target tokenizer (llama3: byte-level BPE; llama2: SentencePiece BPE with byte fallback) over
+        every language of the corpus."""
+        texts = [line for f in sorted(corpus.iterdir()) for line in synthetic.read_lines(f, 400)]
+        return synthetic.train_source_tokenizer(kind, texts, vocab, root / f"ctok-{kind}")
+
+    def causal_model(self, root: Path, tok: Path, family: str = "llama", seed: int = 0) -> Path:
+        """A tiny causal LM at <root>/init/hyperofa/model with a provenance beside it: llama (untied), qwen2 (tied),
+        or llama-tied (a Llama with tied embeddings, as Llama 3.2 1B/3B have them).
+
+        AutoTokenizer loads any qwen2 model directory as Qwen2Tokenizer, which rebuilds a foreign tokenizer and
+        appends <|endoftext|>: a qwen2 model with this synthetic tokenizer is good for losses, not for a stock
+        AutoTokenizer round trip; llama-tied is the tied model whose directory loads back as written."""
+        import shutil
+
+        from hyperofa_dist.formats import init as init_format
+
+        out = init_format.model_dir(root, "hyperofa")
+        model = synthetic.make_tiny_model(
+            "llama" if family == "llama-tied" else family, tok, out, max_position=self.BLOCK + 8, seed=seed
+        )
+        if family == "llama-tied":
+            import torch
+            from transformers import AutoConfig, LlamaForCausalLM
+
+            config = AutoConfig.from_pretrained(out)
+            config.tie_word_embeddings = True
+            torch.manual_seed(seed)
+            LlamaForCausalLM(config).save_pretrained(out)
+        # The tokenizer files as the tokenizer stage wrote them (generic class): re-saved through the model, the
+        # class becomes TokenizersBackend, which AutoTokenizer turns into Qwen2Tokenizer (one token more) for qwen2.
+        for path in tok.iterdir():
+            if path.is_file():
+                shutil.copy2(path, model / path.name)
+        self._provenance(model)
+        return model
+
+    def _provenance(self, model: Path) -> None:
+        from hyperofa_dist.formats import init as init_format
+        from hyperofa_dist.formats.files import save_npy
+        from hyperofa_dist.formats.models import read_model_config
+
         provenance = np.full(read_model_config(model)["vocab_size"], 3, dtype=np.uint8)
         provenance[: self.COPIED] = 0
         save_npy(model.parent / init_format.PROVENANCE, provenance)
-        return tok, model
 
     def factorised_model(self, root: Path, model: Path, k: int = 8) -> Path:
         """A copy of `model` at <root>/init/hyperofa/model whose word embeddings are exactly F_t P of rank k (the
@@ -462,6 +506,19 @@ class PretrainKit:
             part = np.asarray(ids[: n * self.BLOCK], dtype=np.uint32).reshape(n, self.BLOCK)
             cut = max(1, n // 10)
             blocks[lang] = {"heldout": part[:cut], "train": part[cut:]}
+        return write_prepare_dir(out, blocks, tok, self.BLOCK)
+
+    def framed_prepare(self, out: Path, corpus: Path, tok: Path, languages: int = 3, lines: int = 200) -> Path:
+        """Like `quick_prepare`, but the blocks framed as prepare frames them (each line followed by the separator,
+        `[start] piece [end]`)."""
+        from hyperofa_dist.formats.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(tok)
+        blocks = {}
+        for path in sorted(corpus.iterdir())[:languages]:
+            part = framed_blocks(tokenizer, synthetic.read_lines(path, lines), self.BLOCK)
+            cut = max(1, len(part) // 10)
+            blocks[path.name.split(".")[0]] = {"heldout": part[:cut], "train": part[cut:]}
         return write_prepare_dir(out, blocks, tok, self.BLOCK)
 
 

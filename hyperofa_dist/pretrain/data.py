@@ -8,7 +8,8 @@ maintainer's answer to unequal shard counts), so its stream never runs dry, and 
 number of micro-batches per epoch with `with_epoch`: every rank takes exactly the same number of steps.
 
 Determinism: a slot's stream is a function of (global seed, epoch start step, rank, worker) only, and the MLM mask
-of each micro-batch of (…, batch index). The training loop starts a data epoch at step 0, at every checkpoint
+of each micro-batch of (…, batch index). A causal LM gets the blocks unmasked (`mask=None`): its targets, positions
+and attention follow from the ids (pretrain/causal.py). The training loop starts a data epoch at step 0, at every checkpoint
 step and at the resume step, so a run resumed from a checkpoint reads exactly what the uninterrupted run read.
 
 Languages are mixed sample by sample with the configured weights (default: proportional to each language's
@@ -111,7 +112,7 @@ class BlockStream(torch.utils.data.IterableDataset):
         world_size: int,
         micro_batch_size: int,
         shuffle_buffer: int,
-        mask: MaskSpec,
+        mask: Optional[MaskSpec],
         audit: bool = False,
     ):
         super().__init__()
@@ -140,7 +141,7 @@ class BlockStream(torch.utils.data.IterableDataset):
         probs = self.probabilities[active] / self.probabilities[active].sum()
         buffer: list[tuple[str, str, np.ndarray]] = []
         batch: list[tuple[str, str, np.ndarray]] = []
-        special = torch.tensor(self.mask.special_ids, dtype=torch.long)
+        special = torch.tensor(self.mask.special_ids, dtype=torch.long) if self.mask is not None else None
         n_batch = 0
         while True:
             i = active[int(rng.choice(len(active), p=probs))]
@@ -154,11 +155,14 @@ class BlockStream(torch.utils.data.IterableDataset):
             if len(batch) < self.micro_batch_size:
                 continue
             ids = torch.from_numpy(np.stack([b[2] for b in batch]).astype(np.int64))
-            generator = torch.Generator().manual_seed(mix_seed(*base, "mask", n_batch))
-            inputs, labels = mask_tokens(
-                ids, special, self.mask.mask_id, self.mask.vocab_size, generator, self.mask.probability
-            )
-            out = {"input_ids": inputs, "labels": labels, "langs": [b[0] for b in batch]}
+            if self.mask is None:
+                out = {"input_ids": ids, "langs": [b[0] for b in batch]}
+            else:
+                generator = torch.Generator().manual_seed(mix_seed(*base, "mask", n_batch))
+                inputs, labels = mask_tokens(
+                    ids, special, self.mask.mask_id, self.mask.vocab_size, generator, self.mask.probability
+                )
+                out = {"input_ids": inputs, "labels": labels, "langs": [b[0] for b in batch]}
             if self.audit:
                 out["block_ids"] = [f"{b[0]}/{b[1]}" for b in batch]
             yield out
@@ -181,7 +185,7 @@ def train_loader(
     micro_batch_size: int,
     n_batches: int,
     shuffle_buffer: int,
-    mask: MaskSpec,
+    mask: Optional[MaskSpec],
     num_workers: int,
     prefetch_factor: int,
     audit: bool = False,
@@ -207,13 +211,16 @@ def train_loader(
 
 
 def heldout_batches(
-    shards: list[str], n_blocks: int, micro_batch_size: int, mask: MaskSpec, seed: int, lang: str
+    shards: list[str], n_blocks: int, micro_batch_size: int, mask: Optional[MaskSpec], seed: int, lang: str
 ) -> list[dict]:
-    """The first `n_blocks` held-out blocks of a language, masked with a fixed seed: the same batches every eval."""
+    """The first `n_blocks` held-out blocks of a language, masked with a fixed seed: the same batches every eval
+    (unmasked for a causal LM, `mask=None`)."""
     blocks = first_blocks(shards, n_blocks, [lang]).get(lang)
     if blocks is None or not len(blocks):
         return []
     ids = torch.from_numpy(blocks.astype(np.int64))
+    if mask is None:
+        return [{"input_ids": ids[s : s + micro_batch_size]} for s in range(0, len(blocks), micro_batch_size)]
     generator = torch.Generator().manual_seed(mix_seed(seed, HELDOUT, lang))
     special = torch.tensor(mask.special_ids, dtype=torch.long)
     inputs, labels = mask_tokens(ids, special, mask.mask_id, mask.vocab_size, generator, mask.probability)

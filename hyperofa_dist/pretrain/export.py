@@ -3,7 +3,8 @@
 Export (docs/DISTRIBUTED.md §2.3): `get_fp32_state_dict_from_zero_checkpoint` consolidates the ZeRO-1/2/3 partitions into
 one fp32 state dict; it is loaded into the stock HF class built from the starting model's config and written with
 `save_pretrained`, which re-ties the shared embedding/decoder matrix (`zero_to_fp32.py --safe_serialization`
-fails on the tied tensors). The result loads with `AutoModelForMaskedLM.from_pretrained` and no custom code.
+fails on the tied tensors). The result loads with `AutoModelForMaskedLM.from_pretrained` (a causal LM's with
+`AutoModelForCausalLM`; the class follows the starting model's config) and no custom code.
 A factorised checkpoint (F_t and P trained) is exported as the same stock model with E = F_t P, and F_t.npy and
 P.npy are written beside it so a user can continue factorised.
 
@@ -50,20 +51,28 @@ def consolidated_state_dict(ckpt_dir: str | Path, tag: Optional[str] = None) -> 
 
 def export_hf(ckpt_dir: str | Path, tag: Optional[str], start_model: str | Path,
               out_dir: str | Path) -> tuple[Path, list[str]]:
-    """Write `out_dir` as a stock HF masked-LM directory (weights + config + tokenizer) from a checkpoint; for a
+    """Write `out_dir` as a stock HF masked- or causal-LM directory (weights + config + tokenizer) from a checkpoint; for a
     factorised checkpoint also F_t.npy and P.npy beside it. Returns (out_dir, the factor files' names)."""
     import torch
-    from transformers import AutoConfig, AutoModelForMaskedLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
     from ..formats.init import save_factors
+    from ..formats.models import read_model_config
     from ..init.factorised import full_rank_state
+    from .causal import model_kind
 
     out_dir, start_model = Path(out_dir), Path(start_model)
     state, factors = full_rank_state(consolidated_state_dict(ckpt_dir, tag))
     config = AutoConfig.from_pretrained(str(start_model))
-    model = AutoModelForMaskedLM.from_config(config, dtype=torch.float32)
+    causal = model_kind(read_model_config(start_model)) == "causal"
+    model = (AutoModelForCausalLM if causal else AutoModelForMaskedLM).from_config(config, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or {})
+    if causal:
+        # Only the weights this instance really ties may be absent: the class attribute `_tied_weights_keys`
+        # names lm_head.weight even for an untied Llama, whose missing head must be an error.
+        tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    else:
+        tied = set(getattr(model, "_tied_weights_keys", None) or {})
     missing = [k for k in missing if k not in tied]
     if missing or unexpected:
         raise HyperofaError(

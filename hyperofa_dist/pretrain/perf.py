@@ -1,4 +1,5 @@
-"""Model FLOPs per token and MFU for an encoder masked LM (docs/DISTRIBUTED.md §4), and accelerator peaks."""
+"""Model FLOPs per token and MFU for an encoder masked LM or a causal LM (docs/DISTRIBUTED.md §4; a causal LM
+predicts every position, f_pred = 1), and accelerator peaks."""
 
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ def body_params(model: torch.nn.Module) -> int:
         skip.add(id(lookup.primitives))
     base = getattr(model, model.base_model_prefix)
     for name in ("position_embeddings", "token_type_embeddings"):
-        module = getattr(base.embeddings, name, None)
+        # A decoder (Llama, Qwen) has no embeddings block: rotary positions, no token types.
+        module = getattr(getattr(base, "embeddings", None), name, None)
         if module is not None:
             skip.add(id(module.weight))
     seen, total = set(), 0

@@ -12,6 +12,11 @@ Factorised training (`pretrain.embeddings`, docs/METHOD.md §4.1): the word embe
 F_t.npy and P.npy beside the model (the init stage writes them). Before launch the stage checks that the model's
 own embeddings are F_t P on a sample of rows, so factors left beside another model are never trained silently.
 The export then holds both forms: the stock full-rank `model/` (E = F_t P) and the trained F_t.npy and P.npy.
+
+Causal LMs (Llama, Mistral, Qwen, Gemma; the model's config decides, `causal.model_kind`) train with the
+next-token objective on the same shards (pretrain/causal.py): the job file carries `objective: causal` and the
+ids prepare framed the blocks with (from the prepare manifest, else the tokenizer), and the export is a stock
+causal-LM directory. Their embeddings train full-rank (the factorised form is the masked-LM method's).
 """
 
 from __future__ import annotations
@@ -51,9 +56,41 @@ def resolve_model(config: Config) -> Path:
     return require_model_dir(path)
 
 
-def embeddings_plan(config: Config, model_dir: Path) -> tuple[str, Optional[Path]]:
+def objective_of(model_dir: Path) -> str:
+    """"masked" or "causal": what the model directory's config says it is; anything else is refused."""
+    from .causal import model_kind
+
+    cfg = read_model_config(model_dir)
+    kind = model_kind(cfg)
+    if kind == "unknown":
+        raise HyperofaError(
+            f"{model_dir / 'config.json'}: neither a masked LM nor a causal LM (architectures "
+            f"{cfg.get('architectures')}, model_type {cfg.get('model_type')!r}); pretrain trains one of the two"
+        )
+    return kind
+
+
+def block_frame(shardset: ShardSet, model_dir: Path) -> dict[str, Optional[int]]:
+    """The ids that frame the blocks (start, separator, padding): as the prepare manifest recorded them, else as
+    prepare would take them from the model's tokenizer."""
+    from ..formats.tokenizer import load_tokenizer
+    from .causal import recorded_frame
+
+    frame = recorded_frame(shardset.manifest.get("special_tokens"), load_tokenizer(model_dir), model_dir)
+    return {"start": frame.start, "sep": frame.sep, "pad": frame.pad}
+
+
+def embeddings_plan(config: Config, model_dir: Path, objective: str = "masked") -> tuple[str, Optional[Path]]:
     """("factorised", the directory holding F_t.npy and P.npy) or ("full", None)."""
     from ..init.factorised import plan_factorised
+
+    if objective == "causal":
+        if config.pretrain.embeddings == "factorised":
+            raise HyperofaError(
+                f"{model_dir}: pretrain.embeddings=factorised trains a masked LM's tied F_t P; this is a causal LM, "
+                "whose embeddings train full-rank: set pretrain.embeddings=full or auto"
+            )
+        return "full", None
 
     where = plan_factorised(model_dir, config.pretrain.embeddings, "pretrain.embeddings")
     return ("factorised", where) if where is not None else ("full", None)
@@ -162,7 +199,9 @@ def run(config: Config, tracker: Any) -> int:
     precision = resolve_precision(p.precision, job_device_type(), "pretrain.precision")
     ds_config = build_ds_config(config, precision)
     world = planned_world_size(p, "pretrain")
-    embeddings, factors = embeddings_plan(config, model_dir)
+    objective = objective_of(model_dir)
+    embeddings, factors = embeddings_plan(config, model_dir, objective)
+    frame = block_frame(shardset, model_dir) if objective == "causal" else None
 
     inputs = {
         "config": config.fingerprint("pretrain", "run"),
@@ -175,6 +214,8 @@ def run(config: Config, tracker: Any) -> int:
     }
     if factors is not None:
         inputs["factors"] = {n: sha256_file(factors / n) for n in (init_format.COORDINATES, init_format.PRIMITIVES)}
+    if frame is not None:
+        inputs["objective"] = {"kind": objective, "frame": frame}
     out = stage.path
     ckpt_dir = checkpoint_dir(out)
     with StageShell.open(config, tracker, "pretrain", stage, inputs) as shell:
@@ -213,13 +254,15 @@ def run(config: Config, tracker: Any) -> int:
             "resume_tag": resume_tag,
             "trainable_rows": str(rows_file) if rows_file else None,
             "factors_dir": str(factors) if factors else None,
+            "objective": objective,
+            "frame": frame,
             # Remote rank 0 (multi-node) gets no environment from here: the MLflow parent travels in the job file.
             "parent_run_id": run_.run_id,
         }
         job_file = write_job(out, job)
         cmd = launch_command(p, job_file, TARGET)
         run_.set_tags({"hyperofa.world_size": world, "hyperofa.precision": precision, "hyperofa.zero": p.zero,
-                       "hyperofa.embeddings": embeddings})
+                       "hyperofa.embeddings": embeddings, "hyperofa.objective": objective})
         shell.say(f"launching {world} ranks: {' '.join(cmd)}")
         if world > 1 and not p.hostfile and precision == "fp32":
             # CPU ranks: split the cores instead of every rank spawning a thread per core.
@@ -242,10 +285,10 @@ def run(config: Config, tracker: Any) -> int:
         shell.finish(
             outputs=model_files(exported) + factor_files,
             counts={"steps": p.steps, "world_size": world, "final_checkpoint": tag, **sizes},
-            extra={"eval_loss": (final_eval or {}).get("loss", {}), "embeddings": embeddings},
+            extra={"eval_loss": (final_eval or {}).get("loss", {}), "embeddings": embeddings, "objective": objective},
         )
         run_.log_artifact(job_file)
         run_.set_tags({"hyperofa.checkpoints": str(ckpt_dir)})
-        shell.say(f"{p.steps} steps done ({embeddings} embeddings); model exported to {exported}"
+        shell.say(f"{p.steps} steps done ({objective} LM, {embeddings} embeddings); model exported to {exported}"
                   + (f", factors beside it ({', '.join(factor_files)})" if factor_files else ""))
     return 0

@@ -6,7 +6,8 @@
 config) and launches this module; it can also be launched by hand with the same file (see launch/README.md).
 
 The loop, top to bottom: load the HF masked LM (swapping in F_t P when the stage planned factorised embeddings), wrap it so the engine's forward returns the masked-positions-only
-MLM loss, `deepspeed.initialize` with our AdamW groups, optionally resume, then per data epoch (checkpoint
+MLM loss (a causal LM, `objective: causal` in the job file: the next-token loss over documents with the chunked
+head, pretrain/causal.py), `deepspeed.initialize` with our AdamW groups, optionally resume, then per data epoch (checkpoint
 interval) build a loader that yields exactly the epoch's micro-batches on every rank and train. Each micro-step's
 dropout seed and each batch's mask are functions of (seed, rank, step), so a resumed run repeats the
 uninterrupted one. A non-finite loss (checked on all ranks together, before backward) stops the job at once:
@@ -30,6 +31,7 @@ from ..runtime.faults import Hooks, hooks_from_env
 from ..runtime.job import NAN_EXIT, JobContext, job_main
 from ..runtime.seeds import mix_seed
 from . import data as data_mod
+from .causal import Frame, HeadTransform, block_layout, causal_lm_loss, head_transform, hf_labels, output_head
 from .mlm import masked_lm_loss, sparse_embedding_grad
 from .optim import EmbeddingWarmup, apply_settings, group_settings, lr_at, param_groups
 from .perf import model_flops_per_token, mfu, peak_flops
@@ -56,6 +58,33 @@ class MaskedLMObjective(torch.nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         loss, n_masked = masked_lm_loss(self.model, input_ids, labels, attention_mask)
         return loss, torch.tensor(float(n_masked), device=loss.device)
+
+
+class CausalLMObjective(torch.nn.Module):
+    """Wraps an HF causal LM so `engine(input_ids)` is the next-token loss over the blocks' documents, with the
+    output projection applied chunk by chunk (pretrain/causal.py); returns (mean loss, labelled positions).
+
+    The head's weight is read here, outside the head module's own forward: under ZeRO-3 it is registered as this
+    module's external parameter so DeepSpeed gathers it for the forward and again for the backward (the chunked
+    loss recomputes logits from it there). A tied lookup gets the sparse gradient as in the masked LM."""
+
+    def __init__(self, model: torch.nn.Module, frame: Frame, *, chunk: int, attention: str, zero3: bool):
+        super().__init__()
+        self.model = model
+        self.frame, self.chunk, self.attention = frame, chunk, attention
+        self.transform: HeadTransform = head_transform(model.config)
+        sparse_embedding_grad(model)
+        if zero3:
+            import deepspeed
+
+            for param in output_head(model):
+                if param is not None:
+                    deepspeed.zero.register_external_parameter(self, param)
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        layout = block_layout(input_ids, self.frame, self.attention)
+        loss, n = causal_lm_loss(self.model, input_ids, layout, chunk=self.chunk, transform=self.transform)
+        return loss, torch.tensor(float(n), device=loss.device)
 
 
 def tag_of(step: int) -> str:
@@ -86,10 +115,13 @@ class PretrainJob(JobContext):
         self.p = self.config.pretrain
         self.init_distributed()
 
-        tokenizer = load_tokenizer(spec["model_dir"])
-        self.mask = data_mod.mask_spec(tokenizer, self.p.mlm_probability)
+        self.causal = spec.get("objective") == "causal"
+        self.frame = Frame(**spec["frame"]) if self.causal else None
+        # A causal LM predicts every position: no masking, so no mask token is needed.
+        self.mask = None if self.causal else data_mod.mask_spec(load_tokenizer(spec["model_dir"]), self.p.mlm_probability)
         torch.manual_seed(self.seed)
-        model = load_model(spec["model_dir"], dtype=torch.float32)
+        model = load_model(spec["model_dir"], "AutoModelForCausalLM" if self.causal else "AutoModelForMaskedLM",
+                           dtype=torch.float32)
         if spec.get("factors_dir"):
             from pathlib import Path
 
@@ -104,12 +136,16 @@ class PretrainJob(JobContext):
 
             out_format.write_parameter_counts(self.out, parameter_counts(model))
         self.seq_len = int(spec["block_size"])
-        self.flops_token = model_flops_per_token(model, self.seq_len, self.p.mlm_probability)
+        self.flops_token = model_flops_per_token(model, self.seq_len, 1.0 if self.causal else self.p.mlm_probability)
         self.peak = peak_flops(self.p.peak_tflops)
         self.warmup: Optional[EmbeddingWarmup] = None
         if self.p.embedding_warmup_steps > 0:
             rows = torch.load(spec["trainable_rows"], weights_only=True)
             self.warmup = EmbeddingWarmup(model, rows)
+        if self.p.gradient_checkpointing:
+            # Non-reentrant: works with ZeRO-3's parameter hooks and inputs that need no gradient; the RNG state is
+            # restored for the recomputation, so dropout (and with it every number) is what it would have been.
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self.p.compile:
             base = getattr(model, model.base_model_prefix)
             setattr(model, model.base_model_prefix, torch.compile(base))
@@ -117,8 +153,13 @@ class PretrainJob(JobContext):
         self.group_names = [g["name"] for g in groups]
         # AdamW comes from the config's optimizer block (torch's implementation); the groups carry their names so
         # the loop can set each group's lr and weight decay per step.
+        zero3 = (spec["ds_config"].get("zero_optimization") or {}).get("stage") == 3
+        objective = (
+            CausalLMObjective(model, self.frame, chunk=self.p.loss_chunk, attention=self.p.causal_attention, zero3=zero3)
+            if self.causal else MaskedLMObjective(model)
+        )
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=MaskedLMObjective(model), model_parameters=groups, config=spec["ds_config"]
+            model=objective, model_parameters=groups, config=spec["ds_config"]
         )
         self.shardset = ShardSet(spec["train_shards"], spec["heldout_shards"], spec["train_blocks"])
         self.probs = data_mod.mixing_probabilities(
@@ -158,6 +199,8 @@ class PretrainJob(JobContext):
 
     def _loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         ids = batch["input_ids"].to(self.device, non_blocking=True)
+        if self.causal:
+            return self.engine(ids)
         labels = batch["labels"].to(self.device, non_blocking=True)
         if "attention_mask" in batch:
             return self.engine(ids, labels, batch["attention_mask"].to(self.device, non_blocking=True))
@@ -165,7 +208,8 @@ class PretrainJob(JobContext):
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Held-out MLM loss per language (masked-token mean), the batches spread over all ranks."""
+        """Held-out loss per language (MLM: masked-token mean; causal: next-token mean), the batches spread over all
+        ranks."""
         self.engine.eval()
         out: dict[str, float] = {}
         for lang, batches in self.eval_sets.items():
@@ -328,12 +372,20 @@ class PretrainJob(JobContext):
                 loss, _ = self._loss(probe)
             self.engine.train()
             if self.rank == 0:
-                torch.save(
-                    {"input_ids": probe["input_ids"], "labels": probe["labels"],
-                     "attention_mask": probe["attention_mask"], "loss": float(loss)},
-                    self.out / out_format.PROBE,
-                )
+                torch.save(self._probe_record(probe, float(loss)), self.out / out_format.PROBE)
         torch.distributed.barrier()
+
+
+    def _probe_record(self, probe: dict, loss: float) -> dict:
+        """What a stock HF model needs to recompute the loss: for a causal LM the 4D mask, positions and the
+        targets in HF's unshifted convention, so `model(**inputs, labels=hf_labels).loss` is the same number."""
+        if not self.causal:
+            return {"input_ids": probe["input_ids"], "labels": probe["labels"],
+                    "attention_mask": probe["attention_mask"], "loss": loss}
+        layout = block_layout(probe["input_ids"], self.frame, self.p.causal_attention)
+        return {"objective": "causal", "input_ids": probe["input_ids"], "hf_labels": hf_labels(layout),
+                "position_ids": layout.position_ids, "attention_mask": layout.attention_mask(torch.float32),
+                "loss": loss}
 
 
 def run(spec: dict[str, Any], args: Any) -> int:

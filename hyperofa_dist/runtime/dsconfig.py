@@ -18,7 +18,7 @@ from typing import Any, Optional
 from ..errors import HyperofaError
 
 TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
-TEMPLATE_NAMES = ("zero0", "zero1", "zero2", "zero3", "zero3-offload")
+TEMPLATE_NAMES = ("zero0", "zero1", "zero2", "zero2-offload", "zero3", "zero3-offload")
 
 # DeepSpeed 0.19.8 raises DeepSpeedConfigError on these (deepspeed/runtime/config.py, issue #8489); a test keeps
 # this list in step with the installed DeepSpeed.
