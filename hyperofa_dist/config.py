@@ -280,7 +280,8 @@ class InitConfig(Section):
     seed: Optional[int] = Field(None, ge=0, description="Seed of the random rows; unset means run.seed.")
 
 
-EVAL_TASKS = ("srt", "srb", "pos", "ner", "mlm")
+EVAL_TASKS = ("srt", "srb", "pos", "ner", "mlm")  # the default: a masked LM's tasks
+CAUSAL_TASKS = ("srt", "srb", "bpb", "fertility")  # what a causal LM can be evaluated on
 
 
 class TaggingEvalConfig(Section):
@@ -311,8 +312,9 @@ class EvaluateConfig(Section):
     name: Optional[str] = Execution(
         None, description="Label of this evaluation (<run.dir>/evaluate/<name>/); unset: from the model path."
     )
-    tasks: list[Literal["srt", "srb", "pos", "ner", "mlm"]] = Field(
-        list(EVAL_TASKS), min_length=1, description="Tasks to run: srt, srb, pos, ner, mlm."
+    tasks: list[Literal["srt", "srb", "pos", "ner", "mlm", "bpb", "fertility"]] = Field(
+        list(EVAL_TASKS), min_length=1,
+        description="Tasks to run: srt, srb, pos, ner, mlm (masked LMs); bpb (causal LMs); fertility (any).",
     )
     data_dir: Optional[str] = Field(
         None, description="Benchmark data: srt/ (or tatoeba/), srb/ (bible/), pos/ (udpos/), ner/ (panx/) inside."
@@ -342,6 +344,17 @@ class EvaluateConfig(Section):
     mlm_blocks: int = Field(256, ge=1, description="Held-out blocks per language for the mlm task.")
     mlm_batch_size: int = Field(16, ge=1, description="Blocks per forward pass for the mlm task.")
     mlm_probability: float = Field(0.15, gt=0.0, lt=1.0, description="Share of tokens masked (80/10/10) for mlm.")
+    heldout_sentences: int = Field(
+        1000, ge=1, description="bpb and fertility: the first N held-out sentences per language, rebuilt whole."
+    )
+    heldout_tokenizer: Optional[str] = Field(
+        None, description="bpb and fertility: the tokenizer that made the held-out shards (to read their text); unset: "
+        "the model's, tokenizer.path or <run.dir>/tokenizer, whichever prepare recorded.",
+    )
+    bpb_batch_size: int = Field(16, ge=1, description="bpb: sentences per forward pass.")
+    loss_chunk: int = Field(
+        1024, ge=0, description="bpb: tokens per chunk of the output projection (memory ~ chunk x V x 4 B); 0: full logits."
+    )
     step: int = Execution(0, ge=0, description="Pretraining step of the model: the MLflow step of every metric.")
     init_method: Optional[str] = Execution(
         None, description="init.method tag for compare; unset: from a model path .../init/<method>/model."

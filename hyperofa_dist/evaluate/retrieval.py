@@ -2,7 +2,9 @@
 
 Per language L, two line-aligned files: `<prefix>.<L>-eng.<L>` + `<prefix>.<L>-eng.eng` (XTREME/LASER) or
 `<prefix>.<L>-eng_Latn.<L>` + `<prefix>.<L>-eng_Latn.eng_Latn` (Glot500). Each sentence is encoded as the mean
-of one layer's hidden states over every attention-mask position, special tokens included; English sentences
+of one layer's hidden states over every attention-mask position, special tokens included (a causal LM: over its
+text tokens only, `pool_special=False`: the BOS position of a trained decoder is an attention sink whose state has
+nothing of the sentence and a norm far above the others'; padding is never pooled); English sentences
 are the queries, the L sentences the index, similarity is cosine. Acc@k is the share of queries whose aligned
 sentence ranks among the k most similar. Ties are broken by line order, so results are deterministic and a
 model that maps everything to one vector scores chance-like, not 100%.
@@ -107,14 +109,19 @@ def encode_sentences(
     max_length: int,
     device: Any,
     desc: str = "encode",
+    pool_special: bool = True,
 ) -> Any:
-    """Mean-pooled `hidden_states[layer_index]` per sentence, float32 [n, d] on CPU.
+    """Mean-pooled `hidden_states[layer_index]` per sentence, float32 [n, d] on CPU; `pool_special=False` leaves
+    the special tokens (BOS) out of the mean.
 
     Sentences are batched in length order (less padding, same vectors) and returned in input order."""
     import torch
     from tqdm.auto import tqdm
 
-    ids = tokenizer(lines, truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
+    encoded = tokenizer(lines, truncation=True, max_length=max_length, add_special_tokens=True,
+                        return_special_tokens_mask=not pool_special)
+    ids = encoded["input_ids"]
+    special = None if pool_special else encoded["special_tokens_mask"]
     order = np.argsort(np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids)), kind="stable")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out = torch.empty(len(ids), model.config.hidden_size, dtype=torch.float32)
@@ -124,12 +131,14 @@ def encode_sentences(
             width = max(len(ids[r]) for r in rows)
             batch = torch.full((len(rows), width), pad, dtype=torch.long)
             mask = torch.zeros((len(rows), width), dtype=torch.long)
+            pooled_positions = torch.zeros((len(rows), width), dtype=torch.long)
             for i, r in enumerate(rows):
                 batch[i, : len(ids[r])] = torch.tensor(ids[r])
                 mask[i, : len(ids[r])] = 1
+                pooled_positions[i, : len(ids[r])] = 1 if special is None else 1 - torch.tensor(special[r])
             batch, mask = batch.to(device), mask.to(device)
             hidden = model(input_ids=batch, attention_mask=mask, output_hidden_states=True).hidden_states[layer_index]
-            weights = mask.unsqueeze(-1).to(hidden.dtype)
+            weights = pooled_positions.to(device).unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
             out[torch.as_tensor(rows)] = pooled.float().cpu()
     return out
@@ -176,6 +185,7 @@ def evaluate_retrieval(
     max_sentences: Optional[int] = None,
     device: Any = "cpu",
     task: str = "retrieval",
+    pool_special: bool = True,
 ) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
     """({language: {top1, top5, top10}}, {skipped language: why}) for every complete pair under data_dir."""
     pairs, skipped = discover_pairs(data_dir, languages)
@@ -185,7 +195,8 @@ def evaluate_retrieval(
     texts = {lang: read_pair(pair, max_sentences) for lang, pair in pairs.items()}
     results = {}
     for lang, (lang_lines, eng_lines) in texts.items():
-        encode = dict(layer_index=layer_index, batch_size=batch_size, max_length=max_length, device=device)
+        encode = dict(layer_index=layer_index, batch_size=batch_size, max_length=max_length, device=device,
+                      pool_special=pool_special)
         index = encode_sentences(model, tokenizer, lang_lines, desc=f"{task} {lang}", **encode)
         queries = encode_sentences(model, tokenizer, eng_lines, desc=f"{task} {lang} eng", **encode)
         if center:

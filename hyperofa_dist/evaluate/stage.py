@@ -7,6 +7,11 @@ the model's and the data's fingerprints), so re-running the same evaluation is a
 `<task>.<lang>.<metric>` and `<task>.average.<metric>` at step `evaluate.step`, tagged with `init.method` so
 `hyperofa compare` can group runs. `evaluate.languages` holds one code per language (`deu_Latn`); each task maps it
 to its data's own code (`languages.resolve`) and reports under the requested one.
+
+A causal LM (the model's config decides, `pretrain.causal.model_kind`) is evaluated on srt/srb (mean-pooled text
+tokens, BOS left out), bpb (held-out bits per byte) and fertility (source vs the model's tokenizer on the held-out
+text) (evaluate/causal.py); pos, ner and mlm are masked-LM tasks and refused for it before any work, bpb for a
+masked LM.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..config import Config, flatten
+from ..config import CAUSAL_TASKS, Config, flatten
 from ..errors import HyperofaError
 from ..formats import results as out_format
 from ..formats.files import sha256_file
@@ -34,7 +39,34 @@ from .languages import resolve
 from .model import check_model_vocabulary, check_vocabulary, hidden_state_index, resolve_model_dir
 
 TASK_DIRS = {"srt": ("srt", "tatoeba"), "srb": ("srb", "bible"), "pos": ("pos", "udpos"), "ner": ("ner", "panx")}
-MAIN_METRIC = {"srt": "top10", "srb": "top10", "pos": "f1", "ner": "f1", "mlm": "loss"}
+MAIN_METRIC = {"srt": "top10", "srb": "top10", "pos": "f1", "ner": "f1", "mlm": "loss", "bpb": "bpb",
+               "fertility": "fertility_target"}
+MASKED_ONLY = ("pos", "ner", "mlm")
+CAUSAL_ONLY = ("bpb",)
+HELDOUT_TASKS = ("mlm", "bpb", "fertility")
+
+
+def model_kind_of(model_dir: Path) -> str:
+    from ..pretrain.causal import model_kind
+
+    return model_kind(read_model_config(model_dir))
+
+
+def check_tasks(tasks: list[str], kind: str, model_dir: Path) -> None:
+    """Refuse, before any work, a task the model cannot do: tagging and MLM need a masked LM, bpb a causal LM."""
+    if kind == "causal":
+        wrong = [t for t in tasks if t in MASKED_ONLY]
+        if wrong:
+            raise HyperofaError(
+                f"evaluate.tasks: {', '.join(wrong)} {'is' if len(wrong) == 1 else 'are'} for masked LMs (MLM-only); "
+                f"{model_dir} is a causal LM: its tasks are {', '.join(CAUSAL_TASKS)}"
+            )
+    elif kind == "masked":
+        wrong = [t for t in tasks if t in CAUSAL_ONLY]
+        if wrong:
+            raise HyperofaError(
+                f"evaluate.tasks: {', '.join(wrong)} needs a causal LM; {model_dir} is a masked LM (use mlm)"
+            )
 
 
 def task_data_dir(data_dir: Optional[str], task: str) -> Path:
@@ -76,14 +108,48 @@ def _heldout_dir(config: Config) -> Path:
     return Path(config.evaluate.heldout_dir) if config.evaluate.heldout_dir else prepare_dir(config.run_dir)
 
 
+def _prepare_manifest(heldout_dir: Path) -> dict[str, Any]:
+    """The prepare manifest of the held-out directory, or {} for a bare directory of shards."""
+    from ..formats.files import read_json
+    from ..formats.rundir import MANIFEST
+
+    path = heldout_dir / MANIFEST
+    return read_json(path, "prepare manifest") if path.is_file() else {}
+
+
+def heldout_tokenizer_dir(config: Config, model_dir: Path) -> tuple[str, Path]:
+    """(config key, directory) of the tokenizer that made the held-out shards, by the sha256 prepare recorded:
+    `evaluate.heldout_tokenizer` when set, else the first match of the model's, `tokenizer.path` and
+    `<run.dir>/tokenizer` (a source model is evaluated on the text of the expanded model's shards)."""
+    from .causal import shards_tokenizer
+
+    heldout = _heldout_dir(config)
+    recorded = ((_prepare_manifest(heldout).get("inputs") or {}).get("tokenizer") or {}).get("tokenizer.json")
+    ev = config.evaluate
+    if ev.heldout_tokenizer:
+        candidates = [("evaluate.heldout_tokenizer", Path(ev.heldout_tokenizer))]
+    else:
+        candidates = [("evaluate.model", model_dir),
+                      ("tokenizer.path", Path(config.tokenizer.path) if config.tokenizer.path else None),
+                      ("<run.dir>/tokenizer", config.run_dir / "tokenizer")]
+    return shards_tokenizer(heldout, recorded, candidates)
+
+
 def _inputs(config: Config, model_dir: Path) -> dict[str, Any]:
     inputs: dict[str, Any] = {
         **config.fingerprint("evaluate", "run"),
         "model": model_fingerprint(model_dir),
         "data": {},
     }
-    for task in config.evaluate.tasks:
-        if task == "mlm":
+    tasks = config.evaluate.tasks
+    if {"bpb", "fertility"} & set(tasks):
+        from ..formats.tokenizer import tokenizer_fingerprint
+
+        inputs["heldout_tokenizer"] = tokenizer_fingerprint(heldout_tokenizer_dir(config, model_dir)[1])
+    if "fertility" in tasks:
+        inputs["source"] = _source_tokenizer_identity(config)
+    for task in tasks:
+        if task in HELDOUT_TASKS:
             inputs["data"][task] = {p.name: sha256_file(p) for p in heldout_shards(_heldout_dir(config))}
         else:
             inputs["data"][task] = _files_fingerprint(task_data_dir(config.evaluate.data_dir, task))
@@ -95,6 +161,48 @@ def _inputs(config: Config, model_dir: Path) -> dict[str, Any]:
     return inputs
 
 
+def _source_tokenizer_identity(config: Config) -> dict[str, Any]:
+    from ..formats.tokenizer import tokenizer_fingerprint
+
+    where = config.source.tokenizer or config.source.model
+    return {"tokenizer": where, **({"files": tokenizer_fingerprint(where)} if Path(where).is_dir() else {})}
+
+
+def _heldout_languages(config: Config, task: str) -> tuple[dict[str, str], dict[str, list[Path]], dict[str, str]]:
+    """({requested code: the shards' code}, {shards' code: its held-out shards}, {skipped code: why})."""
+    ev = config.evaluate
+    by_lang = shards_by_language(heldout_shards(_heldout_dir(config)))
+    if ev.languages is None:
+        return {lang: lang for lang in by_lang}, by_lang, {}
+    chosen, skipped = resolve(ev.languages, by_lang, "no held-out blocks")
+    if not chosen:
+        raise HyperofaError(f"{_heldout_dir(config)}: no held-out shards for the requested languages ({task})")
+    return chosen, by_lang, skipped
+
+
+def heldout_texts(config: Config, model_dir: Path) -> tuple[dict[str, list[str]], dict[str, str], dict[str, float]]:
+    """({requested code: the first evaluate.heldout_sentences held-out lines as text}, {skipped code: why},
+    {language-prefixed counts of lossy lines}) for bpb and fertility (evaluate/causal.py)."""
+    from ..pretrain.causal import recorded_frame
+    from .causal import decode_lines, heldout_lines
+
+    _, tokenizer_dir = heldout_tokenizer_dir(config, model_dir)
+    made_with = load_tokenizer(tokenizer_dir)
+    frame = recorded_frame(_prepare_manifest(_heldout_dir(config)).get("special_tokens"), made_with, tokenizer_dir)
+    chosen, by_lang, skipped = _heldout_languages(config, "bpb/fertility")
+    texts: dict[str, list[str]] = {}
+    lossy: dict[str, float] = {}
+    for key, code in chosen.items():
+        lines = heldout_lines(by_lang[code], frame, config.evaluate.heldout_sentences)
+        if not lines:
+            skipped[key] = "no whole held-out line"
+            continue
+        texts[key], lossy[key] = decode_lines(made_with, lines)
+    if not texts:
+        raise HyperofaError(f"{_heldout_dir(config)}: no whole held-out line in any requested language")
+    return texts, skipped, lossy
+
+
 def evaluate_model(
     config: Config, model_dir: Path
 ) -> tuple[dict[str, Any], dict[str, dict[str, str]], dict[str, float]]:
@@ -102,15 +210,19 @@ def evaluate_model(
     ev = config.evaluate
     device = resolve_device(ev.device, "evaluate.device")
     tokenizer = load_tokenizer(model_dir)
+    causal = model_kind_of(model_dir) == "causal"
     results: dict[str, Any] = {}
     skipped: dict[str, dict[str, str]] = {}
     extra: dict[str, float] = {}
     encoder = None
+    texts = None
     for task in ev.tasks:
         started = time.perf_counter()
         if task in ("srt", "srb"):
             if encoder is None:
-                encoder = load_model(model_dir, "AutoModel", add_pooling_layer=False).to(device)
+                # A decoder's base model has no pooling layer to leave out.
+                kwargs = {} if causal else {"add_pooling_layer": False}
+                encoder = load_model(model_dir, "AutoModel", **kwargs).to(device)
                 check_model_vocabulary(tokenizer, encoder, model_dir)
             layer = hidden_state_index(ev.layer, encoder.config.num_hidden_layers, model_dir)
             per_language, skipped[task] = retrieval.evaluate_retrieval(
@@ -125,7 +237,29 @@ def evaluate_model(
                 max_sentences=ev.max_sentences,
                 device=device,
                 task=task,
+                pool_special=not causal,
             )
+        elif task in ("bpb", "fertility"):
+            from . import causal as causal_eval
+
+            if texts is None:
+                texts, text_skipped, lossy = heldout_texts(config, model_dir)
+            skipped[task] = dict(text_skipped)
+            if task == "bpb":
+                model = load_model(model_dir, "AutoModelForCausalLM").to(device)
+                check_model_vocabulary(tokenizer, model, model_dir)
+                per_language = {
+                    lang: {**causal_eval.bits_per_byte(model, tokenizer, lines, batch_size=ev.bpb_batch_size,
+                                                       chunk=ev.loss_chunk, device=device, where=model_dir),
+                           "lossy": lossy[lang]}
+                    for lang, lines in texts.items()
+                }
+                del model
+            else:
+                from ..formats.tokenizer import source_tokenizer
+
+                source = source_tokenizer(config)
+                per_language = {lang: causal_eval.fertility(source, tokenizer, lines) for lang, lines in texts.items()}
         elif task in ("pos", "ner"):
             from ..init.factorised import plan_factorised
 
@@ -202,6 +336,7 @@ def run(config: Config, tracker: Any) -> int:
     stage = out_format.stage_of(config.run_dir, name)
     method = ev.init_method or method_of(model_dir)
     _check_vocab_cheaply(model_dir)
+    check_tasks(ev.tasks, model_kind_of(model_dir), model_dir)
     inputs = _inputs(config, model_dir)
     results_path = stage.path / out_format.RESULTS
     output = Path(ev.output).resolve() if ev.output else results_path
