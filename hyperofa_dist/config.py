@@ -170,6 +170,11 @@ class PretrainBenchConfig(Section):
     rank: int = Field(
         400, ge=1, description="bench pretrain with pretrain.embeddings=factorised: k of F_t P (the report's XLM-R: 400)."
     )
+    loss_vocab_size: int = Field(
+        128_256, ge=2, description="bench causal-loss: vocabulary rows of the head (Llama 3's 128,256)."
+    )
+    loss_tokens: int = Field(4096, ge=1, description="bench causal-loss: tokens whose loss is taken at once.")
+    loss_hidden_size: int = Field(256, ge=1, description="bench causal-loss: hidden size of the head's input.")
 
 
 class LaunchConfig(Section):

@@ -100,6 +100,10 @@ BENCHES: tuple[Command, ...] = (
     Command("mapping", "Ray postings builder (2 workers) vs the per-word encode loop", "hyperofa_dist.bench.mapping:run"),
     Command("init", "OFA assembly at XLM-R-to-Glot500 scale on generated vectors", "hyperofa_dist.bench.init:run"),
     Command("pretrain", "masked-head DeepSpeed loop vs a plain full-logits loop", "hyperofa_dist.bench.pretrain:run"),
+    Command(
+        "causal-loss", "peak memory of a causal LM's loss: chunked vs full logits, each in a fresh process",
+        "hyperofa_dist.bench.causal_loss:run",
+    ),
     Command("hypernet", "DeepSpeed 1 and 2 ranks vs a plain PyTorch loop (samples/s)", "hyperofa_dist.bench.hypernet:run"),
     Command(
         "context", "hypernet context rule: lowest word indices vs a fixed per-token sample (cosine, new-token loss)",
