@@ -299,3 +299,20 @@ def test_a_model_that_is_neither_masked_nor_causal_is_refused(causal_world, tmp_
         run_pretrain_stage(_config(causal_world, tmp_path, other), NullTracker())
     assert not (tmp_path / "run" / "pretrain").exists()
 
+
+@pytest.mark.parametrize("name, zero, rows", [("llama3-8b-glot500", "zero3", 160_256),
+                                              ("llama3.2-1b-glot500", "zero2", 160_256)])
+def test_packaged_causal_configs_load_and_give_a_deepspeed_config(name, zero, rows):
+    from hyperofa_dist.config import PACKAGED_CONFIGS
+    from hyperofa_dist.pretrain.stage import build_ds_config
+
+    config = load_config(PACKAGED_CONFIGS / f"{name}.yaml")
+    assert config.pretrain.zero == zero and config.pretrain.causal_attention == "document"
+    assert set(config.evaluate.tasks) <= {"srt", "srb", "bpb", "fertility"}
+    assert (128_256 + config.tokenizer.new_tokens) % config.init.pad_to_multiple_of == 0
+    assert 128_256 + config.tokenizer.new_tokens == rows
+    ds = build_ds_config(config, "bf16")
+    assert ds["zero_optimization"]["stage"] == int(zero[-1]) and ds["gradient_clipping"] == 1.0
+    assert ds["bf16"]["enabled"] is True
+    tokens = config.pretrain.steps * config.pretrain.micro_batch_size * config.pretrain.grad_accum
+    assert tokens * config.prepare.block_size * (8 if zero == "zero3" else 4) == 2000 * 256 * 2048  # README's table
