@@ -1,0 +1,152 @@
+"""`hyperofa init` from a causal LM: untied (Llama) and tied (Qwen2) sources, Llama-3 and Llama-2 style tokenizers."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hyperofa_dist import synthetic
+from hyperofa_dist.cli import main as cli_main
+from hyperofa_dist.formats import init as init_format
+from hyperofa_dist.formats.mapping import load_mapping
+from hyperofa_dist.init import assemble as asm
+
+
+def run_init(w, method, *extra):
+    return cli_main(["init", *w.overrides(f"init.method={method}", *extra)])
+
+
+@pytest.mark.parametrize("family, tokenizer, k", [("llama", "llama3", None), ("qwen2", "qwen2", None),
+                                                 ("llama", "llama2", 16)])
+def test_expanded_causal_lm_loads_stock_and_gives_the_source_logits_on_source_text(
+    family, tokenizer, k, init_worlds, tmp_path, one_thread
+):
+    base = init_worlds.causal(family, tokenizer, k=k)
+    w = init_worlds.fresh_run(base, tmp_path / "run")
+    assert run_init(w, "random") == 0
+    out = init_format.model_dir(w.run_dir, "random")
+    model = AutoModelForCausalLM.from_pretrained(str(out)).eval()  # stock classes, no custom code
+    tok = AutoTokenizer.from_pretrained(str(out))
+    source = AutoModelForCausalLM.from_pretrained(str(w.source_model)).eval()
+    source_tok = AutoTokenizer.from_pretrained(str(w.source_model))
+    tied = synthetic.CAUSAL_FAMILIES[family]
+    assert type(model) is type(source) and model.config.tie_word_embeddings is tied
+    same = model.get_input_embeddings().weight.data_ptr() == model.get_output_embeddings().weight.data_ptr()
+    assert same is tied
+    v_s, v_t = len(source_tok), len(tok)
+    assert model.config.vocab_size == v_t > v_s
+    # Every source token keeps its id and is copied from itself: exactly, in both matrices, even with k < D.
+    torch.testing.assert_close(model.get_input_embeddings().weight[:v_s], source.get_input_embeddings().weight,
+                               rtol=0, atol=0)
+    torch.testing.assert_close(model.get_output_embeddings().weight[:v_s], source.get_output_embeddings().weight,
+                               rtol=0, atol=0)
+    lines = synthetic.read_lines(init_worlds.corpus / "qaa_Latn.txt", 60)
+    unchanged = [line for line in lines if tok(line)["input_ids"] == source_tok(line)["input_ids"]]
+    assert len(unchanged) >= 10
+    with torch.no_grad():
+        for line in unchanged[:10]:
+            ids = torch.tensor([tok(line)["input_ids"]])
+            torch.testing.assert_close(model(ids).logits[..., :v_s], source(ids).logits, rtol=0, atol=1e-5)
+    assert (model.config.bos_token_id, model.config.eos_token_id) == (tok.bos_token_id, tok.eos_token_id)
+    manifest = json.loads((out.parent / "manifest.json").read_text())
+    assert manifest["kind"] == "causal" and manifest["tied"] is tied
+
+
+def stage_rows(run_dir, method):
+    out = init_format.model_dir(run_dir, method)
+    model = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    coordinates = np.load(out.parent / init_format.COORDINATES)
+    provenance = np.load(out.parent / init_format.PROVENANCE)
+    return model, coordinates, provenance
+
+
+def test_untied_methods_give_both_matrices_from_one_coordinate_row_and_copies_stay_exact(init_worlds, tmp_path,
+                                                                                       one_thread):
+    from hyperofa_dist.hypernet.predict import tokens_to_predict
+
+    base = init_worlds.causal("llama", "llama3", k=16)
+    w = init_worlds.fresh_run(base, tmp_path / "run")
+    mapping = load_mapping(w.run_dir)
+    assert mapping.matrices == 2 and mapping.primitives.shape == (16, 64) and mapping.hidden_size == 32
+    ids = tokens_to_predict(mapping.target_postings, mapping.overlap_target)
+    rng = np.random.default_rng(0)
+    init_worlds.write_hypernet(w.run_dir, ids, rng.standard_normal((len(ids), 16)).astype(np.float32) * 0.05)
+    source = AutoModelForCausalLM.from_pretrained(str(w.source_model))
+    source_in = source.get_input_embeddings().weight.detach().numpy()
+    source_out = source.get_output_embeddings().weight.detach().numpy()
+    p = mapping.primitives
+    for method, code in (("ofa", asm.OFA), ("hyperofa", asm.HYPEROFA), ("mean", asm.MEAN)):
+        assert run_init(w, method) == 0
+        model, coordinates, provenance = stage_rows(w.run_dir, method)
+        emb_in = model.get_input_embeddings().weight.detach().numpy()
+        emb_out = model.get_output_embeddings().weight.detach().numpy()
+        new = np.flatnonzero(provenance == code)
+        assert len(new) > 50
+        np.testing.assert_allclose(emb_in[new], coordinates[new] @ p[:, :32], atol=1e-5)
+        np.testing.assert_allclose(emb_out[new], coordinates[new] @ p[:, 32:], atol=1e-5)
+        copied = np.flatnonzero(provenance[: len(source_in)] == asm.COPY)  # (a new token may copy case-blind)
+        assert len(copied) == len(source_in)
+        np.testing.assert_array_equal(emb_in[copied], source_in[copied])  # extension: a source id copies itself
+        np.testing.assert_array_equal(emb_out[copied], source_out[copied])
+    # mean: every token that was not copied is the mean of its source pieces' coordinates (byte-level: always)
+    model, coordinates, provenance = stage_rows(w.run_dir, "mean")
+    assert set(np.unique(provenance)) == {asm.COPY, asm.MEAN}
+    tok = AutoTokenizer.from_pretrained(str(w.target_tokenizer))
+    splitter = AutoTokenizer.from_pretrained(str(w.source_model)).backend_tokenizer.model
+    for token_id in np.flatnonzero(provenance == asm.MEAN)[::40]:
+        pieces = [t.id for t in splitter.tokenize(tok.convert_ids_to_tokens(int(token_id)))]
+        assert "".join(splitter.id_to_token(i) for i in pieces) == tok.convert_ids_to_tokens(int(token_id))
+        np.testing.assert_allclose(coordinates[token_id], mapping.source_coordinates[pieces].mean(0), atol=1e-6)
+
+
+def test_byte_fallback_mean_uses_the_byte_tokens_of_new_characters(init_worlds, tmp_path, one_thread):
+    w = init_worlds.fresh_run(init_worlds.causal("llama", "llama2"), tmp_path / "run")
+    assert run_init(w, "mean") == 0
+    _, coordinates, provenance = stage_rows(w.run_dir, "mean")
+    tok = AutoTokenizer.from_pretrained(str(w.target_tokenizer))
+    source_tok = AutoTokenizer.from_pretrained(str(w.source_model))
+    f_s = load_mapping(w.run_dir).source_coordinates
+    char = next(i for i in range(len(source_tok), len(tok)) if len(tok.convert_ids_to_tokens(i)) == 1
+                and ord(tok.convert_ids_to_tokens(i)) > 0x370)  # a new character outside Latin, e.g. Cyrillic
+    text = tok.convert_ids_to_tokens(char)
+    byte_ids = [source_tok.convert_tokens_to_ids(f"<0x{b:02X}>") for b in text.encode("utf-8")]
+    assert provenance[char] == asm.MEAN
+    np.testing.assert_allclose(coordinates[char], f_s[byte_ids].mean(0), atol=1e-6)
+
+
+def test_next_token_loss_counts_positions_followed_by_a_new_token(init_worlds, prepare_format, small_corpus, tmp_path,
+                                                                 one_thread):
+    """With held-out shards of the target tokenizer, init reports the next-token loss over the positions whose next
+    token was not copied, equal to the stock HF loss with every other label ignored; per method."""
+    from hyperofa_dist.formats.rundir import Stage
+
+    w = init_worlds.fresh_run(init_worlds.causal("llama", "llama3"), tmp_path / "run")
+    tok = AutoTokenizer.from_pretrained(str(w.target_tokenizer))
+    langs = ("qab_Cyrl", "qad_Grek")
+    lines = {lang: synthetic.read_lines(small_corpus / f"{lang}.txt.gz" if lang == "qab_Cyrl" else
+                                        small_corpus / f"{lang}.txt", 80) for lang in langs}
+    blocks = {lang: {"heldout": prepare_format.framed_blocks(tok, lines[lang], 32)[:6]} for lang in langs}
+    prepare_format.write(w.run_dir / "prepare", blocks, w.target_tokenizer, 32)
+    losses = {}
+    for method in ("random", "mean"):
+        assert run_init(w, method, "init.heldout_blocks=5") == 0
+        out = init_format.model_dir(w.run_dir, method)
+        reported = json.loads((out.parent / "quality.json").read_text())["new_token_causal"]
+        assert set(reported["loss"]) == {*langs, "average"}
+        model = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+        provenance = np.load(out.parent / init_format.PROVENANCE)
+        for lang in langs:
+            ids = torch.from_numpy(blocks[lang]["heldout"][:5].astype(np.int64))
+            labels = ids.clone()
+            labels[torch.from_numpy(provenance == asm.COPY)[ids]] = -100
+            with torch.no_grad():
+                expected = float(model(input_ids=ids, labels=labels).loss)  # HF shifts the labels itself
+            assert reported["loss"][lang] == pytest.approx(expected, abs=1e-4)
+            assert reported["positions"][lang] == int((labels[:, 1:] >= 0).sum()) > 0
+        losses[method] = reported["loss"]["average"]
+        assert Stage(w.run_dir, f"init/{method}").require()["new_token_causal_loss"] == reported["loss"]
+    assert losses["mean"] < losses["random"]
