@@ -150,3 +150,103 @@ def test_next_token_loss_counts_positions_followed_by_a_new_token(init_worlds, p
         losses[method] = reported["loss"]["average"]
         assert Stage(w.run_dir, f"init/{method}").require()["new_token_causal_loss"] == reported["loss"]
     assert losses["mean"] < losses["random"]
+
+
+# --- bad input: one line, exit 2, nothing written ------------------------------------------------------------------
+
+
+def one_line(capsys, command: str, code: int, *needles: str) -> str:
+    assert code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in lines if ": error: " in line]
+    assert len(errors) == 1 and errors[0].startswith(f"hyperofa {command}: error: "), lines
+    for needle in needles:
+        assert needle in errors[0]
+    return errors[0]
+
+
+def test_a_causal_lm_without_a_resizable_embedding_is_one_line_and_writes_nothing(init_worlds, tmp_path, capsys,
+                                                                                  monkeypatch):
+    from transformers import LlamaForCausalLM
+
+    w = init_worlds.fresh_run(init_worlds.causal("llama", "llama3"), tmp_path / "run")
+    # As a model whose token table is not a plain nn.Embedding (a quantised or custom lookup) presents itself.
+    monkeypatch.setattr(LlamaForCausalLM, "get_input_embeddings", lambda self: torch.nn.Identity())
+    one_line(capsys, "init", run_init(w, "random"), str(w.source_model), "no resizable word embedding (",
+             "Identity")
+    assert not (w.run_dir / "init").exists()
+
+
+def test_require_resizable_refuses_other_rows_per_token_and_a_head_of_another_shape(init_worlds):
+    from hyperofa_dist.errors import HyperofaError
+    from hyperofa_dist.formats.models import CAUSAL, require_resizable
+
+    model = AutoModelForCausalLM.from_pretrained(str(init_worlds.causal("llama", "llama3").source_model))
+    require_resizable(model, CAUSAL, "m")
+    rows = model.get_input_embeddings().num_embeddings
+    model.model.per_layer_tokens = torch.nn.Parameter(torch.zeros(rows, 4))  # as Gemma 3n's per-layer tables
+    with pytest.raises(HyperofaError, match=r"other than the word embedding .* \(model.per_layer_tokens\)"):
+        require_resizable(model, CAUSAL, "m")
+    del model.model.per_layer_tokens
+    model.lm_head = torch.nn.Linear(32, rows - 1, bias=False)
+    with pytest.raises(HyperofaError, match=r"output projection is Linear \(415, 32\), not an nn.Linear"):
+        require_resizable(model, CAUSAL, "m")
+
+
+@pytest.mark.parametrize("task, needle", [("mlm", "masked-LM use needs a masked LM"),
+                                          ("pos", "tagging (POS/NER) needs a masked LM")])
+def test_a_causal_lm_given_to_a_masked_lm_only_evaluation_is_one_line(task, needle, init_worlds, prepare_format,
+                                                                      small_corpus, world, tmp_path, capsys):
+    model = init_worlds.causal("llama", "llama3").source_model
+    tok = AutoTokenizer.from_pretrained(str(model))
+    lines = synthetic.read_lines(small_corpus / "qaa_Latn.txt", 40)
+    heldout = prepare_format.write(tmp_path / "prepare", {"qaa_Latn": {"heldout": prepare_format.framed_blocks(
+        tok, lines, 32)[:2]}}, model, 32)
+    synthetic.write_tagging_data(tmp_path / "data" / "pos", world, "pos", "qaa_Latn", ["qab_Cyrl"], sizes=(20, 5, 5))
+    code = cli_main(["evaluate", "--model", str(model), "--tasks", task, "--data", str(tmp_path / "data"),
+                     f"evaluate.heldout_dir={heldout}", f"run.dir={tmp_path / 'run'}", "tracking.enabled=false"])
+    one_line(capsys, "evaluate", code, str(model), "is a causal LM", needle)
+    # evaluate opens its stage directory before it loads the model: it stays empty (no results, no manifest)
+    assert not [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
+
+
+def test_factorised_training_is_refused_for_a_causal_lm_and_auto_means_full(init_worlds, tmp_path, one_thread):
+    from hyperofa_dist.errors import HyperofaError
+    from hyperofa_dist.init.factorised import plan_factorised
+
+    w = init_worlds.fresh_run(init_worlds.causal("llama", "llama3", k=16), tmp_path / "run")
+    assert run_init(w, "random") == 0
+    model_dir = init_format.model_dir(w.run_dir, "random")
+    assert (model_dir.parent / init_format.PRIMITIVES).is_file()  # F_t.npy and P.npy [16, 2D] are written
+    assert plan_factorised(model_dir, "auto", "pretrain.embeddings") is None
+    with pytest.raises(HyperofaError, match="pretrain.embeddings=factorised .* this is a causal LM"):
+        plan_factorised(model_dir, "factorised", "pretrain.embeddings")
+
+
+def test_mean_is_refused_for_a_wordpiece_source_in_one_line(init_worlds, tmp_path, capsys):
+    w = init_worlds.fresh_run(init_worlds.get("bert"), tmp_path / "run")
+    one_line(capsys, "init", run_init(w, "mean"), "init.method=mean", "WordPiece source (BERT)")
+    assert not (w.run_dir / "init").exists()
+
+
+def test_mean_for_a_unigram_masked_lm_averages_the_pieces_and_keeps_unknown_ones_random(init_worlds, tmp_path,
+                                                                                        capsys):
+    w = init_worlds.fresh_run(init_worlds.get("xlmr", k=8), tmp_path / "run")
+    assert run_init(w, "mean") == 0
+    out = init_format.model_dir(w.run_dir, "mean")
+    coordinates = np.load(out.parent / init_format.COORDINATES)
+    provenance = np.load(out.parent / init_format.PROVENANCE)
+    tok = AutoTokenizer.from_pretrained(str(w.target_tokenizer))
+    source_tok = AutoTokenizer.from_pretrained(str(w.source_model))
+    model = source_tok.backend_tokenizer.model
+    f_s = load_mapping(w.run_dir).source_coordinates
+    means = np.flatnonzero(provenance == asm.MEAN)
+    randoms = np.flatnonzero(provenance == asm.RANDOM)
+    assert len(means) > 100 and len(randoms) > 0  # the Latin-only source has no Cyrillic or Greek letters
+    for token_id in means[::50]:
+        pieces = [t.id for t in model.tokenize(tok.convert_ids_to_tokens(int(token_id)))]
+        assert source_tok.unk_token_id not in pieces
+        np.testing.assert_allclose(coordinates[token_id], f_s[pieces].mean(0), atol=1e-6)
+    for token_id in randoms[::20]:
+        assert source_tok.unk_token_id in [t.id for t in model.tokenize(tok.convert_ids_to_tokens(int(token_id)))]
+    assert f"{len(randoms)} new tokens split into the source's unknown token" in capsys.readouterr().err

@@ -317,8 +317,8 @@ def run(config: Config, tracker: Any) -> int:
         metrics: dict[str, float] = {f"provenance/{kind}": n for kind, n in overall.items()}
         metrics["provenance/total"] = int(sum(overall.values()))
         for script, by_kind in counts["by_script"].items():
-            for kind, n in by_kind.items():
-                metrics[f"provenance_script/{script}/{kind}"] = n
+            for provenance_kind, n in by_kind.items():
+                metrics[f"provenance_script/{script}/{provenance_kind}"] = n
         metrics.update({f"heldout_cosine/{m}": v for m, v in quality.items()})
         if method in quality:
             metrics["heldout_cosine"] = quality[method]
