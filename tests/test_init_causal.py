@@ -119,7 +119,7 @@ def test_byte_fallback_mean_uses_the_byte_tokens_of_new_characters(init_worlds, 
 
 
 def test_next_token_loss_counts_positions_followed_by_a_new_token(init_worlds, prepare_format, small_corpus, tmp_path,
-                                                                 one_thread):
+                                                                 one_thread, capsys):
     """With held-out shards of the target tokenizer, init reports the next-token loss over the positions whose next
     token was not copied, equal to the stock HF loss with every other label ignored; per method."""
     from hyperofa_dist.formats.rundir import Stage
@@ -149,6 +149,7 @@ def test_next_token_loss_counts_positions_followed_by_a_new_token(init_worlds, p
             assert reported["positions"][lang] == int((labels[:, 1:] >= 0).sum()) > 0
         losses[method] = reported["loss"]["average"]
         assert Stage(w.run_dir, f"init/{method}").require()["new_token_causal_loss"] == reported["loss"]
+        assert f"new-token next-token loss {losses[method]:.4f}" in capsys.readouterr().err
     assert losses["mean"] < losses["random"]
 
 
@@ -250,3 +251,34 @@ def test_mean_for_a_unigram_masked_lm_averages_the_pieces_and_keeps_unknown_ones
     for token_id in randoms[::20]:
         assert source_tok.unk_token_id in [t.id for t in model.tokenize(tok.convert_ids_to_tokens(int(token_id)))]
     assert f"{len(randoms)} new tokens split into the source's unknown token" in capsys.readouterr().err
+
+
+def test_model_kind_reads_the_head_from_architectures_and_else_the_model_type():
+    from hyperofa_dist.errors import HyperofaError
+    from hyperofa_dist.formats.models import CAUSAL, MASKED, model_kind
+
+    assert model_kind({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}) == CAUSAL
+    assert model_kind({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}) == CAUSAL
+    assert model_kind({"architectures": ["RobertaForCausalLM"], "model_type": "roberta"}) == CAUSAL
+    assert model_kind({"architectures": ["XLMRobertaForMaskedLM"], "model_type": "xlm-roberta"}) == MASKED
+    assert model_kind({"architectures": ["XLMRobertaModel"], "model_type": "xlm-roberta"}) == MASKED  # headless
+    assert model_kind({"model_type": "qwen2"}) == CAUSAL
+    with pytest.raises(HyperofaError, match="model_type 'vit' .* is neither a masked LM nor a causal LM"):
+        model_kind({"architectures": ["ViTModel"], "model_type": "vit"}, "m")
+
+
+def test_next_token_loss_skips_a_language_without_new_tokens_and_refuses_foreign_ids(init_worlds):
+    from hyperofa_dist.errors import HyperofaError
+    from hyperofa_dist.init.nexttoken import next_token_loss_per_language
+
+    model = AutoModelForCausalLM.from_pretrained(str(init_worlds.causal("llama", "llama3").source_model)).eval()
+    rows = model.get_input_embeddings().num_embeddings
+    blocks = {"qaa_Latn": np.arange(3, 35, dtype=np.uint32).reshape(2, 16)}
+    scored = np.zeros(rows, dtype=bool)
+    out, skipped = next_token_loss_per_language(model, blocks, scored)
+    assert out == {} and "no position of its 2 held-out blocks" in skipped["qaa_Latn"]
+    scored[[10, 20]] = True  # labels 10 and 20 each follow one position
+    out, _ = next_token_loss_per_language(model, blocks, scored, batch_size=1)
+    assert out["qaa_Latn"]["positions"] == 2
+    with pytest.raises(HyperofaError, match=f"contain token id {rows} but the model has {rows} embedding rows"):
+        next_token_loss_per_language(model, {"x": np.array([[1, rows]], dtype=np.uint32)}, np.ones(rows + 1, bool))

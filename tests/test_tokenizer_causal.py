@@ -73,8 +73,8 @@ def test_extended_causal_tokenizer_never_gives_a_word_more_pieces_and_decodes_ev
     target = ext.tokenizer
     for lang, lines in scripts_texts.items():
         words = [w for line in lines[:40] for w in line.split()]
-        pieces = [(len(source.encode(w, add_special_tokens=False).ids), len(target.encode(w, add_special_tokens=False).ids))
-                  for w in words]
+        count = lambda tok, w: len(tok.encode(w, add_special_tokens=False).ids)  # noqa: E731
+        pieces = [(count(source, w), count(target, w)) for w in words]
         assert all(t <= s for s, t in pieces), lang
         if lang != "qma_Latn":  # the source's own language may gain little; every other script gains
             assert sum(t for _, t in pieces) < 0.6 * sum(s for s, _ in pieces), lang

@@ -16,8 +16,8 @@ from hyperofa_dist import synthetic
 from hyperofa_dist.cli import main as cli_main
 from hyperofa_dist.formats.rundir import Stage
 
-KINDS = {"xlmr": ("xlmr", True), "roberta": ("roberta", True), "bert-uncased": ("bert", True), "bert-cased": ("bert", False),
-         "llama3": ("llama3", True), "llama2": ("llama2", True)}
+KINDS = {"xlmr": ("xlmr", True), "roberta": ("roberta", True), "bert-uncased": ("bert", True),
+         "bert-cased": ("bert", False), "llama3": ("llama3", True), "llama2": ("llama2", True), "qwen2": ("qwen2", True)}
 
 
 @pytest.fixture(scope="module")

@@ -182,7 +182,7 @@ def run(config: Any, args: Any) -> int:
             for name in names}
     print(json.dumps({
         "bench": "untied", "k": base.mapping.num_primitives, "D": spec.hidden_size, "seeds": list(SEEDS),
-        "split": list(SPLIT), "test_tokens": int(round(SPLIT[2] * mapping.source_postings.covered().size)),
+        "split": list(SPLIT), "test_tokens": int(len(_split(mapping, SEEDS[0])["test"])),
         "hypernet": {"model": base.hypernet.model, "hidden_size": base.hypernet.hidden_size,
                      "epochs": base.hypernet.epochs, "max_context": base.hypernet.max_context},
         "per_seed": results, "mean": mean,

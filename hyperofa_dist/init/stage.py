@@ -27,7 +27,15 @@ from ..formats.hypernet import load_predictions, load_test_predictions
 from ..formats.hypernet import stage_of as hypernet_stage
 from ..formats.mapping import Mapping, load_mapping
 from ..formats.mapping import stage_of as mapping_stage
-from ..formats.models import CAUSAL, check_tokenizer_beside, load_source, model_files, model_identity, save_model_dir, source_identity
+from ..formats.models import (
+    CAUSAL,
+    check_tokenizer_beside,
+    load_source,
+    model_files,
+    model_identity,
+    save_model_dir,
+    source_identity,
+)
 from ..formats.rundir import Stage
 from ..formats.shards import STAGE as PREPARE_STAGE
 from ..formats.tokenizer import ignored_settings, load_tokenizer, target_tokenizer_dir, tokenizer_fingerprint
@@ -331,8 +339,9 @@ def run(config: Config, tracker: Any) -> int:
         t.log_artifact(stage.path / out_format.PROVENANCE_COUNTS)
         t.log_artifact(stage.path / out_format.QUALITY)
     new_loss = new_tokens.get("loss", {}).get("average")
+    objective = "next-token" if kind == CAUSAL else "MLM"
     shell.say(
         f"{method}: {overall} -> {model_dir}" + (f"; held-out cosine {quality}" if quality else "")
-        + (f"; new-token {'next-token' if kind == CAUSAL else 'MLM'} loss {new_loss:.4f}" if new_loss is not None else "")
+        + (f"; new-token {objective} loss {new_loss:.4f}" if new_loss is not None else "")
     )
     return 0

@@ -20,7 +20,17 @@ from ..formats.corpus import discover
 from ..formats.rundir import Stage
 from ..formats.tokenizer import STAGE, file_settings, source_tokenizer
 from ..runtime.stage import StageShell
-from .build import build_target, check_ids_kept, describe, refuse_train_bpe, read_sample, save_hf, source_fingerprint, special_roles, verify_hf
+from .build import (
+    build_target,
+    check_ids_kept,
+    describe,
+    refuse_train_bpe,
+    read_sample,
+    save_hf,
+    source_fingerprint,
+    special_roles,
+    verify_hf,
+)
 
 SAMPLE_FILE = ".sample.txt"
 
