@@ -261,8 +261,10 @@ class PretrainConfig(LaunchConfig):
 
 
 class InitConfig(Section):
-    method: Literal["hyperofa", "ofa", "random"] = Field(
-        "hyperofa", description="How non-copied covered tokens get coordinates: hypernetwork predictions, OFA, or random."
+    method: Literal["hyperofa", "ofa", "random", "mean"] = Field(
+        "hyperofa",
+        description="How non-copied tokens get coordinates: hypernetwork predictions or OFA (covered tokens), random, "
+        "or mean: the mean of the source pieces of the token's string (BPE and Unigram sources).",
     )
     top_k: int = Field(10, ge=1, description="OFA: source neighbours combined per new token.")
     ofa_weighting: Literal["spellings", "unique"] = Field(
@@ -276,9 +278,11 @@ class InitConfig(Section):
     )
     device: Literal["auto", "cpu", "cuda"] = Execution("auto", description="OFA similarity search device; auto: cuda if any.")
     heldout_blocks: int = Field(
-        64, ge=0, description="Held-out blocks per language for the step-0 new-token MLM loss (0: not measured)."
+        64, ge=0,
+        description="Held-out blocks per language for the step-0 new-token loss (MLM, or next-token for a causal LM; "
+        "0: not measured).",
     )
-    heldout_batch_size: int = Field(16, ge=1, description="Blocks per forward pass for the new-token MLM loss.")
+    heldout_batch_size: int = Field(16, ge=1, description="Blocks per forward pass for the new-token loss.")
     pad_to_multiple_of: Optional[int] = Field(
         None, ge=1, description="Pad the model's vocabulary rows to a multiple of this (e.g. 64); unset: no padding."
     )
@@ -495,7 +499,7 @@ class HypernetConfig(LaunchConfig):
 
 
 class PipelineConfig(Section):
-    methods: list[Literal["hyperofa", "ofa", "random"]] = Field(
+    methods: list[Literal["hyperofa", "ofa", "random", "mean"]] = Field(
         ["random", "ofa", "hyperofa"], min_length=1, description="Init methods to build, train and compare."
     )
     pretrain: bool = Field(True, description="Continue pretraining each method's model (pretrain.* keys).")

@@ -50,8 +50,12 @@ def relative_error(embeddings: np.ndarray, coordinates: np.ndarray, primitives: 
     return float(np.sqrt(num / den)) if den > 0 else 0.0
 
 
-def factorize(embeddings: np.ndarray, k: int) -> Factors:
-    """F_s and P of rank k (k = D: no factorisation)."""
+def factorize(embeddings: np.ndarray, k: int, blocks: int = 1) -> Factors:
+    """F_s and P of rank k (k = D: no factorisation).
+
+    `blocks` > 1: the columns are that many matrices side by side (an untied causal LM's [E_in | E_out], docs/
+    METHOD.md §1.4). Each block is scaled to a root-mean-square row norm of 1 before the SVD, so the larger matrix
+    does not take the rank from the other, and P carries the scales back: F_s P still approximates the matrices."""
     embeddings = np.asarray(embeddings)
     if embeddings.ndim != 2:
         raise HyperofaError(f"source embeddings must be a matrix, got shape {embeddings.shape}")
@@ -60,10 +64,18 @@ def factorize(embeddings: np.ndarray, k: int) -> Factors:
     if k == dim:
         coordinates = np.ascontiguousarray(embeddings, dtype=np.float32).copy()
         return Factors(coordinates, np.eye(dim, dtype=np.float32), np.zeros(0), 0.0)
-    u, s, vt = np.linalg.svd(np.asarray(embeddings, dtype=np.float32), full_matrices=False)
+    scales = np.ones(dim, dtype=np.float64)
+    if blocks > 1:
+        width = dim // blocks
+        for b in range(blocks):
+            part = np.asarray(embeddings[:, b * width : (b + 1) * width], dtype=np.float64)
+            rms = float(np.sqrt(np.mean(np.sum(part * part, axis=1))))
+            scales[b * width : (b + 1) * width] = rms if rms > 0 else 1.0
+    scaled = np.asarray(embeddings, dtype=np.float32) if blocks == 1 else (embeddings / scales).astype(np.float32)
+    u, s, vt = np.linalg.svd(scaled, full_matrices=False)
     u, vt = u[:, :k], vt[:k]
     flip = np.sign(u[np.argmax(np.abs(u), axis=0), np.arange(k)])
     flip[flip == 0] = 1.0
     coordinates = np.ascontiguousarray(u * flip, dtype=np.float32)
-    primitives = np.ascontiguousarray((s[:k, None] * vt) * flip[:, None], dtype=np.float32)
+    primitives = np.ascontiguousarray((s[:k, None] * vt) * flip[:, None] * scales, dtype=np.float32)
     return Factors(coordinates, primitives, s.astype(np.float64), relative_error(embeddings, coordinates, primitives))

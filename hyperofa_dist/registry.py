@@ -109,6 +109,10 @@ BENCHES: tuple[Command, ...] = (
         "context", "hypernet context rule: lowest word indices vs a fixed per-token sample (cosine, new-token loss)",
         "hyperofa_dist.bench.context:run",
     ),
+    Command(
+        "untied", "untied causal LM: one factorisation of [E_in | E_out] and one hypernetwork vs two (held-out cosine)",
+        "hyperofa_dist.bench.untied:run",
+    ),
 )
 
 

@@ -111,11 +111,11 @@ def one_line_error():
 def framed_blocks(tokenizer: Any, lines: list[str], block_size: int) -> np.ndarray:
     """Blocks as prepare packs them: the sentences' ids each followed by the separator, cut into `<s> ... </s>`."""
     from data_prep.prepare.packing import Specials, flatten_ids, pack_sentences
-
     from hyperofa_dist.formats.tokenizer import frame_ids
 
     flat, offsets = flatten_ids(tokenizer(lines, add_special_tokens=False)["input_ids"])
-    specials = Specials(*frame_ids(tokenizer, "fixture"))  # cls/sep, else bos/eos (a causal tokenizer's)
+    cls, sep = frame_ids(tokenizer, "fixture tokenizer")  # <s>/</s>, [CLS]/[SEP], or a causal LM's bos/eos
+    specials = Specials(cls=cls, sep=sep)
     return pack_sentences(flat, offsets, np.arange(len(lines)), block_size, specials).blocks
 
 
@@ -216,14 +216,19 @@ def write_init_mapping(run_dir: Path, source_model: Path, target_tokenizer: Path
     from hyperofa_dist.factorize import factorize
     from hyperofa_dist.formats.files import fingerprint_path, save_npy
     from hyperofa_dist.formats.mapping import MappingParts, Postings, stage_of, write_mapping
-    from hyperofa_dist.formats.models import load_model, source_identity
+    from hyperofa_dist.formats.models import AUTO_CLASS, CAUSAL, load_model, model_kind_of, source_identity, tied_output
     from hyperofa_dist.formats.tokenizer import backend_json, load_tokenizer, tokenizer_fingerprint
     from hyperofa_dist.vocab import compute_overlap, special_ids
 
-    model = load_model(source_model)
+    kind = model_kind_of(source_model)
+    model = load_model(source_model, AUTO_CLASS[kind])
     s_tok, t_tok = load_tokenizer(source_model), load_tokenizer(target_tokenizer)
     with torch.no_grad():
         e_s = model.get_input_embeddings().weight.detach().numpy()[: len(s_tok)].copy()
+        matrices = 1
+        if kind == CAUSAL and not tied_output(model):  # an untied causal LM: [E_in | E_out], as the stage does
+            e_s = np.concatenate([e_s, model.get_output_embeddings().weight.detach().numpy()[: len(s_tok)]], axis=1)
+            matrices = 2
     k = e_s.shape[1] if k is None else k
     keys, vectors = word_table(world, seed=seed)
     vectors_file = save_npy(run_dir / "vectors.npy", vectors)  # the "file" the mapping records a fingerprint of
@@ -232,7 +237,7 @@ def write_init_mapping(run_dir: Path, source_model: Path, target_tokenizer: Path
         return build_local(backend_encoder(backend_json(tok)), keys, len(tok), 4096)
 
     source, target = postings(s_tok), postings(t_tok)
-    factors = factorize(e_s, k)
+    factors = factorize(e_s, k, blocks=matrices)
     overlap = compute_overlap(t_tok, s_tok)
     covered = source.covered()
     trainable = covered[~np.isin(covered, sorted(special_ids(s_tok)))]
@@ -252,8 +257,8 @@ def write_init_mapping(run_dir: Path, source_model: Path, target_tokenizer: Path
         "target_tokenizer": tokenizer_fingerprint(target_tokenizer),
         "k": k,
     }
-    counts = {"V_s": len(s_tok), "V_t": len(t_tok), "D": e_s.shape[1], "k": k, "n_words": len(keys),
-              "word_dim": vectors.shape[1]}
+    counts = {"V_s": len(s_tok), "V_t": len(t_tok), "D": e_s.shape[1] // matrices, "matrices": matrices, "k": k,
+              "n_words": len(keys), "word_dim": vectors.shape[1]}
     stage.write_manifest(config={}, inputs=inputs, outputs=outputs, counts=counts,
                          extra={"factorized": k != e_s.shape[1]})
     return vectors_file, k
@@ -263,10 +268,35 @@ class InitWorlds:
     """One init world per (family, k, target vocabulary) for the whole session: building one costs seconds and
     tests only read it (tests that write under a run dir take `fresh_run`)."""
 
-    def __init__(self, tmp_path_factory, source_tokenizers, small_corpus, world):
+    def __init__(self, tmp_path_factory, source_tokenizers, small_corpus, world, causal_tokenizers=None):
         self.tmp_path_factory, self.source_tokenizers = tmp_path_factory, source_tokenizers
         self.corpus, self.world = small_corpus, world
+        self.causal_tokenizers = causal_tokenizers  # built on first use
         self.cache: dict[tuple, InitWorld] = {}
+
+    def causal(self, family: str, tokenizer: str = "llama3", k: Optional[int] = None, new_tokens: int = 300) -> InitWorld:
+        """A tiny causal LM (`family` llama: untied, qwen2: tied) with a `tokenizer`-kind source tokenizer, the
+        target tokenizer `hyperofa tokenizer` would extend it to on every language, and its mapping."""
+        key = ("causal", family, tokenizer, k, new_tokens)
+        if key not in self.cache:
+            from tokenizers import Tokenizer
+
+            from hyperofa_dist.tokenizer.build import save_hf, special_roles
+            from hyperofa_dist.tokenizer.learn import extend
+            from transformers import AutoTokenizer
+
+            source_tok = self.causal_tokenizers()[tokenizer]
+            root = self.tmp_path_factory.mktemp(f"init_{family}_{tokenizer}_{k}")
+            source_model = synthetic.make_tiny_model(family, source_tok, root / "source_model", hidden_size=32)
+            texts = [line for path in sorted(self.corpus.iterdir()) for line in synthetic.read_lines(path, limit=400)]
+            backend = Tokenizer.from_file(str(source_tok / "tokenizer.json"))
+            target = root / "target_tokenizer"
+            target.mkdir()
+            roles = special_roles(AutoTokenizer.from_pretrained(str(source_tok)))
+            save_hf(extend(backend, texts, new_tokens).tokenizer, roles, 512, target)
+            vectors, k_used = write_init_mapping(root / "run", source_model, target, self.world, k=k)
+            self.cache[key] = InitWorld(root / "run", source_model, target, vectors, family, k_used, 32)
+        return self.cache[key]
 
     def get(self, family: str, k: Optional[int] = None, target_vocab: int = 900) -> InitWorld:
         key = (family, k, target_vocab)
@@ -348,8 +378,9 @@ class InitWorlds:
 
 
 @pytest.fixture(scope="session")
-def init_worlds(tmp_path_factory, source_tokenizers, small_corpus, world) -> InitWorlds:
-    return InitWorlds(tmp_path_factory, source_tokenizers, small_corpus, world)
+def init_worlds(request, tmp_path_factory, source_tokenizers, small_corpus, world) -> InitWorlds:
+    return InitWorlds(tmp_path_factory, source_tokenizers, small_corpus, world,
+                      causal_tokenizers=lambda: request.getfixturevalue("causal_tokenizers"))
 
 
 # --- hypernet: a generated mapping whose targets are learnable, and a config that trains on it in seconds --------
@@ -416,12 +447,9 @@ class PretrainKit:
         return synthetic.train_source_tokenizer(kind, texts, vocab, root / f"ctok-{kind}")
 
     def causal_model(self, root: Path, tok: Path, family: str = "llama", seed: int = 0) -> Path:
-        """A tiny causal LM at <root>/init/hyperofa/model with a provenance beside it: llama (untied), qwen2 (tied),
-        or llama-tied (a Llama with tied embeddings, as Llama 3.2 1B/3B have them).
-
-        AutoTokenizer loads any qwen2 model directory as Qwen2Tokenizer, which rebuilds a foreign tokenizer and
-        appends <|endoftext|>: a qwen2 model with this synthetic tokenizer is good for losses, not for a stock
-        AutoTokenizer round trip; llama-tied is the tied model whose directory loads back as written."""
+        """A tiny causal LM at <root>/init/hyperofa/model with a provenance beside it: llama (untied), qwen2 (tied;
+        a qwen2-kind tokenizer, since AutoTokenizer loads any tokenizer beside a qwen2 config as Qwen2Tokenizer), or
+        llama-tied (a Llama with tied embeddings, as Llama 3.2 1B/3B have them)."""
         import shutil
 
         from hyperofa_dist.formats import init as init_format
@@ -438,8 +466,7 @@ class PretrainKit:
             config.tie_word_embeddings = True
             torch.manual_seed(seed)
             LlamaForCausalLM(config).save_pretrained(out)
-        # The tokenizer files as the tokenizer stage wrote them (generic class): re-saved through the model, the
-        # class becomes TokenizersBackend, which AutoTokenizer turns into Qwen2Tokenizer (one token more) for qwen2.
+        # The tokenizer files byte for byte as the tokenizer stage wrote them (the shards record their sha256).
         for path in tok.iterdir():
             if path.is_file():
                 shutil.copy2(path, model / path.name)

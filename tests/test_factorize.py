@@ -65,3 +65,21 @@ def test_bad_k_is_rejected_with_the_config_key(embeddings, k):
 def test_k_above_the_row_count_is_rejected():
     with pytest.raises(HyperofaError, match="larger than the 5 source embedding rows"):
         factorize(np.ones((5, 8), dtype=np.float32), 6)
+
+
+def test_two_blocks_are_scaled_alike_before_the_svd_and_p_carries_the_scales_back():
+    rng = np.random.default_rng(0)
+    e_in = rng.standard_normal((300, 12))
+    e_out = 50.0 * rng.standard_normal((300, 12))  # a much larger matrix must not take the whole rank
+    both = factorize(np.concatenate([e_in, e_out], axis=1), 12, blocks=2)
+    plain = factorize(np.concatenate([e_in, e_out], axis=1), 12)
+    approx = both.coordinates.astype(np.float64) @ both.primitives
+    error = lambda a, b: np.linalg.norm(a - b) / np.linalg.norm(b)  # noqa: E731
+    # scaled: the rank is shared (0.63 and 0.60 relative error); unscaled, E_out takes it all (0.98 and 0.0001)
+    assert error(approx[:, :12], e_in) < 0.7 and error(approx[:, 12:], e_out) < 0.7
+    plain_approx = plain.coordinates.astype(np.float64) @ plain.primitives
+    assert error(plain_approx[:, :12], e_in) > 0.95 and error(plain_approx[:, 12:], e_out) < 0.01
+    # P carries the scales: the same coordinates as the SVD of the scaled matrix, columns multiplied back
+    scaled = np.concatenate([e_in / np.sqrt((e_in ** 2).sum(1).mean()), e_out / np.sqrt((e_out ** 2).sum(1).mean())], 1)
+    np.testing.assert_allclose(np.abs(both.coordinates), np.abs(factorize(scaled, 12).coordinates), atol=1e-4)
+    assert factorize(np.concatenate([e_in, e_out], axis=1), 24, blocks=2).primitives.shape == (24, 24)  # k = 2D

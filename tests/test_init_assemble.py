@@ -33,7 +33,7 @@ def test_copy_then_predicted_then_random(sources):
     assert a.provenance[6] == a.provenance[10] == asm.HYPEROFA
     assert a.predictions_overridden == 1
     counts = asm.provenance_counts(a.provenance)
-    assert counts == {"copy": 3, "hyperofa": 2, "ofa": 0, "random": 35}
+    assert counts == {"copy": 3, "hyperofa": 2, "ofa": 0, "random": 35, "mean": 0}
     assert sum(counts.values()) == 40
     rest = np.flatnonzero(a.provenance == asm.RANDOM)
     assert np.all(np.abs(a.coordinates[rest]).sum(1) > 0)
@@ -103,12 +103,12 @@ def test_provenance_by_language_and_script():
     indices = np.array([0, 2, 1, 4, 3])
     provenance = np.array([asm.COPY, asm.OFA, asm.RANDOM, asm.OFA], dtype=np.uint8)
     by_lang = asm.provenance_by_group(provenance, indptr, indices, lang_codes, lang_names, chunk=3)
-    assert by_lang["qaa"] == {"copy": 1, "hyperofa": 0, "ofa": 0, "random": 0}
-    assert by_lang["eng"] == {"copy": 1, "hyperofa": 0, "ofa": 1, "random": 0}
+    assert by_lang["qaa"] == {"copy": 1, "hyperofa": 0, "ofa": 0, "random": 0, "mean": 0}
+    assert by_lang["eng"] == {"copy": 1, "hyperofa": 0, "ofa": 1, "random": 0, "mean": 0}
     assert by_lang["xyz"]["ofa"] == 1 and by_lang["qab"]["ofa"] == 1
-    assert by_lang[asm.NO_WORDS] == {"copy": 0, "hyperofa": 0, "ofa": 0, "random": 1}
+    assert by_lang[asm.NO_WORDS] == {"copy": 0, "hyperofa": 0, "ofa": 0, "random": 1, "mean": 0}
     by_script = asm.provenance_by_group(provenance, indptr, indices, script_codes, script_names)
-    assert by_script["Latn"] == {"copy": 1, "hyperofa": 0, "ofa": 1, "random": 0}
+    assert by_script["Latn"] == {"copy": 1, "hyperofa": 0, "ofa": 1, "random": 0, "mean": 0}
     assert by_script["Grek"]["ofa"] == by_script["Cyrl"]["ofa"] == 1
     total = sum(c for group in by_script.values() for c in group.values())
     assert total == 5  # token 1 counts in both Cyrl and Grek

@@ -162,3 +162,29 @@ def test_bad_inputs_fail_before_writing(models, source_tokenizers, target_dir, t
         run_mapping_stage(_config(tmp_path / "t", models["xlmr"], tmp_path / "nothing", trained_vectors), NullTracker())
     for name in ("k", "v", "w", "t"):
         assert not (tmp_path / name / "mapping" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("family, tokenizer, matrices", [("llama", "llama3", 2), ("qwen2", "qwen2", 1)])
+def test_a_causal_source_is_factorised_with_its_untied_output_projection(ray_cluster, init_worlds, trained_vectors,
+                                                                        tmp_path, family, tokenizer, matrices):
+    from transformers import AutoModelForCausalLM
+
+    from hyperofa_dist.factorize import factorize
+    from hyperofa_dist.formats.mapping import load_mapping
+
+    w = init_worlds.causal(family, tokenizer)
+    config = _config(tmp_path / "run", w.source_model, w.target_tokenizer, trained_vectors)
+    assert run_mapping_stage(config, NullTracker()) == 0
+    mapping = load_mapping(tmp_path / "run")
+    counts = mapping.manifest["counts"]
+    assert (counts["D"], counts["matrices"], counts["k"]) == (32, matrices, 8)
+    assert mapping.primitives.shape == (8, 32 * matrices) and mapping.hidden_size == 32
+    model = AutoModelForCausalLM.from_pretrained(str(w.source_model))
+    e = model.get_input_embeddings().weight.detach().numpy()
+    if matrices == 2:  # [E_in | E_out], one factorisation
+        e = np.concatenate([e, model.get_output_embeddings().weight.detach().numpy()], axis=1)
+    expected = factorize(e, 8, blocks=matrices)
+    np.testing.assert_array_equal(np.asarray(mapping.source_coordinates), expected.coordinates)
+    np.testing.assert_array_equal(mapping.primitives, expected.primitives)
+    stats = json.loads((tmp_path / "run" / "mapping" / "stats.json").read_text())
+    assert stats["factorization"]["matrices"] == matrices

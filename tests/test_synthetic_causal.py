@@ -46,15 +46,27 @@ def test_causal_tokenizers_are_deterministic_and_decode_every_script(kind, small
     assert tok.unk_token_id not in {i for line in lines for i in tok(line)["input_ids"]}
 
 
-@pytest.mark.parametrize("family", sorted(synthetic.CAUSAL_FAMILIES))
-def test_tiny_causal_models_are_tied_only_for_qwen2(family, causal_tokenizers, tmp_path):
-    path = synthetic.make_tiny_model(family, causal_tokenizers["llama3"], tmp_path / family, hidden_size=32)
+def test_qwen2_style_is_what_qwen2tokenizer_rebuilds_beside_a_qwen2_model(causal_tokenizers, tmp_path):
+    tok = AutoTokenizer.from_pretrained(str(causal_tokenizers["qwen2"]))
+    assert type(tok).__name__ == "Qwen2Tokenizer" and len(tok) == 403 and tok.bos_token is None
+    assert tok.convert_ids_to_tokens([400, 401, 402]) == list(synthetic.QWEN2_SPECIALS)
+    assert tok.eos_token_id == tok.pad_token_id == 400
+    model_dir = synthetic.make_tiny_model("qwen2", causal_tokenizers["qwen2"], tmp_path / "m", hidden_size=32)
+    beside = AutoTokenizer.from_pretrained(str(model_dir))  # the class transformers forces for model_type qwen2
+    assert type(beside).__name__ == "Qwen2Tokenizer" and beside.get_vocab() == tok.get_vocab()
+    with pytest.raises(ValueError, match="needs a qwen2 tokenizer"):
+        synthetic.make_tiny_model("qwen2", causal_tokenizers["llama3"], tmp_path / "bad", hidden_size=32)
+
+
+@pytest.mark.parametrize("family, kind, rows", [("llama", "llama3", 416), ("qwen2", "qwen2", 403)])
+def test_tiny_causal_models_are_tied_only_for_qwen2(family, kind, rows, causal_tokenizers, tmp_path):
+    path = synthetic.make_tiny_model(family, causal_tokenizers[kind], tmp_path / family, hidden_size=32)
     model = AutoModelForCausalLM.from_pretrained(str(path))
     tied = synthetic.CAUSAL_FAMILIES[family]
     assert model.config.tie_word_embeddings is tied
     assert (model.get_input_embeddings().weight.data_ptr() == model.get_output_embeddings().weight.data_ptr()) is tied
-    assert model.get_input_embeddings().num_embeddings == 416 and model.get_input_embeddings().padding_idx is None
-    again = synthetic.make_tiny_model(family, causal_tokenizers["llama3"], tmp_path / "again", hidden_size=32)
+    assert model.get_input_embeddings().num_embeddings == rows and model.get_input_embeddings().padding_idx is None
+    again = synthetic.make_tiny_model(family, causal_tokenizers[kind], tmp_path / "again", hidden_size=32)
     assert (again / "model.safetensors").read_bytes() == (path / "model.safetensors").read_bytes()
     ids = torch.tensor([AutoTokenizer.from_pretrained(str(path))("Kalo mi ne.")["input_ids"]])
-    assert model(ids).logits.shape == (1, ids.shape[1], 416)
+    assert model(ids).logits.shape == (1, ids.shape[1], rows)

@@ -1,6 +1,7 @@
 """`hyperofa tokenizer extend` on text of every script the generator writes (Han, Thai without spaces, Arabic and
 Hebrew, Devanagari with combining vowel signs, Ethiopic, Hangul, emoji, lines mixing scripts), for the four kinds
-of source tokenizer, each also published with a fixed truncation and padding in its tokenizer.json."""
+of masked-LM source tokenizer and the two causal-LM kinds (Llama 3 byte-level BPE, Llama 2 BPE with byte fallback),
+each also published with a fixed truncation and padding in its tokenizer.json."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from hyperofa_dist import synthetic
 from hyperofa_dist.cli import main as cli_main
 from hyperofa_dist.formats.rundir import Stage
 
-KINDS = {"xlmr": ("xlmr", True), "roberta": ("roberta", True), "bert-uncased": ("bert", True), "bert-cased": ("bert", False)}
+KINDS = {"xlmr": ("xlmr", True), "roberta": ("roberta", True), "bert-uncased": ("bert", True),
+         "bert-cased": ("bert", False), "llama3": ("llama3", True), "llama2": ("llama2", True), "qwen2": ("qwen2", True)}
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +34,10 @@ def with_fixed_length(source: Path, out: Path) -> Path:
     shutil.copytree(source, out)
     data = json.loads((out / "tokenizer.json").read_text(encoding="utf-8"))
     pad = AutoTokenizer.from_pretrained(str(source))
+    pad_id, pad_token = (pad.pad_token_id, pad.pad_token) if pad.pad_token else (pad.eos_token_id, pad.eos_token)
     data["truncation"] = {"direction": "Right", "max_length": 16, "strategy": "LongestFirst", "stride": 0}
     data["padding"] = {"strategy": {"Fixed": 16}, "direction": "Right", "pad_to_multiple_of": None,
-                       "pad_id": pad.pad_token_id, "pad_type_id": 0, "pad_token": pad.pad_token}
+                       "pad_id": pad_id, "pad_type_id": 0, "pad_token": pad_token}
     (out / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
     return out
 

@@ -1,8 +1,14 @@
 """`hyperofa mapping`: the hypernetwork's training data in `<run_dir>/mapping/` (formats/mapping.py).
 
-Reads the word vectors, the source model (tokenizer + input embeddings) and the target tokenizer; writes the
-copy pairs (overlap), the factorisation F_s / P, token -> word postings of both tokenizers (Ray), the word
-table, the train/val/test split of covered source tokens, coverage statistics, and the manifest last.
+Reads the word vectors, the source model (tokenizer + input embeddings, and an untied causal LM's output
+projection) and the target tokenizer; writes the copy pairs (overlap), the factorisation F_s / P, token -> word
+postings of both tokenizers (Ray), the word table, the train/val/test split of covered source tokens, coverage
+statistics, and the manifest last.
+
+An untied causal LM (Llama, Mistral) has two matrices with a row per token. One factorisation of the two side by
+side, [E_in | E_out] (each scaled to the same row norm first), gives one coordinate row per token, which one
+hypernetwork learns and OFA combines; P [k, 2D] maps it back to both (docs/METHOD.md §1.4, §8 for the measured
+choice against two factorisations).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from hyperofa_dist.errors import HyperofaError
 from hyperofa_dist.factorize import check_rank, factorize
 from hyperofa_dist.formats.files import fingerprint_path
 from hyperofa_dist.formats.mapping import FORMAT_VERSION, STAGE, STATS, WORD_CHUNK_ROWS, MappingParts, write_mapping
-from hyperofa_dist.formats.models import load_source, source_identity
+from hyperofa_dist.formats.models import CAUSAL, load_source, source_identity
 from hyperofa_dist.formats.rundir import Stage
 from hyperofa_dist.formats.tokenizer import ignored_settings, load_tokenizer, target_tokenizer_dir, tokenizer_fingerprint
 from hyperofa_dist.formats.vectors import load_word_vectors, resolve_vectors_path
@@ -31,17 +37,26 @@ from .split import split_tokens
 
 
 def source_embeddings(config: Config):
-    """(tokenizer, E_s float32 [V_s, D]) of the source model; sizes must agree as the method asserts."""
+    """(tokenizer, E_s float32 [V_s, D] or, for an untied causal LM, [V_s, 2D] = [E_in | E_out], matrices 1 or 2).
+
+    A masked LM's rows and tokens must agree, as the method asserts. A causal LM may have more rows than tokens
+    (Qwen2 rounds its matrix up): rows beyond the tokenizer belong to no token and are left out."""
     source = load_source(config)
-    model, tokenizer = source.model, source.tokenizer
-    embeddings = model.get_input_embeddings().weight.detach().float().numpy().copy()
-    del model, source
-    if embeddings.shape[0] != len(tokenizer):
+    tokenizer = source.tokenizer
+    embeddings = source.input_embeddings()
+    matrices = 1
+    if source.untied:
+        embeddings = np.concatenate([embeddings, source.output_embeddings()], axis=1)
+        matrices = 2
+    kind = source.kind
+    del source
+    rows = embeddings.shape[0]
+    if rows != len(tokenizer) and not (kind == CAUSAL and rows > len(tokenizer)):
         raise HyperofaError(
             f"source tokenizer has {len(tokenizer)} tokens but the model {config.source.model} has "
-            f"{embeddings.shape[0]} embedding rows; they must be the same (source.tokenizer / source.model)"
+            f"{rows} embedding rows; they must be the same (source.tokenizer / source.model)"
         )
-    return tokenizer, embeddings
+    return tokenizer, np.ascontiguousarray(embeddings[: len(tokenizer)]), matrices
 
 
 def run(config: Config, tracker: Any) -> int:
@@ -62,7 +77,7 @@ def run(config: Config, tracker: Any) -> int:
         timings: dict[str, float] = {}
         clock = time.perf_counter()
 
-        source_tok, embeddings = source_embeddings(config)
+        source_tok, embeddings, matrices = source_embeddings(config)
         check_rank(k, embeddings.shape)
         target_tok = load_tokenizer(target_dir)
         identical = same_vocabulary(source_tok, target_tok)
@@ -75,7 +90,7 @@ def run(config: Config, tracker: Any) -> int:
         overlap = compute_overlap(target_tok, source_tok)
         timings["overlap_s"] = time.perf_counter() - clock
         clock = time.perf_counter()
-        factors = factorize(embeddings, k)
+        factors = factorize(embeddings, k, blocks=matrices)
         timings["factorize_s"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
@@ -103,7 +118,8 @@ def run(config: Config, tracker: Any) -> int:
             "overlap": overlap.stats,
             "factorization": {
                 "k": factors.k,
-                "D": int(embeddings.shape[1]),
+                "D": int(embeddings.shape[1]) // matrices,
+                "matrices": matrices,
                 "factorized": factors.factorized,
                 "relative_reconstruction_error": factors.relative_error,
             },
@@ -131,7 +147,8 @@ def run(config: Config, tracker: Any) -> int:
         counts = {
             "V_s": len(source_tok),
             "V_t": len(target_tok),
-            "D": int(embeddings.shape[1]),
+            "D": int(embeddings.shape[1]) // matrices,
+            "matrices": matrices,
             "k": factors.k,
             "n_words": len(words),
             "word_dim": words.dim,

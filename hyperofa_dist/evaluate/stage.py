@@ -8,7 +8,7 @@ the model's and the data's fingerprints), so re-running the same evaluation is a
 `hyperofa compare` can group runs. `evaluate.languages` holds one code per language (`deu_Latn`); each task maps it
 to its data's own code (`languages.resolve`) and reports under the requested one.
 
-A causal LM (the model's config decides, `pretrain.causal.model_kind`) is evaluated on srt/srb (mean-pooled text
+A causal LM (the model's config decides, `formats.models.model_kind`) is evaluated on srt/srb (mean-pooled text
 tokens, BOS left out), bpb (held-out bits per byte) and fertility (source vs the model's tokenizer on the held-out
 text) (evaluate/causal.py); pos, ner and mlm are masked-LM tasks and refused for it before any work, bpb for a
 masked LM.
@@ -47,9 +47,13 @@ HELDOUT_TASKS = ("mlm", "bpb", "fertility")
 
 
 def model_kind_of(model_dir: Path) -> str:
-    from ..pretrain.causal import model_kind
+    """"masked", "causal", or "unknown" for an encoder of another kind (retrieval still reads its hidden states)."""
+    from ..formats.models import model_kind_of as kind_of
 
-    return model_kind(read_model_config(model_dir))
+    try:
+        return kind_of(model_dir)
+    except HyperofaError:
+        return "unknown"
 
 
 def check_tasks(tasks: list[str], kind: str, model_dir: Path) -> None:

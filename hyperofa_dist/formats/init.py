@@ -2,10 +2,11 @@
 
     F_t.npy                  target coordinates, float32 [V_t, k]
     P.npy                    the primitives P [k, D] (the source's, reused): E_t = F_t P
-    provenance.npy           uint8 [V_t]: 0 copy, 1 hyperofa, 2 ofa, 3 random (`init.assemble.PROVENANCE_NAMES`)
+    provenance.npy           uint8 [V_t]: 0 copy, 1 hyperofa, 2 ofa, 3 random, 4 mean (`init.assemble.PROVENANCE_NAMES`)
     provenance_counts.json   those counts overall, per word language and per script
     quality.json             held-out coordinate cosine of each method on the hypernetwork's test split
-    model/                   stock HF masked LM + the target tokenizer (AutoModelForMaskedLM loads it)
+    model/                   stock HF masked or causal LM + the target tokenizer (AutoModelForMaskedLM or
+                             AutoModelForCausalLM loads it)
     manifest.json
 """
 

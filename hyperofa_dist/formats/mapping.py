@@ -7,7 +7,9 @@
     overlap.npz              copy pairs: `target_ids`, `source_ids`, `kinds` (0 special, 1 exact, 2 fuzzy)
     split.npz                `train`, `val`, `test`: covered source token ids for the hypernetwork
     coordinates_source.npy   F_s float32 [V_s, k]
-    primitives.npy           P float32 [k, D] (the identity when k = D: no factorisation)
+    primitives.npy           P float32 [k, D] (the identity when k = D: no factorisation); for an untied causal LM
+                             [k, 2D]: one factorisation of [E_in | E_out], columns D.. are the output projection's
+                             (manifest counts `matrices`: 2)
     word_vectors.npy         float32 [n_words, dim]: the kept word vectors, row i is word index i
     words.txt                word i's key (`iso:word`), one per line
     stats.json               coverage, overlap and factorisation statistics
@@ -163,8 +165,14 @@ class Mapping:
         return int(self.primitives.shape[0])
 
     @property
+    def matrices(self) -> int:
+        """1: P spans the input embeddings (tied to the output in every masked and tied causal LM); 2: the input
+        embeddings and, in columns D.., an untied causal LM's output projection."""
+        return int((self.manifest.get("counts") or {}).get("matrices", 1))
+
+    @property
     def hidden_size(self) -> int:
-        return int(self.primitives.shape[1])
+        return int(self.primitives.shape[1]) // self.matrices
 
     @property
     def source_vocab(self) -> int:
@@ -225,8 +233,9 @@ class Mapping:
                 "re-run hyperofa mapping or set mapping.num_primitives"
             )
 
-    def require_source(self, identity: dict[str, Any], vocab: int, hidden_size: int) -> None:
-        """Built for this source model: its recorded identity (name and file hashes) and its shapes."""
+    def require_source(self, identity: dict[str, Any], vocab: int, hidden_size: int, matrices: int = 1) -> None:
+        """Built for this source model: its recorded identity (name and file hashes), its shapes, and whether it
+        factorised an untied output projection too (`matrices`)."""
         recorded = self.manifest.get("inputs", {}).get("source")
         if isinstance(recorded, dict):
             for key, value in identity.items():
@@ -235,7 +244,7 @@ class Mapping:
                         f"{self.where()}: mapping was built for another source model "
                         f"(source.{key} {recorded[key]!r}, this run {value!r})"
                     )
-        if self.source_vocab != vocab or self.hidden_size != hidden_size:
+        if self.source_vocab != vocab or self.hidden_size != hidden_size or self.matrices != matrices:
             raise HyperofaError(
                 f"{self.where()}: mapping was built for another source model (F_s {self.source_coordinates.shape}, "
                 f"P {self.primitives.shape}; the source model has {vocab} tokens, hidden size {hidden_size})"
@@ -263,6 +272,9 @@ def load_mapping(run_dir: str | Path) -> Mapping:
     p = np.asarray(load_npy(root / PRIMITIVES, what="P"), dtype=np.float32)
     if f_s.ndim != 2 or p.ndim != 2 or f_s.shape[1] != p.shape[0]:
         raise HyperofaError(f"{root}: {COORDINATES} {f_s.shape} and {PRIMITIVES} {p.shape} do not fit")
+    matrices = int((manifest.get("counts") or {}).get("matrices", 1))
+    if matrices not in (1, 2) or p.shape[1] % matrices:
+        raise HyperofaError(f"{root / MANIFEST}: counts.matrices={matrices} does not fit {PRIMITIVES} {p.shape}")
     counts_k = (manifest.get("counts") or {}).get("k")
     if counts_k is not None and int(counts_k) != f_s.shape[1]:
         raise HyperofaError(f"{root / MANIFEST}: counts.k={counts_k} but {COORDINATES} has k={f_s.shape[1]}")

@@ -3,6 +3,12 @@
 A model directory is what `save_pretrained` writes for the model and its tokenizer together; stock
 `AutoModelFor*.from_pretrained` and `AutoTokenizer.from_pretrained` load it with no custom code. The source model
 may also be an HF hub name (resolved by transformers; nothing is fetched when the hub is offline).
+
+Two kinds of model, told apart from the model's own config (`model_kind`), here and nowhere else: masked LMs
+(XLM-R, RoBERTa, BERT; encoders published without a head count as masked) and causal LMs (Llama, Mistral, Qwen2,
+Gemma: any `AutoModelForCausalLM` whose word embedding is an `nn.Embedding`, with the output projection tied to it
+or a matrix of its own). `load_source` loads each with its auto class and refuses, in one line, a model whose
+vocabulary rows an expansion could not replace.
 """
 
 from __future__ import annotations
@@ -38,9 +44,59 @@ def quiet_transformers() -> Iterator[None]:
         hf_logging.enable_progress_bar()
 
 
+MASKED, CAUSAL = "masked", "causal"
+AUTO_CLASS = {MASKED: "AutoModelForMaskedLM", CAUSAL: "AutoModelForCausalLM"}
+# What an auto class is for, when only an encoder masked LM can serve it (a causal LM would load into some of them,
+# e.g. LlamaForTokenClassification, and silently give numbers of another protocol).
+MASKED_ONLY = {"AutoModelForMaskedLM": "masked-LM use", "AutoModelForTokenClassification": "tagging (POS/NER)"}
+
+
+def model_kind(model_config: Any, where: str | Path = "model") -> str:
+    """MASKED or CAUSAL, from an HF config (object or `config.json` dict): its architectures name the head
+    (`…ForCausalLM`, `…LMHeadModel`, `…ForMaskedLM`); a headless checkpoint (`XLMRobertaModel`) is decided by its
+    model type, an encoder type (with a masked-LM class) counting as masked."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    get = model_config.get if isinstance(model_config, dict) else lambda key: getattr(model_config, key, None)
+    architectures = get("architectures") or []
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        return CAUSAL
+    if any(a.endswith("ForMaskedLM") for a in architectures):
+        return MASKED
+    model_type = get("model_type")
+    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return MASKED
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return CAUSAL
+    raise HyperofaError(
+        f"{where}: model_type {model_type!r} (architectures {architectures}) is neither a masked LM nor a causal LM"
+    )
+
+
 def load_model(name: str | Path, auto_class: str = "AutoModelForMaskedLM", key: str = "", **kwargs: Any) -> Any:
-    """`transformers.<auto_class>.from_pretrained(name)`, in eval mode, with a one-line error naming `key`."""
+    """`transformers.<auto_class>.from_pretrained(name)`, in eval mode, with a one-line error naming `key`.
+
+    A causal LM asked for with an auto class only a masked LM can serve (MASKED_ONLY) is refused in one line."""
+    _refuse_causal_for(name, auto_class, key)
     return _from_pretrained(name, auto_class, key, **kwargs)[0]
+
+
+def _refuse_causal_for(name: str | Path, auto_class: str, key: str) -> None:
+    use = MASKED_ONLY.get(auto_class)
+    path = Path(str(name)).expanduser() / CONFIG
+    if use is None or not path.is_file():
+        return  # a hub name is checked by the auto class itself
+    if model_kind(read_model_config(path.parent), path.parent) == CAUSAL:
+        where = f" ({key})" if key else ""
+        raise HyperofaError(f"{path.parent}: is a causal LM{where}; {use} needs a masked LM (XLM-R, RoBERTa, BERT)")
+
+
+def model_kind_of(path: str | Path) -> str:
+    """The kind of the model in an HF model directory, read from its config.json (nothing loaded)."""
+    return model_kind(read_model_config(Path(path)), path)
 
 
 def load_model_reporting_missing(
@@ -71,21 +127,89 @@ def _from_pretrained(name: str | Path, auto_class: str, key: str, **kwargs: Any)
 
 @dataclass
 class Source:
-    """The source model as the stages read it: masked LM, fast tokenizer, and the weights its checkpoint lacked
-    (a sentence-embedding model has no MLM head: its head weights are listed here)."""
+    """The source model as the stages read it: masked or causal LM, fast tokenizer, and the weights its checkpoint
+    lacked (a sentence-embedding model has no MLM head: its head weights are listed here)."""
 
     model: Any
     tokenizer: Any
     missing: list[str] = field(default_factory=list)
+    kind: str = MASKED
+
+    @property
+    def untied(self) -> bool:
+        """A causal LM whose output projection is a matrix of its own (Llama, Mistral): both are initialised."""
+        return self.kind == CAUSAL and not tied_output(self.model)
+
+    def input_embeddings(self) -> Any:
+        """E_s as float32 numpy [rows, D] (a copy)."""
+        return self.model.get_input_embeddings().weight.detach().float().numpy().copy()
+
+    def output_embeddings(self) -> Any:
+        """The untied output projection's rows as float32 numpy [rows, D] (a copy)."""
+        return self.model.get_output_embeddings().weight.detach().float().numpy().copy()
+
+
+def tied_output(model: Any) -> bool:
+    output = model.get_output_embeddings()
+    return output is not None and output.weight is model.get_input_embeddings().weight
 
 
 def load_source(config: Any) -> Source:
     """The source model (`source.model`; the tokenizer from `source.tokenizer` when set): the one loader of the
-    stages that read the source (mapping, init)."""
+    stages that read the source (mapping, init). Its kind is read from its config first, so each kind loads with
+    its own auto class; a model whose vocabulary rows cannot be replaced is refused in one line."""
     from .tokenizer import source_tokenizer
 
-    model, missing = load_model_reporting_missing(config.source.model, key="source.model")
-    return Source(model, source_tokenizer(config), missing)
+    name = config.source.model
+    kind = model_kind(_load_config(name, "source.model"), name)
+    model, missing = load_model_reporting_missing(name, AUTO_CLASS[kind], key="source.model")
+    require_resizable(model, kind, name)
+    return Source(model, source_tokenizer(config), missing, kind)
+
+
+def _load_config(name: str | Path, key: str) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        with quiet_transformers():
+            return AutoConfig.from_pretrained(str(name))
+    except Exception as exc:  # hub, network and format errors of many types
+        raise HyperofaError(f"{name}: cannot load the model config ({key}) ({exc.__class__.__name__}: "
+                            f"{str(exc)[:200]})") from None
+
+
+def require_resizable(model: Any, kind: str, where: str | Path) -> None:
+    """The expansion replaces the word embedding (and an untied output projection) by larger matrices: they must be
+    a plain `nn.Embedding` and `nn.Linear`, and no other weight may have a row per token (Gemma 3n's per-layer
+    token tables, for instance, would keep the source vocabulary)."""
+    import torch
+
+    try:
+        embedding = model.get_input_embeddings()
+    except NotImplementedError:
+        embedding = None
+    if not isinstance(embedding, torch.nn.Embedding):
+        raise HyperofaError(
+            f"{where}: the model has no resizable word embedding (get_input_embeddings gives "
+            f"{type(embedding).__name__}, not an nn.Embedding); its vocabulary cannot be expanded"
+        )
+    if kind != CAUSAL:
+        return
+    rows = embedding.weight.shape[0]
+    output = model.get_output_embeddings()
+    if not isinstance(output, torch.nn.Linear) or tuple(output.weight.shape) != tuple(embedding.weight.shape):
+        raise HyperofaError(
+            f"{where}: the causal LM's output projection is {type(output).__name__}"
+            f"{'' if output is None else ' ' + str(tuple(output.weight.shape))}, not an nn.Linear of the word "
+            f"embedding's shape {tuple(embedding.weight.shape)}; its vocabulary cannot be expanded"
+        )
+    known = {id(embedding.weight), id(output.weight)} | ({id(output.bias)} if output.bias is not None else set())
+    others = [name for name, p in model.named_parameters() if id(p) not in known and rows in tuple(p.shape)]
+    if others:
+        raise HyperofaError(
+            f"{where}: weights other than the word embedding and the output projection have a row per token "
+            f"({', '.join(others[:3])}); the expansion cannot resize them"
+        )
 
 
 def require_model_dir(path: Path, *, tokenizer: bool = True) -> Path:
@@ -159,6 +283,35 @@ def model_identity(where: str) -> dict[str, Any]:
     if Path(where).is_dir():
         out["model_files"] = fingerprint_dir(where, MODEL_FILES)
     return out
+
+
+def check_tokenizer_beside(model_config: Any, tokenizer: Any, texts: list[str], where: str) -> None:
+    """Stock AutoTokenizer on a model directory holding this config and tokenizer must be this tokenizer: for some
+    model types (qwen2, phi3, ...) transformers 5 ignores tokenizer_config.json and rebuilds the pipeline with the
+    family's class, which can add a token or split text otherwise. Checked in a scratch directory, before anything
+    is written; a difference is one line naming the first text."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory(prefix="hyperofa-tokenizer-check-") as scratch:
+        model_config.save_pretrained(scratch)
+        tokenizer.save_pretrained(scratch)
+        with quiet_transformers():
+            loaded = AutoTokenizer.from_pretrained(scratch)
+    problem = None
+    if len(loaded) != len(tokenizer) or loaded.get_vocab() != tokenizer.get_vocab():
+        problem = f"{type(loaded).__name__} has {len(loaded)} tokens, the tokenizer {len(tokenizer)}"
+    else:
+        for text in texts:
+            if loaded(text)["input_ids"] != tokenizer(text)["input_ids"]:
+                problem = f"{type(loaded).__name__} encodes {text[:60]!r} differently"
+                break
+    if problem:
+        raise HyperofaError(
+            f"{where}: stock AutoTokenizer would not load this tokenizer beside a {model_config.model_type} model "
+            f"({problem}); the model directory would not be usable as is"
+        )
 
 
 def save_model_dir(model: Any, tokenizer: Any, out_dir: str | Path) -> Path:

@@ -174,7 +174,10 @@ def worker_backend(text: str) -> Any:
 
 
 def frame_ids(tokenizer: Any, where: str | Path) -> tuple[int, int]:
-    """(cls or bos id, sep or eos id): the tokens that open and close a packed block (`<s>`/`</s>`, `[CLS]`/`[SEP]`)."""
+    """(cls or bos id, sep or eos id): the tokens that open and close a packed block (`<s>`/`</s>`, `[CLS]`/`[SEP]`).
+
+    A causal LM without a BOS token (Qwen2: documents are only separated by `<|endoftext|>`) opens its blocks with
+    its EOS token as well."""
     def first(*roles: str) -> Any:
         for role in roles:
             token_id = getattr(tokenizer, f"{role}_token_id", None)
@@ -182,7 +185,7 @@ def frame_ids(tokenizer: Any, where: str | Path) -> tuple[int, int]:
                 return int(token_id)
         return None
 
-    cls, sep = first("cls", "bos"), first("sep", "eos")
+    cls, sep = first("cls", "bos", "eos"), first("sep", "eos")
     if cls is None or sep is None:
         raise HyperofaError(f"{where}: no cls/bos and sep/eos token found in the tokenizer's vocabulary")
     return cls, sep

@@ -1,6 +1,7 @@
 """Assembly of the target coordinate matrix F_t with a provenance for every row (docs/METHOD.md §1.9).
 
-Order: copy (overlap and special tokens by role) -> predicted (HyperOFA or OFA) -> random. The reference marks
+Order: copy (overlap and special tokens by role) -> predicted (HyperOFA, OFA, or the mean of the source pieces)
+-> random. The reference marks
 "not yet set" rows by being all zero and later overwrites every all-zero row; a legitimately zero row (e.g. a
 zero-initialised padding embedding that was copied) would then be replaced. Here the provenance array is the only
 record of what each row is, and every row is set exactly once by the first rule that applies.
@@ -18,8 +19,9 @@ from ..errors import HyperofaError
 from ..formats.vectors import parse_key
 from .random import random_rows
 
-PROVENANCE_NAMES = ("copy", "hyperofa", "ofa", "random")
-COPY, HYPEROFA, OFA, RANDOM = range(4)
+PROVENANCE_NAMES = ("copy", "hyperofa", "ofa", "random", "mean")
+COPY, HYPEROFA, OFA, RANDOM, MEAN = range(5)
+PREDICTED = {"hyperofa": HYPEROFA, "ofa": OFA, "mean": MEAN}
 UNSET = np.uint8(255)
 NO_WORDS = "no_words"
 
@@ -65,14 +67,14 @@ def assemble_coordinates(
 
     overridden = 0
     if predicted_ids is not None and len(predicted_ids):
-        if predicted_kind not in ("hyperofa", "ofa"):
-            raise ValueError(f"predicted_kind must be hyperofa or ofa, not {predicted_kind!r}")
+        if predicted_kind not in PREDICTED:
+            raise ValueError(f"predicted_kind must be one of {sorted(PREDICTED)}, not {predicted_kind!r}")
         predicted_ids = np.asarray(predicted_ids, dtype=np.int64)
         check_predictions(predicted_ids, predicted_rows, vocab_size, k, "predictions")
         keep = provenance[predicted_ids] == UNSET
         overridden = int((~keep).sum())
         coordinates[predicted_ids[keep]] = predicted_rows[keep]
-        provenance[predicted_ids[keep]] = HYPEROFA if predicted_kind == "hyperofa" else OFA
+        provenance[predicted_ids[keep]] = PREDICTED[predicted_kind]
 
     rest = np.flatnonzero(provenance == UNSET)
     coordinates[rest] = random_rows(rest, random_mean, random_std, seed)
@@ -126,7 +128,7 @@ def full_embeddings(coordinates: np.ndarray, primitives: np.ndarray) -> np.ndarr
 def provenance_counts(provenance: np.ndarray) -> dict[str, int]:
     counts = np.bincount(provenance, minlength=len(PROVENANCE_NAMES))
     if len(counts) > len(PROVENANCE_NAMES):
-        raise ValueError("provenance has values outside copy/hyperofa/ofa/random")
+        raise ValueError(f"provenance has values outside {'/'.join(PROVENANCE_NAMES)}")
     return {name: int(c) for name, c in zip(PROVENANCE_NAMES, counts)}
 
 

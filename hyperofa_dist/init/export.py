@@ -1,5 +1,7 @@
 """The expanded model in stock HF format: the source architecture with the target vocabulary (docs/METHOD.md §1.10, §4.1, §7).
 
+Masked LMs (`build_expanded_model`):
+
 Everything except the vocabulary-sized tensors is copied from the source model (encoder, position and token-type
 embeddings, embedding LayerNorm, the LM-head transform). The word embeddings become E_t, the decoder stays tied to
 them, and the output bias, which the reference left at a random init over 401k tokens, is the source bias for
@@ -9,6 +11,13 @@ copied tokens and the mean source bias for every other token. The result loads w
 Vocabulary padding (`pad_to_multiple_of`): rows V_t .. V_pad-1 exist only so the matrix shape suits tensor cores;
 the tokenizer never emits them. They get a zero embedding and the mean source bias, and the stage manifest
 records `padded_rows`.
+
+Causal LMs (`build_expanded_causal_model`): the source model itself is resized (`resize_token_embeddings`, no
+second copy of the weights in memory) and every vocabulary row rewritten: copied tokens get their source rows
+exactly, in the input embedding and, when untied, in the output projection, so on text the target tokenizer
+encodes with source ids the expanded model gives the source's logits over those ids (§8); every other row is
+the init method's (E_t = F_t P, or F_t P_out for the output side). A tied model stays tied. The result loads with
+`AutoModelForCausalLM` and `AutoTokenizer`.
 """
 
 from __future__ import annotations
@@ -43,16 +52,19 @@ def model_family(model_config: Any, where: str = "source model") -> str:
     return family
 
 
-def special_token_pairs(source_tokenizer: Any, target_tokenizer: Any, target_name: str = "target tokenizer"):
+def special_token_pairs(
+    source_tokenizer: Any, target_tokenizer: Any, target_name: str = "target tokenizer", kind: str = "masked"
+):
     """(target_ids, source_ids, {target token: source token}) for every special token of the target tokenizer.
 
     The pairing is the mapping stage's (`vocab.special_pairs`: by role, cls<->bos and sep<->eos as fallbacks,
-    role-less extras by identical text); here every target special token must get a partner, and the masked
-    LM needs a pad and a mask token. A special token left unpaired would silently become a random row.
+    role-less extras by identical text); here every target special token must get a partner, and a masked LM
+    needs a pad and a mask token (a causal LM needs neither). A special token left unpaired would silently become
+    a random row.
     """
     from ..vocab import special_ids, special_pairs
 
-    for role in ("pad_token", "mask_token"):
+    for role in ("pad_token", "mask_token") if kind == "masked" else ():
         if getattr(target_tokenizer, role, None) is None:
             raise HyperofaError(f"{target_name}: has no {role}; a masked LM needs one")
     pairs = special_pairs(target_tokenizer, source_tokenizer)
@@ -193,3 +205,89 @@ def _require_tied(model: Any) -> None:
     dec = model.get_output_embeddings().weight
     if emb.data_ptr() != dec.data_ptr():
         raise RuntimeError("expanded model: decoder weight is not tied to the word embeddings")
+
+
+# Config keys naming a special token id, rewritten to the target id of the same token.
+_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def build_expanded_causal_model(
+    source_model: Any,
+    target_tokenizer: Any,
+    input_rows: np.ndarray,
+    output_rows: Optional[np.ndarray],
+    copy_target_ids: np.ndarray,
+    copy_source_ids: np.ndarray,
+    pad_to_multiple_of: Optional[int] = None,
+):
+    """(model, ExportInfo): the causal source model, resized in place, over the target vocabulary.
+
+    `input_rows` [V_t, D] are the method's input embeddings and `output_rows` [V_t, D] its output rows (None for a
+    tied model); copied tokens (`copy_*_ids`, specials included) take the source rows instead, in both matrices.
+    Rows V_t .. of a padded vocabulary are zero (the tokenizer never emits them). Special-token ids in the config
+    and the generation config follow their tokens. `source_model` is consumed: it becomes the expanded model.
+    """
+    import torch
+
+    from ..formats.models import tied_output
+
+    vocab_size = len(target_tokenizer)
+    embedding = source_model.get_input_embeddings()
+    hidden = embedding.weight.shape[1]
+    tied = tied_output(source_model)
+    if tuple(input_rows.shape) != (vocab_size, hidden):
+        raise HyperofaError(f"E_t has shape {tuple(input_rows.shape)}; the target tokenizer and the source model "
+                            f"need ({vocab_size}, {hidden})")
+    if not tied and (output_rows is None or tuple(output_rows.shape) != (vocab_size, hidden)):
+        raise HyperofaError(f"the untied output rows must have shape ({vocab_size}, {hidden})")
+    model_vocab = _round_up(vocab_size, pad_to_multiple_of)
+    copy_t = np.asarray(copy_target_ids, dtype=np.int64)
+    copy_s = np.asarray(copy_source_ids, dtype=np.int64)
+    dtype = embedding.weight.dtype
+
+    def rows(method_rows: np.ndarray, source_weight: Any) -> Any:
+        out = torch.zeros(model_vocab, hidden, dtype=dtype)
+        out[:vocab_size] = torch.from_numpy(np.ascontiguousarray(method_rows, dtype=np.float32)).to(dtype)
+        out[torch.from_numpy(copy_t)] = source_weight.detach()[torch.from_numpy(copy_s)].to(dtype)
+        return out
+
+    head = source_model.get_output_embeddings()
+    new_input = rows(input_rows, embedding.weight)
+    new_output = None if tied else rows(output_rows, head.weight)
+    bias = None
+    if head.bias is not None:  # e.g. Phi: copied tokens keep their bias, every other row the mean source bias
+        source_bias = head.bias.detach().double()
+        bias = torch.full((model_vocab,), float(source_bias.mean()), dtype=torch.float64)
+        bias[torch.from_numpy(copy_t)] = source_bias[torch.from_numpy(copy_s)]
+    id_map = dict(zip(copy_s.tolist(), copy_t.tolist()))
+    config_ids = {key: getattr(source_model.config, key, None) for key in _ID_KEYS}
+
+    source_model.resize_token_embeddings(model_vocab, mean_resizing=False)
+    model = source_model
+    with torch.no_grad():
+        model.get_input_embeddings().weight.copy_(new_input)
+        if new_output is not None:
+            model.get_output_embeddings().weight.copy_(new_output)
+        if bias is not None:
+            model.get_output_embeddings().bias.copy_(bias.to(dtype))
+    if tied:
+        model.tie_weights()
+        _require_tied(model)
+    def moved(value: Any) -> Any:  # an id, or a list of them (Llama 3 Instruct ends on two tokens)
+        if isinstance(value, int):
+            return id_map.get(value, value)
+        return [moved(v) for v in value] if isinstance(value, list) else value
+
+    for key, value in config_ids.items():
+        setattr(model.config, key, moved(value))
+        generation = getattr(model, "generation_config", None)
+        if generation is not None and getattr(generation, key, None) is not None:
+            setattr(generation, key, moved(getattr(generation, key)))
+    model.eval()
+    info = ExportInfo(
+        family=str(model.config.model_type),
+        vocab_size=vocab_size,
+        model_vocab_size=model_vocab,
+        padded_rows=[vocab_size, model_vocab] if model_vocab > vocab_size else [],
+    )
+    return model, info

@@ -155,15 +155,25 @@ _FACTOR_RTOL = 1e-3
 
 def plan_factorised(model_dir: Path, want: str, key: str) -> Optional[Path]:
     """The directory holding a model directory's factorised form (F_t.npy, P.npy) when config `key` = `want`
-    (auto | factorised | full) says to use it, else None. auto: when the factors exist and k < D. Factors that do
-    not fit the model, or whose product is not the model's embeddings (left beside another model), are refused."""
+    (auto | factorised | full) says to use it, else None. auto: when the factors exist and k < D (never for a causal
+    LM). Factors that do not fit the model, or whose product is not the model's embeddings (left beside another
+    model), are refused."""
     from ..errors import HyperofaError
     from ..formats.init import COORDINATES, PRIMITIVES, factors_beside, load_factors
-    from ..formats.models import read_model_config
+    from ..formats.models import CAUSAL, model_kind_of, read_model_config
 
     if want == "full":
         return None
     model_dir = Path(model_dir)
+    if model_kind_of(model_dir) == CAUSAL:
+        # The factorised modules are the masked LM's (a tied decoder with a bias); a causal LM, whose P may also
+        # hold an untied output projection's columns, trains full rank.
+        if want == "factorised":
+            raise HyperofaError(
+                f"{model_dir}: {key}=factorised trains a masked LM's embeddings as F_t P; this is a causal LM, which "
+                f"trains full rank ({key}=full or auto)"
+            )
+        return None
     where = factors_beside(model_dir)
     if where is None:
         if want == "factorised":

@@ -1,9 +1,15 @@
 """`hyperofa init`: mapping (+ hypernetwork predictions) -> `<run_dir>/init/<method>/`.
 
 Outputs: `F_t.npy` (target coordinates), `P.npy` (the source primitives, reused), `provenance.npy` (uint8 per target
-token: 0 copy, 1 hyperofa, 2 ofa, 3 random), `provenance_counts.json` (overall, per language and per script of the
-tokens' words), `quality.json` (held-out cosine per method), `model/` (stock HF masked LM + target tokenizer) and
-the manifest. Every input is validated before the stage directory is touched, so bad input leaves nothing behind.
+token: 0 copy, 1 hyperofa, 2 ofa, 3 random, 4 mean), `provenance_counts.json` (overall, per language and per script
+of the tokens' words), `quality.json` (held-out cosine per method, step-0 new-token loss), `model/` (stock HF masked
+or causal LM + target tokenizer) and the manifest. Every input is validated before the stage directory is touched,
+so bad input leaves nothing behind.
+
+The source's kind (`formats.models.model_kind`) decides the export and the new-token loss: a masked LM gets the
+tied MLM export and the masked-LM loss at masked new-token positions; a causal LM gets its input embeddings (and an
+untied output projection, from the columns D.. of P) with copied rows exact, and the next-token loss at positions
+whose label is a new token (`nexttoken.py`).
 """
 
 from __future__ import annotations
@@ -21,15 +27,24 @@ from ..formats.hypernet import load_predictions, load_test_predictions
 from ..formats.hypernet import stage_of as hypernet_stage
 from ..formats.mapping import Mapping, load_mapping
 from ..formats.mapping import stage_of as mapping_stage
-from ..formats.models import load_source, model_files, model_identity, save_model_dir, source_identity
+from ..formats.models import (
+    CAUSAL,
+    check_tokenizer_beside,
+    load_source,
+    model_files,
+    model_identity,
+    save_model_dir,
+    source_identity,
+)
 from ..formats.rundir import Stage
 from ..formats.shards import STAGE as PREPARE_STAGE
 from ..formats.tokenizer import ignored_settings, load_tokenizer, target_tokenizer_dir, tokenizer_fingerprint
 from ..runtime.device import resolve_device
 from ..runtime.stage import StageShell
 from . import assemble as asm
-from .export import build_expanded_model, merge_copy_pairs, special_token_pairs
-from .head import complete_head
+from .export import build_expanded_causal_model, build_expanded_model, merge_copy_pairs, special_token_pairs
+from .head import HeadReport, complete_head
+from .mean import piece_means
 from .ofa import ofa_for_tokens
 from .random import column_stats, random_rows
 
@@ -87,14 +102,17 @@ def heldout_quality(
 
 
 def new_token_loss(
-    config: Config, model: Any, tokenizer: Any, target_fingerprint: dict[str, str], provenance: np.ndarray
+    config: Config, model: Any, tokenizer: Any, target_fingerprint: dict[str, str], provenance: np.ndarray,
+    kind: str = "masked",
 ) -> dict[str, Any]:
-    """Step-0 MLM loss on held-out text at masked positions whose label is a new (not copied) token: the only
-    positions where the init methods differ. Uses the prepare stage's held-out shards when they were made with the
-    target tokenizer, masked with the same HELDOUT stream as evaluate and the pretraining job; {} otherwise."""
+    """Step-0 loss on held-out text at the positions where the init methods differ: for a masked LM the MLM loss at
+    masked positions whose label is a new (not copied) token, masked with the same HELDOUT stream as evaluate and
+    the pretraining job; for a causal LM the next-token loss at positions whose next token is new. Uses the prepare
+    stage's held-out shards when they were made with the target tokenizer; {} otherwise."""
     from ..evaluate.mlm import mlm_loss_per_language
     from ..formats.shards import first_blocks, heldout_shards, prepare_dir
     from ..formats.tokenizer import TOKENIZER_JSON
+    from .nexttoken import next_token_loss_per_language
 
     c = config.init
     shards_dir = prepare_dir(config.run_dir)
@@ -108,15 +126,29 @@ def new_token_loss(
     scored = np.zeros(model.get_input_embeddings().num_embeddings, dtype=bool)
     scored[: len(provenance)] = provenance != asm.COPY
     device = resolve_device(c.device, "init.device")
-    per_language, _ = mlm_loss_per_language(
-        model.to(device), tokenizer, blocks, seed=config.run.seed, probability=config.evaluate.mlm_probability,
-        batch_size=c.heldout_batch_size, device=device, scored_labels=scored,
-    )
+    if kind == CAUSAL:
+        per_language, _ = next_token_loss_per_language(
+            model.to(device), blocks, scored, batch_size=c.heldout_batch_size, device=device
+        )
+    else:
+        per_language, _ = mlm_loss_per_language(
+            model.to(device), tokenizer, blocks, seed=config.run.seed, probability=config.evaluate.mlm_probability,
+            batch_size=c.heldout_batch_size, device=device, scored_labels=scored,
+        )
     model.to("cpu")
     losses = {lang: round(v["loss"], 6) for lang, v in per_language.items()}
     if losses:
         losses["average"] = round(float(np.mean(list(losses.values()))), 6)
     return {"loss": losses, "positions": {lang: v["positions"] for lang, v in per_language.items()}}
+
+
+def probe_texts(tokenizer: Any, first_new: int, n: int = 200, width: int = 6) -> list[str]:
+    """Texts that exercise a target tokenizer's appended pieces: runs of `width` consecutive new ids, decoded,
+    spread over them (and, without new ids, over the whole vocabulary)."""
+    start = first_new if first_new < len(tokenizer) else 0
+    ids = np.arange(start, len(tokenizer))
+    starts = np.unique(np.linspace(0, max(len(ids) - width, 0), num=min(n, len(ids))).astype(np.int64))
+    return [tokenizer.decode([int(i) for i in ids[a : a + width]], skip_special_tokens=True) for a in starts]
 
 
 def _count_groups(mapping: Mapping, provenance: np.ndarray) -> dict[str, Any]:
@@ -162,11 +194,22 @@ def run(config: Config, tracker: Any) -> int:
         # --- validate every input before writing anything --------------------------------------------------
         mapping = load_mapping(run_dir)
         source = load_source(config)
-        source_model, source_tok = source.model, source.tokenizer
-        head = complete_head(source_model, source.missing, seed=config.run.seed, donor=config.source.mlm_head)
+        source_model, source_tok, kind = source.model, source.tokenizer, source.kind
+        if kind == CAUSAL:
+            if source.missing:
+                raise HyperofaError(
+                    f"source.model={config.source.model}: the causal LM's checkpoint lacks {len(source.missing)} "
+                    f"weights ({', '.join(source.missing[:3])}); only a complete model can be expanded"
+                )
+            head = HeadReport("checkpoint", [])
+        else:
+            head = complete_head(source_model, source.missing, seed=config.run.seed, donor=config.source.mlm_head)
         target_tok = load_tokenizer(target_dir)
-        special_t, special_s, roles = special_token_pairs(source_tok, target_tok, f"target tokenizer {target_dir}")
-        mapping.require_source(source_identity(config), len(source_tok), source_model.config.hidden_size)
+        special_t, special_s, roles = special_token_pairs(
+            source_tok, target_tok, f"target tokenizer {target_dir}", kind
+        )
+        hidden = source_model.get_input_embeddings().embedding_dim
+        mapping.require_source(source_identity(config), len(source_tok), hidden, 2 if source.untied else 1)
         mapping.require_target(len(target_tok), inputs["target_tokenizer"])
         copy_t, copy_s = merge_copy_pairs(mapping.overlap_target, mapping.overlap_source, special_t, special_s)
         predicted_ids: Optional[np.ndarray] = None
@@ -174,7 +217,14 @@ def run(config: Config, tracker: Any) -> int:
         if method == "hyperofa":
             predicted_ids, predicted_rows = load_predictions(run_dir)
             asm.check_predictions(predicted_ids, predicted_rows, len(target_tok), mapping.k, "hypernet predictions")
+        elif method == "mean":
+            uncopied = np.setdiff1d(np.arange(len(target_tok), dtype=np.int64), copy_t)
+            means = piece_means(source_tok, target_tok, uncopied, mapping.source_coordinates,
+                                f"target tokenizer {target_dir}")
+            predicted_ids, predicted_rows = means.token_ids, means.rows
         load_s = time.perf_counter() - t0
+        if method == "mean" and means.without:
+            shell.say(f"{means.without} new tokens split into the source's unknown token: they stay random")
         if head.origin != "checkpoint":
             made = (
                 f"copied from source.mlm_head={head.donor}" if head.origin == "copied" else
@@ -217,18 +267,28 @@ def run(config: Config, tracker: Any) -> int:
         assemble_s = time.perf_counter() - t1
 
         t2 = time.perf_counter()
-        model, info = build_expanded_model(
-            source_model, source_tok, target_tok, embeddings, copy_t, copy_s, config.init.pad_to_multiple_of
-        )
+        if kind == CAUSAL:
+            output_rows = embeddings[:, hidden:] if source.untied else None
+            model, info = build_expanded_causal_model(
+                source_model, target_tok, embeddings[:, :hidden], output_rows, copy_t, copy_s,
+                config.init.pad_to_multiple_of,
+            )
+        else:
+            model, info = build_expanded_model(
+                source_model, source_tok, target_tok, embeddings, copy_t, copy_s, config.init.pad_to_multiple_of
+            )
         del embeddings
+        check_tokenizer_beside(model.config, target_tok, probe_texts(target_tok, len(source_tok)),
+                               f"target tokenizer {target_dir}")
         counts = _count_groups(mapping, assembly.provenance)
         quality = heldout_quality(mapping, config, mean, std, progress)
-        new_tokens = new_token_loss(config, model, target_tok, inputs["target_tokenizer"], assembly.provenance)
+        new_tokens = new_token_loss(config, model, target_tok, inputs["target_tokenizer"], assembly.provenance, kind)
+        loss_name = "new_token_causal" if kind == CAUSAL else "new_token_mlm"
 
         shell.begin()
         outputs = out_format.write_arrays(
             stage.path, assembly.coordinates, mapping.primitives, assembly.provenance, counts,
-            {"heldout_cosine": quality, "test_tokens": len(mapping.split["test"]), "new_token_mlm": new_tokens},
+            {"heldout_cosine": quality, "test_tokens": len(mapping.split["test"]), loss_name: new_tokens},
         )
         model_dir = save_model_dir(model, target_tok, stage.path / out_format.MODEL)
         overall = counts["overall"]
@@ -246,6 +306,8 @@ def run(config: Config, tracker: Any) -> int:
             counts=manifest_counts,
             extra={
                 "method": method,
+                "kind": kind,
+                "tied": not source.untied,
                 "mlm_head": head.as_dict(),
                 "family": info.family,
                 "factorized": not asm.is_identity(mapping.primitives),
@@ -253,7 +315,7 @@ def run(config: Config, tracker: Any) -> int:
                 "position_shift": info.position_shift,
                 "special_tokens": roles,
                 "heldout_cosine": quality,
-                "new_token_mlm_loss": new_tokens.get("loss", {}),
+                f"{loss_name}_loss": new_tokens.get("loss", {}),
                 **ignored_settings({"source": config.source.tokenizer or config.source.model, "target": target_dir},
                                    shell.say),
             },
@@ -263,21 +325,23 @@ def run(config: Config, tracker: Any) -> int:
         metrics: dict[str, float] = {f"provenance/{kind}": n for kind, n in overall.items()}
         metrics["provenance/total"] = int(sum(overall.values()))
         for script, by_kind in counts["by_script"].items():
-            for kind, n in by_kind.items():
-                metrics[f"provenance_script/{script}/{kind}"] = n
+            for provenance_kind, n in by_kind.items():
+                metrics[f"provenance_script/{script}/{provenance_kind}"] = n
         metrics.update({f"heldout_cosine/{m}": v for m, v in quality.items()})
         if method in quality:
             metrics["heldout_cosine"] = quality[method]
         for lang, value in new_tokens.get("loss", {}).items():
-            metrics["new_token_mlm_loss" if lang == "average" else f"new_token_mlm_loss/{lang}"] = value
+            metrics[f"{loss_name}_loss" if lang == "average" else f"{loss_name}_loss/{lang}"] = value
         metrics.update({"seconds/load": load_s, "seconds/assemble": assemble_s, "seconds/export": export_s})
         t.log_metrics(metrics)
-        t.set_tags({"init.method": method, "init.family": info.family, "init.mlm_head": head.origin})
+        t.set_tags({"init.method": method, "init.family": info.family, "init.kind": kind,
+                    "init.mlm_head": head.origin})
         t.log_artifact(stage.path / out_format.PROVENANCE_COUNTS)
         t.log_artifact(stage.path / out_format.QUALITY)
     new_loss = new_tokens.get("loss", {}).get("average")
+    objective = "next-token" if kind == CAUSAL else "MLM"
     shell.say(
         f"{method}: {overall} -> {model_dir}" + (f"; held-out cosine {quality}" if quality else "")
-        + (f"; new-token MLM loss {new_loss:.4f}" if new_loss is not None else "")
+        + (f"; new-token {objective} loss {new_loss:.4f}" if new_loss is not None else "")
     )
     return 0

@@ -44,30 +44,6 @@ IGNORE = -100
 ATTENTION = ("document", "block")
 
 
-# --- which objective a model trains with -------------------------------------------------------------------------
-
-
-def model_kind(config: dict[str, Any]) -> str:
-    """"causal" or "masked" from a model's config.json: its `architectures` first (XLM-R also has a causal head
-    class, so the saved class decides), else whether transformers knows a masked-LM class for its model_type."""
-    for arch in config.get("architectures") or ():
-        if arch.endswith("ForCausalLM"):
-            return "causal"
-        if arch.endswith("ForMaskedLM"):
-            return "masked"
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
-    )
-
-    model_type = config.get("model_type")
-    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
-        return "masked"
-    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        return "causal"
-    return "unknown"
-
-
 # --- blocks -> positions, mask, labels -------------------------------------------------------------------------
 
 

@@ -57,14 +57,13 @@ def export_hf(ckpt_dir: str | Path, tag: Optional[str], start_model: str | Path,
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
     from ..formats.init import save_factors
-    from ..formats.models import read_model_config
+    from ..formats.models import CAUSAL, model_kind_of
     from ..init.factorised import full_rank_state
-    from .causal import model_kind
 
     out_dir, start_model = Path(out_dir), Path(start_model)
     state, factors = full_rank_state(consolidated_state_dict(ckpt_dir, tag))
     config = AutoConfig.from_pretrained(str(start_model))
-    causal = model_kind(read_model_config(start_model)) == "causal"
+    causal = model_kind_of(start_model) == CAUSAL
     model = (AutoModelForCausalLM if causal else AutoModelForMaskedLM).from_config(config, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if causal:

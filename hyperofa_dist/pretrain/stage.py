@@ -13,7 +13,7 @@ F_t.npy and P.npy beside the model (the init stage writes them). Before launch t
 own embeddings are F_t P on a sample of rows, so factors left beside another model are never trained silently.
 The export then holds both forms: the stock full-rank `model/` (E = F_t P) and the trained F_t.npy and P.npy.
 
-Causal LMs (Llama, Mistral, Qwen, Gemma; the model's config decides, `causal.model_kind`) train with the
+Causal LMs (Llama, Mistral, Qwen, Gemma; the model's config decides, `formats.models.model_kind`) train with the
 next-token objective on the same shards (pretrain/causal.py): the job file carries `objective: causal` and the
 ids prepare framed the blocks with (from the prepare manifest, else the tokenizer), and the export is a stock
 causal-LM directory. Their embeddings train full-rank (the factorised form is the masked-LM method's).
@@ -57,17 +57,10 @@ def resolve_model(config: Config) -> Path:
 
 
 def objective_of(model_dir: Path) -> str:
-    """"masked" or "causal": what the model directory's config says it is; anything else is refused."""
-    from .causal import model_kind
+    """"masked" or "causal": what the model directory's config says it is; anything else is refused in one line."""
+    from ..formats.models import model_kind_of
 
-    cfg = read_model_config(model_dir)
-    kind = model_kind(cfg)
-    if kind == "unknown":
-        raise HyperofaError(
-            f"{model_dir / 'config.json'}: neither a masked LM nor a causal LM (architectures "
-            f"{cfg.get('architectures')}, model_type {cfg.get('model_type')!r}); pretrain trains one of the two"
-        )
-    return kind
+    return model_kind_of(model_dir)
 
 
 def block_frame(shardset: ShardSet, model_dir: Path) -> dict[str, Optional[int]]:

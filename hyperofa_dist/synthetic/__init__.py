@@ -12,6 +12,7 @@ from .world import (  # noqa: F401  (the package's API: tests and benches use `s
     CAUSAL_TOKENIZER_FAMILIES,
     FAMILIES,
     LLAMA3_SPECIALS,
+    QWEN2_SPECIALS,
     Language,
     World,
     concept_entity,

@@ -5,6 +5,9 @@ Latin, Cyrillic and Greek script share a concept lexicon, so line i of every cor
 The source model is a tiny XLM-R-architecture masked LM with a SentencePiece-style tokenizer trained on the
 source language only, pretrained for a few hundred steps on it so that its embeddings carry signal that OFA and
 HyperOFA can transfer. Everything is generated from the seed; nothing is downloaded.
+
+With a `CausalWorldSpec` the same world gets a causal source instead: a tiny Llama (untied) or Qwen2 (tied) with a
+Llama-3, Llama-2 or Qwen2-style tokenizer, pretrained with the next-token loss.
 """
 
 from __future__ import annotations
@@ -42,6 +45,16 @@ class WorldSpec:
     num_layers: int = 2
     pretrain_steps: int = 200
     block_size: int = 64
+
+
+@dataclass(frozen=True)
+class CausalWorldSpec(WorldSpec):
+    """The world with a causal source model: `family` llama (untied) or qwen2 (tied, needs tokenizer qwen2),
+    `tokenizer` llama3, llama2 or qwen2."""
+
+    family: str = "llama"
+    tokenizer: str = "llama3"
+    source_vocab: int = 800
 
 
 @dataclass(frozen=True)
@@ -85,17 +98,21 @@ def build_world(run_dir: Path, spec: WorldSpec, tracker=None) -> WorldPaths:
         paths.eval_data / "srt", world, SOURCE_LANG, targets, spec.retrieval_pairs, seed=spec.seed + 1
     )
     source_texts = synthetic.read_lines(paths.corpus / f"{SOURCE_LANG}.txt")
-    tok_dir = synthetic.train_source_tokenizer("xlmr", source_texts, spec.source_vocab, stage.path / "source_tokenizer")
+    causal = isinstance(spec, CausalWorldSpec)
+    family = spec.tokenizer if causal else "xlmr"
+    tok_dir = synthetic.train_source_tokenizer(family, source_texts, spec.source_vocab, stage.path / "source_tokenizer")
     started = time.perf_counter()
-    loss_first, loss_last = pretrain_source_model(tok_dir, source_texts, paths.source_model, spec)
-    log.info("world: source model pretrained %d steps in %.1fs (MLM loss %.3f -> %.3f)",
-             spec.pretrain_steps, time.perf_counter() - started, loss_first, loss_last)
+    train = pretrain_causal_source_model if causal else pretrain_source_model
+    loss_first, loss_last = train(tok_dir, source_texts, paths.source_model, spec)
+    log.info("world: source model pretrained %d steps in %.1fs (%s loss %.3f -> %.3f)", spec.pretrain_steps,
+             time.perf_counter() - started, "next-token" if causal else "MLM", loss_first, loss_last)
     outputs = [p.relative_to(stage.path) for p in sorted(stage.path.rglob("*")) if p.is_file() and p.name != MANIFEST]
     stage.write_manifest(
         config={"world": spec.__dict__},
         inputs=inputs,
         outputs=outputs,
-        counts={"sentences": sizes, "source_mlm_loss_first": round(loss_first, 4), "source_mlm_loss_last": round(loss_last, 4)},
+        counts={"sentences": sizes, f"source_{'causal' if causal else 'mlm'}_loss_first": round(loss_first, 4),
+                f"source_{'causal' if causal else 'mlm'}_loss_last": round(loss_last, 4)},
     )
     return paths
 
@@ -137,6 +154,50 @@ def pretrain_source_model(tokenizer_dir: Path, texts: list[str], out_dir: Path, 
         model.eval()
         model.save_pretrained(out_dir)
         tok.save_pretrained(out_dir)
+    finally:
+        torch.set_num_threads(threads)
+    return float(np.mean(losses[:10])), float(np.mean(losses[-10:]))
+
+
+def pretrain_causal_source_model(
+    tokenizer_dir: Path, texts: list[str], out_dir: Path, spec: CausalWorldSpec
+) -> tuple[float, float]:
+    """A few hundred next-token steps on the source language (sentences packed into blocks, each closed by EOS),
+    seeded, one thread: the same weights on every run."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    init_dir = out_dir.parent / "source_model_init"
+    synthetic.make_tiny_model(
+        spec.family, tokenizer_dir, init_dir, hidden_size=spec.hidden_size, num_layers=spec.num_layers,
+        num_heads=2, seed=spec.seed, max_position=spec.block_size,
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(spec.seed)
+        tok = AutoTokenizer.from_pretrained(init_dir)
+        model = AutoModelForCausalLM.from_pretrained(init_dir)
+        ids = np.concatenate([np.asarray(x + [tok.eos_token_id], dtype=np.int64) for x in tok(texts)["input_ids"]])
+        n_blocks = len(ids) // spec.block_size
+        blocks = torch.from_numpy(ids[: n_blocks * spec.block_size].reshape(n_blocks, spec.block_size))
+        gen = torch.Generator().manual_seed(spec.seed)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+        model.train()
+        losses = []
+        for _ in range(spec.pretrain_steps):
+            batch = blocks[torch.randint(n_blocks, (32,), generator=gen)]
+            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        model.eval()
+        model.save_pretrained(out_dir)
+        for name in ("tokenizer.json", "tokenizer_config.json"):  # as written (save_pretrained renames the class)
+            shutil.copyfile(init_dir / name, out_dir / name)
     finally:
         torch.set_num_threads(threads)
     return float(np.mean(losses[:10])), float(np.mean(losses[-10:]))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
@@ -41,8 +42,10 @@ EMOJI = ("😀", "🎉", "🌍", "❤️", "🚀", "👍🏽")
 FAMILIES = ("xlmr", "roberta", "bert")
 # Tokenizers of causal LMs (`train_source_tokenizer`) and causal-LM architectures (`make_tiny_model`): untied llama
 # (input embeddings and output head are two matrices, as Llama and Mistral) and tied qwen2 (one matrix, as small
-# Qwen2 and Gemma models).
-CAUSAL_TOKENIZER_FAMILIES = ("llama3", "llama2")
+# Qwen2 and Gemma models). A qwen2 model needs the qwen2 tokenizer: transformers 5 loads every tokenizer beside a
+# Qwen2 config as Qwen2Tokenizer, which rebuilds the pipeline from the vocabulary (Qwen's split, NFC,
+# <|endoftext|>), whatever tokenizer_config.json names.
+CAUSAL_TOKENIZER_FAMILIES = ("llama3", "llama2", "qwen2")
 CAUSAL_FAMILIES = {"llama": False, "qwen2": True}  # family -> tie_word_embeddings
 # Llama 3 keeps 256 special tokens after its BPE vocabulary, most of them reserved; the tiny one keeps 16, named
 # and reserved interleaved as there.
@@ -51,6 +54,7 @@ LLAMA3_SPECIALS = (
     "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>", "<|start_header_id|>", "<|end_header_id|>",
     "<|eom_id|>", "<|eot_id|>", "<|python_tag|>", *(f"<|reserved_special_token_{i}|>" for i in range(3, 8)),
 )
+QWEN2_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 # Llama 3's pre-tokenizer split (words with an optional leading non-letter, numbers in threes, punctuation runs).
 LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
@@ -202,8 +206,8 @@ def train_source_tokenizer(
     """Train a tokenizer like the family's real one and save it in HF format (AutoTokenizer loads it).
 
     `lowercase=False` makes a cased BERT (the WordPiece normalizer keeps case and accents). The causal kinds
-    (llama3, llama2) learn `vocab_size` BPE entries; llama3 puts its special tokens after them, llama2 its three
-    special tokens and 256 byte tokens before them. `legacy=False` makes llama2 the newer conversion (no
+    (llama3, llama2, qwen2) learn `vocab_size` BPE entries; llama3 and qwen2 put their special tokens after them,
+    llama2 its three special tokens and 256 byte tokens before them. `legacy=False` makes llama2 the newer conversion (no
     normalizer, a Metaspace pre-tokenizer) instead of Llama 2's own (Prepend/Replace normalizer, no pre-tokenizer).
     """
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
@@ -270,6 +274,24 @@ def _causal_tokenizer(family: str, texts: list[str], vocab_size: int, out_dir: P
     from tokenizers import trainers
     from transformers import PreTrainedTokenizerFast
 
+    if family == "qwen2":
+        from transformers import Qwen2Tokenizer
+
+        # Byte-level BPE learned behind Qwen2Tokenizer's own pipeline, then handed to that class (as the hub's
+        # files are loaded): <|endoftext|> (eos, pad) and the chat markers follow the BPE vocabulary, no BOS.
+        learner = Qwen2Tokenizer()._tokenizer
+        learner.model = models.BPE()
+        learner.train_from_iterator(texts, trainers.BpeTrainer(
+            vocab_size=vocab_size, min_frequency=2, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ))
+        learned = json.loads(learner.to_str())["model"]
+        merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in learned["merges"]]
+        hf = Qwen2Tokenizer(vocab=dict(learned["vocab"]), merges=merges)
+        hf.add_special_tokens({"additional_special_tokens": list(QWEN2_SPECIALS[1:])})
+        hf.model_max_length = 512
+        hf.save_pretrained(out_dir)
+        return out_dir
     if family == "llama3":
         # Byte-level BPE over a regex split; merges are not applied to a word that is itself a token (Llama 3's
         # ignore_merges); the special tokens follow the BPE vocabulary and BOS opens every encoding.
@@ -382,6 +404,8 @@ def _causal_model(family: str, tokenizer_dir: str | Path, out_dir: Path, hidden_
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    if family == "qwen2" and type(tok).__name__ != "Qwen2Tokenizer":
+        raise ValueError("a qwen2 model needs a qwen2 tokenizer (transformers loads any other as Qwen2Tokenizer)")
     cfg_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if family == "llama" else (Qwen2Config, Qwen2ForCausalLM)
     config = cfg_cls(
         vocab_size=len(tok),
@@ -399,7 +423,8 @@ def _causal_model(family: str, tokenizer_dir: str | Path, out_dir: Path, hidden_
     torch.manual_seed(seed)
     model = model_cls(config)
     model.save_pretrained(out_dir)
-    tok.save_pretrained(out_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # as written: save_pretrained renames the class
+        shutil.copyfile(Path(tokenizer_dir) / name, out_dir / name)
     return out_dir
 
 

@@ -44,6 +44,48 @@ def source_fingerprint(hf_tokenizer: Any) -> dict[str, Any]:
     }
 
 
+def check_ids_kept(source: Any, where: str | Path) -> None:
+    """Extension appends after the source ids and keeps every one; a source it cannot do that for is one line.
+
+    Two ways a source's ids would move: a gap in its ids (the extended vocabulary must be contiguous), and a
+    tokenizer.json whose written ids the tokenizers library does not load as written (it renumbers an added token
+    placed after a gap to the next free id, so the model row of that token would belong to another id).
+    """
+    from ..formats.tokenizer import TOKENIZER_JSON
+
+    loaded = source.backend_tokenizer.get_vocab(with_added_tokens=True)
+    path = Path(str(where)).expanduser() / TOKENIZER_JSON
+    if path.is_file():
+        data = json.loads(path.read_text(encoding="utf-8"))
+        vocab = (data.get("model") or {}).get("vocab")
+        # BPE and WordPiece write {token: id}, Unigram [[piece, score], ...] in id order.
+        written = dict(vocab) if isinstance(vocab, dict) else {entry[0]: i for i, entry in enumerate(vocab or [])}
+        written.update({t["content"]: t["id"] for t in data.get("added_tokens") or []})
+        for token, token_id in sorted(written.items(), key=lambda kv: kv[1]):
+            if loaded.get(token) != token_id:
+                raise HyperofaError(
+                    f"{path}: token {token!r} has id {token_id} in the file but {loaded.get(token)} as loaded; "
+                    "extending it would move source ids"
+                )
+    ids = sorted(set(loaded.values()))
+    if ids != list(range(len(loaded))):
+        hole = next(i for i, token_id in enumerate(ids) if token_id != i)
+        raise HyperofaError(
+            f"{where}: the source tokenizer's ids have a gap (no token has id {hole}); extending it would move "
+            "source ids"
+        )
+
+
+def refuse_train_bpe(source: Any, key: str) -> None:
+    """`train` builds byte-level BPE; from a SentencePiece-style BPE source (Llama 2, Mistral) it would inherit a
+    normalizer that writes "▁" into the text, which byte-level pieces then keep in decoded text."""
+    if learn.sentencepiece_bpe(source.backend_tokenizer):
+        raise HyperofaError(
+            f"tokenizer.model_type=bpe with tokenizer.mode=train cannot rebuild the SentencePiece-style BPE of {key} "
+            "(byte fallback, like Llama 2); use tokenizer.mode=extend or tokenizer.model_type=unigram"
+        )
+
+
 # --- corpus sample --------------------------------------------------------------------------------------------
 
 

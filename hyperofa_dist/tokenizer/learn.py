@@ -11,12 +11,18 @@ Glot500 itself moved `<mask>` to the end, which would change a source id). Per m
 - Unigram (SentencePiece-style, XLM-R): a `UnigramTrainer` learns pieces with the source's normalizer and
   pre-tokenizer; new characters are taken first (without them the new scripts stay `<unk>`), then the other new
   pieces by learned score; they are appended by score with their learned scores, as Glot500 merged its models.
-- byte-level BPE (RoBERTa): BPE training is *continued* from the source segmentation. Each corpus word is cut
-  into source tokens by the source model, every source token becomes one private-use character, and a
-  `BpeTrainer` learns merges over those characters. Decoded back, each merge joins two existing tokens (source or
-  earlier new ones) and is appended after the source merges in learned order. Because all new merges rank after
-  all source merges, the target segments every word exactly as the source does and then merges further: every
-  new token is reachable (it was formed on the corpus), and no word ever gets more pieces than with the source.
+- BPE (byte-level: RoBERTa, Llama 3, Qwen2; SentencePiece-style with byte fallback: Llama 2, Mistral): BPE
+  training is *continued* from the source segmentation. Each corpus word is cut into source tokens by the source
+  model, every source token becomes one private-use character, and a `BpeTrainer` learns merges over those
+  characters. Decoded back, each merge joins two existing tokens (source or earlier new ones) and is appended
+  after the source merges in learned order. Because all new merges rank after all source merges, the target
+  segments every word exactly as the source does and then merges further: every new token is reachable (it was
+  formed on the corpus), and no word ever gets more pieces than with the source. Special tokens kept after the
+  BPE vocabulary (Llama 3's 256) keep their ids; new ids start after the last of them. With byte fallback, a
+  character the source lacks arrives as its UTF-8 byte tokens: those runs become characters again, and frequent
+  new characters are appended first (a merge of byte tokens would be a piece named `<0xE1><0x88>`); a
+  SentencePiece-style source sees whole lines, so the learner's words are cut before every `▁` (no new piece
+  spans two words).
 - WordPiece (BERT): a `WordPieceTrainer` learns pieces with the source normalizer/pre-tokenizer and prefix; the
   new ones (word-initial and `##` continuation) are appended in learned order, new characters first.
 
@@ -101,7 +107,9 @@ def _inspect(tokenizer: Tokenizer) -> _Source:
     size = tokenizer.get_vocab_size(with_added_tokens=True)
     by_id: dict[int, str] = {i: t for t, i in tokenizer.get_vocab(with_added_tokens=True).items()}
     if sorted(by_id) != list(range(size)):
-        raise HyperofaError(f"source tokenizer ids are not contiguous 0..{size - 1}; cannot append after them")
+        raise HyperofaError(
+            f"source tokenizer ids are not contiguous 0..{size - 1}; extending it would move source ids"
+        )
     return _Source(tokenizer, data, family, [by_id[i] for i in range(size)], list(data.get("added_tokens") or []))
 
 
@@ -315,46 +323,105 @@ def _pua(index: int) -> str:
     raise HyperofaError("the corpus sample uses more source tokens than there are private-use characters")
 
 
+def sentencepiece_bpe(tokenizer: Tokenizer) -> bool:
+    """A BPE model in SentencePiece form (Llama 2, Mistral): words are marked by "▁", not split by a pre-tokenizer,
+    and an unknown character may fall back to its UTF-8 byte tokens."""
+    data = json.loads(tokenizer.to_str())
+    return data["model"].get("type") == "BPE" and _sentencepiece_form(data)
+
+
+def _sentencepiece_form(data: dict[str, Any]) -> bool:
+    return bool(data["model"].get("byte_fallback")) or bool(
+        {"Metaspace", "Prepend"} & (_types(data.get("pre_tokenizer")) | _types(data.get("normalizer")))
+    )
+
+
+def _types(node: Any) -> set[str]:
+    if isinstance(node, dict):
+        own = {node["type"]} if isinstance(node.get("type"), str) else set()
+        return own.union(*(_types(v) for v in node.values()))
+    if isinstance(node, list):
+        return set().union(*(_types(v) for v in node))
+    return set()
+
+
+def _is_byte_token(value: str) -> bool:
+    """`<0xE1>`: one UTF-8 byte of a character a byte-fallback vocabulary lacks."""
+    return len(value) == 6 and value.startswith("<0x") and value.endswith(">")
+
+
+# Cuts a SentencePiece-style word run before every "▁" (training statistics only).
+_SP_WORDS = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="never", split=True)
+
+
 def _source_words(src: _Source, texts: Iterable[str]) -> Iterable[list[str]]:
-    """Each sentence as the source's pre-tokenized words (after its normalizer), as the BPE model sees them."""
+    """Each sentence as the source's pre-tokenized words (after its normalizer), as the BPE model sees them.
+
+    A SentencePiece-style BPE sees a whole line (no pre-tokenizer, or Metaspace without splitting); its source
+    merges never cross a "▁", and new ones must not either, so the words are cut before every "▁" here.
+    """
     normalizer, pre = src.tokenizer.normalizer, src.tokenizer.pre_tokenizer
+    cut = src.family == "bpe" and _sentencepiece_form(src.data)
     for text in texts:
         if normalizer is not None:
             text = normalizer.normalize_str(text)
-        yield [w for w, _ in pre.pre_tokenize_str(text)] if pre is not None else text.split()
+        words = [w for w, _ in pre.pre_tokenize_str(text)] if pre is not None else text.split()
+        if cut:
+            words = [piece for w in words for piece, _ in _SP_WORDS.pre_tokenize_str(w)]
+        yield words
 
 
 def _extend_bpe(src, texts, wanted, size, min_frequency, show_progress) -> tuple[Extension, bool]:
+    """Continued BPE (module doc). With byte fallback (Llama 2), a character the source vocabulary lacks reaches the
+    model as its byte tokens; a merge of byte tokens would make a piece named `<0xE1><0x88>` that decodes as that
+    text, so each run of byte tokens is turned back into its characters, which become new single-character
+    entries (frequent ones first, no merge needed) that learned merges then build on."""
     source_model = src.data["model"]
     prefix = source_model.get("continuing_subword_prefix") or ""
     unk = source_model.get("unk_token")
+    byte_fallback = bool(source_model.get("byte_fallback"))
     model_ = src.tokenizer.model
     encoded: dict[str, str] = {}
-    char_of: dict[int, str] = {}
+    char_of: dict[str, str] = {}  # source token or new character -> its private-use character
     token_of_char: dict[str, str] = {}
+    new_chars_of: dict[str, list[str]] = {}  # word -> characters it spells with byte tokens
+    char_counts: dict[str, int] = {}
+
+    def code(text: str) -> str:
+        char = char_of.get(text)
+        if char is None:
+            char = char_of[text] = _pua(len(char_of))
+            token_of_char[char] = text
+        return char
 
     def encode_word(word: str) -> str:
         # A source <unk> cannot be merged with its neighbours: it becomes a word break.
-        out = []
-        for token in model_.tokenize(word):
-            if unk is not None and token.value == unk:
-                out.append(" ")
+        out, raw, chars = [], bytearray(), []
+        for token in model_.tokenize(word) + [None]:
+            if token is not None and byte_fallback and _is_byte_token(token.value):
+                raw.append(int(token.value[3:5], 16))
                 continue
-            char = char_of.get(token.id)
-            if char is None:
-                char = char_of[token.id] = _pua(len(char_of))
-                token_of_char[char] = token.value
-            out.append(char)
+            if raw:  # the bytes of one or more whole characters: tokenize cuts at character boundaries
+                chars.extend(raw.decode("utf-8"))
+                out.extend(code(c) for c in raw.decode("utf-8"))
+                raw = bytearray()
+            if token is None:
+                break
+            out.append(" " if unk is not None and token.value == unk else code(token.value))
+        if chars:
+            new_chars_of[word] = chars
         return "".join(out)
 
     def mapped() -> Iterable[str]:
         for words in _source_words(src, texts):
             parts = []
             for word in words:
-                code = encoded.get(word)
-                if code is None:
-                    code = encoded[word] = encode_word(word)
-                parts.append(code)
+                code_ = encoded.get(word)
+                if code_ is None:
+                    code_ = encoded[word] = encode_word(word)
+                for c in new_chars_of.get(word, ()):
+                    char_counts[c] = char_counts.get(c, 0) + 1
+                parts.append(code_)
             yield " ".join(parts)
 
     # The trainer's vocab_size counts its alphabet (the source tokens the sample uses, at most all of them) too:
@@ -369,9 +436,9 @@ def _extend_bpe(src, texts, wanted, size, min_frequency, show_progress) -> tuple
     learned_merges = json.loads(learner.to_str())["model"]["merges"]
     exhausted = learner.get_vocab_size() < wanted_vocab
 
-    def decode(code: str) -> str:
-        text = token_of_char[code[0]]
-        for char in code[1:]:
+    def decode(code_: str) -> str:
+        text = token_of_char[code_[0]]
+        for char in code_[1:]:
             text = _bpe_join(text, token_of_char[char], prefix)
         return text
 
@@ -380,10 +447,19 @@ def _extend_bpe(src, texts, wanted, size, min_frequency, show_progress) -> tuple
     merges = [list(m) if isinstance(m, list) else m.split(" ") for m in model["merges"]]
     have = {tuple(m) for m in merges}
     new_pieces: list[str] = []
+    # New characters first, most frequent first: without them a script stays bytes. A character in the vocabulary
+    # is a symbol of its own (no merge makes it), and it changes no other word's segmentation: the source never
+    # merges byte tokens.
+    for char, count in sorted(char_counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        if count >= min_frequency and char not in vocab and len(new_pieces) < wanted:
+            vocab[char] = len(vocab)
+            new_pieces.append(char)
     new_merges = 0
     for pair in learned_merges:
         left, right = pair if isinstance(pair, list) else pair.split(" ")
         a, b = decode(left), decode(right)
+        if a not in vocab or b not in vocab:
+            continue  # builds on a rare character that was not added
         joined = _bpe_join(a, b, prefix)
         if joined not in vocab:
             if len(new_pieces) >= wanted:
@@ -584,6 +660,7 @@ __all__ = [
     "model_family",
     "pieces_per_word",
     "pieces_used",
+    "sentencepiece_bpe",
     "special_added_tokens",
     "train",
     "unk_rate",

@@ -20,7 +20,17 @@ from ..formats.corpus import discover
 from ..formats.rundir import Stage
 from ..formats.tokenizer import STAGE, file_settings, source_tokenizer
 from ..runtime.stage import StageShell
-from .build import build_target, describe, read_sample, save_hf, source_fingerprint, special_roles, verify_hf
+from .build import (
+    build_target,
+    check_ids_kept,
+    describe,
+    refuse_train_bpe,
+    read_sample,
+    save_hf,
+    source_fingerprint,
+    special_roles,
+    verify_hf,
+)
 
 SAMPLE_FILE = ".sample.txt"
 
@@ -38,6 +48,10 @@ def _swap_into_place(built: Path, final: Path) -> None:
 def run(config: Config, tracker: Any) -> int:
     sources = discover(config.corpus)
     source = source_tokenizer(config)
+    if config.tokenizer.mode == "extend":
+        check_ids_kept(source, config.source.tokenizer or config.source.model)
+    elif config.tokenizer.model_type == "bpe":
+        refuse_train_bpe(source, "source.tokenizer" if config.source.tokenizer else "source.model")
     config.run_dir.mkdir(parents=True, exist_ok=True)
     build = config.run_dir / f".{STAGE}.build-{socket.gethostname()}-{os.getpid()}"
     if build.exists():
