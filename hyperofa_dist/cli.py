@@ -87,10 +87,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                 overrides.append(f"{section}.{flag}={getattr(args, flag)}")
         overrides += _flag_overrides(entry, args) if entry else []
         config_file = args.config
-        if config_file is None and args.command == "demo":
-            from .config import DEMO_CONFIG
+        if config_file is None:
+            from .config import DEFAULT_CONFIGS
 
-            config_file = DEMO_CONFIG
+            config_file = DEFAULT_CONFIGS.get(args.command)
         config = load_config(config_file, overrides)
         if args.command == "bench":
             if args.bench is None:

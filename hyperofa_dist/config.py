@@ -18,6 +18,8 @@ from .errors import HyperofaError
 
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
 DEMO_CONFIG = PACKAGED_CONFIGS / "demo.yaml"
+DEMO_CAUSAL_CONFIG = PACKAGED_CONFIGS / "demo-causal.yaml"
+DEFAULT_CONFIGS = {"demo": DEMO_CONFIG, "demo-causal": DEMO_CAUSAL_CONFIG}  # commands that run without --config
 LANG_CODE = re.compile(r"^[a-z]{2,3}_[A-Z][a-z]{3}$")
 
 

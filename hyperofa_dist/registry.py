@@ -92,6 +92,10 @@ COMMANDS: tuple[Command, ...] = (
         "demo", "the whole pipeline on a generated world, on this machine (configs/demo.yaml)",
         "hyperofa_dist.pipeline:run_demo", is_stage=False,
     ),
+    Command(
+        "demo-causal", "the demo with a causal source (a tiny Llama; configs/demo-causal.yaml): bits per byte per method",
+        "hyperofa_dist.pipeline:run_demo_causal", is_stage=False,
+    ),
 )
 
 # `hyperofa bench <name>`: one JSON line with the figure and its baseline measured in the same run.
