@@ -25,6 +25,7 @@ from ..formats.models import load_source, model_files, save_model_dir, source_id
 from ..formats.tokenizer import load_tokenizer, target_tokenizer_dir, tokenizer_fingerprint
 from ..runtime.device import resolve_device
 from ..runtime.stage import StageShell
+from ..tracking import METHOD_TAG, STAGE_TAG, STEP_TAG, registered_model_name
 from . import assemble as asm
 from .export import build_expanded_model, merge_copy_pairs, special_token_pairs
 from .ofa import ofa_for_tokens
@@ -110,7 +111,8 @@ def run(config: Config, tracker: Any) -> int:
     }
     if method == "hyperofa":
         inputs["hypernet"] = hypernet_stage(run_dir).require().get("outputs")
-    with StageShell.open(config, tracker, "init", stage, inputs, run_name=f"init-{method}") as shell:
+    with StageShell.open(config, tracker, "init", stage, inputs, run_name=f"init/{method}",
+                         tags={METHOD_TAG: method}) as shell:
         if shell.up_to_date:
             return 0
         t = shell.run
@@ -208,7 +210,9 @@ def run(config: Config, tracker: Any) -> int:
             metrics["heldout_cosine"] = quality[method]
         metrics.update({"seconds/load": load_s, "seconds/assemble": assemble_s, "seconds/export": export_s})
         t.log_metrics(metrics)
-        t.set_tags({"init.method": method, "init.family": info.family})
+        t.set_tags({"init.family": info.family})
+        t.log_model(model_dir, registered_model_name(config.tracking.experiment, method),
+                    {STAGE_TAG: "init", METHOD_TAG: method, STEP_TAG: 0})
         t.log_artifact(stage.path / out_format.PROVENANCE_COUNTS)
         t.log_artifact(stage.path / out_format.QUALITY)
     shell.say(f"{method}: {overall} -> {model_dir}" + (f"; held-out cosine {quality}" if quality else ""))
