@@ -78,7 +78,7 @@ COMMANDS: tuple[Command, ...] = (
         ),
     ),
     Command(
-        "compare", "table and loss/metric-vs-step plots of MLflow runs by init method",
+        "compare", "tables and loss/metric-vs-step plots of MLflow runs, one curve per init method (and pipeline)",
         "hyperofa_dist.compare.stage:run", is_stage=False,
         flags=(
             Flag("--experiment", "compare.experiment", False, "MLflow experiment whose runs to compare"),
