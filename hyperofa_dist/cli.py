@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_args(p)
         p.add_argument("--corpus", help="use this corpus directory instead of a generated one")
         p.add_argument("--workdir", help="keep the benchmark's files here (default: a temporary directory)")
+        if entry.dry_run:
+            p.add_argument("--dry-run", action="store_true", help="toy shape: checks the bench end to end, in seconds")
     return parser
 
 

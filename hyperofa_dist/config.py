@@ -55,6 +55,11 @@ class TrackingConfig(Section):
         None, description="MLflow tracking URI; unset means sqlite:///<run.dir>/mlflow.db."
     )
     experiment: str = Execution("hyperofa", min_length=1, description="MLflow experiment name.")
+    log_models: Literal["link", "copy", "none"] = Execution(
+        "link",
+        description="Exported models as run artifacts + registered versions: link (hard links into a local store, "
+        "no second copy; uploads to a server), copy (always a copy), none (only a hyperofa.model_dir tag).",
+    )
 
 
 class RayConfig(Section):
@@ -242,7 +247,9 @@ class PretrainConfig(LaunchConfig):
     num_workers: int = Field(2, ge=0, description="DataLoader worker processes per rank.")
     prefetch_factor: int = Execution(4, ge=1, description="Batches each loader worker prepares ahead.")
     save_every: int = Field(1000, ge=1, description="Checkpoint (all ranks) every N steps; also the data epoch.")
-    eval_every: int = Execution(500, ge=1, description="Held-out MLM loss per language every N steps (and at the end).")
+    eval_every: int = Execution(
+        500, ge=1, description="Held-out MLM loss per language at step 0, every N steps and at the end."
+    )
     eval_blocks: int = Field(64, ge=1, description="Held-out blocks per language per evaluation.")
     log_every: int = Execution(10, ge=1, description="Metrics to MLflow every N steps.")
     embedding_warmup_steps: int = Field(
@@ -389,7 +396,9 @@ class CompareConfig(Section):
         min_length=1,
         description="Metric name patterns (fnmatch) for the table and plots.",
     )
-    loss_metric: str = Field("train/loss", min_length=1, description="Training-loss metric: one curve per run.")
+    loss_metric: str = Field(
+        "train/loss", min_length=1, description="Training-loss metric: one curve per method; steps to random's final loss."
+    )
     output_dir: Optional[str] = Execution(
         None, description="Where table.md/.csv and PNGs go; unset: <run.dir>/compare/<experiment or runs>."
     )

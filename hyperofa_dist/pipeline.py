@@ -3,13 +3,16 @@
 tokenizer -> prepare -> vectors (when `vectors.path` is unset) -> mapping -> hypernet (when hyperofa is among
 the methods) -> for each method: init, evaluate at step 0, pretrain, evaluate after pretraining -> compare.
 Each stage decides for itself whether its manifest matches its inputs and returns at once when it does, so a
-second run of a finished pipeline only checks fingerprints. The stages get variants of the one config tree
-(e.g. `init.method=ofa`), built and validated the same way as command-line overrides.
+second run of a finished pipeline only checks fingerprints and adds nothing to MLflow but its parent run (tagged
+`hyperofa.reused` with the stages it found up to date). The stages get variants of the one config tree (e.g.
+`init.method=ofa`), built and validated the same way as command-line overrides; each names its own MLflow run
+(`init/ofa`, `pretrain/ofa`, `evaluate/ofa@60`), and the step labels printed here are those names.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -81,7 +84,7 @@ def _evaluate(config: Config, method: str, source: str, step: int) -> Step:
         "evaluate.step": step,
         "evaluate.init_method": method,
     }
-    return Step(f"evaluate/{source}-{method}", command("evaluate"), config.with_changes(changes))
+    return Step(f"evaluate/{method}@{step}", command("evaluate"), config.with_changes(changes))
 
 
 def run_pipeline(config: Config, tracker) -> int:
@@ -95,11 +98,17 @@ def run_pipeline(config: Config, tracker) -> int:
         timings[step.label] = round(time.perf_counter() - t0, 2)
         if code:
             raise HyperofaError(f"stage {step.label} failed (exit {code}); fix it and run the pipeline again to resume")
-    tracker.log_metrics({f"pipeline/{k}_s": v for k, v in timings.items()} | {"pipeline/total_s": time.perf_counter() - started})
+    tracker.log_metrics({_metric_name(f"pipeline/{k}_s"): v for k, v in timings.items()}
+                        | {"pipeline/total_s": time.perf_counter() - started})
     table = results_table(config)
     write_results(config, table)
     print_summary(config, table, time.perf_counter() - started)
     return 0
+
+
+def _metric_name(text: str) -> str:
+    """MLflow metric names allow letters, digits, `_-. /:` only (`evaluate/ofa@60` -> `evaluate/ofa_at_60`)."""
+    return re.sub(r"[^/\w.\- :]", "_", text.replace("@", "_at_"))
 
 
 # --- the comparison the user reads first ------------------------------------------------------------------------
@@ -172,6 +181,10 @@ def print_summary(config: Config, rows: list[dict[str, Any]], seconds: float) ->
     for method in config.pipeline.methods:
         final = pretrain_format.model_dir(run_dir, method)
         print(f"model {method:9s} {final if final.is_dir() else init_format.model_dir(run_dir, method)}")
+    if config.tracking.enabled and config.pipeline.compare:
+        from .compare.stage import output_dir_of
+
+        print(f"compare:        {output_dir_of(config)} (training_loss.png, eval_loss.png, table.md, summary.md, ...)")
     print(f"MLflow store:   {uri}  (mlflow ui --backend-store-uri {uri})")
 
 

@@ -32,6 +32,7 @@ class Command:
     launch_section: Optional[str] = None  # DeepSpeed jobs: --hostfile/--num_nodes/--launcher -> <section>.<flag>
     flags: tuple[Flag, ...] = ()
     is_stage: bool = True  # writes <run.dir>/<name>/ with a manifest (pipeline, demo, compare do not)
+    dry_run: bool = False  # a bench with `--dry-run`: a toy shape that checks it runs end to end (CI)
 
     def load(self) -> Callable:
         return resolve(self.target)
@@ -77,7 +78,7 @@ COMMANDS: tuple[Command, ...] = (
         ),
     ),
     Command(
-        "compare", "table and loss/metric-vs-step plots of MLflow runs by init method",
+        "compare", "tables and loss/metric-vs-step plots of MLflow runs, one curve per init method (and pipeline)",
         "hyperofa_dist.compare.stage:run", is_stage=False,
         flags=(
             Flag("--experiment", "compare.experiment", False, "MLflow experiment whose runs to compare"),
@@ -109,6 +110,10 @@ BENCHES: tuple[Command, ...] = (
         "hyperofa_dist.bench.causal_loss:run",
     ),
     Command("hypernet", "DeepSpeed 1 and 2 ranks vs a plain PyTorch loop (samples/s)", "hyperofa_dist.bench.hypernet:run"),
+    Command(
+        "pretrain-sweep", "pretraining step per lever (padding, SDPA, fused AdamW, syncs, ZeRO, micro-batch) and phase",
+        "hyperofa_dist.bench.sweep:run", dry_run=True,
+    ),
     Command(
         "context", "hypernet context rule: lowest word indices vs a fixed per-token sample (cosine, new-token loss)",
         "hyperofa_dist.bench.context:run",

@@ -66,7 +66,8 @@ def test_results_json_mlflow_and_rerun(run_dir, capsys):
     client = MlflowClient(default_tracking_uri(run_dir / "run"))
     experiment = client.get_experiment_by_name("hyperofa")
     (run,) = client.search_runs([experiment.experiment_id], "tags.`hyperofa.stage` = 'evaluate'")
-    assert run.data.tags["init.method"] == "random"
+    assert run.data.tags["init.method"] == "random" and run.data.tags["hyperofa.step"] == "500"
+    assert run.info.run_name == "evaluate/random@500"
     assert run.data.metrics["srt.average.top10"] == pytest.approx(results["srt"]["average"]["top10"])
     assert run.data.metrics["mlm.qac_Latn.loss"] == pytest.approx(results["mlm"]["qac_Latn"]["loss"])
     history = client.get_metric_history(run.info.run_id, "srt.average.top10")

@@ -40,8 +40,8 @@ def runs(tmp_path_factory, hypernet_kit):
     root = tmp_path_factory.mktemp("hypernet_job")
     whole = hypernet_kit.mapping(root / "whole", **SIZES)
     split = hypernet_kit.mapping(root / "split", **SIZES)
-    common = (f"hypernet.epochs={EPOCHS}", "hypernet.ranks_per_node=2")
-    whole_args = small_overrides(whole, *common, "hypernet.data_audit=true", "tracking.enabled=true")
+    common = (f"hypernet.epochs={EPOCHS}", "hypernet.ranks_per_node=2", "tracking.enabled=true")
+    whole_args = small_overrides(whole, *common, "hypernet.data_audit=true")
     hyperofa("hypernet", *whole_args)
     stopped = hyperofa("hypernet", *small_overrides(split, *common, f"hypernet.stop_after_epoch={STOP_AFTER}"))
     stopped_metrics = metrics(split.run_dir)
@@ -116,12 +116,25 @@ def test_stage_run_is_logged_under_the_commands_parent_run(runs):
     found = client.search_runs([exp.experiment_id])
     parents = [r for r in found if r.data.tags.get("hyperofa.command") == "hypernet"]
     stages = [r for r in found if r.data.tags.get("hyperofa.stage") == "hypernet"]
-    assert len(parents) == 1 and len(stages) == 1
+    assert len(parents) == 1 and len(stages) == 1 and len(found) == 2  # the job's rank 0 opened no run of its own
+    assert stages[0].info.run_name == "hypernet" and stages[0].info.status == "FINISHED"
     assert stages[0].data.tags["mlflow.parentRunId"] == parents[0].info.run_id
     history = client.get_metric_history(stages[0].info.run_id, "val_cosine")
     assert sorted(m.step for m in history) == list(range(EPOCHS))
     assert stages[0].data.params["trainable_params"] != ""
     assert "test_mean_cosine" in stages[0].data.metrics
+
+
+def test_resumed_job_continues_the_stopped_run(runs):
+    """Stopped after epoch 1, then resumed: one `hypernet` run with every epoch, marked as resumed once."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{runs['split'].run_dir / 'mlflow.db'}")
+    found = client.search_runs([client.get_experiment_by_name("hyperofa").experiment_id])
+    stages = [r for r in found if r.data.tags.get("hyperofa.stage") == "hypernet"]
+    assert len(stages) == 1 and stages[0].data.tags["hyperofa.resumed"] == "1"
+    history = client.get_metric_history(stages[0].info.run_id, "val_cosine")
+    assert sorted(m.step for m in history) == list(range(EPOCHS))
 
 
 def test_rerun_with_same_inputs_is_a_no_op(runs, capsys):

@@ -20,14 +20,18 @@ def run_init(w, *extra):
     return main(["init", *w.overrides(*extra)])
 
 
-def mlflow_metrics(run_dir, run_name):
+def mlflow_run(run_dir, run_name):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
     exp = client.get_experiment_by_name("hyperofa")
     runs = client.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{run_name}'")
     assert len(runs) == 1
-    return runs[0].data.metrics
+    return runs[0]
+
+
+def mlflow_metrics(run_dir, run_name):
+    return mlflow_run(run_dir, run_name).data.metrics
 
 
 @pytest.mark.slow
@@ -47,9 +51,12 @@ def test_ofa_and_hyperofa_stage_outputs_and_mlflow(xlmr, init_worlds, capsys):
     assert {"qab", "qad"} <= set(counts["by_language"]) and {"Latn", "Cyrl", "Grek"} <= set(counts["by_script"])
     assert manifest["padded_rows"][0] == v_t and manifest["padded_rows"][1] % 64 == 0
     assert {o["path"] for o in manifest["outputs"]} >= {"F_t.npy", "model/config.json", "model/tokenizer.json"}
-    metrics = mlflow_metrics(w.run_dir, "init-ofa")
+    metrics = mlflow_metrics(w.run_dir, "init/ofa")
     assert metrics["provenance/total"] == v_t and metrics["provenance/ofa"] == manifest["counts"]["provenance_ofa"]
     assert "heldout_cosine/ofa" in metrics and metrics["heldout_cosine"] == metrics["heldout_cosine/ofa"]
+    tags = mlflow_run(w.run_dir, "init/ofa").data.tags  # the expanded model: a registered version of hyperofa-ofa
+    assert tags["init.method"] == "ofa" and tags["hyperofa.stage"] == "init"
+    assert tags["hyperofa.model_version"] == "hyperofa-ofa/1" and tags["hyperofa.model_dir"] == str(out / "model")
     # re-running with the same inputs does nothing
     before = (out / "manifest.json").read_bytes()
     assert run_init(w, "init.method=ofa", "init.pad_to_multiple_of=64") == 0
@@ -72,7 +79,7 @@ def test_ofa_and_hyperofa_stage_outputs_and_mlflow(xlmr, init_worlds, capsys):
     quality = json.loads((hyper / "quality.json").read_text())["heldout_cosine"]
     assert quality["hyperofa"] == pytest.approx(1.0)
     assert quality["ofa"] == json.loads((out / "quality.json").read_text())["heldout_cosine"]["ofa"]
-    assert mlflow_metrics(w.run_dir, "init-hyperofa")["heldout_cosine"] == pytest.approx(1.0)
+    assert mlflow_metrics(w.run_dir, "init/hyperofa")["heldout_cosine"] == pytest.approx(1.0)
 
 
 def _error_case(w, capsys, *extra):

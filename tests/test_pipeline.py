@@ -1,13 +1,15 @@
 """The pipeline end to end: a real `mlflow server`, a SIGKILLed DeepSpeed rank, an unreachable tracking server.
 
-One small generated world (hyperofa_dist.synthetic.demo) is shared by the module; both pipeline runs use the same run
-directory, so the second finds tokenizer, prepare, vectors and mapping up to date and only adds its own method.
+One small generated world (hyperofa_dist.synthetic.demo) is shared by the module; the pipeline runs use the same run
+directory: the first (random and ofa, into a real server) is run twice to check that a re-run adds only its parent
+run; the killed-rank test then finds tokenizer, prepare, vectors, mapping and init/ofa up to date and retrains ofa.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -58,13 +60,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def rest(base: str, path: str, body: dict | None = None) -> dict:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(f"{base}{path}", data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.loads(response.read() or b"{}")
-
-
 @pytest.fixture
 def mlflow_server(tmp_path):
     port = free_port()
@@ -91,49 +86,113 @@ def mlflow_server(tmp_path):
     proc.wait(timeout=30)
 
 
-def test_pipeline_against_a_real_mlflow_server(world, mlflow_server):
+METHODS = ("random", "ofa")
+STEPS = 4
+
+
+def experiment_runs(client, name: str) -> list:
+    experiment = client.get_experiment_by_name(name)
+    return client.search_runs([experiment.experiment_id], max_results=1000)
+
+
+def test_pipeline_against_a_real_mlflow_server(world, mlflow_server, tmp_path):
+    """Two methods through the whole pipeline into a real server, then the same pipeline again. Checked through the
+    MLflow client: run names and tags, one pretraining run per method, the compare data, the logged models, and
+    that the re-run adds exactly one run (its parent, naming the reused stages)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    from hyperofa_dist.compare import core
+    from hyperofa_dist.compare.stage import load_runs
+    from hyperofa_dist.tracking import open_store, pipeline_id
+
     run_dir, paths = world
     cmd = pipeline_cmd(run_dir, paths, f"tracking.tracking_uri={mlflow_server}", "tracking.experiment=drill",
-                       "pipeline.methods=[random]", "pretrain.steps=4", "pretrain.save_every=2", "pretrain.eval_every=2")
+                       f"pipeline.methods=[{','.join(METHODS)}]", f"pretrain.steps={STEPS}", "pretrain.save_every=2",
+                       "pretrain.eval_every=2")
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "| random |" in out.stdout and "MLflow store:   http://127.0.0.1" in out.stdout
+    assert "| random |" in out.stdout and "| ofa |" in out.stdout and "MLflow store:   http://127.0.0.1" in out.stdout
     assert "[INFO]" not in out.stdout and "[INFO]" in out.stderr  # DeepSpeed's rank logs stay off stdout
 
-    experiment = rest(mlflow_server, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=drill")["experiment"]
-    runs = rest(mlflow_server, "/api/2.0/mlflow/runs/search", {"experiment_ids": [experiment["experiment_id"]], "max_results": 500})["runs"]
-    tags = {r["info"]["run_id"]: {t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs}
-    parents = [rid for rid, t in tags.items() if t.get("hyperofa.command") == "pipeline"]
-    assert len(parents) == 1
-    parent = parents[0]
-    children = {rid: t.get("hyperofa.stage", t.get("mlflow.runName")) for rid, t in tags.items()
-                if t.get("mlflow.parentRunId") == parent}
-    stages = set(children.values())
-    for expected in ("tokenizer", "prepare", "vectors", "mapping", "compare"):
-        assert expected in stages, (expected, stages)
-    assert any(s and s.startswith("pretrain") for s in stages) and any(s and s.startswith("evaluate") for s in stages)
-    by_id = {r["info"]["run_id"]: r for r in runs}
-    metrics = {rid: {m["key"] for m in by_id[rid]["data"].get("metrics", [])} for rid in children}
-    prepare_run = next(rid for rid, s in children.items() if s == "prepare")
-    assert any(k.startswith("total/") for k in metrics[prepare_run])
-    evaluated = [rid for rid, s in children.items() if s and s.startswith("evaluate")]
-    assert any(any(k.startswith("srt") for k in metrics[rid]) for rid in evaluated)
-    # the pretrain job's own run (rank 0 inside the DeepSpeed launch) logged a training loss somewhere below the parent
-    all_metric_keys = {m["key"] for r in runs for m in r["data"].get("metrics", [])}
-    assert "train/loss" in all_metric_keys
-    compare_run = next(rid for rid, s in children.items() if s == "compare")
-    listed = rest(mlflow_server, f"/api/2.0/mlflow/artifacts/list?run_id={compare_run}")
-    files = [f["path"] for f in listed.get("files", [])]
-    nested = [f["path"] for d in listed.get("files", []) if d.get("is_dir")
-              for f in rest(mlflow_server, f"/api/2.0/mlflow/artifacts/list?run_id={compare_run}&path={d['path']}").get("files", [])]
-    pngs = [p for p in files + nested if p.endswith(".png")]
-    assert pngs, files + nested
+    client = MlflowClient(mlflow_server, registry_uri=mlflow_server)
+    runs = experiment_runs(client, "drill")
+    by_name = {}
+    for run in runs:
+        by_name.setdefault(run.info.run_name, []).append(run)
+    expected = {"pipeline", "tokenizer", "prepare", "vectors", "mapping", "compare"}
+    for m in METHODS:
+        expected |= {f"init/{m}", f"evaluate/{m}@0", f"pretrain/{m}", f"evaluate/{m}@{STEPS}"}
+    assert sorted(by_name) == sorted(expected) and all(len(v) == 1 for v in by_name.values()), sorted(by_name)
+    (parent,) = by_name["pipeline"]
+    assert parent.data.tags["hyperofa.command"] == "pipeline"
+    assert {r.data.tags["hyperofa.pipeline"] for r in runs} == {pipeline_id(run_dir)}
+    for name, (run,) in by_name.items():
+        tags = run.data.tags
+        if name != "pipeline":
+            assert tags["mlflow.parentRunId"] == parent.info.run_id and tags["hyperofa.stage"] == name.split("/")[0]
+        if "/" in name:  # the method named in the run name is its init.method tag
+            assert tags["init.method"] == name.split("/")[1].split("@")[0], name
+        if name.startswith("evaluate/"):
+            assert tags["hyperofa.step"] == name.split("@")[1]
+    prepare_run = by_name["prepare"][0]
+    assert any(k.startswith("total/") for k in prepare_run.data.metrics)
+    assert any(k.startswith("srt") for k in by_name[f"evaluate/ofa@{STEPS}"][0].data.metrics)
+
+    # Exactly one pretraining run per method, holding the job's curves (rank 0 logged into it).
+    pretraining = [r for r in runs if r.data.tags.get("hyperofa.stage") == "pretrain"]
+    assert sorted(r.data.tags["init.method"] for r in pretraining) == sorted(METHODS)
+    history = {r.data.tags["init.method"]: client.get_metric_history(r.info.run_id, "train/loss") for r in pretraining}
+    assert all(len(h) == STEPS // 2 for h in history.values())  # log_every=2
+    assert all(len(client.get_metric_history(r.info.run_id, "eval/loss")) == 3 for r in pretraining)  # 0, 2, 4
+
+    # The compare core on the server's runs: one training-loss series per method with the logged points; the
+    # table written by the pipeline has one row per (method, evaluated step).
+    kept, _ = load_runs(open_store(mlflow_server), ["train/loss", "eval/loss", "*average*"], "drill")
+    result = core.compare(kept, ["train/loss", "eval/loss", "*average*"])
+    _, drawn = core.render(result.figures["training_loss.png"], core.styles(result.series))
+    assert sorted(drawn) == sorted(METHODS)
+    for method, (steps, values) in drawn.items():
+        assert steps == [float(m.step) for m in sorted(history[method], key=lambda m: m.step)]
+        assert values == [m.value for m in sorted(history[method], key=lambda m: m.step)]
+    evaluated = {(r.data.tags["init.method"], int(r.data.tags["hyperofa.step"]))
+                 for r in runs if r.data.tags.get("hyperofa.stage") == "evaluate"}
+    evaluated |= {(m, s) for m in METHODS for s in (0, 2, 4)}  # the pretraining job's held-out evaluations
+    table = (run_dir / "compare" / "drill" / "table.csv").read_text().splitlines()
+    rows = [line.split(",") for line in table[1:]]
+    assert table[0].startswith("method,pipeline,step,train/loss,eval/loss,")
+    assert sorted((r[0], int(r[2])) for r in rows) == sorted(evaluated)
+    listed = [a.path for a in client.list_artifacts(by_name["compare"][0].info.run_id, "compare")]
+    assert "compare/training_loss.png" in listed and "compare/eval_loss.png" in listed
+
+    # Each method's exported model: the pretraining run's `model/` artifact and a registered version, loaded with
+    # the stock class from what MLflow hands back.
+    for run in pretraining:
+        method = run.data.tags["init.method"]
+        name, version = run.data.tags["hyperofa.model_version"].split("/")
+        assert name == f"drill-{method}"
+        registered = client.get_model_version(name, version)
+        assert registered.run_id == run.info.run_id and registered.tags["hyperofa.step"] == str(STEPS)
+        local = mlflow.artifacts.download_artifacts(client.get_model_version_download_uri(name, version),
+                                                    dst_path=str(tmp_path / method), tracking_uri=mlflow_server)
+        model = AutoModelForMaskedLM.from_pretrained(local)
+        assert len(AutoTokenizer.from_pretrained(local)) <= model.config.vocab_size
+
+    # The same pipeline again on the finished run directory: everything is up to date, one new run (the parent).
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    after = experiment_runs(client, "drill")
+    new = [r for r in after if r.info.run_id not in {x.info.run_id for x in runs}]
+    assert len(new) == 1 and new[0].info.run_name == "pipeline", [r.info.run_name for r in new]
+    reused = new[0].data.tags["hyperofa.reused"].split(", ")
+    assert sorted(reused) == sorted(expected - {"pipeline"})
 
 
-def _rank_pids(run_dir: Path) -> list[int]:
-    """Ranks of this run only: the machine may run other people's pretraining jobs, which must not be killed."""
-    out = subprocess.run(["pgrep", "-f", f"hyperofa_dist.pretrain.train --local_rank=[0-9]+ --job {run_dir}/"],
-                         capture_output=True, text=True)
+def _rank_pids(stage_dir: Path) -> list[int]:
+    """The ranks of this test's own job (its job file's path is unique): never a process of anyone else."""
+    pattern = f"hyperofa_dist[.]pretrain[.]train .*--job {stage_dir}/job[.]json"
+    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True)
     return [int(x) for x in out.stdout.split()]
 
 
@@ -142,13 +201,14 @@ def test_killed_rank_then_pipeline_again_resumes_and_completes(world):
     extra = ("tracking.enabled=false", "pipeline.methods=[ofa]", "pipeline.compare=false",
              "pretrain.steps=40", "pretrain.save_every=5", "pretrain.eval_every=40")
     stage_dir = run_dir / "pretrain" / "ofa"
+    shutil.rmtree(stage_dir, ignore_errors=True)  # the server test trained ofa for 4 steps; start this one afresh
     proc = subprocess.Popen(pipeline_cmd(run_dir, paths, *extra), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     deadline = time.time() + 900
     killed = False
     while time.time() < deadline and proc.poll() is None:
         if (stage_dir / "checkpoints" / "latest").is_file():
-            for pid in _rank_pids(run_dir)[-1:]:  # one rank, as a node failure would
+            for pid in _rank_pids(stage_dir)[-1:]:  # one rank, as a node failure would
                 os.kill(pid, signal.SIGKILL)
                 killed = True
             if killed:

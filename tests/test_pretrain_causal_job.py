@@ -129,8 +129,8 @@ def test_causal_pretraining_learns_warms_up_and_exports_a_stock_causal_lm(uninte
     assert sorted(losses) == [1, 2, 3, 4]
     assert losses[4] < losses[1]
     evals = [json.loads(line) for line in (stage_dir / "eval_log.jsonl").read_text().splitlines()]
-    assert [e["step"] for e in evals] == [2, 4] and len(evals[0]["loss"]) >= 4
-    assert sum(evals[1]["loss"].values()) < sum(evals[0]["loss"].values())
+    assert [e["step"] for e in evals] == [0, 2, 4] and len(evals[0]["loss"]) >= 4  # the starting model too
+    assert sum(evals[2]["loss"].values()) < sum(evals[0]["loss"].values())
     _check_warmup(stage_dir, causal_job_world["models"][family], family)
     _check_export(stage_dir, family)
     manifest = json.loads((stage_dir / "manifest.json").read_text())
@@ -139,16 +139,21 @@ def test_causal_pretraining_learns_warms_up_and_exports_a_stock_causal_lm(uninte
 
 
 def test_causal_run_is_tracked_in_mlflow(uninterrupted):
+    """A causal job follows the masked one's MLflow shape: one `pretrain/<method>` run holding rank 0's curves and
+    the stage's tags (the objective among them), the export as its artifact and a registered version."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{uninterrupted['llama'].parents[1] / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("hyperofa").experiment_id],
-                              filter_string="attributes.run_name = 'pretrain-train'")
-    assert len(runs) == 1
+    uri = f"sqlite:///{uninterrupted['llama'].parents[1] / 'mlflow.db'}"
+    client = MlflowClient(uri, registry_uri=uri)
+    every = client.search_runs([client.get_experiment_by_name("hyperofa").experiment_id])
+    assert sorted(r.info.run_name for r in every) == ["pretrain", "pretrain/hyperofa"]
+    (run,) = [r for r in every if r.info.run_name == "pretrain/hyperofa"]
+    assert run.data.tags["hyperofa.objective"] == "causal" and run.data.tags["init.method"] == "hyperofa"
     for key in ("train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_s", "eval/qaa_Latn/loss", "eval/loss"):
-        assert key in runs[0].data.metrics, key
-    stage = client.get_run(runs[0].data.tags["mlflow.parentRunId"])
-    assert stage.data.tags["hyperofa.objective"] == "causal"
+        assert key in run.data.metrics, key
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "eval/loss")) == [0, 2, 4]
+    assert "model/config.json" in [a.path for a in client.list_artifacts(run.info.run_id, "model")]
+    assert client.get_model_version("hyperofa-hyperofa", "1").tags["hyperofa.step"] == "4"
 
 
 @pytest.mark.parametrize("family", list(TEMPLATES))

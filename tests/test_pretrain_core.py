@@ -212,3 +212,27 @@ def test_resume_errors_before_launch(quick_world, tmp_path):
         run_pretrain_stage(_config(quick_world, tmp_path), NullTracker())
     with pytest.raises(HyperofaError, match="language_weights names languages without training shards"):
         run_pretrain_stage(_config(quick_world, tmp_path, "pretrain.language_weights={zzz_Latn: 1.0}"), NullTracker())
+
+
+def test_flop_model_equals_a_count_of_every_matmul_in_a_tiny_step():
+    """perf.py's 6 N + 12 L d T + 6 d V f against torch's FLOP counter over one forward and backward of a tiny
+    XLM-R with logits everywhere (f = 1): equal once N keeps only the matmul weights (biases and LayerNorms are
+    in perf's N, a 6-FLOP-per-parameter overcount that is 0.1% at XLM-R-base)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import XLMRobertaConfig, XLMRobertaForMaskedLM
+
+    vocab, d, layers, ff, seq, batch = 1000, 32, 2, 128, 16, 3
+    cfg = XLMRobertaConfig(vocab_size=vocab, hidden_size=d, num_hidden_layers=layers, num_attention_heads=2,
+                           intermediate_size=ff, max_position_embeddings=seq + 2, attn_implementation="eager")
+    torch.manual_seed(0)
+    model = XLMRobertaForMaskedLM(cfg)
+    ids = torch.randint(5, vocab, (batch, seq))
+    with FlopCounterMode(display=False) as counter:
+        model(input_ids=ids, labels=ids).loss.backward()
+    measured = counter.get_total_flops() / (batch * seq)
+    # By hand: per layer q, k, v, o (d x d each), the feed-forward pair (d x ff twice); the LM head's dense d x d.
+    n_matmul = layers * (4 * d * d + 2 * d * ff) + d * d
+    assert measured == flops_per_token(n_matmul, layers, d, seq, vocab, 1.0)
+    # perf's own N adds the non-matmul parameters: 2d per LayerNorm, every bias, the output bias of V rows.
+    n_other = 2 * d + layers * (4 * d + 2 * d + ff + d + 2 * d) + d + 2 * d + vocab
+    assert body_params(model) == n_matmul + n_other

@@ -131,8 +131,8 @@ def test_zero2_two_ranks_learn_on_disjoint_data_in_step(run_a, job_world):
     assert sorted(losses) == [1, 2, 3, 4, 5, 6]
     assert np.mean([losses[5], losses[6]]) < np.mean([losses[1], losses[2]]) - 0.02
     evals = [json.loads(line) for line in (run_a / "eval_log.jsonl").read_text().splitlines()]
-    assert [e["step"] for e in evals] == [3, 6] and len(evals[0]["loss"]) == 6
-    assert np.mean(list(evals[1]["loss"].values())) < np.mean(list(evals[0]["loss"].values()))
+    assert [e["step"] for e in evals] == [0, 3, 6] and len(evals[0]["loss"]) == 6  # the starting model too
+    assert np.mean(list(evals[2]["loss"].values())) < np.mean(list(evals[0]["loss"].values()))
     ranks = [json.loads((run_a / "ranks" / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["steps"] for r in ranks] == [6, 6] and [r["micro_steps"] for r in ranks] == [12, 12]
     seen = []
@@ -150,20 +150,29 @@ def test_zero2_two_ranks_learn_on_disjoint_data_in_step(run_a, job_world):
 
 
 def test_zero2_run_is_tracked_in_mlflow(run_a):
+    """One run per method holds the job's curves: the stage shell's `pretrain/<method>` run, which rank 0 attached to
+    (no nested run), under the command's parent run; the exported model is its `model/` artifact and a version of
+    the registered model `<experiment>-<method>`."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{run_a.parents[1] / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("hyperofa").experiment_id],
-                              filter_string="attributes.run_name = 'pretrain-train'")
-    assert len(runs) == 1
-    metrics = runs[0].data.metrics
+    uri = f"sqlite:///{run_a.parents[1] / 'mlflow.db'}"
+    client = MlflowClient(uri, registry_uri=uri)
+    every = client.search_runs([client.get_experiment_by_name("hyperofa").experiment_id])
+    assert sorted(r.info.run_name for r in every) == ["pretrain", "pretrain/hyperofa"]
+    (run,) = [r for r in every if r.info.run_name == "pretrain/hyperofa"]
+    assert run.data.tags["init.method"] == "hyperofa" and run.data.tags["hyperofa.stage"] == "pretrain"
+    metrics = run.data.metrics
     for key in ("train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_s", "perf/samples_per_s",
                 "perf/memory_gb", "eval/qaa_Latn/loss", "eval/loss"):
         assert key in metrics, key
-    history = client.get_metric_history(runs[0].info.run_id, "train/loss")
+    history = client.get_metric_history(run.info.run_id, "train/loss")
     assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6]
-    parent = client.get_run(runs[0].data.tags["mlflow.parentRunId"])
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "eval/loss")) == [0, 3, 6]
+    parent = client.get_run(run.data.tags["mlflow.parentRunId"])
     assert parent.info.run_name == "pretrain"
+    assert "model/config.json" in [a.path for a in client.list_artifacts(run.info.run_id, "model")]
+    version = client.get_model_version("hyperofa-hyperofa", "1")
+    assert version.run_id == run.info.run_id and version.tags["hyperofa.step"] == "6"
 
 
 def test_zero3_killed_then_resumed_repeats_the_uninterrupted_losses(run_a, job_world):

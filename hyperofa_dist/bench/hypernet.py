@@ -82,7 +82,7 @@ def _deepspeed(config: Config, out: Path, ranks: int) -> float:
     (out / RESULT).unlink(missing_ok=True)
     job = write_job(out, job_spec(config, out, build_ds_config(config, "cpu"), None))
     cmd = launch_command(config.hypernet, job, TARGET, ranks=ranks)
-    done = run_launcher(cmd, None, capture=True)
+    done = run_launcher(cmd, capture=True)
     if done.returncode != 0 or not (out / RESULT).is_file():
         tail = "\n".join(done.stdout.strip().splitlines()[-15:])
         print(tail, file=sys.stderr)

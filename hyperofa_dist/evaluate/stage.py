@@ -4,9 +4,11 @@ The model is an HF directory or a run stage (`init/hyperofa` -> `<run.dir>/init/
 sits in task sub-directories of `evaluate.data_dir`; the mlm task reads the held-out shards of `prepare`. The
 stage directory `<run.dir>/evaluate/<name>/` holds results.json and the manifest (inputs: the evaluate config,
 the model's and the data's fingerprints), so re-running the same evaluation is a no-op. Metrics go to MLflow as
-`<task>.<lang>.<metric>` and `<task>.average.<metric>` at step `evaluate.step`, tagged with `init.method` so
-`hyperofa compare` can group runs. `evaluate.languages` holds one code per language (`deu_Latn`); each task maps it
-to its data's own code (`languages.resolve`) and reports under the requested one.
+`<task>.<lang>.<metric>` and `<task>.average.<metric>` at step `evaluate.step`, in a run named
+`evaluate/<method>@<step>` (`evaluate/<name>@<step>` when the model's method is unknown) and tagged with
+`init.method` and `hyperofa.step`, so `hyperofa compare` can place it. `evaluate.languages` holds one code per
+language (`deu_Latn`); each task maps it to its data's own code (`languages.resolve`) and reports under the
+requested one.
 
 A causal LM (the model's config decides, `formats.models.model_kind`) is evaluated on srt/srb (mean-pooled text
 tokens, BOS left out), bpb (held-out bits per byte) and fertility (source vs the model's tokenizer on the held-out
@@ -28,12 +30,14 @@ from ..config import CAUSAL_TASKS, Config, flatten
 from ..errors import HyperofaError
 from ..formats import results as out_format
 from ..formats.files import sha256_file
-from ..formats.init import method_of
+from ..formats import init as init_format
+from ..formats import pretrain as pretrain_format
 from ..formats.models import CONFIG, load_model, model_fingerprint, read_model_config
 from ..formats.shards import first_blocks, heldout_shards, prepare_dir, shards_by_language
 from ..formats.tokenizer import ignored_settings, load_tokenizer
 from ..runtime.device import resolve_device
 from ..runtime.stage import StageShell
+from ..tracking import METHOD_TAG, STEP_TAG
 from . import mlm, retrieval, tagging
 from .languages import resolve
 from .model import check_model_vocabulary, check_vocabulary, hidden_state_index, resolve_model_dir
@@ -102,6 +106,11 @@ def default_name(model_dir: Path, run_dir: Path) -> str:
     if len(parts) > 1 and parts[-1] == "model":
         parts = parts[:-1]
     return re.sub(r"[^A-Za-z0-9._-]+", "_", "-".join(parts)) or "model"
+
+
+def run_name(method: Optional[str], name: str, step: int) -> str:
+    """`evaluate/<method>@<step>` (`evaluate/ofa@4000`); `evaluate/<name>@<step>` for a model of unknown method."""
+    return f"evaluate/{method or name}@{step}"
 
 
 def _files_fingerprint(root: Path) -> dict[str, str]:
@@ -338,20 +347,23 @@ def run(config: Config, tracker: Any) -> int:
     model_dir = resolve_model_dir(ev.model, config.run_dir)
     name = ev.name or default_name(model_dir, config.run_dir)
     stage = out_format.stage_of(config.run_dir, name)
-    method = ev.init_method or method_of(model_dir)
+    method = ev.init_method or init_format.method_of(model_dir) or pretrain_format.method_of(model_dir)
     _check_vocab_cheaply(model_dir)
     check_tasks(ev.tasks, model_kind_of(model_dir), model_dir)
     inputs = _inputs(config, model_dir)
     results_path = stage.path / out_format.RESULTS
     output = Path(ev.output).resolve() if ev.output else results_path
-    with StageShell.open(config, tracker, "evaluate", stage, inputs) as shell:
+    tags = {STEP_TAG: ev.step, "evaluate.name": name, "evaluate.model": str(model_dir)}
+    if method:
+        tags[METHOD_TAG] = method
+    with StageShell.open(config, tracker, "evaluate", stage, inputs, run_name=run_name(method, name, ev.step),
+                         tags=tags) as shell:
         if shell.up_to_date:
             if output != results_path:
                 out_format.write_results(output, out_format.read_results(results_path))
             return 0
         run_ = shell.run
         shell.begin()
-        run_.set_tags({"init.method": method or "unknown", "evaluate.name": name, "evaluate.model": str(model_dir)})
         results, skipped, extra = evaluate_model(config, model_dir)
         out_format.write_results(results_path, results)
         if output != results_path:

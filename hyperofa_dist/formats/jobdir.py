@@ -1,8 +1,9 @@
 """A DeepSpeed job's directory (the hypernet and pretrain stages): what the stage shell hands the ranks, and the
 checkpoints they leave.
 
-    job.json                      the effective config, resolved paths, the filled DeepSpeed config, the MLflow
-                                  parent run id: everything a rank needs (also for a launch by hand)
+    job.json                      the effective config, resolved paths, the filled DeepSpeed config, the id of
+                                  the stage's MLflow run (`run_id`, which rank 0 logs into): everything a rank
+                                  needs (also for a launch by hand)
     ds_config.json                the filled DeepSpeed config alone, for the reader
     checkpoints/latest            the tag of the newest complete checkpoint (DeepSpeed writes it last)
     checkpoints/<tag>/            DeepSpeed's files, plus
@@ -23,6 +24,7 @@ DS_CONFIG = "ds_config.json"
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 CLIENT_INFO = "hyperofa.json"
+RUN_ID = "run_id"  # the job-file key of the MLflow run rank 0 logs into
 
 
 def write_job(out: Path, job: dict[str, Any]) -> Path:
@@ -34,6 +36,17 @@ def write_job(out: Path, job: dict[str, Any]) -> Path:
 
 def read_job(path: str | Path) -> dict[str, Any]:
     return read_json(path, "job file")
+
+
+def previous_run_id(out: Path) -> Optional[str]:
+    """The MLflow run of the job this directory last ran (what a resumed job continues), or None."""
+    path = out / JOB
+    if not path.is_file():
+        return None
+    try:
+        return read_job(path).get(RUN_ID) or None
+    except HyperofaError:  # a damaged job file only means: start a fresh run
+        return None
 
 
 def checkpoint_dir(out: Path) -> Path:

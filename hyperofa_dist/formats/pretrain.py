@@ -45,6 +45,14 @@ def model_dir(run_dir: str | Path, method: str) -> Path:
     return stage_of(run_dir, method).path / MODEL
 
 
+def method_of(model_path: Path) -> str | None:
+    """`.../pretrain/<method>/model` (where this stage exports) names its method; any other path is unknown."""
+    parts = model_path.parts
+    if len(parts) >= 3 and parts[-1] == MODEL and parts[-3] == STAGE:
+        return parts[-2]
+    return None
+
+
 def append_line(path: Path, record: dict[str, Any]) -> None:
     with open(path, "a", encoding="utf-8") as handle:
         handle.write(json.dumps(record) + "\n")

@@ -15,7 +15,7 @@ from typing import Any
 from ..config import Config
 from ..errors import HyperofaError
 from ..formats import hypernet as out_format
-from ..formats.jobdir import DS_CONFIG, checkpoint_dir, has_checkpoint, write_job
+from ..formats.jobdir import DS_CONFIG, RUN_ID, checkpoint_dir, has_checkpoint, previous_run_id, write_job
 from ..formats.mapping import SPLIT, load_mapping
 from ..formats.vectors import configured_vectors_path
 from ..runtime.device import job_device_type, resolve_precision
@@ -40,8 +40,8 @@ def build_ds_config(config: Config, device: str) -> dict[str, Any]:
     return cfg
 
 
-def job_spec(config: Config, out: Path, ds_config: dict[str, Any], parent_run_id: Any) -> dict[str, Any]:
-    return {"config": config.effective(), "out_dir": str(out), "ds_config": ds_config, "parent_run_id": parent_run_id}
+def job_spec(config: Config, out: Path, ds_config: dict[str, Any], run_id: Any) -> dict[str, Any]:
+    return {"config": config.effective(), "out_dir": str(out), "ds_config": ds_config, RUN_ID: run_id}
 
 
 def run(config: Config, tracker: Any) -> int:
@@ -64,8 +64,10 @@ def run(config: Config, tracker: Any) -> int:
         "world_size": world,
         "ds_config": ds_config,
     }
-    # The job's rank 0 opens the stage's MLflow run itself (it logs every epoch); the shell adds none.
-    with StageShell.open(config, tracker, "hypernet", stage, inputs, tracked=False) as shell:
+    # The shell opens the stage's MLflow run; the job's rank 0 logs every epoch into it (its id is in job.json), and
+    # a resumed job continues the run of the interrupted one.
+    resume_run = previous_run_id(stage.path) if hp.resume else None
+    with StageShell.open(config, tracker, "hypernet", stage, inputs, resume_run_id=resume_run) as shell:
         if shell.up_to_date:
             return 0
         ckpt = checkpoint_dir(stage.path)
@@ -78,10 +80,10 @@ def run(config: Config, tracker: Any) -> int:
             (stage.path / out_format.TRAIN_STATE).unlink(missing_ok=True)
 
         out_format.write_model_spec(stage.path, model_spec(hp, word_dim=mapping.word_dim, k=mapping.k))
-        job = write_job(stage.path, job_spec(config, stage.path, ds_config, tracker.parent_run_id))
+        job = write_job(stage.path, job_spec(config, stage.path, ds_config, shell.run.run_id))
         cmd = launch_command(hp, job, TARGET, extra=("--resume",) if hp.resume else ())
         shell.say(f"launching {world} ranks: {' '.join(cmd)}")
-        done = run_launcher(cmd, tracker.parent_run_id)
+        done = run_launcher(cmd)
         if done.returncode != 0:
             raise HyperofaError(f"hypernet training job failed (launcher exit {done.returncode}); see the ranks' output above")
         state = out_format.read_train_state(stage.path)

@@ -3,13 +3,13 @@
     deepspeed [--hostfile H --num_nodes N --launcher L] --module hyperofa_dist.hypernet.train --job job.json [--resume]
 
 `hyperofa hypernet` writes job.json (the effective config, the filled DeepSpeed config, the output directory and
-the MLflow parent run id) and launches this module. Each rank memory-maps the word table once, builds the model,
-and drives a raw `deepspeed.initialize` engine: per epoch its disjoint share of the length-grouped batches
-(loop.train_epoch), then validation (loss and mean cosine) all-reduced over ranks. Checkpoints are written by all
-ranks every `checkpoint_every` epochs with client state (epoch, metric history, best loss); each rank also stores
-its RNG states next to them, so a resumed run reproduces an uninterrupted one. Rank 0 keeps the best model by
-validation loss (weights only, no word table), logs per-epoch metrics to MLflow, and at the end predicts the new
-tokens' coordinates (predict.py).
+the id of the stage's MLflow run, which rank 0 logs into) and launches this module. Each rank memory-maps the word
+table once, builds the model, and drives a raw `deepspeed.initialize` engine: per epoch its disjoint share of the
+length-grouped batches (loop.train_epoch), then validation (loss and mean cosine) all-reduced over ranks.
+Checkpoints are written by all ranks every `checkpoint_every` epochs with client state (epoch, metric history, best
+loss); each rank also stores its RNG states next to them, so a resumed run reproduces an uninterrupted one. Rank 0
+keeps the best model by validation loss (weights only, no word table), logs per-epoch metrics to MLflow, and at the
+end predicts the new tokens' coordinates (predict.py).
 """
 
 from __future__ import annotations
@@ -269,10 +269,9 @@ class HypernetJob(JobContext):
 def run(job: dict[str, Any], args: Any) -> int:
     worker = HypernetJob(job, args.resume)
     worker.setup()
-    tracker = worker.tracker()
-    with tracker.session(COMMAND, worker.config), tracker.stage(COMMAND, worker.config) as stage_run:
+    with worker.tracked() as stage_run:  # rank 0: the stage shell's `hypernet` run, named in the job file
         stage_run.log_params({"trainable_params": worker.trainable, "world_size": worker.world,
-                              "zero_stage": worker.zero_stage, "dtype": str(worker.dtype), "resumed": worker.resume})
+                              "zero_stage": worker.zero_stage, "dtype": str(worker.dtype)})
         if worker.rank == 0:
             stage_run.log_artifact(worker.out / DS_CONFIG)
         result = worker.train(stage_run)

@@ -41,6 +41,7 @@ from ..formats.shards import STAGE as PREPARE_STAGE
 from ..formats.tokenizer import ignored_settings, load_tokenizer, target_tokenizer_dir, tokenizer_fingerprint
 from ..runtime.device import resolve_device
 from ..runtime.stage import StageShell
+from ..tracking import METHOD_TAG, STAGE_TAG, STEP_TAG, registered_model_name
 from . import assemble as asm
 from .export import build_expanded_causal_model, build_expanded_model, merge_copy_pairs, special_token_pairs
 from .head import HeadReport, complete_head
@@ -186,7 +187,8 @@ def run(config: Config, tracker: Any) -> int:
     if config.init.heldout_blocks:  # the new-token loss reads prepare's held-out shards when there are any
         prepared = Stage(run_dir, PREPARE_STAGE).manifest()
         inputs["heldout"] = {"shards": (prepared or {}).get("inputs_digest"), "mlm": config.evaluate.mlm_probability}
-    with StageShell.open(config, tracker, "init", stage, inputs, run_name=f"init-{method}") as shell:
+    with StageShell.open(config, tracker, "init", stage, inputs, run_name=f"init/{method}",
+                         tags={METHOD_TAG: method}) as shell:
         if shell.up_to_date:
             return 0
         t = shell.run
@@ -334,8 +336,9 @@ def run(config: Config, tracker: Any) -> int:
             metrics[f"{loss_name}_loss" if lang == "average" else f"{loss_name}_loss/{lang}"] = value
         metrics.update({"seconds/load": load_s, "seconds/assemble": assemble_s, "seconds/export": export_s})
         t.log_metrics(metrics)
-        t.set_tags({"init.method": method, "init.family": info.family, "init.kind": kind,
-                    "init.mlm_head": head.origin})
+        t.set_tags({"init.family": info.family, "init.kind": kind, "init.mlm_head": head.origin})
+        t.log_model(model_dir, registered_model_name(config.tracking.experiment, method),
+                    {STAGE_TAG: "init", METHOD_TAG: method, STEP_TAG: 0})
         t.log_artifact(stage.path / out_format.PROVENANCE_COUNTS)
         t.log_artifact(stage.path / out_format.QUALITY)
     new_loss = new_tokens.get("loss", {}).get("average")

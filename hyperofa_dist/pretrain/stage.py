@@ -30,8 +30,8 @@ from ..config import Config
 from ..errors import HyperofaError
 from ..formats import init as init_format
 from ..formats import pretrain as out_format
-from ..formats.jobdir import checkpoint_dir, latest_tag, read_client_info, write_job
 from ..formats.files import sha256_file
+from ..formats.jobdir import RUN_ID, checkpoint_dir, latest_tag, previous_run_id, read_client_info, write_job
 from ..formats.models import model_files, model_fingerprint, read_model_config, require_model_dir
 from ..formats.rundir import MANIFEST
 from ..formats.shards import ShardSet, load_shardset
@@ -41,6 +41,7 @@ from ..runtime.device import job_device_type, resolve_precision
 from ..runtime.dsconfig import fill_ds_config, load_template, validate_ds_config
 from ..runtime.launch import LaunchTarget, launch_command, planned_world_size, run_launcher
 from ..runtime.stage import StageShell
+from ..tracking import METHOD_TAG, STAGE_TAG, STEP_TAG, registered_model_name
 
 TARGET = LaunchTarget("hyperofa_dist.pretrain.train", "pretrain")
 
@@ -211,7 +212,11 @@ def run(config: Config, tracker: Any) -> int:
         inputs["objective"] = {"kind": objective, "frame": frame}
     out = stage.path
     ckpt_dir = checkpoint_dir(out)
-    with StageShell.open(config, tracker, "pretrain", stage, inputs) as shell:
+    # One MLflow run per method holds the job's curves: the shell opens `pretrain/<method>`, the job's rank 0 logs
+    # into it (its id travels in job.json); a resumed job continues the run of the interrupted one.
+    resume_run = previous_run_id(out) if p.resume else None
+    with StageShell.open(config, tracker, "pretrain", stage, inputs, run_name=f"pretrain/{p.method}",
+                         tags={METHOD_TAG: p.method}, resume_run_id=resume_run) as shell:
         if shell.up_to_date and not p.resume:
             return 0
         resume_tag, universal = None, False
@@ -249,8 +254,8 @@ def run(config: Config, tracker: Any) -> int:
             "factors_dir": str(factors) if factors else None,
             "objective": objective,
             "frame": frame,
-            # Remote rank 0 (multi-node) gets no environment from here: the MLflow parent travels in the job file.
-            "parent_run_id": run_.run_id,
+            # Rank 0, wherever it runs, logs into this stage's run (no environment reaches a remote node).
+            RUN_ID: run_.run_id,
         }
         job_file = write_job(out, job)
         cmd = launch_command(p, job_file, TARGET)
@@ -260,7 +265,7 @@ def run(config: Config, tracker: Any) -> int:
         if world > 1 and not p.hostfile and precision == "fp32":
             # CPU ranks: split the cores instead of every rank spawning a thread per core.
             os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world)))
-        code = run_launcher(cmd, run_.run_id).returncode
+        code = run_launcher(cmd).returncode
         failure = out_format.read_failure(out)
         if failure:
             raise HyperofaError(failure)
@@ -282,6 +287,8 @@ def run(config: Config, tracker: Any) -> int:
         )
         run_.log_artifact(job_file)
         run_.set_tags({"hyperofa.checkpoints": str(ckpt_dir)})
+        run_.log_model(exported, registered_model_name(config.tracking.experiment, p.method),
+                       {STAGE_TAG: "pretrain", METHOD_TAG: p.method, STEP_TAG: p.steps})
         shell.say(f"{p.steps} steps done ({objective} LM, {embeddings} embeddings); model exported to {exported}"
                   + (f", factors beside it ({', '.join(factor_files)})" if factor_files else ""))
     return 0

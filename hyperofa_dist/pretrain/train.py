@@ -228,6 +228,16 @@ class PretrainJob(JobContext):
         self.engine.train()
         return out
 
+    def evaluate_and_log(self, tracker) -> None:
+        """`eval/<lang>/loss` and their mean `eval/loss` at the current step, to MLflow and eval_log.jsonl."""
+        losses = self.evaluate()
+        evals = {f"eval/{lang}/loss": v for lang, v in losses.items()}
+        if losses:
+            evals["eval/loss"] = sum(losses.values()) / len(losses)
+        tracker.log_metrics(evals, step=self.step)
+        if self.rank == 0:
+            out_format.append_line(self.out / out_format.EVAL_LOG, {"step": self.step, "loss": losses})
+
     # --- the loop -----------------------------------------------------------------------------------------------
 
     def run(self, tracker) -> int:
@@ -241,6 +251,8 @@ class PretrainJob(JobContext):
             # Steps a killed run logged after its last checkpoint are trained again now: drop their old lines.
             for name in (out_format.TRAIN_LOG, out_format.EVAL_LOG):
                 out_format.truncate_log(self.out / name, self.step)
+        if self.step == 0:
+            self.evaluate_and_log(tracker)  # the starting model: every held-out curve begins at step 0
         audit = open(out_format.audit_path(self.out, self.rank), "a") if p.data_audit else None
         micro_steps, window_tokens, window_blocks, window_loss, window_steps = 0, 0, 0, 0.0, 0
         window_start = time.perf_counter()
@@ -331,13 +343,7 @@ class PretrainJob(JobContext):
                     window_tokens = window_blocks = window_steps = 0
                     window_loss = 0.0
                 if self.step % p.eval_every == 0 or self.step == p.steps:
-                    losses = self.evaluate()
-                    evals = {f"eval/{lang}/loss": v for lang, v in losses.items()}
-                    if losses:
-                        evals["eval/loss"] = sum(losses.values()) / len(losses)
-                    tracker.log_metrics(evals, step=self.step)
-                    if self.rank == 0:
-                        out_format.append_line(self.out / out_format.EVAL_LOG, {"step": self.step, "loss": losses})
+                    self.evaluate_and_log(tracker)
                 if self.step % p.save_every == 0 or self.step == p.steps:
                     self.save()
                 window_start = time.perf_counter() if self.step % p.log_every == 0 else window_start
@@ -392,12 +398,9 @@ def run(spec: dict[str, Any], args: Any) -> int:
     job = PretrainJob(spec, hooks_from_env())
     for sub in (out_format.RANKS, out_format.AUDIT):
         (job.out / sub).mkdir(parents=True, exist_ok=True)
-    tracker = job.tracker()
-    with tracker.session(COMMAND, job.config), tracker.stage("pretrain-train") as run_:
-        run_.set_tags({"hyperofa.world_size": job.world, "hyperofa.zero": job.p.zero})
+    with job.tracked() as run_:  # rank 0: the stage's `pretrain/<method>` run; no run of the job's own
         if job.rank == 0:
-            run_.log_params({"ds_config": json.dumps(spec["ds_config"], sort_keys=True),
-                             **out_format.read_parameter_counts(job.out)})
+            run_.log_params(out_format.read_parameter_counts(job.out))
         return job.run(run_)
 
 

@@ -6,8 +6,9 @@ A job module is launched on every rank by the `deepspeed` launcher (runtime/laun
     python -m <job module> --local_rank=<r> --job <stage dir>/job.json
 
 and does: `ctx = JobContext(read_job(path))`, `ctx.init_distributed(threads)`, build its model and engine, run its
-loop, and exit 0 (or `NAN_EXIT` when the guard stopped it). Only global rank 0 logs to MLflow; the parent run id
-travels in the job file because pdsh/ssh launchers forward only MLFLOW*/PYTHON* variables to remote ranks.
+loop, and exit 0 (or `NAN_EXIT` when the guard stopped it). Only global rank 0 logs to MLflow, into the run its
+stage shell opened (`ctx.tracked()`): the run id travels in the job file, because pdsh/ssh launchers forward only
+MLFLOW*/PYTHON* variables to remote ranks.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ import numpy as np
 
 from ..config import Config, build_config
 from ..errors import HyperofaError
-from ..formats.jobdir import checkpoint_dir, read_job
-from ..tracking import PARENT_ENV, make_tracker
+from ..formats.jobdir import RUN_ID, checkpoint_dir, read_job
+from ..tracking import make_tracker
 
 NAN_EXIT = 3
 
@@ -45,8 +46,6 @@ class JobContext:
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         on_gpu = torch.cuda.is_available()
         self.device = torch.device("cuda", self.local_rank) if on_gpu else torch.device("cpu")
-        if job.get("parent_run_id") and not os.environ.get(PARENT_ENV):
-            os.environ[PARENT_ENV] = job["parent_run_id"]
 
     def init_distributed(self, threads: Optional[int] = None) -> None:
         """Threads (given, or the cores split among this node's ranks on CPU), device, and the process group."""
@@ -67,6 +66,11 @@ class JobContext:
     def tracker(self) -> Any:
         """MLflow on global rank 0, the no-op tracker elsewhere."""
         return make_tracker(self.config, rank=self.rank)
+
+    def tracked(self) -> Any:
+        """Context: the stage's MLflow run (named in the job file) on rank 0, opened and closed by the stage shell;
+        no new run is created here."""
+        return self.tracker().attach(self.job.get(RUN_ID))
 
     def say(self, text: str) -> None:
         if self.rank == 0:

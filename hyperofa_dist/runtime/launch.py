@@ -2,9 +2,9 @@
 
 One node: N local ranks (`--num_gpus N`, which the runner also uses as the process count on a CPU-only machine;
 gloo there, NCCL on GPUs) on a free rendezvous port. Many nodes: `--hostfile`, `--num_nodes`, `--launcher`
-(launcher flags go before the module, DeepSpeed #662). The MLflow parent run id travels in the environment
-(HYPEROFA_PARENT_RUN_ID) for local ranks and in the job file for remote ones. Every local launch ends by
-removing the CPU all-reduce shared-memory segments its ranks leave in /dev/shm.
+(launcher flags go before the module, DeepSpeed #662). The MLflow run rank 0 logs into travels in the job file,
+which every rank reads, local or remote. Every local launch ends by removing the CPU all-reduce shared-memory
+segments its ranks leave in /dev/shm.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import HyperofaError
-from ..tracking import PARENT_ENV
 
 SHM_PREFIX = "deepspeed_allreduce_buffer"
 DEFAULT_MULTI_NODE_PORT = 29500
@@ -89,13 +88,11 @@ def launch_command(
     return cmd + ["--module", target.module, "--job", str(job_file), *extra]
 
 
-def run_launcher(cmd: list[str], parent_run_id: Optional[str], capture: bool = False) -> subprocess.CompletedProcess:
+def run_launcher(cmd: list[str], capture: bool = False) -> subprocess.CompletedProcess:
     """Run the launcher; its ranks' output streams to our stderr (stdout stays for results: the demo's table, a
     bench's JSON line), or is returned when `capture`."""
     env = dict(os.environ)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if parent_run_id:
-        env[PARENT_ENV] = parent_run_id
     try:
         if capture:
             return subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

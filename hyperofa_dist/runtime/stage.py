@@ -1,8 +1,9 @@
 """The shape every stage shares: inputs -> fingerprint -> (up to date? stop) -> compute -> write -> manifest.
 
 A stage's `run(config, tracker)` opens a `StageShell` with the stage directory and the inputs that decide its
-result (config fingerprint, input files' hashes); the shell opens the stage's MLflow run, answers whether the
-manifest already matches, and writes the manifest last. What is computed in between is the stage's own pure code.
+result (config fingerprint, input files' hashes); the shell answers whether the manifest already matches, opens
+the stage's MLflow run (named and tagged by the stage; none when up to date), and writes the manifest last. What
+is computed in between is the stage's own pure code.
 
     with StageShell.open(config, tracker, "mapping", Stage(run_dir, "mapping"), inputs) as shell:
         if shell.up_to_date:
@@ -58,10 +59,12 @@ class StageShell:
         inputs: dict[str, Any],
         *,
         run_name: Optional[str] = None,
-        tracked: bool = True,
+        tags: Optional[dict[str, Any]] = None,
+        resume_run_id: Optional[str] = None,
     ) -> Iterator["StageShell"]:
-        """An up-to-date stage opens no MLflow run (a re-run adds nothing to the experiment). `tracked=False`: the
-        stage's run is opened elsewhere (a DeepSpeed job's rank 0)."""
+        """The stage's MLflow run is named `run_name` (default: the command name) and tagged with `tags`. An
+        up-to-date stage opens no run: the command's parent run lists it in `hyperofa.reused`, so a re-run adds
+        nothing else to the experiment. `resume_run_id`: the run of the interrupted job this one continues."""
         from ..tracking import NullTracker
 
         shell = cls(config, name, stage, inputs)
@@ -69,10 +72,11 @@ class StageShell:
         if shell.up_to_date:
             shell.manifest = stage.manifest()
             shell.run = NullTracker()
+            tracker.reused(run_name or name)
             shell.say(f"up to date ({stage.manifest_path})")
             yield shell
             return
-        with (tracker if tracked else NullTracker()).stage(run_name or name, config) as run:
+        with tracker.stage(run_name or name, config, tags=tags, resume_run_id=resume_run_id) as run:
             shell.run = run
             yield shell
 
