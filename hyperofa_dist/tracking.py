@@ -41,6 +41,7 @@ PIPELINE_TAG = "hyperofa.pipeline"  # every run: short sha256 of the resolved ru
 RUN_DIR_TAG = "hyperofa.run_dir"  # every run: the resolved run directory itself
 REUSED_TAG = "hyperofa.reused"  # parent runs: the stages found up to date (no run of their own)
 RESUMED_TAG = "hyperofa.resumed"  # stage runs continued by a resumed job: how many times
+OBJECTIVE_TAG = "hyperofa.objective"  # pretrain runs: masked or causal, what train/loss and eval/loss measure
 MODEL_DIR_TAG = "hyperofa.model_dir"  # runs that exported a model: where it is on disk
 MODEL_VERSION_TAG = "hyperofa.model_version"  # ... and its registered version, `<name>/<version>`
 MODEL_ARTIFACT = "model"  # the artifact path of a logged model directory

@@ -170,6 +170,20 @@ def test_method_of_runs_without_tags():
     assert core.run_method(legacy) == "ofa" and core.run_method(outside) == "xlmr"
 
 
+@pytest.mark.parametrize("objectives, name", [((None,), "MLM"), (("masked",), "MLM"), (("causal", "causal"), "next-token"),
+                                              (("causal", "masked"), "MLM / next-token")])
+def test_loss_titles_name_the_pretraining_objective(objectives, name):
+    from hyperofa_dist.tracking import RunRecord
+
+    runs = [RunRecord(f"r{i}", f"pretrain/m{i}", {"hyperofa.stage": "pretrain", **({"hyperofa.objective": o} if o else {})},
+                      {}, {"train/loss": 1.0, "eval/loss": 1.0}, history={"train/loss": [(1, 1.0)]})
+            for i, o in enumerate(objectives)]
+    runs.append(RunRecord("e", "evaluate/m0@0", {"hyperofa.stage": "evaluate", "hyperofa.objective": "masked"}, {}, {}))
+    assert core.objective_name(runs) == name  # only the pretraining runs say what the losses are
+    assert core.title("eval/loss", name) == f"held-out {name} loss, mean over languages (eval/loss)"
+    assert core.compare(runs, ["eval/loss"]).figures["training_loss.png"].title == f"training {name} loss (train/loss)"
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import Any, Callable, Optional, Sequence
 
-from ..tracking import COMMAND_TAG, METHOD_TAG, PIPELINE_TAG, RUN_DIR_TAG, STAGE_TAG, RunRecord
+from ..tracking import COMMAND_TAG, METHOD_TAG, OBJECTIVE_TAG, PIPELINE_TAG, RUN_DIR_TAG, STAGE_TAG, RunRecord
 
 UNKNOWN = "unknown"
 BASELINE = "random"
@@ -223,23 +223,34 @@ def compare(
     metrics = metric_columns(runs, patterns, loss_metric)
     table, summary = build_tables(runs, series, metrics, loss_metric)
     figures: dict[str, Figure] = {}
+    objective = objective_name(runs)
     loss = _by_label(curves(runs, series, loss_metric))
     if loss:
-        figures["training_loss.png"] = Figure(f"training MLM loss ({loss_metric})", loss_metric, {"": loss})
+        figures["training_loss.png"] = Figure(f"training {objective} loss ({loss_metric})", loss_metric, {"": loss})
     languages = sorted({m.group("lang") for r in runs for k in r.history if (m := HELDOUT_LANGUAGE.match(k))})
     if languages:
         panels = {lang: _by_label(curves(runs, series, f"eval/{lang}/loss")) for lang in languages}
-        figures["eval_loss_by_language.png"] = Figure("held-out MLM loss per language (eval/<lang>/loss)", "eval loss",
+        figures["eval_loss_by_language.png"] = Figure(f"held-out {objective} loss per language (eval/<lang>/loss)", "eval loss",
                                                       panels)
     for metric in metrics:
         lines = _by_label(curves(runs, series, metric))
-        figures[f"{file_stem(metric)}.png"] = Figure(title(metric), metric, {"": lines})
+        figures[f"{file_stem(metric)}.png"] = Figure(title(metric, objective), metric, {"": lines})
     return Comparison(list(runs), sorted(set(series.values()), key=lambda s: s.label), loss_metric, metrics, table,
                       summary, figures)
 
 
+def objective_name(runs: Sequence[RunRecord]) -> str:
+    """What the loss curves measure, from the pretraining runs' objective tag: a causal LM's next-token loss or a
+    masked LM's MLM loss (runs without the tag predate causal sources: masked)."""
+    kinds = {r.tags.get(OBJECTIVE_TAG, "masked") for r in runs if r.tags.get(STAGE_TAG) == "pretrain"}
+    return {frozenset({"causal"}): "next-token", frozenset({"causal", "masked"}): "MLM / next-token"}.get(
+        frozenset(kinds), "MLM")
+
+
 TITLES = {  # what a reader calls the metrics the system logs; other metrics are titled by their name
-    "eval/loss": "held-out MLM loss, mean over languages",
+    "eval/loss": "held-out {objective} loss, mean over languages",
+    "bpb.average.bpb": "held-out bits per byte, mean over languages",
+    "fertility.average.fertility_target": "pieces per word (extended tokenizer), mean over languages",
     "mlm.average.loss": "MLM loss of the evaluated model, mean over languages",
     "mlm.average.perplexity": "MLM perplexity of the evaluated model, mean over languages",
     **{f"{task}.average.top{k}": f"{name} top-{k} accuracy (%), mean over languages"
@@ -248,8 +259,8 @@ TITLES = {  # what a reader calls the metrics the system logs; other metrics are
 }
 
 
-def title(metric: str) -> str:
-    return f"{TITLES[metric]} ({metric})" if metric in TITLES else metric
+def title(metric: str, objective: str = "MLM") -> str:
+    return f"{TITLES[metric].format(objective=objective)} ({metric})" if metric in TITLES else metric
 
 
 def file_stem(metric: str) -> str:

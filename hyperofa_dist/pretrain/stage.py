@@ -41,7 +41,7 @@ from ..runtime.device import job_device_type, resolve_precision
 from ..runtime.dsconfig import fill_ds_config, load_template, validate_ds_config
 from ..runtime.launch import LaunchTarget, launch_command, planned_world_size, run_launcher
 from ..runtime.stage import StageShell
-from ..tracking import METHOD_TAG, STAGE_TAG, STEP_TAG, registered_model_name
+from ..tracking import METHOD_TAG, OBJECTIVE_TAG, STAGE_TAG, STEP_TAG, registered_model_name
 
 TARGET = LaunchTarget("hyperofa_dist.pretrain.train", "pretrain")
 
@@ -260,7 +260,7 @@ def run(config: Config, tracker: Any) -> int:
         job_file = write_job(out, job)
         cmd = launch_command(p, job_file, TARGET)
         run_.set_tags({"hyperofa.world_size": world, "hyperofa.precision": precision, "hyperofa.zero": p.zero,
-                       "hyperofa.embeddings": embeddings, "hyperofa.objective": objective})
+                       "hyperofa.embeddings": embeddings, OBJECTIVE_TAG: objective})
         shell.say(f"launching {world} ranks: {' '.join(cmd)}")
         if world > 1 and not p.hostfile and precision == "fp32":
             # CPU ranks: split the cores instead of every rank spawning a thread per core.
