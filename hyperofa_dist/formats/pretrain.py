@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from .files import atomic_write_bytes, atomic_write_json, read_json
+from .files import atomic_write_bytes, atomic_write_json, read_json, write_error
 from .rundir import Stage
 
 STAGE = "pretrain"
@@ -41,8 +41,11 @@ def model_dir(run_dir: str | Path, method: str) -> Path:
 
 
 def append_line(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record) + "\n")
+    try:
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+    except OSError as exc:  # a full disk: one line naming the log, not a traceback
+        raise write_error(path, exc) from None
 
 
 def read_lines(path: Path) -> Iterator[dict[str, Any]]:
