@@ -46,6 +46,11 @@ class Section(BaseModel):
 class RunConfig(Section):
     dir: str = Execution("runs/default", description="Run directory; every stage writes <dir>/<stage>/.")
     seed: int = Field(0, ge=0, description="Global seed: every random choice of every stage derives from it.")
+    verify_inputs: bool = Execution(
+        False,
+        description="Preflight reads input files in full (each prepare shard's sha256 against the prepare "
+        "manifest) instead of checking their sizes and indexes only.",
+    )
 
 
 # The tracking-store schemes MLflow 3 registers itself (mlflow.tracking._tracking_service.utils); the database
@@ -120,6 +125,13 @@ class CorpusConfig(Section):
     hub_name: str = Field("cis-lmu/Glot500", description="HF dataset used when format is hub.")
     languages: Optional[list[str]] = Field(
         None, description="Languages to use (lang_Script codes); unset means every language found."
+    )
+    max_noise_share: float = Execution(
+        0.5,
+        gt=0.0,
+        le=1.0,
+        description="Refuse a language whose sampled text has a larger share of invalid UTF-8 or non-letter "
+        "characters (whitespace aside): binary or markup files; 1 turns the check off.",
     )
 
     @field_validator("languages")
@@ -385,6 +397,11 @@ class VectorsTrainConfig(Section):
     negative: int = Field(5, ge=1, description="Negative samples per (word, sentence id) pair.")
     workers: int = Field(1, ge=1, description="gensim threads; only 1 gives byte-identical vectors on a re-run.")
     lowercase: bool = Field(True, description="Lowercase words before training (keys are iso:word).")
+    prefix_aligned: bool = Execution(
+        False,
+        description="Accept files with fewer lines than the longest, read as translations of its first lines; "
+        "false: every file must have the same number of lines.",
+    )
 
 
 class VectorsConfig(Section):

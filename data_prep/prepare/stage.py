@@ -34,6 +34,7 @@ from hyperofa_dist.formats.tokenizer import (
     tokenizer_fingerprint,
     worker_backend,
 )
+from hyperofa_dist.runtime import preflight
 from hyperofa_dist.runtime.ray import ray_session, run_tasks
 from hyperofa_dist.runtime.stage import StageShell
 
@@ -171,12 +172,18 @@ def run(config: Config, tracker) -> int:
     tokenizer = load_tokenizer(tokenizer_dir)
     specials = Specials(*frame_ids(tokenizer, tokenizer_dir))
     sources = discover(config.corpus)
+    samples = preflight.corpus_text(sources, config.corpus.max_noise_share)
     inputs = {
         "config": config.fingerprint("prepare", "corpus", "run"),
         "tokenizer": tokenizer_fingerprint(tokenizer_dir),
         "corpus": corpus_fingerprint(sources, config.corpus.path),
     }
     languages = [s.lang for s in sources]
+    stage_dir = Stage(config.run_dir, STAGE).path
+    preflight.free_space(
+        stage_dir, preflight.prepare_bytes(samples, tokenizer, config),
+        "prepare's shards (estimated from a sample of the corpus)", reclaimable=preflight.used_bytes(stage_dir),
+    )
 
     with StageShell.open(config, tracker, STAGE, Stage(config.run_dir, STAGE), inputs) as shell:
         run_ = shell.run
