@@ -22,16 +22,16 @@ from ..config import Config
 from ..errors import HyperofaError
 from ..formats import init as init_format
 from ..formats import pretrain as out_format
+from ..formats.files import LOW_SPACE, free_bytes
 from ..formats.jobdir import checkpoint_dir, latest_tag, read_client_info, write_job
 from ..formats.models import model_files, model_fingerprint, read_model_config, require_model_dir
 from ..formats.rundir import MANIFEST
 from ..formats.shards import ShardSet, load_shardset
 from ..formats.shards import prepare_dir as default_prepare_dir
 from ..formats.tokenizer import TOKENIZER_JSON, tokenizer_fingerprint
+from ..runtime import preflight
 from ..runtime.device import job_device_type, resolve_precision
 from ..runtime.dsconfig import fill_ds_config, load_template, validate_ds_config
-from ..formats.files import LOW_SPACE, free_bytes
-from ..runtime import preflight
 from ..runtime.launch import LaunchTarget, launch_command, planned_world_size, run_launcher
 from ..runtime.stage import StageShell
 
@@ -224,8 +224,8 @@ def run(config: Config, tracker: Any) -> int:
         if code != 0:
             last = latest_tag(ckpt_dir)
             kept = f"; the last checkpoint is {ckpt_dir / last} (resume with pretrain.resume=true)" if last else ""
-            full = f": {out} is on a full filesystem ({preflight.human(free_bytes(out))} free)" if (
-                free_bytes(out) < LOW_SPACE) else ""
+            free = free_bytes(out)
+            full = f": {out} is on a full filesystem ({preflight.human(free)} free)" if free < LOW_SPACE else ""
             raise HyperofaError(f"the training job exited with status {code}{full}{kept}")
 
         from .export import export_hf
