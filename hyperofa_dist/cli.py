@@ -98,8 +98,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             if args.bench is None:
                 parser.parse_args(["bench", "--help"])
             return int(bench(args.bench).load()(config, args) or 0)
+        from .runtime.preflight import run_dir
         from .tracking import make_tracker
 
+        run_dir(config, args.command)  # before MLflow touches a store there
         tracker = make_tracker(config)
         with tracker.session(args.command, config):
             return int(entry.load()(config, tracker) or 0)

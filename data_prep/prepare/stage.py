@@ -35,6 +35,7 @@ from hyperofa_dist.formats.tokenizer import (
     tokenizer_fingerprint,
     worker_backend,
 )
+from hyperofa_dist.runtime import preflight
 from hyperofa_dist.runtime.ray import ray_session, run_tasks
 from hyperofa_dist.runtime.stage import StageShell
 
@@ -199,6 +200,7 @@ def run(config: Config, tracker) -> int:
     pad = tokenizer.pad_token_id
     specials = Specials(*frame_ids(tokenizer, tokenizer_dir), pad=int(pad) if pad is not None else None)
     sources = discover(config.corpus)
+    samples = preflight.corpus_text(sources, config.corpus.max_noise_share)
     inputs = {
         "config": config.fingerprint("prepare", "corpus", "run"),
         "packing": RULES,
@@ -206,6 +208,11 @@ def run(config: Config, tracker) -> int:
         "corpus": corpus_fingerprint(sources, config.corpus.path),
     }
     languages = [s.lang for s in sources]
+    stage_dir = Stage(config.run_dir, STAGE).path
+    preflight.free_space(
+        stage_dir, preflight.prepare_bytes(samples, tokenizer, config),
+        "prepare's shards (estimated from a sample of the corpus)", reclaimable=preflight.used_bytes(stage_dir),
+    )
 
     with StageShell.open(config, tracker, STAGE, Stage(config.run_dir, STAGE), inputs) as shell:
         run_ = shell.run
