@@ -48,7 +48,8 @@ def run(config: Config, tracker: Any) -> int:
     vectors_path = resolve_vectors_path(config)
     target_dir = target_tokenizer_dir(config)
     inputs = {
-        "vectors": {"path": str(vectors_path), "fingerprint": fingerprint_path(vectors_path)},
+        # The vectors' content, not their location: a moved run directory (or vectors file) stays up to date.
+        "vectors": {"fingerprint": fingerprint_path(vectors_path)},
         "source": source_identity(config),
         "target_tokenizer": tokenizer_fingerprint(target_dir),
         "k": k,
@@ -139,7 +140,8 @@ def run(config: Config, tracker: Any) -> int:
             "target_covered": stats["target"]["covered"],
             **{f"split_{name}": n for name, n in stats["split"].items()},
         }
-        shell.finish(outputs=outputs, counts=counts, extra={"factorized": factors.factorized, "timings": timings})
+        shell.finish(outputs=outputs, counts=counts,
+                     extra={"factorized": factors.factorized, "timings": timings, "vectors_path": str(vectors_path)})
         shell.run.log_metrics(numeric_metrics(stats) | timings)
         shell.run.log_artifact(shell.path / STATS)
         shell.say(

@@ -28,6 +28,7 @@ from ..formats.shards import prepare_dir as default_prepare_dir
 from ..formats.tokenizer import TOKENIZER_JSON, tokenizer_fingerprint
 from ..runtime.device import job_device_type, resolve_precision
 from ..runtime.dsconfig import fill_ds_config, load_template, validate_ds_config
+from ..runtime.job import change_tags, check_resume, fresh_provenance, resume_fingerprint
 from ..runtime.launch import LaunchTarget, launch_command, planned_world_size, run_launcher
 from ..runtime.stage import StageShell
 
@@ -159,11 +160,18 @@ def run(config: Config, tracker: Any) -> int:
     }
     out = stage.path
     ckpt_dir = checkpoint_dir(out)
+    # What a checkpoint must have been trained with for a resume to continue it (runtime/job.py).
+    fingerprint = resume_fingerprint(config, ("pretrain", "run"), {k: inputs[k] for k in ("model", "shards", "precision")})
+    provenance = fresh_provenance(fingerprint)
     with StageShell.open(config, tracker, "pretrain", stage, inputs) as shell:
         if shell.up_to_date and not p.resume:
             return 0
         resume_tag, universal = None, False
         if p.resume:
+            last = latest_tag(ckpt_dir)
+            if last is not None:
+                provenance = check_resume(ckpt_dir, last, fingerprint, allow=p.allow_config_change,
+                                          allow_key="pretrain.allow_config_change")
             resume_tag, universal = resume_plan(config, ckpt_dir, world)
         elif latest_tag(ckpt_dir) is not None:
             raise HyperofaError(
@@ -194,12 +202,14 @@ def run(config: Config, tracker: Any) -> int:
             "resume": p.resume,
             "resume_tag": resume_tag,
             "trainable_rows": str(rows_file) if rows_file else None,
+            "provenance": provenance,
             # Remote rank 0 (multi-node) gets no environment from here: the MLflow parent travels in the job file.
             "parent_run_id": run_.run_id,
         }
         job_file = write_job(out, job)
         cmd = launch_command(p, job_file, TARGET)
-        run_.set_tags({"hyperofa.world_size": world, "hyperofa.precision": precision, "hyperofa.zero": p.zero})
+        run_.set_tags({"hyperofa.world_size": world, "hyperofa.precision": precision, "hyperofa.zero": p.zero,
+                       **change_tags(provenance)})
         shell.say(f"launching {world} ranks: {' '.join(cmd)}")
         if world > 1 and not p.hostfile and precision == "fp32":
             # CPU ranks: split the cores instead of every rank spawning a thread per core.
@@ -221,7 +231,7 @@ def run(config: Config, tracker: Any) -> int:
         shell.finish(
             outputs=model_files(exported),
             counts={"steps": p.steps, "world_size": world, "final_checkpoint": tag},
-            extra={"eval_loss": (final_eval or {}).get("loss", {})},
+            extra={"eval_loss": (final_eval or {}).get("loss", {}), "config_changes": provenance["changes"]},
         )
         run_.log_artifact(job_file)
         run_.set_tags({"hyperofa.checkpoints": str(ckpt_dir)})

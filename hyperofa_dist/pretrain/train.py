@@ -24,7 +24,6 @@ import torch
 
 from ..errors import HyperofaError
 from ..formats import pretrain as out_format
-from ..formats.jobdir import write_client_info
 from ..formats.shards import ShardSet
 from ..runtime.faults import Hooks, hooks_from_env
 from ..runtime.job import NAN_EXIT, JobContext, job_main
@@ -132,10 +131,9 @@ class PretrainJob(JobContext):
     def save(self) -> None:
         tag = tag_of(self.step)
         client = {"step": self.step, "data_seed": self.seed, "tokens_seen": self.tokens_seen, "world_size": self.world}
+        self.write_checkpoint_info(tag, client)
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client, save_latest=True)
         torch.distributed.barrier()
-        if self.rank == 0:
-            write_client_info(self.ckpt_dir, tag, client)
         self.last_good = str(self.ckpt_dir / tag)
 
     # --- evaluation -------------------------------------------------------------------------------------------

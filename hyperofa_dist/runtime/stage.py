@@ -1,8 +1,14 @@
 """The shape every stage shares: inputs -> fingerprint -> (up to date? stop) -> compute -> write -> manifest.
 
 A stage's `run(config, tracker)` opens a `StageShell` with the stage directory and the inputs that decide its
-result (config fingerprint, input files' hashes); the shell opens the stage's MLflow run, answers whether the
-manifest already matches, and writes the manifest last. What is computed in between is the stage's own pure code.
+result (config fingerprint, input files' hashes); the shell takes the stage's lock (one writer per stage
+directory), opens the stage's MLflow run, answers whether the manifest already matches, and writes the manifest
+last. What is computed in between is the stage's own pure code.
+
+"Up to date" is verified, not assumed: the manifest must record these inputs and every output it lists must be
+there with its recorded size and sha256 (hashes cached by size and mtime, formats/rundir.py). A damaged output
+rebuilds the stage, and the shell says which file. Inputs are recorded portably (paths inside the run directory
+relative to it), so a moved run directory stays up to date.
 
     with StageShell.open(config, tracker, "mapping", Stage(run_dir, "mapping"), inputs) as shell:
         if shell.up_to_date:
@@ -21,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Optional
 
 from ..formats.files import digest
-from ..formats.rundir import Stage
+from ..formats.rundir import Stage, portable
 
 
 def say(command: str, text: str) -> None:
@@ -61,20 +67,26 @@ class StageShell:
         tracked: bool = True,
     ) -> Iterator["StageShell"]:
         """An up-to-date stage opens no MLflow run (a re-run adds nothing to the experiment). `tracked=False`: the
-        stage's run is opened elsewhere (a DeepSpeed job's rank 0)."""
+        stage's run is opened elsewhere (a DeepSpeed job's rank 0). The stage's lock is held until the block ends."""
         from ..tracking import NullTracker
 
-        shell = cls(config, name, stage, inputs)
-        shell.up_to_date = stage.is_complete(shell.digest)
-        if shell.up_to_date:
-            shell.manifest = stage.manifest()
-            shell.run = NullTracker()
-            shell.say(f"up to date ({stage.manifest_path})")
-            yield shell
-            return
-        with (tracker if tracked else NullTracker()).stage(run_name or name, config) as run:
-            shell.run = run
-            yield shell
+        shell = cls(config, name, stage, portable(inputs, config.run_dir))
+        with stage.lock(name) as lock:
+            if lock.note:
+                shell.say(lock.note)
+            shell.up_to_date, damaged = stage.check(shell.digest)
+            if shell.up_to_date:
+                shell.manifest = stage.manifest()
+                shell.run = NullTracker()
+                shell.say(f"up to date ({stage.manifest_path})")
+                yield shell
+                return
+            if damaged:
+                more = f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else ""
+                shell.say(f"{damaged[0]}{more}; rebuilding the stage")
+            with (tracker if tracked else NullTracker()).stage(run_name or name, config) as run:
+                shell.run = run
+                yield shell
 
     def say(self, text: str) -> None:
         say(self.name, text)
@@ -95,4 +107,6 @@ class StageShell:
         self.manifest = self.stage.write_manifest(
             config=self.config.effective(), inputs=self.inputs, outputs=outputs, counts=counts, extra=extra
         )
+        if extra and "outputs" in extra:  # hashed by whoever wrote them (prepare's tasks): remember them as verified
+            self.stage.remember_hashes(self.manifest["outputs"])
         return self.manifest
