@@ -27,6 +27,7 @@ from hyperofa_dist.formats.rundir import Stage
 from hyperofa_dist.runtime import job as job_runtime
 from hyperofa_dist.runtime.launch import describe_rank_failure
 from hyperofa_dist.runtime.process import identity
+from hyperofa_dist.runtime.rank import driver_env, watched_driver
 from hyperofa_dist.runtime.shm import SHM_PREFIX, remove_orphan_segments
 from hyperofa_dist.runtime.stage import StageShell
 from hyperofa_dist.tracking import NullTracker
@@ -208,7 +209,7 @@ def supervise(tmp_path: Path, mode: str, driver: str) -> subprocess.CompletedPro
     job.parent.mkdir(parents=True, exist_ok=True)
     job.write_text("{}")
     env = {**os.environ, "PYTHONPATH": f"{tmp_path / 'pkg'}{os.pathsep}{REPO}", "FAKE_MODE": mode, "RANK": "1",
-           "HYPEROFA_DRIVER": driver}
+           "HYPEROFA_DRIVER": driver_env(driver)}
     cmd = [sys.executable, "-m", "hyperofa_dist.runtime.rank", "--local_rank=1", "--target", "fake_job", "--job",
            str(job)]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
@@ -240,6 +241,12 @@ def test_supervisor_stops_its_rank_when_the_driver_is_gone(tmp_path):
     assert record["asked"] == "driver gone" and record["signal"] == signal.SIGTERM
 
 
+def test_a_driver_on_another_host_is_not_watched():
+    # a Slurm or MPI launch may carry the variable to other nodes, where the driver's pid means nothing
+    assert watched_driver(driver_env("123:456")) == "123:456"
+    assert watched_driver("other-host/123:456") is None and watched_driver(None) is None
+
+
 def test_rank_failure_line_names_the_first_rank_that_died_on_its_own():
     records = [
         {"rank": 0, "pid": 10, "status": 1, "signal": None, "asked": None, "time": 5.0, "log": "l0"},  # peer gone
@@ -250,7 +257,7 @@ def test_rank_failure_line_names_the_first_rank_that_died_on_its_own():
         {"rank": 3, "pid": 13, "status": 0, "signal": None, "asked": None, "time": 1.0, "log": "l3"},
     ]
     assert describe_rank_failure(records, 4) == (
-        "rank 1 (pid 11) was killed by SIGSEGV (a crash in native code); 2 other ranks stopped after it; its output: l1")
+        "rank 1 (pid 11) was killed by SIGSEGV (a crash in native code); 2 other ranks ended too; its output: l1")
     stopped = [records[2], records[3]]
     assert describe_rank_failure(stopped, 4) is not None and "rank 0, 1 left no exit record" in describe_rank_failure(
         stopped, 4)

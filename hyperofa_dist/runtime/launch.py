@@ -30,7 +30,7 @@ from ..errors import HyperofaError
 from ..formats.jobdir import clear_exit_records, read_exit_records
 from ..tracking import PARENT_ENV
 from .process import Interrupted, identity, signal_handlers, signal_name
-from .rank import DRIVER_ENV
+from .rank import DRIVER_ENV, driver_env
 from .rank import MODULE as SUPERVISOR
 from .shm import SHM_PREFIX, remove_orphan_segments, remove_shm_buffers  # noqa: F401 (SHM_PREFIX: re-exported)
 
@@ -148,7 +148,7 @@ def run_launcher(cmd: list[str], parent_run_id: Optional[str], capture: bool = F
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     if parent_run_id:
         env[PARENT_ENV] = parent_run_id
-    env[DRIVER_ENV] = identity()  # the supervisors stop their ranks once this process is gone
+    env[DRIVER_ENV] = driver_env(identity())  # the supervisors stop their ranks once this process is gone
     local = "--hostfile" not in cmd
     job_dir = Path(cmd[cmd.index("--job") + 1]).parent
     clear_exit_records(job_dir)
@@ -237,5 +237,5 @@ def describe_rank_failure(records: list[dict[str, Any]], world: Optional[int] = 
     else:
         how = f"exited with status {first['status']}"
     others = len(failed) - 1
-    after = f"; {others} other rank{'s' if others > 1 else ''} stopped after it" if others > 0 else ""
+    after = f"; {others} other rank{'s' if others > 1 else ''} ended too" if others > 0 else ""
     return f"rank {first['rank']} (pid {first.get('pid')}) {how}{after}; its output: {first.get('log')}"

@@ -8,8 +8,9 @@ dies unexplained and never outlives its job:
 - when the child ends, `logs/rank<r>.exit.json` records its exit status or signal, whether it was asked to stop,
   and the time: the driver names the first rank that died on its own, with its log (runtime/launch.py);
 - SIGTERM/SIGINT are passed to the child; if it has not ended GRACE_S later, it is killed;
-- the driver is watched (its pid and start time come in HYPEROFA_DRIVER): when it is gone, however it died, the
-  child is stopped the same way; the launcher dying (our parent) sends us SIGTERM (parent-death signal);
+- the driver is watched (its host, pid and start time come in HYPEROFA_DRIVER; only on the driver's host, since
+  a Slurm or MPI launch may carry the variable to other nodes): when it is gone, however it died, the child is
+  stopped the same way; the launcher dying (our parent) sends us SIGTERM (parent-death signal);
 - the rank's CPU all-reduce segment in /dev/shm is unlinked once the child has ended (runtime/shm.py).
 The child itself dies with us if we are killed outright (the job's parent-death signal, runtime/job.py).
 Only the standard library and the job directory format are imported: this process costs milliseconds.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -34,6 +36,19 @@ DRIVER_ENV = "HYPEROFA_DRIVER"
 MODULE = "hyperofa_dist.runtime.rank"
 GRACE_S = 10.0
 POLL_S = 0.2
+
+
+def driver_env(ident: str) -> str:
+    """HYPEROFA_DRIVER's value for the driver `ident` (runtime.process.identity) on this host."""
+    return f"{socket.gethostname()}/{ident}"
+
+
+def watched_driver(value: Optional[str]) -> Optional[str]:
+    """The driver identity to watch, or None: no driver named, or one on another host (its pid means nothing here)."""
+    if not value or "/" not in value:
+        return None
+    host, _, ident = value.rpartition("/")
+    return ident if host == socket.gethostname() else None
 
 
 def _pop_option(argv: list[str], name: str) -> Optional[str]:
@@ -105,7 +120,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     for signum in TERMINATING:
         signal.signal(signum, stop)
-    driver = os.environ.get(DRIVER_ENV)
+    driver = watched_driver(os.environ.get(DRIVER_ENV))
     kill_at: Optional[float] = None
     while True:
         try:
