@@ -112,7 +112,7 @@ class Stage:
 
     def damaged_records(self, records: Iterable[dict[str, Any]]) -> list[tuple[dict[str, Any], str]]:
         """(record, phrase naming the file and the difference) for each damaged output, as `damaged_outputs`."""
-        cache = HashCache(self)
+        cache = self.hash_cache()
         damaged = []
         for record in records:
             path = self.path / record["path"]
@@ -135,7 +135,7 @@ class Stage:
 
     def remember_hashes(self, records: Iterable[dict[str, Any]]) -> None:
         """Seed the hash cache with outputs whose hashes were computed as they were written (a manifest's)."""
-        cache = HashCache(self)
+        cache = self.hash_cache()
         for record in records:
             path = self.path / record["path"]
             try:
@@ -145,6 +145,12 @@ class Stage:
             if stat.st_size == record["bytes"] and record.get("sha256"):
                 cache.put(record["path"], stat, record["sha256"])
         cache.save()
+
+    def hash_cache(self) -> "HashCache":
+        """One cache per Stage object: read once, however many times outputs are checked (prepare: per chunk)."""
+        if getattr(self, "_hash_cache", None) is None:
+            self._hash_cache = HashCache(self)
+        return self._hash_cache
 
     def lock(self, command: str) -> "StageLock":
         return StageLock(self, command)
