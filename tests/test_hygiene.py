@@ -318,3 +318,27 @@ def test_fingerprint_is_relative_to_the_run_dir_and_covers_inputs():
                                        ("pretrain", "run"), {"shards": "digest1"})
     assert a == b and a["pretrain.model"] == "<run.dir>/init/m/model" and a["input.shards"] == "digest1"
     assert "pretrain.resume" not in a and "pretrain.allow_config_change" not in a and "run.dir" not in a
+
+
+REPEATED = """
+import os, signal, time
+from hyperofa_dist.runtime.process import Interrupted, raise_on_termination
+raise_on_termination()
+try:
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(5)
+except Interrupted as exc:
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)  # the same signal again, from a second sender, during the clean-up
+        time.sleep(0.2)
+        print("clean-up finished", flush=True)
+    finally:
+        raise SystemExit(exc.exit_code)
+"""
+
+
+def test_termination_raises_once_and_a_repeat_does_not_cut_the_clean_up_short(tmp_path):
+    done = subprocess.run([sys.executable, "-c", REPEATED], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr
+    assert done.stdout == "clean-up finished\n" and "Traceback" not in done.stderr

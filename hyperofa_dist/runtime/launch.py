@@ -29,7 +29,7 @@ from typing import Any, Optional
 from ..errors import HyperofaError
 from ..formats.jobdir import clear_exit_records, read_exit_records
 from ..tracking import PARENT_ENV
-from .process import Interrupted, identity, signal_handlers, signal_name
+from .process import Interrupted, identity, ignore_termination, signal_handlers, signal_name
 from .rank import DRIVER_ENV, driver_env
 from .rank import MODULE as SUPERVISOR
 from .shm import SHM_PREFIX, remove_orphan_segments, remove_shm_buffers  # noqa: F401 (SHM_PREFIX: re-exported)
@@ -192,6 +192,7 @@ def run_launcher(cmd: list[str], parent_run_id: Optional[str], capture: bool = F
         if failure and not received:
             _say(failure)
     if received:
+        ignore_termination()  # as runtime.process.raise_on_termination: one exception, an undisturbed clean-up
         raise Interrupted(received[0])
     return LaunchResult(proc.returncode, stdout, failure)
 

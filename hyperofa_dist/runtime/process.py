@@ -15,6 +15,7 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 from typing import Iterator, Optional
 
 PR_SET_PDEATHSIG = 1
@@ -41,13 +42,26 @@ def signal_name(signum: int) -> str:
 
 
 def _raise_interrupted(signum: int, frame: object) -> None:
+    ignore_termination()
     raise Interrupted(signum)
 
 
 def raise_on_termination() -> None:
-    """SIGTERM (and SIGINT) raise `Interrupted` in the main thread from now on (call from the main thread)."""
+    """SIGTERM (and SIGINT) raise `Interrupted` in the main thread from now on (call from the main thread).
+
+    Only the first: a process being stopped often gets the signal more than once (a rank from the driver's
+    process-group signal, its supervisor and the launcher), and a second exception raised inside the first one's
+    clean-up (ending an MLflow run, an atexit hook) would cut that clean-up short. Whoever sent it escalates to
+    SIGKILL if the process does not end (runtime/rank.py, runtime/launch.py)."""
     for signum in TERMINATING:
         signal.signal(signum, _raise_interrupted)
+
+
+def ignore_termination() -> None:
+    """From now on SIGTERM and SIGINT are ignored: this process is already on its way out."""
+    if threading.current_thread() is threading.main_thread():
+        for signum in TERMINATING:
+            signal.signal(signum, signal.SIG_IGN)
 
 
 @contextlib.contextmanager
