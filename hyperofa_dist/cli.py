@@ -78,6 +78,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    from .runtime.process import raise_on_termination
+
+    raise_on_termination()  # SIGTERM unwinds like Ctrl-C: MLflow runs end, locks and shared memory are released
     try:
         from .config import load_config
 
@@ -108,9 +111,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except HyperofaError as exc:
         print(f"hyperofa {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"hyperofa {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        print(f"hyperofa {args.command}: interrupted ({exc or 'SIGINT'})", file=sys.stderr)
+        return 128 + getattr(exc, "signum", 2)
 
 
 if __name__ == "__main__":

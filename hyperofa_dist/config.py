@@ -293,6 +293,9 @@ class PretrainConfig(LaunchConfig):
         0, ge=0, description="First N steps train only the non-copied embedding rows (encoder, copied rows frozen)."
     )
     resume: bool = Execution(False, description="Continue from the latest checkpoint in <stage>/checkpoints.")
+    allow_config_change: bool = Execution(
+        False, description="Resume even when result-changing keys differ from the checkpoint's (recorded as a change)."
+    )
     universal: bool = Execution(
         False, description="Resume through a universal checkpoint (converted once): needed when the rank count changes."
     )
@@ -513,6 +516,9 @@ class HypernetConfig(LaunchConfig):
         None, ge=1, description="Stop after this many epochs without a lower validation loss; unset: never."
     )
     resume: bool = Execution(False, description="Continue from the latest checkpoint in <run.dir>/hypernet/checkpoints.")
+    allow_config_change: bool = Execution(
+        False, description="Resume even when result-changing keys differ from the checkpoint's (recorded as a change)."
+    )
     stop_after_epoch: Optional[int] = Execution(
         None, ge=0, description="End this invocation after that epoch (0-based) and its checkpoint; resume later."
     )

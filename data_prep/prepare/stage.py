@@ -8,10 +8,10 @@ task reads about `prepare.chunk_bytes`. Two rounds:
 2. prepare: each task runs `chunk.process_chunk` on its units with the target tokenizer's Rust backend (shipped
    once through the object store, loaded once per worker process) and returns the chunks' records only.
 
-A chunk whose record matches the stage's inputs is not run again; one whose shard went missing runs again and
-writes only the missing shard (the bytes are identical by construction). The manifest is written last from
-the records alone, so a run whose workers died and were retried ends with the same manifest as one that ran
-straight through.
+A chunk whose record matches the stage's inputs is not run again; one whose shard went missing or differs from
+its recorded size or sha256 runs again and writes only that shard (the bytes are identical by construction). The
+manifest is written last from the records alone, so a run whose workers died and were retried ends with the same
+manifest as one that ran straight through.
 """
 
 from __future__ import annotations
@@ -248,9 +248,13 @@ def run(config: Config, tracker) -> int:
             jobs: list[ChunkJob] = []
             records: list[dict[str, Any]] = []
             for unit, record_digest, record in zip(units, unit_digests, previous):
-                if record is not None and shell.stage.outputs_intact(record["shards"]):
-                    records.append(record)
-                    continue
+                if record is not None:
+                    damaged = shell.stage.damaged_records(record["shards"])
+                    if not damaged:
+                        records.append(record)
+                        continue
+                    for shard, _ in damaged:  # a shard that differs is written again, like a missing one
+                        (shell.path / shard["path"]).unlink(missing_ok=True)
                 plan = plans[unit.lang][unit.chunk] if plans is not None else None
                 jobs.append(ChunkJob(unit, plan, record_digest, keep_existing=record is not None))
             by_unit = {job.unit: job for job in jobs}

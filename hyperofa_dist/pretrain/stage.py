@@ -37,6 +37,7 @@ from ..formats.tokenizer import TOKENIZER_JSON, tokenizer_fingerprint
 from ..runtime import preflight
 from ..runtime.device import job_device_type, resolve_precision
 from ..runtime.dsconfig import fill_ds_config, load_template, validate_ds_config
+from ..runtime.job import change_tags, check_resume, fresh_provenance, resume_fingerprint
 from ..runtime.launch import LaunchTarget, launch_command, planned_world_size, run_launcher
 from ..runtime.stage import StageShell
 from ..tracking import METHOD_TAG, STAGE_TAG, STEP_TAG, registered_model_name
@@ -190,6 +191,9 @@ def run(config: Config, tracker: Any) -> int:
         inputs["factors"] = {n: sha256_file(factors / n) for n in (init_format.COORDINATES, init_format.PRIMITIVES)}
     out = stage.path
     ckpt_dir = checkpoint_dir(out)
+    # What a checkpoint must have been trained with for a resume to continue it (runtime/job.py).
+    fingerprint = resume_fingerprint(config, ("pretrain", "run"), {k: inputs[k] for k in ("model", "shards", "precision")})
+    provenance = fresh_provenance(fingerprint)
     # One MLflow run per method holds the job's curves: the shell opens `pretrain/<method>`, the job's rank 0 logs
     # into it (its id travels in job.json); a resumed job continues the run of the interrupted one.
     resume_run = previous_run_id(out) if p.resume else None
@@ -199,6 +203,10 @@ def run(config: Config, tracker: Any) -> int:
             return 0
         resume_tag, universal = None, False
         if p.resume:
+            last = latest_tag(ckpt_dir)
+            if last is not None:
+                provenance = check_resume(ckpt_dir, last, fingerprint, allow=p.allow_config_change,
+                                          allow_key="pretrain.allow_config_change")
             resume_tag, universal = resume_plan(config, ckpt_dir, world)
         elif latest_tag(ckpt_dir) is not None:
             raise HyperofaError(
@@ -230,13 +238,14 @@ def run(config: Config, tracker: Any) -> int:
             "resume_tag": resume_tag,
             "trainable_rows": str(rows_file) if rows_file else None,
             "factors_dir": str(factors) if factors else None,
+            "provenance": provenance,
             # Rank 0, wherever it runs, logs into this stage's run (no environment reaches a remote node).
             RUN_ID: run_.run_id,
         }
         job_file = write_job(out, job)
         cmd = launch_command(p, job_file, TARGET)
         run_.set_tags({"hyperofa.world_size": world, "hyperofa.precision": precision, "hyperofa.zero": p.zero,
-                       "hyperofa.embeddings": embeddings})
+                       "hyperofa.embeddings": embeddings, **change_tags(provenance)})
         shell.say(f"launching {world} ranks: {' '.join(cmd)}")
         if world > 1 and not p.hostfile and precision == "fp32":
             # CPU ranks: split the cores instead of every rank spawning a thread per core.
@@ -261,7 +270,8 @@ def run(config: Config, tracker: Any) -> int:
         shell.finish(
             outputs=model_files(exported) + factor_files,
             counts={"steps": p.steps, "world_size": world, "final_checkpoint": tag, **sizes},
-            extra={"eval_loss": (final_eval or {}).get("loss", {}), "embeddings": embeddings},
+            extra={"eval_loss": (final_eval or {}).get("loss", {}), "embeddings": embeddings,
+                   "config_changes": provenance["changes"]},
         )
         run_.log_artifact(job_file)
         run_.set_tags({"hyperofa.checkpoints": str(ckpt_dir)})
