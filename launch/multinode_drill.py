@@ -123,7 +123,7 @@ def sweep_stale() -> list[str]:
     """Remove drill namespaces whose drill process is gone (a drill killed before its clean-up ran)."""
     removed = []
     for line in _ip("netns", "list", check=False).stdout.splitlines():
-        match = re.match(rf"^({PREFIX}(\d+)[ab])\b", line.strip())
+        match = re.match(rf"^({PREFIX}(?:probe)?(\d+)[ab]?)\b", line.strip())
         if not match:
             continue
         owner = int(match.group(2))
@@ -137,6 +137,19 @@ def sweep_stale() -> list[str]:
         if etc.name not in live:
             shutil.rmtree(etc, ignore_errors=True)
     return removed
+
+
+def check_namespaces() -> None:
+    """Before any work: this machine can make a network namespace (root, iproute2, CAP_SYS_ADMIN)."""
+    if os.geteuid() != 0:
+        raise DrillError("needs root: network namespaces are created with `ip netns add`")
+    if shutil.which("ip") is None:
+        raise DrillError("needs iproute2 (`ip`)")
+    probe = f"{PREFIX}probe{os.getpid()}"
+    made = _ip("netns", "add", probe, check=False)
+    if made.returncode != 0:
+        raise DrillError(f"cannot create a network namespace: {made.stderr.strip()}")
+    _ip("netns", "del", probe, check=False)
 
 
 @dataclass
@@ -164,10 +177,6 @@ class TwoNodes:
     procs: list[tuple[Node, subprocess.Popen, Any]] = field(default_factory=list)
 
     def up(self) -> None:
-        if os.geteuid() != 0:
-            raise DrillError("needs root: network namespaces are created with `ip netns add`")
-        if shutil.which("ip") is None:
-            raise DrillError("needs iproute2 (`ip`)")
         sweep_stale()
         base = f"{PREFIX}{os.getpid()}"
         # Two nodes do not share cores: each gets half of ours (taskset), which the job's thread count follows.
@@ -272,18 +281,11 @@ class ProcessWatch:
 @contextmanager
 def two_nodes(work: Path) -> Iterator[TwoNodes]:
     cluster = TwoNodes(work)
-
-    def stop(signum: int, frame: Any) -> None:
-        raise SystemExit(128 + signum)  # unwinds through the clean-up below
-
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         cluster.up()
         yield cluster
     finally:
         cluster.down()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 # --- shared helpers ---------------------------------------------------------------------------------------
@@ -759,10 +761,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--work", help="directory for the drill's files (default: a temporary one, removed after)")
     parser.add_argument("--report", help="also write the JSON report here")
     args = parser.parse_args(argv)
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)  # unwinds through every clean-up (namespaces, Ray, the reference run)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, stop)
     work = Path(args.work).resolve() if args.work else Path(tempfile.mkdtemp(prefix="hyperofa-drill-"))
     (work / "logs").mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     try:
+        check_namespaces()
         report = (ray_drill if args.drill == "ray" else deepspeed_drill)(work)
         report["passed"] = all(report["checks"].values())
         code = 0 if report["passed"] else 1
