@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         if entry.launch_section:
             parser_.add_argument("--hostfile", help="DeepSpeed hostfile (`host slots=N` lines) for a multi-node job")
             parser_.add_argument("--num_nodes", type=int, help="use this many nodes of the hostfile")
-            parser_.add_argument("--launcher", help="multi-node launcher: pdsh, openmpi, mvapich, slurm, mpich, impi")
+            parser_.add_argument("--launcher", help="multi-node launcher: pdsh, openmpi, mvapich, slurm, mpich, impi, nossh")
     benches = sub.add_parser("bench", help="benchmarks that print one JSON line", description="benchmarks")
     bench_sub = benches.add_subparsers(dest="bench", metavar="<bench>")
     for entry in BENCHES:

@@ -238,8 +238,8 @@ class LaunchConfig(Section):
     )
     hostfile: Optional[str] = Execution(None, description="DeepSpeed hostfile (`host slots=N` lines) for multi-node.")
     num_nodes: Optional[int] = Execution(None, ge=1, description="Use this many nodes of the hostfile.")
-    launcher: Literal["pdsh", "openmpi", "mvapich", "slurm", "mpich", "impi"] = Execution(
-        "pdsh", description="DeepSpeed multi-node launcher backend."
+    launcher: Literal["pdsh", "openmpi", "mvapich", "slurm", "mpich", "impi", "nossh"] = Execution(
+        "pdsh", description="DeepSpeed multi-node launcher backend; nossh: every node starts its own (launch/nossh_node.sh)."
     )
     master_port: Optional[int] = Execution(
         None, ge=1, le=65535, description="Rendezvous port of rank 0; unset: a free port locally, 29500 multi-node."

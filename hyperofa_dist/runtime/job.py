@@ -70,7 +70,10 @@ class JobContext:
             torch.set_num_threads(threads)
         elif self.device.type == "cpu":
             local = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", self.world)))
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local, 1)))
+            # The cores this process may run on (a Slurm or container cpuset, taskset), not all of the machine's:
+            # more threads than cores make every intra-op thread spin-wait for the others.
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            torch.set_num_threads(max(1, cores // max(local, 1)))
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")

@@ -35,6 +35,9 @@ from .shm import SHM_PREFIX, remove_orphan_segments, remove_shm_buffers  # noqa:
 
 DEFAULT_MULTI_NODE_PORT = 29500
 GRACE_S = 30.0
+# `launcher=nossh`: no ssh/pdsh/mpirun; every node runs its own launcher (`--no_ssh --node_rank N`), rank 0 on the
+# hostfile's first host. launch/nossh_node.sh starts it on each node.
+NO_SSH = "nossh"
 
 
 @dataclass(frozen=True)
@@ -110,16 +113,22 @@ def _bindable(port: int) -> bool:
 
 
 def launch_command(
-    launch: Any, job_file: Path, target: LaunchTarget, *, ranks: Optional[int] = None, extra: tuple[str, ...] = ()
+    launch: Any, job_file: Path, target: LaunchTarget, *, ranks: Optional[int] = None, extra: tuple[str, ...] = (),
+    node_rank: int = 0,
 ) -> list[str]:
     """The launcher invocation. `launch` is a config section with the launch keys (`config.LaunchConfig`);
-    `ranks` forces that many local ranks (the benchmarks' 1- and 2-rank runs)."""
+    `ranks` forces that many local ranks (the benchmarks' 1- and 2-rank runs); `node_rank` is this node's index
+    in the hostfile when every node starts its own launcher (`launcher=nossh`)."""
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner"]
     if launch.hostfile and ranks is None:
         hostfile = Path(launch.hostfile)
-        read_hostfile(hostfile, f"{target.section}.hostfile")
-        cmd += ["--hostfile", str(hostfile.resolve()), "--launcher", launch.launcher,
-                "--master_port", str(launch.master_port or DEFAULT_MULTI_NODE_PORT)]
+        hosts = read_hostfile(hostfile, f"{target.section}.hostfile")
+        cmd += ["--hostfile", str(hostfile.resolve()), "--master_port", str(launch.master_port or DEFAULT_MULTI_NODE_PORT)]
+        if launch.launcher == NO_SSH:
+            # Without ssh the runner cannot ask the first host for its address, nor start the other nodes' ranks.
+            cmd += ["--no_ssh", "--node_rank", str(node_rank), "--master_addr", hosts[0][0]]
+        else:
+            cmd += ["--launcher", launch.launcher]
         if launch.num_nodes:
             cmd += ["--num_nodes", str(launch.num_nodes)]
         if launch.ranks_per_node:
