@@ -166,6 +166,14 @@ class MlflowTracker(NullTracker):
         try:
             yield self
             status = "FINISHED"
+        except BaseException as exc:
+            if not terminate:
+                # A rank stopped inside a run its driver owns: the driver may be gone (SIGKILLed, so the rank got
+                # SIGTERM from its supervisor), and nobody else would end the run; a live driver ends it again.
+                from .runtime.process import Interrupted
+
+                self.client.set_terminated(run_id, status="KILLED" if isinstance(exc, Interrupted) else "FAILED")
+            raise
         finally:
             if terminate:
                 self.client.set_terminated(run_id, status=status)

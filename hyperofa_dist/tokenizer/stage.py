@@ -19,6 +19,7 @@ from ..config import Config
 from ..formats.corpus import discover
 from ..formats.rundir import Stage
 from ..formats.tokenizer import STAGE, file_settings, source_tokenizer
+from ..runtime import preflight
 from ..runtime.stage import StageShell
 from .build import (
     build_target,
@@ -47,6 +48,7 @@ def _swap_into_place(built: Path, final: Path) -> None:
 
 def run(config: Config, tracker: Any) -> int:
     sources = discover(config.corpus)
+    preflight.corpus_text(sources, config.corpus.max_noise_share)
     source = source_tokenizer(config)
     if config.tokenizer.mode == "extend":
         check_ids_kept(source, config.source.tokenizer or config.source.model)
