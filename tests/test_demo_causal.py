@@ -16,6 +16,7 @@ def test_demo_causal_runs_its_packaged_config():
     config = load_config(DEMO_CAUSAL_CONFIG)
     assert config.pipeline.methods == ["random", "mean", "ofa", "hyperofa"]
     assert {"bpb", "fertility"} <= set(config.evaluate.tasks) and "qaa_Latn" not in config.evaluate.languages
+    assert config.vectors.train.prefix_aligned  # the generated corpus's smaller languages are prefixes of the larger
 
 
 @pytest.mark.parametrize("causal", [True, False])
