@@ -235,8 +235,7 @@ def compare(
     if languages:
         panels = {lang: _by_label(curves(runs, series, f"eval/{lang}/loss")) for lang in languages}
         figures["eval_loss_by_language.png"] = Figure(f"held-out {objective} loss per language (eval/<lang>/loss)",
-                                                      "eval loss",
-                                                      panels)
+                                                      "eval loss", panels)
     for metric in metrics:
         lines = _by_label(curves(runs, series, metric))
         figures[f"{file_stem(metric)}.png"] = Figure(title(metric, objective), metric, {"": lines})
