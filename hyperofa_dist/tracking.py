@@ -111,6 +111,9 @@ class NullTracker:
     def flush(self, timeout: Optional[float] = None) -> bool:
         return True
 
+    def deliver(self) -> bool:
+        return True
+
     def log_params(self, params: dict[str, Any]) -> None:
         pass
 
@@ -210,6 +213,18 @@ class MlflowTracker(NullTracker):
             return True
         return self._outbox.flush(self.flush_seconds if timeout is None else timeout)
 
+    def deliver(self) -> bool:
+        """Before reading the store back (compare): this tracker's buffer delivered (at most
+        `tracking.flush_seconds`) and the journals of ended processes (a finished job's rank 0) replayed. True when
+        nothing known is left undelivered."""
+        if not self.flush():
+            return False
+        self.replay()
+        if self.journal_dir is None:
+            return True
+        own = self._outbox.journal.path if self._outbox is not None and self._outbox.journal is not None else None
+        return all(path == own for path in journal_format.journals(self.journal_dir))
+
     def _close_outbox(self) -> None:
         """The end of this tracker's work: deliver what is buffered within `tracking.flush_seconds` (what is not
         stays in the journal, with a warning), then replay the journals of processes that ended (a job's rank 0)."""
@@ -245,8 +260,11 @@ class MlflowTracker(NullTracker):
             self._depth -= 1
             if self._depth == 0:
                 self._close_outbox()
-            elif self._outbox is not None and not self._outbox.in_outage:
-                self.flush()  # whoever reads the store next (compare, a test) sees this run complete
+            elif self._outbox is None or not self._outbox.in_outage:
+                # Whoever reads the store next (compare, a test) sees this run complete, the points its job's rank 0
+                # could not deliver included (a stage's run ends after its job).
+                self.flush()
+                self.replay()
 
     def _create_run(self, name: str, tags: dict[str, str]) -> str:
         """A new run's id: the store must answer, so this retries with back-off for `tracking.flush_seconds`, then
@@ -464,11 +482,15 @@ class Outbox:
 
     def close(self, timeout: float) -> bool:
         """Deliver what is buffered within `timeout`; True when everything was. Otherwise the rest stays in the
-        journal (one warning) and the thread stops after its current attempt."""
+        journal (one warning, and the outage count goes there too) and the thread stops after its current attempt,
+        letting the journal go for a later replay."""
         delivered = self.flush(timeout)
         with self._cond:
+            if not delivered and self.errors:  # the count travels with the writes it is about, to their runs
+                undelivered = self.journal.pending() if self.journal is not None else list(self._queue)
+                self._count_outage([w["run"] for w in undelivered])
+            left = len(self._queue) + self._spilled
             self._closing = True
-            left = len(self._queue) + self._spilled + (1 if self._busy else 0)
             self._cond.notify_all()
         if delivered:
             if self._thread is not None:
@@ -509,6 +531,7 @@ class Outbox:
                 if not self._queue and self._spilled:
                     self._refill()
                 if not self._queue:
+                    self._release()
                     return
                 batch = self._take()
                 self._busy = True
@@ -522,16 +545,16 @@ class Outbox:
                 self._failing += 1
                 if self._failing == 1:
                     self.in_outage = True
-                    _warn(f"MLflow store {self.uri} unreachable ({_first_line(exc)}); training goes on, tracking "
+                    _warn(f"MLflow store {self.uri} unreachable ({_first_line(exc)}); the work goes on, tracking "
                           f"writes are kept in {self.journal.path if self.journal else 'memory'} and retried")
                 delay = min(max(delay * 2, 1.0), self.retry_seconds)
                 with self._cond:
                     self._busy = False
                     self._cond.notify_all()
+                    if not self._closing:
+                        self._cond.wait(timeout=delay)  # close() wakes it, to stop
                     if self._closing:
-                        return
-                    self._cond.wait(timeout=delay)  # close() wakes it, to stop
-                    if self._closing:
+                        self._release()
                         return
                 continue
             batch[-1]["result"] = result
@@ -547,11 +570,19 @@ class Outbox:
                     _warn(f"MLflow store {self.uri} answers again after {self._failing} failed attempts; "
                           f"sending the {len(self._queue) + self._spilled} buffered writes")
                     self._failing, self.in_outage, delay = 0, False, 0.0
-                    # The count goes to the run of the write that got through, after everything buffered.
-                    self._put_locked({"op": "metrics", "run": batch[-1]["run"],
-                                      "metrics": [[OUTAGE_METRIC, float(self.errors), _now_ms(), 0]]})
+                    # The count goes to every run the outage held writes of, after everything buffered.
+                    self._count_outage([w["run"] for w in (*batch, *self._queue)])
                 self._busy = False
                 self._cond.notify_all()
+
+    def _release(self) -> None:
+        if self.journal is not None:
+            self.journal.close()  # deleted when everything in it was delivered
+
+    def _count_outage(self, runs: list[str]) -> None:
+        now = _now_ms()
+        for run_id in dict.fromkeys(runs):
+            self._put_locked({"op": "metrics", "run": run_id, "metrics": [[OUTAGE_METRIC, float(self.errors), now, 0]]})
 
     def _put_locked(self, write: dict[str, Any]) -> None:
         if self.journal is not None:

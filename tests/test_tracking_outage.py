@@ -86,7 +86,7 @@ def test_an_outage_costs_no_step_time_and_loses_and_duplicates_nothing(tmp_path,
     assert found.data.metrics[OUTAGE_METRIC] >= 2
     assert found.data.params["pretrain.lr"]  # the stage's params, sent after the outage
     err = capsys.readouterr().err
-    assert err.count("unreachable (Connection refused); training goes on") == 1
+    assert err.count("unreachable (Connection refused); the work goes on") == 1
     assert "answers again after" in err
     assert journal_format.journals(tmp_path / "tracking") == []  # all delivered: no journal left
 
@@ -130,11 +130,12 @@ def test_a_command_ending_during_an_outage_exits_cleanly_and_the_next_one_replay
             run.log_metrics({"train/loss": 2.0 / step}, step=step)
     # The session ended without the store: no exception, a warning, the journal left behind.
     assert "tracking writes not delivered, kept in" in capsys.readouterr().err
-    tracker._outbox = None
     time.sleep(0.3)  # the sender thread stops after its current attempt and lets the journal go
     (left,) = journal_format.journals(tmp_path / "tracking")
     pending = journal_format.pending_writes(journal_format.read_records(left))
-    assert [w["op"] for w in pending] == ["metrics"] * 9 + ["terminate", "terminate"]
+    assert [w["op"] for w in pending] == ["metrics"] * 9 + ["terminate"] * 2 + ["metrics"] * 2
+    assert {w["run"] for w in pending[-2:]} == {run_id, parent}
+    assert all(w["metrics"][0][0] == OUTAGE_METRIC and w["metrics"][0][1] >= 1 for w in pending[-2:])
     client = _store(tmp_path)
     assert _steps(client, run_id, "train/loss") == [1]
     assert client.get_run(run_id).info.status == "RUNNING"
@@ -144,6 +145,7 @@ def test_a_command_ending_during_an_outage_exits_cleanly_and_the_next_one_replay
     again = make_tracker(cfg, rank=0)  # the next command on this run directory replays first
     assert _steps(client, run_id, "train/loss") == list(range(1, 11))
     assert client.get_run(run_id).info.status == "FINISHED" and client.get_run(parent).info.status == "FINISHED"
+    assert client.get_run(run_id).data.metrics[OUTAGE_METRIC] >= 1
     assert journal_format.journals(tmp_path / "tracking") == []
     assert replay_journals(again.client, tmp_path / "tracking", "x", "link") == 0
 
