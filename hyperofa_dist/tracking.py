@@ -435,7 +435,7 @@ class Outbox:
         self.journal: Optional[journal_format.Journal] = None
         if journal_dir is not None:
             try:
-                self.journal = journal_format.Journal.create(journal_dir)
+                self.journal = journal_format.Journal.create(journal_dir, uri)
             except OSError as exc:
                 _warn(f"cannot write a tracking journal in {journal_dir} ({exc}); an outage may lose metrics")
         self._queue: deque[dict[str, Any]] = deque()
@@ -539,6 +539,11 @@ class Outbox:
             try:
                 result = apply_writes(self.client, batch, uncertain=uncertain, log_models=self.log_models)
             except Exception as exc:
+                if refused(exc):
+                    _warn(f"the store refuses a {batch[0]['op']} write of run {batch[0]['run']} "
+                          f"({_first_line(exc)}); dropped")
+                    self._done(batch, None)
+                    continue
                 for write in batch:
                     write["tried"] = True
                 self.errors += 1
@@ -557,23 +562,29 @@ class Outbox:
                         self._release()
                         return
                 continue
-            batch[-1]["result"] = result
-            if self.journal is not None:
-                try:
-                    self.journal.ack([w["id"] for w in batch if "id" in w])
-                except (OSError, ValueError):
-                    pass  # an unwritable journal only means a later replay checks these points again
-            with self._cond:
-                for _ in batch:
-                    self._queue.popleft()
-                if self._failing:
-                    _warn(f"MLflow store {self.uri} answers again after {self._failing} failed attempts; "
-                          f"sending the {len(self._queue) + self._spilled} buffered writes")
-                    self._failing, self.in_outage, delay = 0, False, 0.0
-                    # The count goes to every run the outage held writes of, after everything buffered.
-                    self._count_outage([w["run"] for w in (*batch, *self._queue)])
-                self._busy = False
-                self._cond.notify_all()
+            self._done(batch, result)
+            delay = 0.0
+
+    def _done(self, batch: list[dict[str, Any]], result: Any) -> None:
+        """`batch` is settled (delivered, or refused for good): acknowledged and off the queue."""
+        batch[-1]["result"] = result
+        if self.journal is not None:
+            try:
+                self.journal.ack([w["id"] for w in batch if "id" in w])
+            except (OSError, ValueError):
+                pass  # an unwritable journal only means a later replay checks these points again
+        with self._cond:
+            held = len(self._queue) + self._spilled
+            for _ in batch:
+                self._queue.popleft()
+            if self._failing:  # any answer, even a refusal, means the store is back
+                _warn(f"MLflow store {self.uri} answers again after {self._failing} failed attempts; delivering the "
+                      f"{held} writes held back")
+                self._failing, self.in_outage = 0, False
+                # The count goes to every run the outage held writes of, after everything buffered.
+                self._count_outage([w["run"] for w in (*batch, *self._queue)])
+            self._busy = False  # set again by the loop before its next send
+            self._cond.notify_all()
 
     def _release(self) -> None:
         if self.journal is not None:
@@ -695,20 +706,39 @@ def _log_model(client: Any, write: dict[str, Any], uncertain: bool, log_models: 
     return ref
 
 
+# What the store answers to a write it will never accept (a run deleted since, a param logged with another value):
+# retrying cannot help, and a write stuck at the head of the queue would hold back every write behind it.
+REFUSED = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "INVALID_STATE", "BAD_REQUEST")
+
+
+def refused(exc: BaseException) -> bool:
+    return getattr(exc, "error_code", None) in REFUSED
+
+
 def replay_journals(client: Any, directory: Path, uri: str, log_models: str) -> int:
-    """Deliver every undelivered write of the journals in `directory` whose processes have ended, in order; the
-    first failure stops the replay (what is left stays). Returns the writes delivered."""
+    """Deliver every undelivered write of the journals in `directory` whose processes have ended and whose store is
+    `uri`, in order; the first failure to reach the store stops the replay (what is left stays), a write the store
+    refuses is dropped with a warning. Returns the writes delivered."""
     delivered = 0
     for journal in journal_format.claimable(directory):
+        if journal.store is not None and journal.store != uri:
+            _warn(f"{journal.path} holds writes for the tracking store {journal.store}, not {uri}: not replayed here")
+            continue
         seen: dict[tuple[str, str], set] = {}
         try:
             pending = journal.pending()
             if pending:
                 _warn(f"replaying {len(pending)} undelivered tracking writes from {journal.path}")
             for write in pending:
-                apply_writes(client, [write], uncertain=True, log_models=log_models, seen=seen)
+                try:
+                    apply_writes(client, [write], uncertain=True, log_models=log_models, seen=seen)
+                    delivered += 1
+                except Exception as exc:
+                    if not refused(exc):
+                        raise
+                    _warn(f"the store refuses a {write['op']} write of run {write['run']} ({_first_line(exc)}); "
+                          "dropped")
                 journal.ack([write["id"]])
-                delivered += 1
         except Exception as exc:
             _warn(f"MLflow store {uri} unreachable during the replay ({_first_line(exc)}); {journal.path} is kept "
                   "for the next command")

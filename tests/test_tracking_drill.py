@@ -140,15 +140,18 @@ def test_server_killed_mid_run_and_restarted(drill_world, server, tmp_path):
     stage_dir = run_dir / "pretrain" / "hyperofa"
     err = open(tmp_path / "stderr.txt", "w")
     proc = subprocess.Popen(_command(drill_world, run_dir, server.uri, "tracking.flush_seconds=120"),
-                            env={**os.environ, FAULT_ENV: "slow@700"}, stdout=subprocess.DEVNULL, stderr=err)
+                            env={**os.environ, FAULT_ENV: "slow@1500"}, stdout=subprocess.DEVNULL, stderr=err)
     try:
         _wait_for_step(proc, stage_dir, 3)
         server.kill()
-        killed_at = _logged_steps(stage_dir)
-        _wait_for_step(proc, stage_dir, killed_at + 3)  # steps trained while the store is gone
+        killed_at, down = _logged_steps(stage_dir), time.time()
+        _wait_for_step(proc, stage_dir, killed_at + 2)  # steps trained while the store is gone
         server.start()
-        restarted_at = _logged_steps(stage_dir)
+        restarted_at, down = _logged_steps(stage_dir), time.time() - down
+        started = time.time()
         assert proc.wait(timeout=600) == 0
+        print(f"drill A: killed after step {killed_at}, back after step {restarted_at} ({down:.1f} s down); "
+              f"the command ended {time.time() - started:.1f} s later")
     finally:
         if proc.poll() is None:
             proc.kill()

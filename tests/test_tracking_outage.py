@@ -163,7 +163,7 @@ def test_replay_of_a_partly_delivered_journal_adds_only_the_missing_points(tmp_p
 
     store.log_batch(run_id, metrics=[Metric(*p) for p in points[:6]])  # delivered, but never acknowledged
     assert journal_format.Journal.claim(journal.path) is None  # its owner holds it: not replayable
-    journal._handle.close()  # the owner ends
+    journal.release()  # the owner ends
     assert replay_journals(store, tmp_path / "tracking", "x", "link") == 10
     for key in ("m0", "m1"):
         assert _steps(store, run_id, key) == [0, 1, 2, 3, 4]
@@ -188,3 +188,28 @@ def test_journal_lines_are_the_documented_format(tmp_path):
                      {"id": 2, "op": "metrics", "run": "r", "metrics": [["k", 1.0, 5, 2]]}, {"ack": [1]}]
     assert [w["id"] for w in journal.pending()] == [2]
     assert journal.close() is False and journal.path.exists()
+
+
+def test_a_write_the_store_refuses_is_dropped_and_does_not_hold_back_the_rest(tmp_path, capsys):
+    cfg, tracker = _tracker(tmp_path)
+    with tracker.session("pipeline"):
+        parent = tracker.run_id
+        with tracker.stage("s") as run:
+            doomed = run.run_id
+            tracker.flush(5)
+            _store(tmp_path).delete_run(doomed)  # someone deletes the run while it is being logged to
+            run.log_metrics({"x": 1.0}, step=1)
+        tracker.set_tags({"after": "yes"})
+    assert _store(tmp_path).get_run(parent).data.tags["after"] == "yes"
+    assert "the store refuses a metrics write of run " + doomed in capsys.readouterr().err
+    assert journal_format.journals(tmp_path / "tracking") == []
+
+
+def test_a_journal_for_another_store_is_left_alone(tmp_path, capsys):
+    journal = journal_format.Journal.create(tmp_path / "tracking", "http://elsewhere:5000")
+    journal.append({"op": "tags", "run": "r", "tags": {"a": "b"}})
+    journal.release()
+    cfg = load_config(None, [f"run.dir={tmp_path}"])
+    make_tracker(cfg, rank=0)
+    assert journal_format.journals(tmp_path / "tracking") == [journal.path]
+    assert "holds writes for the tracking store http://elsewhere:5000" in capsys.readouterr().err

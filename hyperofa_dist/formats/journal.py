@@ -4,6 +4,7 @@ MLflow, on disk before it is sent, so a tracker outage loses nothing (tracking.p
 One file per tracker process, held under an exclusive `flock` while that process lives: a file nobody holds belongs
 to a process that ended, and whoever claims it may replay it. Lines, in the order the writes were made:
 
+    {"store": "http://mlflow-host:5000"}   first line: the tracking store the writes are for
     {"id": 7, "op": "metrics", "run": "<run id>", "metrics": [[key, value, timestamp_ms, step], ...]}
     {"id": 8, "op": "tags", "run": "<run id>", "tags": {"k": "v"}}
     {"id": 9, "op": "params" | "terminate" | "artifact" | "artifacts" | "model", "run": "<run id>", ...}
@@ -64,21 +65,25 @@ def pending_writes(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 class Journal:
     """An open journal this process holds (its lock); `append` and `ack` may be called from two threads."""
 
-    def __init__(self, path: Path, handle: Any, next_id: int):
+    def __init__(self, path: Path, handle: Any, next_id: int, store: Optional[str] = None):
         self.path = path
+        self.store = store
         self._handle = handle
         self._next = next_id
         self._lock = threading.Lock()
 
     @classmethod
-    def create(cls, directory: str | Path) -> "Journal":
-        """A new journal of this process in `directory` (made if missing)."""
+    def create(cls, directory: str | Path, store: Optional[str] = None) -> "Journal":
+        """A new journal of this process in `directory` (made if missing), for the tracking store `store`."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         name = f"{PREFIX}{socket.gethostname()}-{os.getpid()}-{int(time.time() * 1000)}-{next(_serial)}{SUFFIX}"
         handle = open(directory / name, "a", encoding="utf-8")
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return cls(directory / name, handle, 1)
+        journal = cls(directory / name, handle, 1, store)
+        if store is not None:
+            journal._write({"store": store})
+        return journal
 
     @classmethod
     def claim(cls, path: Path) -> Optional["Journal"]:
@@ -95,11 +100,13 @@ class Journal:
         if not path.exists():  # deleted by its owner between our open and our lock: nothing left to replay
             handle.close()
             return None
-        ids = [r["id"] for r in read_records(path) if isinstance(r.get("id"), int)]
+        records = read_records(path)
+        ids = [r["id"] for r in records if isinstance(r.get("id"), int)]
+        store = next((r["store"] for r in records if isinstance(r.get("store"), str)), None)
         if _torn(path):
             handle.write("\n")  # a torn last line stays alone on its line, so our next line parses
             handle.flush()
-        return cls(path, handle, max(ids, default=0) + 1)
+        return cls(path, handle, max(ids, default=0) + 1, store)
 
     def _write(self, record: dict[str, Any]) -> None:
         # Flushed to the OS, not fsynced: the journal survives the death of its process (the case it is for); a
@@ -123,6 +130,12 @@ class Journal:
     def pending(self) -> list[dict[str, Any]]:
         with self._lock:
             return pending_writes(read_records(self.path))
+
+    def release(self) -> None:
+        """Let the journal go as it is (nothing deleted)."""
+        with self._lock:
+            if not self._handle.closed:
+                self._handle.close()
 
     def close(self) -> bool:
         """Release the journal; deleted when every write in it is confirmed. True when deleted."""
@@ -154,8 +167,12 @@ def journals(directory: str | Path) -> list[Path]:
 
 
 def claimable(directory: str | Path) -> Iterator[Journal]:
-    """The journals in `directory` whose processes have ended, each claimed (locked) by this process in turn."""
+    """The journals in `directory` whose processes have ended, each claimed (locked) by this process in turn and
+    released when the caller asks for the next (unless the caller closed it already)."""
     for path in journals(directory):
         journal = Journal.claim(path)
         if journal is not None:
-            yield journal
+            try:
+                yield journal
+            finally:
+                journal.release()
