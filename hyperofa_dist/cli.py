@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         if entry.launch_section:
             parser_.add_argument("--hostfile", help="DeepSpeed hostfile (`host slots=N` lines) for a multi-node job")
             parser_.add_argument("--num_nodes", type=int, help="use this many nodes of the hostfile")
-            parser_.add_argument("--launcher", help="multi-node launcher: pdsh, openmpi, mvapich, slurm, mpich, impi")
+            parser_.add_argument("--launcher", help="multi-node launcher: pdsh, openmpi, mvapich, slurm, mpich, impi, nossh")
     benches = sub.add_parser("bench", help="benchmarks that print one JSON line", description="benchmarks")
     bench_sub = benches.add_subparsers(dest="bench", metavar="<bench>")
     for entry in BENCHES:
@@ -78,6 +78,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    from .runtime.process import raise_on_termination
+
+    raise_on_termination()  # SIGTERM unwinds like Ctrl-C: MLflow runs end, locks and shared memory are released
     try:
         from .config import load_config
 
@@ -98,17 +101,19 @@ def main(argv: Optional[list[str]] = None) -> int:
             if args.bench is None:
                 parser.parse_args(["bench", "--help"])
             return int(bench(args.bench).load()(config, args) or 0)
+        from .runtime.preflight import run_dir
         from .tracking import make_tracker
 
+        run_dir(config, args.command)  # before MLflow touches a store there
         tracker = make_tracker(config)
         with tracker.session(args.command, config):
             return int(entry.load()(config, tracker) or 0)
     except HyperofaError as exc:
         print(f"hyperofa {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"hyperofa {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        print(f"hyperofa {args.command}: interrupted ({exc or 'SIGINT'})", file=sys.stderr)
+        return 128 + getattr(exc, "signum", 2)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import Any, Literal, Optional
+from urllib.parse import urlparse
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -45,6 +46,42 @@ class Section(BaseModel):
 class RunConfig(Section):
     dir: str = Execution("runs/default", description="Run directory; every stage writes <dir>/<stage>/.")
     seed: int = Field(0, ge=0, description="Global seed: every random choice of every stage derives from it.")
+    verify_inputs: bool = Execution(
+        False,
+        description="Preflight reads input files in full (each prepare shard's sha256 against the prepare "
+        "manifest) instead of checking their sizes and indexes only.",
+    )
+
+
+# The tracking-store schemes MLflow 3 registers itself (mlflow.tracking._tracking_service.utils); the database
+# engines also take a driver (`postgresql+psycopg2://`). Anything else must be a plugin MLflow knows.
+MLFLOW_SCHEMES = ("", "file", "http", "https", "databricks", "databricks-uc", "uc")
+MLFLOW_DATABASES = ("sqlite", "postgresql", "mysql", "mssql")
+
+
+def check_tracking_uri(uri: str) -> str:
+    """Why `uri` cannot be an MLflow tracking store ('' when it can): the scheme is one MLflow accepts, an http(s)
+    URI names a host, a database URI is `engine[+driver]://...` (sqlite: `sqlite:///<path>`)."""
+    scheme = urlparse(uri).scheme.lower()
+    if len(scheme) == 1 and scheme.isalpha():  # a Windows drive letter: a local path, MLflow's file store
+        scheme = ""
+    if scheme in ("http", "https"):
+        return "" if urlparse(uri).netloc else "an http(s) tracking URI needs a host, e.g. http://mlflow-host:5000"
+    if scheme == "sqlite":
+        return "" if uri.startswith("sqlite:///") else "a sqlite tracking URI is sqlite:///<path of the .db file>"
+    if scheme in MLFLOW_SCHEMES or scheme.split("+")[0] in MLFLOW_DATABASES:
+        return ""
+    try:  # a tracking-store plugin registered through the `mlflow.tracking_store` entry point
+        from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+        if scheme in _tracking_store_registry._registry:
+            return ""
+    except Exception:  # an MLflow without that private registry: only the built-in schemes are known
+        pass
+    return (
+        f"scheme {scheme!r} is not an MLflow tracking store (use a path, file:, sqlite:///, postgresql://, "
+        "mysql://, mssql://, http(s):// or databricks)"
+    )
 
 
 class TrackingConfig(Section):
@@ -69,6 +106,15 @@ class TrackingConfig(Section):
         10.0, ge=0, description="How long ending a run waits for undelivered writes; the rest stay in the journal "
         "for the next command to replay."
     )
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _scheme(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None:
+            problem = check_tracking_uri(value) if value.strip() else "must be unset or a URI"
+            if problem:
+                raise ValueError(problem)
+        return value
 
 
 class RayConfig(Section):
@@ -100,6 +146,13 @@ class CorpusConfig(Section):
     hub_name: str = Field("cis-lmu/Glot500", description="HF dataset used when format is hub.")
     languages: Optional[list[str]] = Field(
         None, description="Languages to use (lang_Script codes); unset means every language found."
+    )
+    max_noise_share: float = Execution(
+        0.5,
+        gt=0.0,
+        le=1.0,
+        description="Refuse a language whose sampled text has a larger share of invalid UTF-8 or non-letter "
+        "characters (whitespace aside): binary or markup files; 1 turns the check off.",
     )
 
     @field_validator("languages")
@@ -196,8 +249,8 @@ class LaunchConfig(Section):
     )
     hostfile: Optional[str] = Execution(None, description="DeepSpeed hostfile (`host slots=N` lines) for multi-node.")
     num_nodes: Optional[int] = Execution(None, ge=1, description="Use this many nodes of the hostfile.")
-    launcher: Literal["pdsh", "openmpi", "mvapich", "slurm", "mpich", "impi"] = Execution(
-        "pdsh", description="DeepSpeed multi-node launcher backend."
+    launcher: Literal["pdsh", "openmpi", "mvapich", "slurm", "mpich", "impi", "nossh"] = Execution(
+        "pdsh", description="DeepSpeed multi-node launcher backend; nossh: every node starts its own (launch/nossh_node.sh)."
     )
     master_port: Optional[int] = Execution(
         None, ge=1, le=65535, description="Rendezvous port of rank 0; unset: a free port locally, 29500 multi-node."
@@ -251,6 +304,9 @@ class PretrainConfig(LaunchConfig):
         0, ge=0, description="First N steps train only the non-copied embedding rows (encoder, copied rows frozen)."
     )
     resume: bool = Execution(False, description="Continue from the latest checkpoint in <stage>/checkpoints.")
+    allow_config_change: bool = Execution(
+        False, description="Resume even when result-changing keys differ from the checkpoint's (recorded as a change)."
+    )
     universal: bool = Execution(
         False, description="Resume through a universal checkpoint (converted once): needed when the rank count changes."
     )
@@ -392,6 +448,11 @@ class VectorsTrainConfig(Section):
     negative: int = Field(5, ge=1, description="Negative samples per (word, sentence id) pair.")
     workers: int = Field(1, ge=1, description="gensim threads; only 1 gives byte-identical vectors on a re-run.")
     lowercase: bool = Field(True, description="Lowercase words before training (keys are iso:word).")
+    prefix_aligned: bool = Execution(
+        False,
+        description="Accept files with fewer lines than the longest, read as translations of its first lines; "
+        "false: every file must have the same number of lines.",
+    )
 
 
 class VectorsConfig(Section):
@@ -466,6 +527,9 @@ class HypernetConfig(LaunchConfig):
         None, ge=1, description="Stop after this many epochs without a lower validation loss; unset: never."
     )
     resume: bool = Execution(False, description="Continue from the latest checkpoint in <run.dir>/hypernet/checkpoints.")
+    allow_config_change: bool = Execution(
+        False, description="Resume even when result-changing keys differ from the checkpoint's (recorded as a change)."
+    )
     stop_after_epoch: Optional[int] = Execution(
         None, ge=0, description="End this invocation after that epoch (0-based) and its checkpoint; resume later."
     )
@@ -549,18 +613,69 @@ def _result_values(section: BaseModel) -> dict[str, Any]:
     return out
 
 
+class ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 floats: YAML 1.1 (what PyYAML implements) reads `5e-5` and `1e-08`, the
+    spellings every learning rate and epsilon is written in, as strings, because its float needs a dot."""
+
+
+ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:float"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str, where: str) -> Any:
+    """YAML with 1.2 floats and no repeated key in any mapping (PyYAML keeps the last one silently, so a key
+    written twice would quietly override the first); errors name `where`."""
+    try:
+        root = yaml.compose(text, Loader=ConfigLoader)
+    except yaml.YAMLError as exc:
+        raise HyperofaError(f"{where}: not valid YAML ({exc.__class__.__name__})") from None
+    if root is None:
+        return None
+    _reject_duplicate_keys(root, [], where)
+    return yaml.load(text, Loader=ConfigLoader)
+
+
+def _reject_duplicate_keys(node: yaml.Node, path: list[str], where: str) -> None:
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key, value in node.value:
+            name = str(key.value)
+            if isinstance(key, yaml.ScalarNode) and name in seen:
+                raise HyperofaError(
+                    f"{where}: key {'.'.join([*path, name])} appears twice (lines {seen[name]} and "
+                    f"{key.start_mark.line + 1})"
+                )
+            seen[name] = key.start_mark.line + 1
+            _reject_duplicate_keys(value, [*path, name], where)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _reject_duplicate_keys(item, [*path, str(i)], where)
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """`a.b.c=value` -> (['a','b','c'], value); the value is read as YAML so 3, 0.5, true, null, [x, y] work."""
+    """`a.b.c=value` -> (['a','b','c'], value); the value is read as YAML so 3, 0.5, 5e-5, true, null, [x, y]
+    work."""
     if "=" not in text:
         raise HyperofaError(f"override {text!r} is not key=value")
     key, raw = text.split("=", 1)
     parts = key.strip().split(".")
     if not all(parts):
         raise HyperofaError(f"override {text!r} has an empty key part")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as exc:
-        raise HyperofaError(f"override {text!r}: value is not valid YAML ({exc.__class__.__name__})") from None
+    value = yaml_load(raw, f"override {text!r}: value") if raw.strip() else None
     return parts, value
 
 
@@ -579,7 +694,8 @@ def _describe(error: ValidationError) -> str:
     key = ".".join(str(p) for p in first["loc"]) or "<root>"
     if first["type"] == "extra_forbidden":
         return f"config key {key} does not exist"
-    return f"config key {key}: {first['msg']} (got {first.get('input')!r})"
+    message = first["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's ValueError
+    return f"config key {key}: {message} (got {first.get('input')!r})"
 
 
 def build_config(tree: dict[str, Any]) -> Config:
@@ -597,9 +713,10 @@ def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | 
         if not path.is_file():
             raise HyperofaError(f"{path}: config file not found")
         try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
             raise HyperofaError(f"{path}: not valid YAML ({exc.__class__.__name__})") from None
+        loaded = yaml_load(text, str(path))
         if loaded is not None and not isinstance(loaded, dict):
             raise HyperofaError(f"{path}: top level must be a mapping of sections")
         tree = loaded or {}

@@ -250,8 +250,13 @@ class MlflowTracker(NullTracker):
         try:
             yield self
             status = "FINISHED"
-        except KeyboardInterrupt:  # Ctrl-C, or a termination signal turned into one: the run was killed
-            status = "KILLED"
+        except BaseException as exc:
+            # Ctrl-C, or a termination signal turned into one (runtime/process.py's Interrupted): the run was killed.
+            status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+            if not terminate:
+                # A rank stopped inside a run its driver owns: the driver may be gone (SIGKILLed, so the rank got
+                # SIGTERM from its supervisor), and nobody else would end the run; a live driver ends it again.
+                self._put({"op": "terminate", "run": run_id, "status": status, "end_time": _now_ms()})
             raise
         finally:
             if terminate:

@@ -55,12 +55,13 @@ def source_tokenizers(tmp_path_factory, small_corpus) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def trained_vectors(tmp_path_factory, small_corpus) -> Path:
-    """Cross-lingual `iso:word` vectors trained here by `hyperofa vectors train` on the parallel small_corpus."""
+    """Cross-lingual `iso:word` vectors trained here by `hyperofa vectors train` on the parallel small_corpus (its
+    skewed files are prefixes of one aligned corpus, hence prefix_aligned)."""
     from hyperofa_dist import cli
 
     run_dir = tmp_path_factory.mktemp("vectors_run")
     argv = ["vectors", "train", f"run.dir={run_dir}", f"vectors.train.corpus={small_corpus}", "tracking.enabled=false",
-            "vectors.train.dim=48", "vectors.train.epochs=10", "vectors.train.alpha=0.25"]
+            "vectors.train.dim=48", "vectors.train.epochs=10", "vectors.train.alpha=0.25", "vectors.train.prefix_aligned=true"]
     assert cli.main(argv) == 0
     return run_dir / "vectors" / "vectors.kv"
 

@@ -179,7 +179,7 @@ def test_truncated_model_weights_stop_evaluate(shard_world, tmp_path, capsys):
     truncate(model / "model.safetensors")
     argv = ["evaluate", "--model", str(model), "--tasks", "mlm", f"run.dir={tmp_path / 'run'}",
             f"evaluate.heldout_dir={prepare}", "tracking.enabled=false"]
-    fails_in_one_line(capsys, argv, str(model), "cannot load the model")
+    fails_in_one_line(capsys, argv, str(model / "model.safetensors"), "weights are truncated")
 
 
 # --- evaluation results (read by the pipeline's summary) ---------------------------------------------------------

@@ -22,7 +22,9 @@ def test_local_launch_names_ranks_and_a_port_before_the_module(tmp_path):
     cmd = launch_command(p, tmp_path / "job.json", PRETRAIN)
     assert _flag(cmd, "--num_gpus") == "3" and _flag(cmd, "--master_port") == "29611"
     assert cmd.index("--num_gpus") < cmd.index("--module") and "--hostfile" not in cmd
-    assert cmd[-3:] == ["hyperofa_dist.pretrain.train", "--job", str(tmp_path / "job.json")]
+    # every rank runs under its supervisor, which starts the job module as its child
+    assert cmd[-6:] == ["--module", "hyperofa_dist.runtime.rank", "--target", "hyperofa_dist.pretrain.train", "--job",
+                        str(tmp_path / "job.json")]
 
 
 def test_multi_node_launch_puts_launcher_flags_before_the_module(tmp_path):
@@ -53,3 +55,16 @@ def test_shm_clean_up_removes_only_this_launchs_segments(tmp_path):
     assert remove_shm_buffers("29611", tmp_path) == 2
     assert not any(p.exists() for p in ours) and all(p.exists() for p in others)
     assert remove_shm_buffers("29611", tmp_path) == 0
+
+
+def test_local_rendezvous_port_is_free_and_below_the_ephemeral_range():
+    import socket
+
+    from hyperofa_dist.runtime.launch import _ephemeral_low, free_port
+
+    low = _ephemeral_low()
+    ports = {free_port() for _ in range(20)}
+    assert all(max(1024, low - 12000) <= p < low for p in ports) and len(ports) > 1
+    for port in list(ports)[:3]:
+        with socket.socket() as sock:
+            sock.bind(("", port))

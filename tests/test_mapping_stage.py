@@ -132,6 +132,35 @@ def test_two_runs_are_byte_identical_rerun_is_a_no_op_and_k_equal_d_works(ray_cl
     assert {p.name: p.stat().st_mtime_ns for p in runs[0].iterdir()} == stamps
 
 
+def test_a_truncated_output_rebuilds_the_stage_and_a_moved_run_dir_stays_up_to_date(ray_cluster, models, target_dir,
+                                                                                    trained_vectors, tmp_path, capfd):
+    import shutil
+
+    vectors = tmp_path / "run" / "vectors.kv"  # inside the run dir, as the demo's trained vectors are
+    vectors.parent.mkdir()
+    for companion in trained_vectors.parent.glob(trained_vectors.name + "*"):
+        shutil.copy2(companion, vectors.parent / companion.name)
+    config = _config(tmp_path / "run", models["xlmr"], target_dir, vectors)
+    assert run_mapping_stage(config, NullTracker()) == 0
+    out = tmp_path / "run" / "mapping"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert "vectors_path" in manifest and str(tmp_path) not in json.dumps(manifest["inputs"])
+    good = (out / "postings_target.npz").read_bytes()
+    (out / "postings_target.npz").write_bytes(good[: len(good) // 2])
+    capfd.readouterr()
+    assert run_mapping_stage(config, NullTracker()) == 0
+    err = capfd.readouterr().err
+    assert (f"hyperofa mapping: {out / 'postings_target.npz'} has {len(good) // 2} bytes, the manifest records "
+            f"{len(good)}; rebuilding the stage") in err
+    assert (out / "postings_target.npz").read_bytes() == good
+
+    shutil.move(tmp_path / "run", tmp_path / "moved")
+    moved = _config(tmp_path / "moved", models["xlmr"], target_dir, tmp_path / "moved" / "vectors.kv")
+    capfd.readouterr()
+    assert run_mapping_stage(moved, NullTracker()) == 0
+    assert f"hyperofa mapping: up to date ({tmp_path / 'moved' / 'mapping' / 'manifest.json'})" in capfd.readouterr().err
+
+
 def test_statistics_reach_mlflow_and_identical_target_warns(ray_cluster, models, source_tokenizers, trained_vectors, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 

@@ -190,9 +190,10 @@ def test_pipeline_against_a_real_mlflow_server(world, mlflow_server, tmp_path):
 
 
 def _rank_pids(stage_dir: Path) -> list[int]:
-    """The ranks of this test's own job (its job file's path is unique): never a process of anyone else."""
-    pattern = f"hyperofa_dist[.]pretrain[.]train .*--job {stage_dir}/job[.]json"
-    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True)
+    """The ranks of this test's own job (its job file's path is unique), not their supervisors
+    (`-m hyperofa_dist.runtime.rank ... --target <module>`): never a process of anyone else."""
+    pattern = f"-m hyperofa_dist[.]pretrain[.]train .*--job {stage_dir}/job[.]json"
+    out = subprocess.run(["pgrep", "-f", "--", pattern], capture_output=True, text=True)
     return [int(x) for x in out.stdout.split()]
 
 
@@ -230,6 +231,29 @@ def test_killed_rank_then_pipeline_again_resumes_and_completes(world):
     assert (stage_dir / "model" / "config.json").is_file()
     # earlier stages were found up to date, not rebuilt
     assert "up to date" in again.stderr
+
+
+def test_a_moved_run_dir_finds_every_stage_up_to_date(world, tmp_path):
+    """Runs after the killed-rank test: that pipeline left every stage of method ofa complete."""
+    run_dir, paths = world
+    moved = tmp_path / "moved"
+    shutil.copytree(run_dir, moved)  # copy2 keeps mtimes: the verified hashes stay cached
+    shutil.rmtree(run_dir)
+    try:
+        extra = ("tracking.enabled=false", "pipeline.methods=[ofa]", "pipeline.compare=false",
+                 "pretrain.steps=40", "pretrain.save_every=5", "pretrain.eval_every=40")
+        world_paths = type(paths)(moved / "world")
+        started = time.time()
+        out = subprocess.run(pipeline_cmd(moved, world_paths, *extra), capture_output=True, text=True, timeout=900)
+        assert out.returncode == 0, out.stderr[-3000:]
+        said = [line for line in out.stderr.splitlines() if line.startswith("hyperofa ") and ": " in line]
+        stages = ("tokenizer", "prepare", "vectors", "mapping", "init", "evaluate", "pretrain")
+        for stage in stages:
+            assert any(line.startswith(f"hyperofa {stage}: up to date") for line in said), (stage, said)
+        assert not any("rebuilding" in line or "launching" in line for line in said), said
+        assert time.time() - started < 300
+    finally:
+        shutil.copytree(moved, run_dir)
 
 
 def test_unreachable_mlflow_server_fails_before_any_work(tmp_path):

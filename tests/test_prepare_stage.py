@@ -231,6 +231,58 @@ def test_rerun_rewrites_nothing_and_a_deleted_shard_comes_back_identical(run_a, 
     assert without_run_dir(manifest) == without_run_dir(manifest_a)
 
 
+def test_a_same_size_byte_flip_in_a_shard_is_found_and_only_that_shard_is_written_again(run_a, tmp_path, capfd):
+    config_a, manifest_a = run_a
+    run_dir = tmp_path / "copy"
+    shutil.copytree(config_a.run_dir, run_dir)
+    config = config_a.model_copy(update={"run": config_a.run.model_copy(update={"dir": str(run_dir)})})
+    stage = run_dir / "prepare"
+    victim = manifest_a["outputs"][len(manifest_a["outputs"]) // 3]["path"]
+    original = (stage / victim).read_bytes()
+    flipped = bytearray(original)
+    flipped[len(flipped) // 2] ^= 0x40
+    (stage / victim).write_bytes(bytes(flipped))
+    before = _mtimes(stage)
+    time.sleep(0.01)
+    capfd.readouterr()
+    manifest = prepare(config)
+    err = capfd.readouterr().err
+    assert f"hyperofa prepare: {stage / victim} differs from the manifest (sha256); rebuilding the stage" in err
+    assert "up to date" not in err
+    assert (stage / victim).read_bytes() == original
+    after = _mtimes(stage)
+    assert {p for p in before if p.endswith(".tar") and after.get(p) != before[p]} == {victim}
+    assert without_run_dir(manifest) == without_run_dir(manifest_a)
+    capfd.readouterr()
+    prepare(config)
+    assert "up to date" in capfd.readouterr().err
+
+
+def test_after_a_failed_prepare_a_changed_execution_key_redoes_only_the_missing_chunks(run_a, tmp_path):
+    config_a, manifest_a = run_a
+    smallest = min(manifest_a["counts"]["languages"], key=lambda lang: manifest_a["counts"]["languages"][lang]["lines"])
+    config = make_config(tmp_path / "failed", config_a.corpus.path, config_a.tokenizer.path, prepare__max_retries=0)
+    stage = config.run_dir / "prepare"
+    # A directory where the smallest language's first shard goes: its task fails (the smallest tasks run last).
+    blocker = stage / "train" / smallest / f"{smallest}-00000-000000.tar"
+    (blocker / "in-the-way").mkdir(parents=True)
+    with pytest.raises(Exception, match="in-the-way|Is a directory|Directory not empty"):
+        prepare(config)
+    assert not (stage / "manifest.json").exists()
+    records = stage / "chunks"
+    done = {p.name: p.stat().st_mtime_ns for p in records.iterdir()} if records.is_dir() else {}
+    n_chunks = len(list((config_a.run_dir / "prepare" / "chunks").iterdir()))
+    assert 0 < len(done) < n_chunks, (len(done), n_chunks)
+    shutil.rmtree(blocker)
+
+    retried = make_config(tmp_path / "failed", config_a.corpus.path, config_a.tokenizer.path, prepare__max_retries=5)
+    manifest = prepare(retried)
+    after = {p.name: p.stat().st_mtime_ns for p in records.iterdir()}
+    assert len(after) == n_chunks
+    assert {name: after[name] for name in done} == done  # the chunks finished before were not run again
+    assert without_run_dir(manifest)["outputs"] == without_run_dir(manifest_a)["outputs"]
+
+
 def test_killed_worker_is_retried_and_manifest_equals_uninterrupted_run(tmp_path, world, prep_tokenizer, ray_cluster):
     corpus = tmp_path / "corpus"
     synthetic.write_corpus(corpus, world, synthetic.skewed_sizes(world.languages, 12000, 0.5), seed=3)

@@ -206,8 +206,11 @@ def test_resume_errors_before_launch(quick_world, tmp_path):
     (ckpt / "step00000004").mkdir(parents=True)
     (ckpt / "latest").write_text("step00000004")
     (ckpt / "step00000004" / "hyperofa.json").write_text(json.dumps({"world_size": 4, "step": 4}))
-    with pytest.raises(HyperofaError, match="written by 4 ranks, this launch has 2; set pretrain.universal=true"):
+    with pytest.raises(HyperofaError, match="step00000004: records no fingerprint of the settings"):
         run_pretrain_stage(_config(quick_world, tmp_path, "pretrain.resume=true"), NullTracker())
+    with pytest.raises(HyperofaError, match="written by 4 ranks, this launch has 2; set pretrain.universal=true"):
+        run_pretrain_stage(_config(quick_world, tmp_path, "pretrain.resume=true", "pretrain.allow_config_change=true"),
+                           NullTracker())
     with pytest.raises(HyperofaError, match="checkpoints of an earlier run exist"):
         run_pretrain_stage(_config(quick_world, tmp_path), NullTracker())
     with pytest.raises(HyperofaError, match="language_weights names languages without training shards"):

@@ -175,15 +175,29 @@ def test_zero2_run_is_tracked_in_mlflow(run_a):
     assert version.run_id == run.info.run_id and version.tags["hyperofa.step"] == "6"
 
 
-def test_zero3_killed_then_resumed_repeats_the_uninterrupted_losses(run_a, job_world):
+def test_zero3_killed_then_resumed_repeats_the_uninterrupted_losses(run_a, job_world, capfd):
     config = _config(job_world, "bc", "pretrain.zero=zero3", "tracking.enabled=false")
     stage_dir = config.run_dir / "pretrain" / "hyperofa"
+    capfd.readouterr()
     with pytest.raises(HyperofaError, match="exited with status .*last checkpoint is .*step00000004"):
         _run(config, fault="kill@5")
+    # the driver names the rank that died, how, and where its output is
+    log = stage_dir / "logs" / "rank0.log"
+    said = [line for line in capfd.readouterr().err.splitlines() if line.startswith("hyperofa: rank 0 (pid ")]
+    assert len(said) == 1 and "was killed by SIGKILL" in said[0] and said[0].endswith(f"its output: {log}"), said
+    assert "hyperofa pretrain: step 4/6 loss" in log.read_text()  # rank 0's own output, up to its death
     assert (stage_dir / "checkpoints" / "latest").read_text().strip() == "step00000004"
     assert not (stage_dir / "manifest.json").exists()
-    resumed = _config(job_world, "bc", "pretrain.zero=zero3", "tracking.enabled=false", "pretrain.resume=true")
+    # a result-changing key differs from the checkpoint's: refused before anything is launched
+    with pytest.raises(HyperofaError, match=r"step00000004: resume refused.*pretrain\.lr 0\.005 -> 0\.001.*"
+                                            r"pretrain\.allow_config_change=true"):
+        _run(_config(job_world, "bc", "pretrain.zero=zero3", "tracking.enabled=false", "pretrain.resume=true",
+                     "pretrain.lr=0.001"))
+    # execution-only keys (logging cadence, port) never count
+    resumed = _config(job_world, "bc", "pretrain.zero=zero3", "tracking.enabled=false", "pretrain.resume=true",
+                      "pretrain.log_every=2", "pretrain.master_port=29731")
     assert _run(resumed) == 0
+    assert json.loads((stage_dir / "manifest.json").read_text())["config_changes"] == []
     expected, got = _losses(run_a), _losses(stage_dir)
     assert sorted(got) == sorted(expected)
     for step in expected:
@@ -200,6 +214,10 @@ def test_two_rank_checkpoint_resumes_on_one_rank_then_nan_stops_keeping_the_last
                      "pretrain.save_every=1", "pretrain.eval_every=100")
     stage_dir = config.run_dir / "pretrain" / "hyperofa"
     shutil.copytree(run_a / "checkpoints", stage_dir / "checkpoints")
+    with pytest.raises(HyperofaError, match=r"differ from the ones this checkpoint was trained with: "
+                                            r"pretrain\.save_every 2 -> 1, pretrain\.steps 6 -> 9; "):
+        _run(config)
+    config = config.with_changes({"pretrain.allow_config_change": True})
     with pytest.raises(HyperofaError, match=r"loss became nan at step 9 .*last good checkpoint is .*step00000008"):
         _run(config, fault="nan@9")
     ckpt = stage_dir / "checkpoints"
@@ -213,6 +231,9 @@ def test_two_rank_checkpoint_resumes_on_one_rank_then_nan_stops_keeping_the_last
     assert all(np.isfinite(r["loss"]) for r in rows)
     info = json.loads((ckpt / "step00000008" / "hyperofa.json").read_text())
     assert info["world_size"] == 1 and info["step"] == 8
+    # the checkpoints written after the allowed change carry it: which keys, from what to what, at which step
+    assert info["provenance"]["changes"] == [{"step": 6, "tag": "step00000006", "changed": {
+        "pretrain.save_every": [2, 1], "pretrain.steps": [6, 9]}}]
 
 
 # --- factorised embeddings ----------------------------------------------------------------------------------

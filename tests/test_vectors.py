@@ -155,7 +155,7 @@ def test_trained_vectors_put_translations_next_to_each_other(trained_vectors, sm
 
 def test_vectors_train_is_reproducible_and_a_rerun_is_a_no_op(trained_vectors, small_corpus, tmp_path, capsys):
     argv = ["vectors", "train", f"run.dir={tmp_path}", f"vectors.train.corpus={small_corpus}", "tracking.enabled=false",
-            "vectors.train.dim=48", "vectors.train.epochs=10", "vectors.train.alpha=0.25"]
+            "vectors.train.dim=48", "vectors.train.epochs=10", "vectors.train.alpha=0.25", "vectors.train.prefix_aligned=true"]
     assert cli.main(argv) == 0
     ours = tmp_path / "vectors" / "vectors.kv"
     assert ours.read_bytes() == trained_vectors.read_bytes()

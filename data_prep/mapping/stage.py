@@ -49,7 +49,8 @@ def run(config: Config, tracker: Any) -> int:
     vectors_path = resolve_vectors_path(config)
     target_dir = target_tokenizer_dir(config)
     inputs = {
-        "vectors": {"path": str(vectors_path), "fingerprint": fingerprint_path(vectors_path)},
+        # The vectors' content, not their location: a moved run directory (or vectors file) stays up to date.
+        "vectors": {"fingerprint": fingerprint_path(vectors_path)},
         "source": source_identity(config),
         "target_tokenizer": tokenizer_fingerprint(target_dir),
         "k": k,
@@ -141,8 +142,9 @@ def run(config: Config, tracker: Any) -> int:
             **{f"split_{name}": n for name, n in stats["split"].items()},
         }
         tokenizers = {"source": config.source.tokenizer or config.source.model, "target": target_dir}
-        shell.finish(outputs=outputs, counts=counts, extra={"factorized": factors.factorized, "timings": timings,
-                                                            **ignored_settings(tokenizers, shell.say)})
+        shell.finish(outputs=outputs, counts=counts,
+                     extra={"factorized": factors.factorized, "timings": timings, "vectors_path": str(vectors_path),
+                            **ignored_settings(tokenizers, shell.say)})
         shell.run.log_metrics(numeric_metrics(stats) | timings)
         shell.run.log_artifact(shell.path / STATS)
         shell.say(

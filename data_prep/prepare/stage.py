@@ -8,10 +8,10 @@ task reads about `prepare.chunk_bytes`. Two rounds:
 2. prepare: each task runs `chunk.process_chunk` on its units with the target tokenizer's Rust backend (shipped
    once through the object store, loaded once per worker process) and returns the chunks' records only.
 
-A chunk whose record matches the stage's inputs is not run again; one whose shard went missing runs again and
-writes only the missing shard (the bytes are identical by construction). The manifest is written last from
-the records alone, so a run whose workers died and were retried ends with the same manifest as one that ran
-straight through.
+A chunk whose record matches the stage's inputs is not run again; one whose shard went missing or differs from
+its recorded size or sha256 runs again and writes only that shard (the bytes are identical by construction). The
+manifest is written last from the records alone, so a run whose workers died and were retried ends with the same
+manifest as one that ran straight through.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from hyperofa_dist.formats.tokenizer import (
     tokenizer_fingerprint,
     worker_backend,
 )
+from hyperofa_dist.runtime import preflight
 from hyperofa_dist.runtime.ray import ray_session, run_tasks
 from hyperofa_dist.runtime.stage import StageShell
 
@@ -199,6 +200,7 @@ def run(config: Config, tracker) -> int:
     pad = tokenizer.pad_token_id
     specials = Specials(*frame_ids(tokenizer, tokenizer_dir), pad=int(pad) if pad is not None else None)
     sources = discover(config.corpus)
+    samples = preflight.corpus_text(sources, config.corpus.max_noise_share)
     inputs = {
         "config": config.fingerprint("prepare", "corpus", "run"),
         "packing": RULES,
@@ -206,6 +208,11 @@ def run(config: Config, tracker) -> int:
         "corpus": corpus_fingerprint(sources, config.corpus.path),
     }
     languages = [s.lang for s in sources]
+    stage_dir = Stage(config.run_dir, STAGE).path
+    preflight.free_space(
+        stage_dir, preflight.prepare_bytes(samples, tokenizer, config),
+        "prepare's shards (estimated from a sample of the corpus)", reclaimable=preflight.used_bytes(stage_dir),
+    )
 
     with StageShell.open(config, tracker, STAGE, Stage(config.run_dir, STAGE), inputs) as shell:
         run_ = shell.run
@@ -241,9 +248,13 @@ def run(config: Config, tracker) -> int:
             jobs: list[ChunkJob] = []
             records: list[dict[str, Any]] = []
             for unit, record_digest, record in zip(units, unit_digests, previous):
-                if record is not None and shell.stage.outputs_intact(record["shards"]):
-                    records.append(record)
-                    continue
+                if record is not None:
+                    damaged = shell.stage.damaged_records(record["shards"])
+                    if not damaged:
+                        records.append(record)
+                        continue
+                    for shard, _ in damaged:  # a shard that differs is written again, like a missing one
+                        (shell.path / shard["path"]).unlink(missing_ok=True)
                 plan = plans[unit.lang][unit.chunk] if plans is not None else None
                 jobs.append(ChunkJob(unit, plan, record_digest, keep_existing=record is not None))
             by_unit = {job.unit: job for job in jobs}

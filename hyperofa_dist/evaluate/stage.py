@@ -27,15 +27,16 @@ from ..formats import results as out_format
 from ..formats.files import sha256_file
 from ..formats import init as init_format
 from ..formats import pretrain as pretrain_format
-from ..formats.models import CONFIG, load_model, model_fingerprint, read_model_config
+from ..formats.models import load_model, model_fingerprint
 from ..formats.shards import first_blocks, heldout_shards, prepare_dir, shards_by_language
 from ..formats.tokenizer import ignored_settings, load_tokenizer
+from ..runtime import preflight
 from ..runtime.device import resolve_device
 from ..runtime.stage import StageShell
 from ..tracking import METHOD_TAG, STEP_TAG
 from . import mlm, retrieval, tagging
 from .languages import resolve
-from .model import check_model_vocabulary, check_vocabulary, hidden_state_index, resolve_model_dir
+from .model import check_model_vocabulary, hidden_state_index, resolve_model_dir
 
 TASK_DIRS = {"srt": ("srt", "tatoeba"), "srb": ("srb", "bible"), "pos": ("pos", "udpos"), "ner": ("ner", "panx")}
 MAIN_METRIC = {"srt": "top10", "srb": "top10", "pos": "f1", "ner": "f1", "mlm": "loss"}
@@ -210,7 +211,10 @@ def run(config: Config, tracker: Any) -> int:
     name = ev.name or default_name(model_dir, config.run_dir)
     stage = out_format.stage_of(config.run_dir, name)
     method = ev.init_method or init_format.method_of(model_dir) or pretrain_format.method_of(model_dir)
-    _check_vocab_cheaply(model_dir)
+    preflight.model(model_dir, "evaluate.model", mask="mlm" in ev.tasks)
+    if "mlm" in ev.tasks:
+        heldout = _heldout_dir(config)
+        preflight.shards(heldout_shards(heldout), heldout, verify=config.run.verify_inputs, block_size=None)
     inputs = _inputs(config, model_dir)
     results_path = stage.path / out_format.RESULTS
     output = Path(ev.output).resolve() if ev.output else results_path
@@ -246,10 +250,3 @@ def run(config: Config, tracker: Any) -> int:
     shell.say(f"{name}: {summary} -> {output}")
     return 0
 
-
-def _check_vocab_cheaply(model_dir: Path) -> None:
-    """Fail before any work when the tokenizer has ids the model has no embedding for (config.vocab_size)."""
-    rows = read_model_config(model_dir).get("vocab_size")
-    if not isinstance(rows, int):
-        raise HyperofaError(f"{model_dir / CONFIG}: no vocab_size")
-    check_vocabulary(len(load_tokenizer(model_dir)), rows, model_dir)

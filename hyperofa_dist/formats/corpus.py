@@ -302,3 +302,64 @@ def iter_sentences(source: LanguageSource, normalization: str = "NFC", limit: Op
                 count += 1
                 if limit is not None and count >= limit:
                     return
+
+
+# --- samples for the preflight checks -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TextSample:
+    """Raw text spread over one corpus file, for checks and estimates that must not read the whole file."""
+
+    path: Path
+    text: str  # decoded with invalid UTF-8 replaced by U+FFFD, one replacement per bad sequence
+    lines: int  # lines the sample holds
+    sample_bytes: int  # uncompressed bytes the sample holds
+    total_bytes: int  # uncompressed bytes of the whole file (estimated for gzip and tables)
+
+
+SAMPLE_BYTES = 1 << 18
+SAMPLE_WINDOWS = 16
+
+
+def sample_text(path: str | Path, budget: int = SAMPLE_BYTES) -> TextSample:
+    """About `budget` bytes of a corpus file: all of a small plain-text file, else `SAMPLE_WINDOWS` whole-line
+    windows spread over it (a file that is text only at its start is still caught); the first `budget`
+    uncompressed bytes of a gzip file; the first rows of a parquet/jsonl file."""
+    path = Path(path)
+    if path.name.endswith(".txt"):
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            if size <= budget:
+                data = handle.read()
+            else:
+                window, parts = budget // SAMPLE_WINDOWS, []
+                for i in range(SAMPLE_WINDOWS):
+                    start = (size - window) * i // (SAMPLE_WINDOWS - 1)
+                    handle.seek(start)
+                    piece = handle.read(window)
+                    if start > 0:
+                        piece = piece.partition(b"\n")[2]  # from the first whole line on
+                    parts.append(piece.rpartition(b"\n")[0] if b"\n" in piece else piece)
+                data = b"\n".join(parts)
+        return TextSample(path, data.decode("utf-8", errors="replace"), data.count(b"\n") + 1, len(data), size)
+    if path.name.endswith(".txt.gz"):
+        try:
+            with open(path, "rb") as raw, gzip.open(raw, "rb") as handle:
+                data = handle.read(budget)
+                whole = not handle.read(1)
+                consumed = raw.tell()
+        except (OSError, EOFError) as exc:
+            raise HyperofaError(f"{path}: corrupt gzip file ({exc})") from None
+        total = len(data) if whole else int(len(data) * path.stat().st_size / max(consumed, 1))
+        return TextSample(path, data.decode("utf-8", errors="replace"), data.count(b"\n") + 1, len(data), total)
+    table = _table(path)
+    texts, used = [], 0
+    for start in range(0, table.num_rows, 1000):
+        for text in table[start : start + 1000]["text"]:
+            texts.append(text or "")
+            used += len(texts[-1].encode("utf-8")) + 1
+        if used >= budget:
+            break
+    total = int(used * table.num_rows / max(len(texts), 1))
+    return TextSample(path, "\n".join(texts), len(texts), used, total)

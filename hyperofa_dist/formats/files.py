@@ -11,10 +11,12 @@ truncated, not an array, a pickle, a missing member) into one `HyperofaError` li
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
 import os
+import shutil
 import socket
 import zipfile
 from pathlib import Path
@@ -81,15 +83,57 @@ def tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
 
 
+# Write failures that are the filesystem's state, not a bug: one line naming the file, not a traceback.
+WRITE_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "not permitted"}
+
+
+def free_bytes(path: str | Path) -> int:
+    """Bytes free to this user on the filesystem holding `path` (or its nearest existing parent)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+LOW_SPACE = 1 << 20  # below this a failed write is put down to a full disk, whatever the writer reported
+
+
+def disk_full(path: str | Path, exc: BaseException) -> bool:
+    """Whether a failed write under `path` ran out of space: the error says so, or (writers such as torch's
+    checkpoint stream report "file write failed" without an errno) the filesystem has almost nothing left."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        return free_bytes(path) < LOW_SPACE
+    except OSError:
+        return False
+
+
+def write_error(path: str | Path, exc: OSError, size: Optional[int] = None) -> Exception:
+    """The one-line error for a write that the filesystem refused (ENOSPC, EROFS, ...); other errors unchanged."""
+    reason = WRITE_ERRNOS.get(exc.errno or -1)
+    if reason is None:
+        return exc
+    what = f" {size} bytes" if size is not None else ""
+    free = f" ({free_bytes(path)} bytes free there)" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+    return HyperofaError(f"{path}: cannot write{what}: {reason}{free}")
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_name(path)
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()  # a full disk must not keep the half-written copy as well
+        raise write_error(path, exc, len(data)) from None
     return path
 
 
@@ -137,9 +181,17 @@ def save_npz(path: str | Path, **arrays: np.ndarray) -> Path:
 def npy_writer(path: str | Path, dtype: Any, shape: tuple[int, ...]) -> Iterator[np.ndarray]:
     """A writable memory map of a new `.npy` for arrays too large for memory; renamed into place on success only."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_name(path)
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+        # Reserve the blocks now: a memory map that runs out of disk later kills the process with SIGBUS.
+        with open(tmp, "r+b") as handle:
+            os.posix_fallocate(handle.fileno(), 0, os.fstat(handle.fileno()).st_size)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise write_error(path, exc) from None
     try:
         yield out
         out.flush()
@@ -157,9 +209,8 @@ def load_npy(path: str | Path, *, mmap: bool = False, what: str = "array file") 
         raise HyperofaError(f"{path}: {what} not found")
     try:
         array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else exc.__class__.__name__
-        raise HyperofaError(f"{path}: {what} is truncated or not a .npy array ({reason})") from None
+    except Exception as exc:  # numpy parses the header with Python's tokenizer: a damaged one raises anything
+        raise HyperofaError(f"{path}: {what} is truncated or not a .npy array ({_reason(exc)})") from None
     if not isinstance(array, np.ndarray):
         raise HyperofaError(f"{path}: {what} is not a single .npy array")
     return array
@@ -179,6 +230,10 @@ def load_npz(path: str | Path, names: Iterable[str], *, what: str = "array archi
             return {n: data[n] for n in names}
     except HyperofaError:
         raise
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
-        reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else exc.__class__.__name__
-        raise HyperofaError(f"{path}: {what} is truncated or not a .npz archive ({reason})") from None
+    except Exception as exc:  # zipfile answers damaged headers with NotImplementedError and RuntimeError too
+        raise HyperofaError(f"{path}: {what} is truncated or not a .npz archive ({_reason(exc)})") from None
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{exc.__class__.__name__}: {text.splitlines()[0][:120]}" if text else exc.__class__.__name__

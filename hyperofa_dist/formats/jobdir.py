@@ -7,12 +7,19 @@ checkpoints they leave.
     ds_config.json                the filled DeepSpeed config alone, for the reader
     checkpoints/latest            the tag of the newest complete checkpoint (DeepSpeed writes it last)
     checkpoints/<tag>/            DeepSpeed's files, plus
-        hyperofa.json             our client state (step or epoch, world size, seed)
+        hyperofa.json             our client state (step or epoch, world size, seed) and its provenance: the
+                                  fingerprint of every result-changing key it was trained with, and the changes
+                                  a resume was allowed to make (runtime/job.py); written before DeepSpeed writes
+                                  `latest`, so every tag `latest` names has one
         rng_rank<r>.pt            each rank's RNG states (hypernet), so a resumed run repeats the uninterrupted one
+    logs/rank<r>.log              each rank's output (stdout and stderr), appended per launch (runtime/rank.py)
+    logs/rank<r>.exit.json        how the rank's process ended in the last launch: exit status or signal, time
 """
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -25,6 +32,8 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 CLIENT_INFO = "hyperofa.json"
 RUN_ID = "run_id"  # the job-file key of the MLflow run rank 0 logs into
+LOGS = "logs"
+PROVENANCE = "provenance"
 
 
 def write_job(out: Path, job: dict[str, Any]) -> Path:
@@ -80,3 +89,50 @@ def require_rng(ckpt_dir: Path, tag: str, rank: int) -> Path:
     if not path.is_file():
         raise HyperofaError(f"{path}: RNG state of rank {rank} missing from the checkpoint")
     return path
+
+
+def read_provenance(ckpt_dir: Path, tag: str) -> Optional[dict[str, Any]]:
+    """{'fingerprint': {key: value}, 'changes': [...]} recorded with checkpoint `tag`, None if it records none."""
+    info = read_client_info(ckpt_dir, tag)
+    provenance = (info or {}).get(PROVENANCE)
+    return provenance if isinstance(provenance, dict) and isinstance(provenance.get("fingerprint"), dict) else None
+
+
+# --- the ranks' logs and exit records (written by runtime/rank.py, read by runtime/launch.py) -----------------
+
+
+def logs_dir(out: Path) -> Path:
+    return Path(out) / LOGS
+
+
+def rank_log(out: Path, rank: int) -> Path:
+    return logs_dir(out) / f"rank{rank}.log"
+
+
+def exit_record_path(out: Path, rank: int) -> Path:
+    return logs_dir(out) / f"rank{rank}.exit.json"
+
+
+def write_exit_record(out: Path, rank: int, record: dict[str, Any]) -> Path:
+    return atomic_write_json(exit_record_path(out, rank), {"rank": rank, "time": time.time(), **record})
+
+
+def clear_exit_records(out: Path) -> None:
+    """Before a launch: the records of an earlier one must not be read as this one's."""
+    directory = logs_dir(out)
+    if directory.is_dir():
+        for path in directory.glob("rank*.exit.json"):
+            path.unlink(missing_ok=True)
+
+
+def read_exit_records(out: Path) -> list[dict[str, Any]]:
+    records = []
+    directory = logs_dir(out)
+    for path in sorted(directory.glob("rank*.exit.json")) if directory.is_dir() else []:
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and isinstance(record.get("rank"), int):
+            records.append(record)
+    return records

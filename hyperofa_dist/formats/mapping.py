@@ -28,7 +28,7 @@ import numpy as np
 
 from ..errors import HyperofaError
 from .files import atomic_write_bytes, atomic_write_json, digest, load_npy, load_npz, npy_writer, save_npy, save_npz
-from .rundir import MANIFEST, Stage
+from .rundir import MANIFEST, Stage, portable
 
 STAGE = "mapping"
 # Part of the mapping stage's inputs: a mapping written in an older layout is rebuilt, never misread.
@@ -228,6 +228,7 @@ class Mapping:
     def require_source(self, identity: dict[str, Any], vocab: int, hidden_size: int) -> None:
         """Built for this source model: its recorded identity (name and file hashes) and its shapes."""
         recorded = self.manifest.get("inputs", {}).get("source")
+        identity = portable(identity, self.path.parent)  # as the stage shell recorded it (run-dir-relative paths)
         if isinstance(recorded, dict):
             for key, value in identity.items():
                 if key in recorded and recorded[key] != value:

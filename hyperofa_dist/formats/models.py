@@ -97,6 +97,64 @@ def require_model_dir(path: Path, *, tokenizer: bool = True) -> Path:
     return path
 
 
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+def weight_parameters(path: Path) -> int:
+    """The parameter count of a model directory's weights, after checking they are there and whole: every
+    safetensors file's header parses and its tensors end exactly at the end of the file (a truncated copy does
+    not), every shard an index names exists; a `pytorch_model.bin` opens as a zip archive. Reads headers only."""
+    from .files import read_json
+
+    if (path / "model.safetensors").is_file():
+        return _safetensors_parameters(path / "model.safetensors")
+    if (path / SAFETENSORS_INDEX).is_file():
+        index = read_json(path / SAFETENSORS_INDEX, "safetensors index")
+        shards = sorted(set((index.get("weight_map") or {}).values())) if isinstance(index, dict) else []
+        if not shards:
+            raise HyperofaError(f"{path / SAFETENSORS_INDEX}: names no weight files")
+        return sum(_safetensors_parameters(path / name) for name in shards)
+    if (path / "pytorch_model.bin").is_file():
+        import zipfile
+
+        bin_path = path / "pytorch_model.bin"
+        try:
+            with zipfile.ZipFile(bin_path) as archive:
+                archive.namelist()
+        except zipfile.BadZipFile:
+            pass  # torch's legacy (pre-1.6) pickle format is not a zip archive; transformers checks it on load
+        except Exception as exc:
+            raise HyperofaError(f"{bin_path}: weights are truncated or damaged ({exc.__class__.__name__})") from None
+        return bin_path.stat().st_size // 4
+    raise HyperofaError(f"{path}: the model directory has no weights (none of {', '.join(WEIGHT_FILES)})")
+
+
+def _safetensors_parameters(path: Path) -> int:
+    import json
+    import math
+
+    if not path.is_file():
+        raise HyperofaError(f"{path}: weight file not found")
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            if size < 8 or not 0 < length <= min(size - 8, 100 << 20):
+                raise ValueError(f"header length {length} in a file of {size} bytes")
+            header = json.loads(handle.read(length))
+        tensors = [v for k, v in header.items() if k != "__metadata__"]
+        end = max((int(t["data_offsets"][1]) for t in tensors), default=0)
+        count = sum(math.prod(t["shape"]) for t in tensors)
+    except Exception as exc:  # a damaged header: wrong length, not JSON, missing fields
+        raise HyperofaError(f"{path}: weights are damaged (no valid safetensors header: {exc})") from None
+    if 8 + length + end != size:
+        raise HyperofaError(
+            f"{path}: weights are truncated or damaged (the file has {size} bytes, its header describes "
+            f"{8 + length + end})"
+        )
+    return count
+
+
 def read_model_config(path: Path) -> dict[str, Any]:
     from .files import read_json
 

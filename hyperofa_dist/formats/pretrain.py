@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from .files import atomic_write_bytes, atomic_write_json, read_json
+from .files import atomic_write_bytes, atomic_write_json, read_json, write_error
 from .init import FACTORS  # noqa: F401 - a factorised pretrain output holds the same two files
 from .rundir import Stage
 
@@ -54,8 +54,11 @@ def method_of(model_path: Path) -> str | None:
 
 
 def append_line(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record) + "\n")
+    try:
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+    except OSError as exc:  # a full disk: one line naming the log, not a traceback
+        raise write_error(path, exc) from None
 
 
 def read_lines(path: Path) -> Iterator[dict[str, Any]]:

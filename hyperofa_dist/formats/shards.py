@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import re
 import tarfile
 from dataclasses import dataclass, field
@@ -135,6 +136,12 @@ def read_shard(path: str | Path) -> Iterator[Sample]:
                 parts[ext] = tar.extractfile(member).read()
             if current is not None:
                 yield _sample(path, current, parts)
+            # The stream ends quietly at a cut between members; a whole shard ends with two zero blocks.
+            if os.path.getsize(path) < tar.offset + 2 * tarfile.BLOCKSIZE:
+                raise HyperofaError(
+                    f"{path}: shard is truncated (it ends without the tar end-of-archive blocks); re-run `hyperofa "
+                    "prepare`"
+                )
     except FileNotFoundError:
         raise HyperofaError(f"{path}: shard not found; re-run `hyperofa prepare`") from None
     except (tarfile.TarError, EOFError, OSError) as exc:
@@ -148,11 +155,84 @@ def _sample(path: Path, key: str, parts: dict[str, bytes]) -> Sample:
         raise HyperofaError(f"{path}: sample {key} lacks {IDS_MEMBER} or {LANG_MEMBER}")
     try:
         array = np.load(io.BytesIO(parts[IDS_MEMBER]), allow_pickle=False)
-    except (ValueError, OSError, EOFError):
-        raise HyperofaError(f"{path}: sample {key}: {IDS_MEMBER} is not a .npy array") from None
+        lang = parts[LANG_MEMBER].decode("utf-8").strip()
+    except Exception:  # a damaged .npy header raises ValueError, SyntaxError, TokenError, ...; a damaged lang bytes
+        raise HyperofaError(f"{path}: sample {key} is damaged; re-run `hyperofa prepare`") from None
     if array.ndim != 2 or array.dtype.kind not in "ui":
         raise HyperofaError(f"{path}: sample {key}: input_ids must be an integer [n, block_size] array, got {array.shape}")
-    return Sample(key, parts[LANG_MEMBER].decode("utf-8").strip(), array)
+    return Sample(key, lang, array)
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    """What the headers of a shard say: its samples, blocks and block width (None when it has no block)."""
+
+    samples: int
+    blocks: int
+    width: Optional[int]
+
+
+def index_shard(path: str | Path) -> ShardIndex:
+    """Parse a shard's index without reading its data: every tar header (checksum, and data inside the file), the
+    end-of-archive blocks, both members of every sample, and each id array's `.npy` header (an integer
+    [n, width] array whose size is the member's). Cheap: two small reads per sample."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            return _index(path, handle, size)
+    except FileNotFoundError:
+        raise HyperofaError(f"{path}: shard not found; re-run `hyperofa prepare`") from None
+    except OSError as exc:
+        raise HyperofaError(f"{path}: cannot read the shard ({exc.strerror or exc.__class__.__name__})") from None
+
+
+def _index(path: Path, handle: Any, size: int) -> ShardIndex:
+    def broken(why: str) -> HyperofaError:
+        return HyperofaError(f"{path}: shard is truncated or damaged ({why}); re-run `hyperofa prepare`")
+
+    offset, members = 0, {}
+    zero = bytes(tarfile.BLOCKSIZE)
+    while True:
+        handle.seek(offset)
+        header = handle.read(tarfile.BLOCKSIZE)
+        if len(header) < tarfile.BLOCKSIZE:
+            raise broken(f"no end-of-archive blocks after {len(members)} members")
+        if header == zero:
+            if handle.read(tarfile.BLOCKSIZE) != zero:
+                raise broken("a single end-of-archive block")
+            break
+        try:
+            info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+        except tarfile.HeaderError as exc:
+            raise broken(f"bad tar header at byte {offset}: {exc}") from None
+        data = offset + tarfile.BLOCKSIZE
+        if data + info.size > size:
+            raise broken(f"member {info.name} needs {data + info.size} bytes, the file has {size}")
+        if info.isfile():
+            key, _, ext = info.name.partition(".")
+            members.setdefault(key, {})[ext] = (data, info.size)
+        offset = data + -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+    blocks, width = 0, None
+    for key, parts in members.items():
+        if IDS_MEMBER not in parts or LANG_MEMBER not in parts:
+            raise HyperofaError(f"{path}: sample {key} lacks {IDS_MEMBER} or {LANG_MEMBER}")
+        start, length = parts[IDS_MEMBER]
+        handle.seek(start)
+        try:
+            version = np.lib.format.read_magic(handle)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(handle)
+        except Exception as exc:  # numpy reports a damaged header as ValueError, SyntaxError, TokenError, ...
+            raise broken(f"sample {key}: {IDS_MEMBER} has no valid .npy header ({exc.__class__.__name__})") from None
+        if len(shape) != 2 or dtype.kind not in "ui":
+            raise broken(f"sample {key}: input_ids is {dtype}{list(shape)}, not an integer [n, block_size] array")
+        if handle.tell() - start + shape[0] * shape[1] * dtype.itemsize != length:
+            raise broken(f"sample {key}: {IDS_MEMBER} holds {length} bytes, its header describes another size")
+        if width is not None and shape[1] != width:
+            raise broken(f"sample {key}: block size {shape[1]} differs from {width}")
+        blocks, width = blocks + shape[0], shape[1]
+    return ShardIndex(len(members), blocks, width)
 
 
 def first_blocks(

@@ -40,6 +40,12 @@ TOKENIZER_FILES = (
     "merges.txt",
 )
 
+# The files that hold a vocabulary: a directory with none of them is not a tokenizer, even when it has a
+# tokenizer_config.json (transformers would then build a tokenizer of the special tokens alone, and every word
+# would become <unk>).
+VOCABULARY_FILES = (TOKENIZER_JSON, "sentencepiece.bpe.model", "spiece.model", "tokenizer.model", "vocab.txt",
+                    "vocab.json")
+
 
 def target_tokenizer_dir(config: Any) -> Path:
     """`tokenizer.path` when set, else `<run.dir>/tokenizer` (written by `hyperofa tokenizer`)."""
@@ -79,6 +85,10 @@ def load_tokenizer(name: str | Path, key: str = "") -> Any:
         raise HyperofaError(f"{text}: tokenizer not found{where}")
     if local and not path.is_dir():
         raise HyperofaError(f"{text}: a tokenizer must be a directory{where}")
+    if local and not any((path / name).is_file() for name in VOCABULARY_FILES):
+        raise HyperofaError(
+            f"{text}: no tokenizer files in the directory{where} (none of {', '.join(VOCABULARY_FILES)})"
+        )
     # huggingface_hub logs every retry of an unreachable hub; the one-line error below says it all.
     hub_log = logging.getLogger("huggingface_hub")
     level = hub_log.level

@@ -15,11 +15,12 @@ from typing import Any
 from ..config import Config
 from ..errors import HyperofaError
 from ..formats import hypernet as out_format
-from ..formats.jobdir import DS_CONFIG, RUN_ID, checkpoint_dir, has_checkpoint, previous_run_id, write_job
+from ..formats.jobdir import DS_CONFIG, RUN_ID, checkpoint_dir, has_checkpoint, latest_tag, previous_run_id, write_job
 from ..formats.mapping import SPLIT, load_mapping
 from ..formats.vectors import configured_vectors_path
 from ..runtime.device import job_device_type, resolve_precision
 from ..runtime.dsconfig import fill_ds_config, load_template, validate_ds_config
+from ..runtime.job import change_tags, check_resume, fresh_provenance, resume_fingerprint
 from ..runtime.launch import LaunchTarget, launch_command, planned_world_size, run_launcher
 from ..runtime.stage import StageShell
 from .models import model_spec
@@ -40,8 +41,10 @@ def build_ds_config(config: Config, device: str) -> dict[str, Any]:
     return cfg
 
 
-def job_spec(config: Config, out: Path, ds_config: dict[str, Any], run_id: Any) -> dict[str, Any]:
-    return {"config": config.effective(), "out_dir": str(out), "ds_config": ds_config, RUN_ID: run_id}
+def job_spec(config: Config, out: Path, ds_config: dict[str, Any], run_id: Any,
+             provenance: Any = None) -> dict[str, Any]:
+    return {"config": config.effective(), "out_dir": str(out), "ds_config": ds_config, RUN_ID: run_id,
+            "provenance": provenance}
 
 
 def run(config: Config, tracker: Any) -> int:
@@ -64,6 +67,8 @@ def run(config: Config, tracker: Any) -> int:
         "world_size": world,
         "ds_config": ds_config,
     }
+    # What a checkpoint must have been trained with for a resume to continue it (runtime/job.py).
+    provenance = fresh_provenance(resume_fingerprint(config, ("hypernet", "run"), {"mapping": inputs["mapping"]}))
     # The shell opens the stage's MLflow run; the job's rank 0 logs every epoch into it (its id is in job.json), and
     # a resumed job continues the run of the interrupted one.
     resume_run = previous_run_id(stage.path) if hp.resume else None
@@ -73,6 +78,9 @@ def run(config: Config, tracker: Any) -> int:
         ckpt = checkpoint_dir(stage.path)
         if hp.resume and not has_checkpoint(stage.path):
             raise HyperofaError(f"{ckpt}: no checkpoint to resume from (hypernet.resume=true)")
+        if hp.resume:
+            provenance = check_resume(ckpt, latest_tag(ckpt), provenance["fingerprint"], position="epoch",
+                                      allow=hp.allow_config_change, allow_key="hypernet.allow_config_change")
         shell.begin()
         if not hp.resume:
             for stale in (ckpt, stage.path / out_format.AUDIT):
@@ -80,7 +88,9 @@ def run(config: Config, tracker: Any) -> int:
             (stage.path / out_format.TRAIN_STATE).unlink(missing_ok=True)
 
         out_format.write_model_spec(stage.path, model_spec(hp, word_dim=mapping.word_dim, k=mapping.k))
-        job = write_job(stage.path, job_spec(config, stage.path, ds_config, shell.run.run_id))
+        job = write_job(stage.path, job_spec(config, stage.path, ds_config, shell.run.run_id, provenance))
+        if provenance["changes"]:
+            shell.run.set_tags(change_tags(provenance, "epoch"))
         cmd = launch_command(hp, job, TARGET, extra=("--resume",) if hp.resume else ())
         shell.say(f"launching {world} ranks: {' '.join(cmd)}")
         done = run_launcher(cmd)
@@ -101,6 +111,7 @@ def run(config: Config, tracker: Any) -> int:
                 "word_dim": mapping.word_dim, "world_size": world, "epochs_run": state["epochs_run"],
                 "best_epoch": state["best_epoch"], "stopped_early": state["stopped_early"],
             },
+            extra={"config_changes": provenance["changes"]},
         )
         shell.say(f"wrote {stage.path} (best epoch {state['best_epoch']}, test cosine {test['test_mean_cosine']:.4f})")
     return 0

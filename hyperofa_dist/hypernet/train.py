@@ -136,6 +136,7 @@ class HypernetJob(JobContext):
         tag = f"epoch{epoch:05d}"
         (self.ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
         out_format.save_torch(rng_path(self.ckpt_dir, tag, self.rank), rng_state())
+        self.write_checkpoint_info(tag, {"epoch": epoch, "world_size": self.world, "seed": self.seed})
         self.barrier()  # every rank's RNG file exists before `latest` can point at the tag
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client, save_latest=True)
         self.barrier()

@@ -1,6 +1,8 @@
 """`hyperofa pretrain`: check everything that can be checked, launch the DeepSpeed job, export, write the manifest.
 
-Before any process is launched: the prepare shards must have been made with the model's tokenizer (the sha256
+Before any process is launched (runtime/preflight.py for the shared checks): the model has whole weights and a
+tokenizer of its size, every shard has its recorded size and parses, the filesystem has room for the
+checkpoints and the export; the prepare shards must have been made with the model's tokenizer (the sha256
 of `tokenizer.json` recorded by prepare against the model directory's), the blocks must fit the model's position
 embeddings, the DeepSpeed config (template + our values) must parse under the installed DeepSpeed (removed keys
 are rejected), and a resume must find a checkpoint written by the same number of ranks unless
@@ -25,15 +27,17 @@ from ..config import Config
 from ..errors import HyperofaError
 from ..formats import init as init_format
 from ..formats import pretrain as out_format
-from ..formats.files import sha256_file
+from ..formats.files import LOW_SPACE, free_bytes, sha256_file
 from ..formats.jobdir import RUN_ID, checkpoint_dir, latest_tag, previous_run_id, read_client_info, write_job
 from ..formats.models import model_files, model_fingerprint, read_model_config, require_model_dir
 from ..formats.rundir import MANIFEST
 from ..formats.shards import ShardSet, load_shardset
 from ..formats.shards import prepare_dir as default_prepare_dir
 from ..formats.tokenizer import TOKENIZER_JSON, tokenizer_fingerprint
+from ..runtime import preflight
 from ..runtime.device import job_device_type, resolve_precision
 from ..runtime.dsconfig import fill_ds_config, load_template, validate_ds_config
+from ..runtime.job import change_tags, check_resume, fresh_provenance, resume_fingerprint
 from ..runtime.launch import LaunchTarget, launch_command, planned_world_size, run_launcher
 from ..runtime.stage import StageShell
 from ..tracking import METHOD_TAG, STAGE_TAG, STEP_TAG, registered_model_name
@@ -144,12 +148,15 @@ def run(config: Config, tracker: Any) -> int:
     p = config.pretrain
     stage = out_format.stage_of(config.run_dir, p.method)
     model_dir = resolve_model(config)
+    model = preflight.model(model_dir, "pretrain.model" if p.model else "pretrain.method", mask=True)
     prepare_dir = Path(p.shards).resolve() if p.shards else default_prepare_dir(config.run_dir)
     shardset = load_shardset(prepare_dir)
     if not shardset.train:
         raise HyperofaError(f"{prepare_dir / MANIFEST}: no training shards")
     check_tokenizer_match(shardset, prepare_dir, model_dir)
     block_size = shardset.block_size or config.prepare.block_size
+    every_shard = [s for split in (shardset.train, shardset.heldout) for paths in split.values() for s in paths]
+    preflight.shards(every_shard, prepare_dir, verify=config.run.verify_inputs, block_size=block_size)
     model_cfg = read_model_config(model_dir)
     max_pos = int(model_cfg.get("max_position_embeddings", 10**9)) - (
         2 if model_cfg.get("model_type") in ("xlm-roberta", "roberta") else 0
@@ -160,9 +167,15 @@ def run(config: Config, tracker: Any) -> int:
         from .data import mixing_probabilities
 
         mixing_probabilities(sorted(shardset.train), shardset.blocks, p.language_weights)
+    world = planned_world_size(p, "pretrain")
+    if p.resume or latest_tag(checkpoint_dir(stage.path)) is None:  # else: up to date, or refused below
+        kept = sum(1 for d in checkpoint_dir(stage.path).glob("step*") if d.is_dir())
+        preflight.free_space(
+            stage.path, preflight.pretrain_bytes(model.parameters, config, world, kept),
+            f"pretraining ({model.parameters} parameters: every checkpoint and the exported model)",
+        )
     precision = resolve_precision(p.precision, job_device_type(), "pretrain.precision")
     ds_config = build_ds_config(config, precision)
-    world = planned_world_size(p, "pretrain")
     embeddings, factors = embeddings_plan(config, model_dir)
 
     inputs = {
@@ -178,6 +191,9 @@ def run(config: Config, tracker: Any) -> int:
         inputs["factors"] = {n: sha256_file(factors / n) for n in (init_format.COORDINATES, init_format.PRIMITIVES)}
     out = stage.path
     ckpt_dir = checkpoint_dir(out)
+    # What a checkpoint must have been trained with for a resume to continue it (runtime/job.py).
+    fingerprint = resume_fingerprint(config, ("pretrain", "run"), {k: inputs[k] for k in ("model", "shards", "precision")})
+    provenance = fresh_provenance(fingerprint)
     # One MLflow run per method holds the job's curves: the shell opens `pretrain/<method>`, the job's rank 0 logs
     # into it (its id travels in job.json); a resumed job continues the run of the interrupted one.
     resume_run = previous_run_id(out) if p.resume else None
@@ -187,6 +203,10 @@ def run(config: Config, tracker: Any) -> int:
             return 0
         resume_tag, universal = None, False
         if p.resume:
+            last = latest_tag(ckpt_dir)
+            if last is not None:
+                provenance = check_resume(ckpt_dir, last, fingerprint, allow=p.allow_config_change,
+                                          allow_key="pretrain.allow_config_change")
             resume_tag, universal = resume_plan(config, ckpt_dir, world)
         elif latest_tag(ckpt_dir) is not None:
             raise HyperofaError(
@@ -218,13 +238,14 @@ def run(config: Config, tracker: Any) -> int:
             "resume_tag": resume_tag,
             "trainable_rows": str(rows_file) if rows_file else None,
             "factors_dir": str(factors) if factors else None,
+            "provenance": provenance,
             # Rank 0, wherever it runs, logs into this stage's run (no environment reaches a remote node).
             RUN_ID: run_.run_id,
         }
         job_file = write_job(out, job)
         cmd = launch_command(p, job_file, TARGET)
         run_.set_tags({"hyperofa.world_size": world, "hyperofa.precision": precision, "hyperofa.zero": p.zero,
-                       "hyperofa.embeddings": embeddings})
+                       "hyperofa.embeddings": embeddings, **change_tags(provenance)})
         shell.say(f"launching {world} ranks: {' '.join(cmd)}")
         if world > 1 and not p.hostfile and precision == "fp32":
             # CPU ranks: split the cores instead of every rank spawning a thread per core.
@@ -236,7 +257,9 @@ def run(config: Config, tracker: Any) -> int:
         if code != 0:
             last = latest_tag(ckpt_dir)
             kept = f"; the last checkpoint is {ckpt_dir / last} (resume with pretrain.resume=true)" if last else ""
-            raise HyperofaError(f"the training job exited with status {code}{kept}")
+            free = free_bytes(out)
+            full = f": {out} is on a full filesystem ({preflight.human(free)} free)" if free < LOW_SPACE else ""
+            raise HyperofaError(f"the training job exited with status {code}{full}{kept}")
 
         from .export import export_hf
 
@@ -247,7 +270,8 @@ def run(config: Config, tracker: Any) -> int:
         shell.finish(
             outputs=model_files(exported) + factor_files,
             counts={"steps": p.steps, "world_size": world, "final_checkpoint": tag, **sizes},
-            extra={"eval_loss": (final_eval or {}).get("loss", {}), "embeddings": embeddings},
+            extra={"eval_loss": (final_eval or {}).get("loss", {}), "embeddings": embeddings,
+                   "config_changes": provenance["changes"]},
         )
         run_.log_artifact(job_file)
         run_.set_tags({"hyperofa.checkpoints": str(ckpt_dir)})

@@ -24,7 +24,7 @@ import torch
 
 from ..errors import HyperofaError
 from ..formats import pretrain as out_format
-from ..formats.jobdir import write_client_info
+from ..formats.files import disk_full, free_bytes
 from ..formats.shards import ShardSet
 from ..runtime.faults import Hooks, hooks_from_env
 from ..runtime.job import NAN_EXIT, JobContext, job_main
@@ -148,10 +148,18 @@ class PretrainJob(JobContext):
     def save(self) -> None:
         tag = tag_of(self.step)
         client = {"step": self.step, "data_seed": self.seed, "tokens_seen": self.tokens_seen, "world_size": self.world}
-        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client, save_latest=True)
+        self.write_checkpoint_info(tag, client)
+        try:
+            self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client, save_latest=True)
+        except Exception as exc:  # torch's writer reports a full disk as "file write failed" or an iostream error
+            if not disk_full(self.ckpt_dir, exc):
+                raise
+            kept = f"`latest` still names {self.last_good}" if self.last_good else "no checkpoint was written before"
+            raise HyperofaError(
+                f"{self.ckpt_dir / tag}: cannot write the checkpoint: no space left on device "
+                f"({free_bytes(self.ckpt_dir)} bytes free); {kept}"
+            ) from None
         torch.distributed.barrier()
-        if self.rank == 0:
-            write_client_info(self.ckpt_dir, tag, client)
         self.last_good = str(self.ckpt_dir / tag)
 
     # --- evaluation -------------------------------------------------------------------------------------------

@@ -9,22 +9,36 @@ and does: `ctx = JobContext(read_job(path))`, `ctx.init_distributed(threads)`, b
 loop, and exit 0 (or `NAN_EXIT` when the guard stopped it). Only global rank 0 logs to MLflow, into the run its
 stage shell opened (`ctx.tracked()`): the run id travels in the job file, because pdsh/ssh launchers forward only
 MLFLOW*/PYTHON* variables to remote ranks.
+
+A rank dies with its parent (the supervisor, runtime/rank.py): parent-death signal SIGKILL. SIGTERM/SIGINT raise
+`Interrupted`, so the rank's MLflow run is ended as it unwinds, and the rank exits 128 + signal.
+
+Resume provenance (both jobs): every checkpoint records, in `hyperofa.json`, the fingerprint of the result-
+changing settings it was trained with (`resume_fingerprint`: the config keys that are not execution-only, and
+the identity of each input) and the changes earlier resumes were allowed to make. `check_resume` compares a
+checkpoint's fingerprint with this run's before anything is launched: a difference is refused with one line
+naming each changed key (old -> new), unless `<section>.allow_config_change=true`, which records the change at
+the checkpoint's step in the job (and so in every later checkpoint), the manifest and MLflow.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
 
-from ..config import Config, build_config
+from ..config import Config, build_config, flatten
 from ..errors import HyperofaError
-from ..formats.jobdir import RUN_ID, checkpoint_dir, read_job
+from ..formats.files import digest
+from ..formats.jobdir import PROVENANCE, RUN_ID, checkpoint_dir, read_client_info, read_job, write_client_info
+from ..formats.rundir import portable
 from ..tracking import make_tracker
+from .process import Interrupted, raise_on_termination, set_parent_death_signal
 
 NAN_EXIT = 3
 
@@ -56,7 +70,10 @@ class JobContext:
             torch.set_num_threads(threads)
         elif self.device.type == "cpu":
             local = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", self.world)))
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local, 1)))
+            # The cores this process may run on (a Slurm or container cpuset, taskset), not all of the machine's:
+            # more threads than cores make every intra-op thread spin-wait for the others.
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            torch.set_num_threads(max(1, cores // max(local, 1)))
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
@@ -75,6 +92,12 @@ class JobContext:
     def say(self, text: str) -> None:
         if self.rank == 0:
             print(f"hyperofa {self.command}: {text}", file=sys.stderr, flush=True)
+
+    def write_checkpoint_info(self, tag: str, client: dict[str, Any]) -> None:
+        """Rank 0: the checkpoint's `hyperofa.json` (client state and provenance), written into the tag directory
+        before DeepSpeed saves there and updates `latest`, so every tag `latest` names has it."""
+        if self.rank == 0:
+            write_client_info(self.ckpt_dir, tag, {**client, PROVENANCE: self.job.get(PROVENANCE)})
 
     # --- collectives -----------------------------------------------------------------------------------------
 
@@ -107,8 +130,83 @@ def job_main(
     args = parser.parse_args(argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    set_parent_death_signal(signal.SIGKILL)
+    raise_on_termination()
     try:
         return run(read_job(args.job), args)
     except HyperofaError as exc:
         print(f"hyperofa {command}: error: {exc}", file=sys.stderr, flush=True)
         return 2
+    except Interrupted as exc:
+        print(f"hyperofa {command}: rank {os.environ.get('RANK', '0')} stopped by {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+
+
+# --- resume provenance -----------------------------------------------------------------------------------------
+
+
+def resume_fingerprint(config: Config, sections: tuple[str, ...], inputs: dict[str, Any]) -> dict[str, Any]:
+    """{dotted key: value} of every result-changing key of `sections` (execution-only keys are left out by
+    `Config.fingerprint`), plus `input.<name>` for each input's identity (a digest when it is not a plain value).
+    Paths inside the run directory are written relative to it, so a moved run directory still matches."""
+    flat = flatten(portable(config.fingerprint(*sections), config.run_dir))
+    for name, value in sorted(inputs.items()):
+        plain = value is None or isinstance(value, (str, int, float, bool))
+        flat[f"input.{name}"] = portable(value, config.run_dir) if plain else digest(portable(value, config.run_dir))
+    return flat
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, list[Any]]:
+    """{key: [old, new]} for every key whose value differs (a key only one side has: None on the other)."""
+    return {key: [old.get(key), new.get(key)] for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)}
+
+
+def describe_changes(changes: dict[str, list[Any]]) -> str:
+    def show(value: Any) -> str:
+        text = "unset" if value is None else str(value)
+        return text if len(text) <= 40 else text[:12] + "..."
+
+    return ", ".join(f"{key} {show(old)} -> {show(new)}" for key, (old, new) in changes.items())
+
+
+def check_resume(ckpt_dir: Path, tag: str, fingerprint: dict[str, Any], *, allow: bool, allow_key: str,
+                 position: str = "step") -> dict[str, Any]:
+    """The provenance the resumed job records in its checkpoints, after comparing checkpoint `tag`'s fingerprint
+    with this run's: a difference is one line naming each changed key, unless `allow` (then it is recorded as a
+    change at the checkpoint's `position`, its step or epoch)."""
+    info = read_client_info(ckpt_dir, tag) or {}
+    recorded = info.get(PROVENANCE)
+    at = info.get(position)
+    where = ckpt_dir / tag
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("fingerprint"), dict):
+        if not allow:
+            raise HyperofaError(
+                f"{where}: records no fingerprint of the settings it was trained with (an older checkpoint), so a "
+                f"resume cannot be checked; set {allow_key}=true to resume it anyway"
+            )
+        return {"fingerprint": fingerprint, "changes": [{position: at, "tag": tag, "changed": "unknown"}]}
+    changes = config_changes(recorded["fingerprint"], fingerprint)
+    history = list(recorded.get("changes") or [])
+    if changes and not allow:
+        raise HyperofaError(
+            f"{where}: resume refused, result-changing settings differ from the ones this checkpoint was trained "
+            f"with: {describe_changes(changes)}; restore them, or set {allow_key}=true to continue with the new "
+            f"values (recorded as a change at {position} {at})"
+        )
+    if changes:
+        history.append({position: at, "tag": tag, "changed": changes})
+    return {"fingerprint": fingerprint, "changes": history}
+
+
+def fresh_provenance(fingerprint: dict[str, Any]) -> dict[str, Any]:
+    return {"fingerprint": fingerprint, "changes": []}
+
+
+def change_tags(provenance: dict[str, Any], position: str = "step") -> dict[str, str]:
+    """MLflow tags naming each recorded change: `hyperofa.config_change.<step>` -> 'key old -> new, ...'."""
+    tags = {}
+    for change in provenance.get("changes") or []:
+        changed = change.get("changed")
+        text = describe_changes(changed) if isinstance(changed, dict) else "unknown (an older checkpoint)"
+        tags[f"hyperofa.config_change.{position}{change.get(position)}"] = text
+    return tags

@@ -3,24 +3,41 @@
 One node: N local ranks (`--num_gpus N`, which the runner also uses as the process count on a CPU-only machine;
 gloo there, NCCL on GPUs) on a free rendezvous port. Many nodes: `--hostfile`, `--num_nodes`, `--launcher`
 (launcher flags go before the module, DeepSpeed #662). The MLflow run rank 0 logs into travels in the job file,
-which every rank reads, local or remote. Every local launch ends by removing the CPU all-reduce shared-memory
-segments its ranks leave in /dev/shm.
+which every rank reads, local or remote.
+
+Every rank runs under its supervisor (runtime/rank.py), which logs it, records how it ended and stops it when the
+driver is gone. The launcher runs in a session of its own: the driver forwards SIGINT/SIGTERM to that whole
+process group (launcher, supervisors, ranks, loader workers) and kills the group if it has not ended GRACE_S
+later, then raises `Interrupted`. When a rank died, the driver prints one line naming the first rank that died on
+its own, how (exit status or signal) and its log. Every local launch starts by removing the CPU all-reduce
+segments of dead launches from /dev/shm and ends by removing its own (runtime/shm.py).
 """
 
 from __future__ import annotations
 
 import os
+import random
+import signal
 import socket
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import HyperofaError
+from ..formats.jobdir import clear_exit_records, read_exit_records
+from .process import Interrupted, identity, ignore_termination, signal_handlers, signal_name
+from .rank import DRIVER_ENV, driver_env
+from .rank import MODULE as SUPERVISOR
+from .shm import SHM_PREFIX, remove_orphan_segments, remove_shm_buffers  # noqa: F401 (SHM_PREFIX: re-exported)
 
-SHM_PREFIX = "deepspeed_allreduce_buffer"
 DEFAULT_MULTI_NODE_PORT = 29500
+GRACE_S = 30.0
+# `launcher=nossh`: no ssh/pdsh/mpirun; every node runs its own launcher (`--no_ssh --node_rank N`), rank 0 on the
+# hostfile's first host. launch/nossh_node.sh starts it on each node.
+NO_SSH = "nossh"
 
 
 @dataclass(frozen=True)
@@ -62,22 +79,56 @@ def planned_world_size(launch: Any, section: str = "launch") -> int:
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    """A port for rank 0's rendezvous, free now and outside the kernel's ephemeral range.
+
+    Rank 0 binds it seconds later (after importing torch and DeepSpeed). A port the kernel handed out for
+    `bind(0)` sits in the ephemeral range, which every outgoing connection on the machine also draws from (Ray,
+    MLflow, other jobs), so in those seconds it can be taken and the launch dies with a rank killed. Below the
+    range only an explicit bind can take it."""
+    low = _ephemeral_low()
+    rng = random.SystemRandom()
+    for _ in range(64):
+        port = rng.randrange(max(1024, low - 12000), low)
+        if _bindable(port):
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:  # a crowded range: take what the kernel gives
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("", port))  # all interfaces, as the rendezvous store binds
+        except OSError:
+            return False
+    return True
+
+
 def launch_command(
-    launch: Any, job_file: Path, target: LaunchTarget, *, ranks: Optional[int] = None, extra: tuple[str, ...] = ()
+    launch: Any, job_file: Path, target: LaunchTarget, *, ranks: Optional[int] = None, extra: tuple[str, ...] = (),
+    node_rank: int = 0,
 ) -> list[str]:
     """The launcher invocation. `launch` is a config section with the launch keys (`config.LaunchConfig`);
-    `ranks` forces that many local ranks (the benchmarks' 1- and 2-rank runs)."""
+    `ranks` forces that many local ranks (the benchmarks' 1- and 2-rank runs); `node_rank` is this node's index
+    in the hostfile when every node starts its own launcher (`launcher=nossh`)."""
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner"]
     if launch.hostfile and ranks is None:
         hostfile = Path(launch.hostfile)
-        read_hostfile(hostfile, f"{target.section}.hostfile")
-        cmd += ["--hostfile", str(hostfile.resolve()), "--launcher", launch.launcher,
-                "--master_port", str(launch.master_port or DEFAULT_MULTI_NODE_PORT)]
+        hosts = read_hostfile(hostfile, f"{target.section}.hostfile")
+        cmd += ["--hostfile", str(hostfile.resolve()), "--master_port", str(launch.master_port or DEFAULT_MULTI_NODE_PORT)]
+        if launch.launcher == NO_SSH:
+            # Without ssh the runner cannot ask the first host for its address, nor start the other nodes' ranks.
+            cmd += ["--no_ssh", "--node_rank", str(node_rank), "--master_addr", hosts[0][0]]
+        else:
+            cmd += ["--launcher", launch.launcher]
         if launch.num_nodes:
             cmd += ["--num_nodes", str(launch.num_nodes)]
         if launch.ranks_per_node:
@@ -85,34 +136,112 @@ def launch_command(
     else:
         local = ranks or planned_world_size(launch, target.section)
         cmd += ["--num_gpus", str(local), "--master_port", str(launch.master_port or free_port())]
-    return cmd + ["--module", target.module, "--job", str(job_file), *extra]
+    return cmd + ["--module", SUPERVISOR, "--target", target.module, "--job", str(job_file), *extra]
 
 
-def run_launcher(cmd: list[str], capture: bool = False) -> subprocess.CompletedProcess:
-    """Run the launcher; its ranks' output streams to our stderr (stdout stays for results: the demo's table, a
-    bench's JSON line), or is returned when `capture`."""
+@dataclass
+class LaunchResult:
+    returncode: int
+    stdout: Optional[str]  # the launch's output when captured
+    failure: Optional[str]  # the line naming the first rank that died, when one did
+
+
+def run_launcher(cmd: list[str], capture: bool = False) -> LaunchResult:
+    """Run the launcher and wait for it; its ranks' output streams to our stderr (stdout stays for results: the
+    demo's table, a bench's JSON line), or is returned when `capture`.
+
+    A SIGINT/SIGTERM to us is passed to the launch's process group; once the group has ended (or been killed
+    GRACE_S later) the shared memory is removed and `Interrupted` is raised."""
     env = dict(os.environ)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env[DRIVER_ENV] = driver_env(identity())  # the supervisors stop their ranks once this process is gone
+    local = "--hostfile" not in cmd
+    job_dir = Path(cmd[cmd.index("--job") + 1]).parent
+    clear_exit_records(job_dir)
+    if local:
+        removed, freed = remove_orphan_segments()
+        if removed:
+            _say(f"removed {removed} shared-memory segments of killed launches from /dev/shm ({freed / 2**20:.0f} MiB)")
+    received: list[int] = []
+    killer: list[threading.Timer] = []
+    proc = subprocess.Popen(
+        cmd, env=env, text=capture, start_new_session=True,
+        stdout=subprocess.PIPE if capture else 2,  # fd 2, so it also works under a replaced sys.stderr
+        stderr=subprocess.STDOUT if capture else None,
+    )
+
+    def forward(signum: int, frame: object) -> None:
+        received.append(signum)
+        _signal_group(proc.pid, signum if len(received) == 1 else signal.SIGKILL)  # a second signal: at once
+        if not killer:
+            killer.append(threading.Timer(GRACE_S, _signal_group, (proc.pid, signal.SIGKILL)))
+            killer[0].daemon = True
+            killer[0].start()
     try:
-        if capture:
-            return subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        return subprocess.run(cmd, env=env, stdout=2)  # fd 2, so it also works under a replaced sys.stderr
+        if threading.current_thread() is threading.main_thread():
+            with signal_handlers(forward):
+                stdout, _ = proc.communicate()
+        else:
+            stdout, _ = proc.communicate()
     finally:
-        if "--hostfile" not in cmd:
+        for timer in killer:
+            timer.cancel()
+        if proc.poll() is None:  # we are leaving on an exception of our own: take the launch with us
+            _signal_group(proc.pid, signal.SIGKILL)
+            proc.wait()
+        if local:
             remove_shm_buffers(cmd[cmd.index("--master_port") + 1])
+    failure = None
+    if proc.returncode != 0 or received:
+        failure = describe_rank_failure(read_exit_records(job_dir), _local_ranks(cmd) if local else None)
+        if failure and not received:
+            _say(failure)
+    if received:
+        ignore_termination()  # as runtime.process.raise_on_termination: one exception, an undisturbed clean-up
+        raise Interrupted(received[0])
+    return LaunchResult(proc.returncode, stdout, failure)
 
 
-def remove_shm_buffers(port: str, shm_dir: Path = Path("/dev/shm")) -> int:
-    """Unlink the CPU all-reduce buffers the ranks of a local launch on `port` left behind; returns how many.
+def _signal_group(pgid: int, signum: int) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
 
-    DeepSpeed's CPU shm all-reduce creates one 64 MiB segment per rank (deepspeed_allreduce_buffer_<uid>_<addr>_
-    <port>_<rank>) and never unlinks it, so every CPU run, finished or killed, would keep that memory in /dev/shm
-    until reboot. The port is this launch's own, so only its segments match."""
-    removed = 0
-    for path in shm_dir.glob(f"{SHM_PREFIX}_{os.getuid()}_*_{port}_*"):
-        try:
-            path.unlink()
-            removed += 1
-        except FileNotFoundError:
-            pass
-    return removed
+
+def _say(text: str) -> None:
+    print(f"hyperofa: {text}", file=sys.stderr, flush=True)
+
+
+def _local_ranks(cmd: list[str]) -> Optional[int]:
+    try:
+        return int(cmd[cmd.index("--num_gpus") + 1])
+    except (ValueError, IndexError):
+        return None
+
+
+def describe_rank_failure(records: list[dict[str, Any]], world: Optional[int] = None) -> Optional[str]:
+    """One line: the first rank that died on its own (not stopped because another died, or because we were asked
+    to stop), how, and where its output is; None when no rank died on its own."""
+    failed = [r for r in records if r.get("signal") or r.get("status") not in (0, None)]
+    own = sorted((r for r in failed if not r.get("asked")), key=lambda r: r.get("time", 0.0))
+    missing = sorted(set(range(world)) - {r["rank"] for r in records}) if world else []
+    if not own:
+        if failed and missing:
+            return (f"rank {', '.join(map(str, missing))} left no exit record: it was killed together with its "
+                    "supervisor (SIGKILL from outside the job: the kernel's out-of-memory killer, a scheduler or a "
+                    "user; `dmesg` names the OOM killer's victims)")
+        return None
+    first = own[0]
+    if first.get("signal"):
+        how = f"was killed by {first.get('signal_name') or signal_name(first['signal'])}"
+        if first["signal"] == signal.SIGKILL:
+            how += (" (from outside the job: the kernel's out-of-memory killer, a scheduler or a user; `dmesg` "
+                    "names the OOM killer's victims)")
+        elif first["signal"] in (signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT, signal.SIGILL, signal.SIGFPE):
+            how += " (a crash in native code)"
+    else:
+        how = f"exited with status {first['status']}"
+    others = len(failed) - 1
+    after = f"; {others} other rank{'s' if others > 1 else ''} ended too" if others > 0 else ""
+    return f"rank {first['rank']} (pid {first.get('pid')}) {how}{after}; its output: {first.get('log')}"

@@ -1,9 +1,15 @@
 """The shape every stage shares: inputs -> fingerprint -> (up to date? stop) -> compute -> write -> manifest.
 
 A stage's `run(config, tracker)` opens a `StageShell` with the stage directory and the inputs that decide its
-result (config fingerprint, input files' hashes); the shell answers whether the manifest already matches, opens
-the stage's MLflow run (named and tagged by the stage; none when up to date), and writes the manifest last. What
-is computed in between is the stage's own pure code.
+result (config fingerprint, input files' hashes); the shell takes the stage's lock (one writer per stage
+directory), answers whether the manifest already matches, opens the stage's MLflow run (named and tagged by the
+stage; none when up to date), and writes the manifest last. What is computed in between is the stage's own pure
+code.
+
+"Up to date" is verified, not assumed: the manifest must record these inputs and every output it lists must be
+there with its recorded size and sha256 (hashes cached by size and mtime, formats/rundir.py). A damaged output
+rebuilds the stage, and the shell says which file. Inputs are recorded portably (paths inside the run directory
+relative to it), so a moved run directory stays up to date.
 
     with StageShell.open(config, tracker, "mapping", Stage(run_dir, "mapping"), inputs) as shell:
         if shell.up_to_date:
@@ -22,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Optional
 
 from ..formats.files import digest
-from ..formats.rundir import Stage
+from ..formats.rundir import Stage, portable
 
 
 def say(command: str, text: str) -> None:
@@ -64,21 +70,28 @@ class StageShell:
     ) -> Iterator["StageShell"]:
         """The stage's MLflow run is named `run_name` (default: the command name) and tagged with `tags`. An
         up-to-date stage opens no run: the command's parent run lists it in `hyperofa.reused`, so a re-run adds
-        nothing else to the experiment. `resume_run_id`: the run of the interrupted job this one continues."""
+        nothing else to the experiment. `resume_run_id`: the run of the interrupted job this one continues. The
+        stage's lock is held until the block ends."""
         from ..tracking import NullTracker
 
-        shell = cls(config, name, stage, inputs)
-        shell.up_to_date = stage.is_complete(shell.digest)
-        if shell.up_to_date:
-            shell.manifest = stage.manifest()
-            shell.run = NullTracker()
-            tracker.reused(run_name or name)
-            shell.say(f"up to date ({stage.manifest_path})")
-            yield shell
-            return
-        with tracker.stage(run_name or name, config, tags=tags, resume_run_id=resume_run_id) as run:
-            shell.run = run
-            yield shell
+        shell = cls(config, name, stage, portable(inputs, config.run_dir))
+        with stage.lock(name) as lock:
+            if lock.note:
+                shell.say(lock.note)
+            shell.up_to_date, damaged = stage.check(shell.digest)
+            if shell.up_to_date:
+                shell.manifest = stage.manifest()
+                shell.run = NullTracker()
+                tracker.reused(run_name or name)
+                shell.say(f"up to date ({stage.manifest_path})")
+                yield shell
+                return
+            if damaged:
+                more = f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else ""
+                shell.say(f"{damaged[0]}{more}; rebuilding the stage")
+            with tracker.stage(run_name or name, config, tags=tags, resume_run_id=resume_run_id) as run:
+                shell.run = run
+                yield shell
 
     def say(self, text: str) -> None:
         say(self.name, text)
@@ -99,4 +112,6 @@ class StageShell:
         self.manifest = self.stage.write_manifest(
             config=self.config.effective(), inputs=self.inputs, outputs=outputs, counts=counts, extra=extra
         )
+        if extra and "outputs" in extra:  # hashed by whoever wrote them (prepare's tasks): remember them as verified
+            self.stage.remember_hashes(self.manifest["outputs"])
         return self.manifest

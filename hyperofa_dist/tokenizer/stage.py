@@ -19,6 +19,7 @@ from ..config import Config
 from ..formats.corpus import discover
 from ..formats.rundir import Stage
 from ..formats.tokenizer import STAGE, file_settings, source_tokenizer
+from ..runtime import preflight
 from ..runtime.stage import StageShell
 from .build import build_target, describe, read_sample, save_hf, source_fingerprint, special_roles, verify_hf
 
@@ -37,6 +38,7 @@ def _swap_into_place(built: Path, final: Path) -> None:
 
 def run(config: Config, tracker: Any) -> int:
     sources = discover(config.corpus)
+    preflight.corpus_text(sources, config.corpus.max_noise_share)
     source = source_tokenizer(config)
     config.run_dir.mkdir(parents=True, exist_ok=True)
     build = config.run_dir / f".{STAGE}.build-{socket.gethostname()}-{os.getpid()}"

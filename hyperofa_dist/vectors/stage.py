@@ -11,6 +11,7 @@ from ..errors import HyperofaError
 from ..formats.files import sha256_file
 from ..formats.rundir import Stage
 from ..formats.vectors import STAGE, save_keyed_vectors, trained_vectors_path
+from ..runtime import preflight
 from ..runtime.stage import StageShell
 from .train import corpus_languages, train_vectors
 
@@ -22,6 +23,7 @@ def run(config: Config, tracker: Any) -> int:
     if not (settings.corpus or config.corpus.path):
         raise HyperofaError("vectors train: set vectors.train.corpus (or corpus.path) to a parallel corpus directory")
     files = corpus_languages(corpus_dir)
+    lines = preflight.parallel_corpus(files, settings.prefix_aligned)
     inputs = {
         "corpus": {iso + ":" + path.name: sha256_file(path) for iso, path in files},
         "train": config.fingerprint("vectors")["vectors"]["train"] | {"corpus": None},
@@ -49,12 +51,14 @@ def run(config: Config, tracker: Any) -> int:
         per_lang: dict[str, int] = {}
         for word in kv.index_to_key:
             per_lang[word[:3]] = per_lang.get(word[:3], 0) + 1
-        counts = {"words": len(kv.index_to_key), "dim": int(kv.vector_size), "languages": len(per_lang)}
+        counts = {"words": len(kv.index_to_key), "dim": int(kv.vector_size), "languages": len(per_lang),
+                  "lines": max(lines.values())}
         shell.run.log_metrics(
             {"train_s": time.perf_counter() - started, **counts} | {f"words.{k}": v for k, v in per_lang.items()}
         )
         shell.finish(
-            outputs=[p.name for p in written], counts=counts | {"words_per_language": dict(sorted(per_lang.items()))}
+            outputs=[p.name for p in written],
+            counts=counts | {"words_per_language": dict(sorted(per_lang.items())), "lines_per_file": lines},
         )
         shell.say(f"{counts['words']} words in {counts['languages']} languages -> {path}")
     return 0

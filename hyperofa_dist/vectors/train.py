@@ -68,7 +68,7 @@ class SentenceIdCorpus:
                 for iso, handle in handles:
                     line = handle.readline()
                     if not line:
-                        continue  # shorter files simply stop contributing; alignment is by line number
+                        continue  # vectors.train.prefix_aligned: a shorter file stops contributing
                     alive.append((iso, handle))
                     words = tokenize_line(line, self.lowercase)
                     if words:
