@@ -42,6 +42,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from hyperofa_dist.formats.jobdir import CLIENT_INFO
+from hyperofa_dist.formats.pretrain import TRAIN_LOG
+from hyperofa_dist.formats.rundir import MANIFEST
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 PREFIX = "hyod"  # namespaces hyod<pid>a / hyod<pid>b; veths carry the same names (<= 15 characters)
@@ -392,7 +396,7 @@ def stage_files(stage_dir: Path) -> dict[str, str]:
     from hyperofa_dist.formats.files import sha256_file
 
     return {str(p.relative_to(stage_dir)): sha256_file(p) for p in sorted(stage_dir.rglob("*"))
-            if p.is_file() and p.name != "manifest.json"}
+            if p.is_file() and p.name != MANIFEST}
 
 
 # --- the generated world ------------------------------------------------------------------------------------
@@ -530,8 +534,8 @@ def ray_drill(work: Path) -> dict[str, Any]:
     identical = {}
     for stage in STAGE_TASKS:
         one, two = single / stage, multi / stage
-        m1 = json.loads((one / "manifest.json").read_text())
-        m2 = json.loads((two / "manifest.json").read_text())
+        m1 = json.loads((one / MANIFEST).read_text())
+        m2 = json.loads((two / MANIFEST).read_text())
         files1, files2 = stage_files(one), stage_files(two)
         identical[stage] = {
             "files": len(files1),
@@ -618,7 +622,7 @@ def build_pretrain_world(root: Path) -> dict[str, Path]:
 
 def train_losses(stage_dir: Path) -> dict[int, float]:
     out: dict[int, float] = {}
-    path = stage_dir / "train_log.jsonl"
+    path = stage_dir / TRAIN_LOG
     for line in path.read_text().splitlines() if path.is_file() else []:
         row = json.loads(line)
         out[int(row["step"])] = float(row["loss"])
@@ -667,7 +671,7 @@ def deepspeed_drill(work: Path) -> dict[str, Any]:
         after_kill["latest"] == KILL_AFTER and not after_kill["manifest"] and max(after_kill["steps_logged"], default=0) < 8)
     checks["node_a_failed_with_one_error_line"] = two["node_a_exit_after_kill"] == 2 and two["node_a_error"] is not None
     checks["nothing_left_on_node_a"] = not two["left_on_node_a_after_kill"]
-    checks["resume_succeeded_on_both_nodes"] = two["resume_exit_codes"] == [0, 0] and (stage_dir / "manifest.json").is_file()
+    checks["resume_succeeded_on_both_nodes"] = two["resume_exit_codes"] == [0, 0] and (stage_dir / MANIFEST).is_file()
     checks["same_steps_as_single_node"] = sorted(got) == sorted(expected) == list(range(1, 9))
     checks["losses_within_tolerance"] = bool(diffs) and max(diffs.values()) <= LOSS_TOLERANCE
     checks["one_rank_on_each_node"] = processes["A"]["ranks"] == [0] and processes["B"]["ranks"] == [1]
@@ -711,7 +715,7 @@ def two_node_pretrain(work: Path, env: dict[str, str], config: str, hostfile: Pa
         before = cluster.link_bytes(b)
         with clock("two_nodes_until_kill"):
             driver, follower = start(a, "first"), start(b, "first")
-            marker = stage_dir / "checkpoints" / KILL_AFTER / "hyperofa.json"
+            marker = stage_dir / "checkpoints" / KILL_AFTER / CLIENT_INFO
             deadline = time.monotonic() + 300
             while not marker.is_file():
                 if driver.poll() is not None or follower.poll() is not None or time.monotonic() > deadline:
@@ -729,7 +733,7 @@ def two_node_pretrain(work: Path, env: dict[str, str], config: str, hostfile: Pa
         first_log = (work / "logs" / "first_nodeA.log").read_text(errors="replace")
         error_lines = [line for line in first_log.splitlines() if line.startswith("hyperofa pretrain: error:")]
         after_kill = {"latest": (stage_dir / "checkpoints" / "latest").read_text().strip(),
-                      "manifest": (stage_dir / "manifest.json").exists(),
+                      "manifest": (stage_dir / MANIFEST).exists(),
                       "steps_logged": sorted(train_losses(stage_dir))}
         with clock("two_nodes_resume"):
             driver, follower = start(a, "resume", "pretrain.resume=true"), start(b, "resume", "pretrain.resume=true")

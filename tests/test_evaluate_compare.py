@@ -170,6 +170,21 @@ def test_method_of_runs_without_tags():
     assert core.run_method(legacy) == "ofa" and core.run_method(outside) == "xlmr"
 
 
+def test_failed_and_killed_runs_are_left_out_and_an_earlier_finished_run_counts():
+    from hyperofa_dist.tracking import RunRecord
+
+    tags = {"hyperofa.stage": "pretrain", "init.method": "ofa", "hyperofa.pipeline": "p1"}
+    done = RunRecord("a", "pretrain/ofa", tags, {}, {"train/loss": 2.0}, start_time=1)
+    killed = RunRecord("b", "pretrain/ofa", tags, {}, {"train/loss": 3.0}, start_time=2, status="KILLED")
+    failed = RunRecord("c", "pretrain/random", {**tags, "init.method": "random"}, {}, {"train/loss": 4.0},
+                       start_time=3, status="FAILED")
+    running = RunRecord("d", "pretrain/hyperofa", {**tags, "init.method": "hyperofa"}, {}, {"train/loss": 1.5},
+                        start_time=4, status="RUNNING")
+    kept, left_out = core.select_runs([done, killed, failed, running], ["train/loss"])
+    assert [r.run_id for r in kept] == ["d", "a"]  # a live run is shown; the killed one never hides the finished one
+    assert sorted(r.run_id for r in left_out) == ["b", "c"]
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -11,6 +11,7 @@ from transformers import AutoTokenizer
 from data_prep.mapping import postings as P
 from data_prep.mapping.split import split_tokens
 from data_prep.mapping.stage import run as run_mapping_stage
+from hyperofa_dist.formats.files import fingerprint_path
 from hyperofa_dist.formats.mapping import Postings
 from hyperofa_dist import synthetic
 from hyperofa_dist.config import load_config
@@ -60,7 +61,9 @@ def test_mapping_outputs_follow_the_contract_and_the_method(ray_cluster, models,
     manifest = json.loads((out / "manifest.json").read_text())
     assert sorted(r["path"] for r in manifest["outputs"]) == sorted(CONTRACT)
     assert manifest["factorized"] is True and manifest["inputs"]["k"] == 8
-    assert manifest["inputs"]["vectors"]["path"] == str(trained_vectors)
+    # the digest holds the vectors' content (a moved run directory stays up to date); the manifest says where they were
+    assert manifest["inputs"]["vectors"] == {"fingerprint": fingerprint_path(trained_vectors)}
+    assert manifest["vectors_path"] == str(trained_vectors)
     assert set(manifest["inputs"]["target_tokenizer"]) >= {"tokenizer.json"}
 
     source, target = AutoTokenizer.from_pretrained(str(models[family])), AutoTokenizer.from_pretrained(str(target_dir))

@@ -178,7 +178,7 @@ def test_killed_and_interrupted_drivers_leave_no_ranks_no_shm_no_second_writer(s
 
     done = subprocess.run([*changed, "pretrain.allow_config_change=true"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "removed 2 shared-memory segments of killed launches from /dev/shm" in done.stderr
+    # this launch's sweep removes them (on a machine running other jobs, their launches' sweeps may get there first)
     assert not any(p.exists() for p in leaked)
     manifest = json.loads((stage / "manifest.json").read_text())
     assert manifest["config_changes"] == [
@@ -192,6 +192,5 @@ def test_killed_and_interrupted_drivers_leave_no_ranks_no_shm_no_second_writer(s
     client = MlflowClient(f"sqlite:///{run / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("hyperofa")
     finished = client.search_runs([experiment.experiment_id], "attributes.status = 'FINISHED'")
-    # The stage's run is `pretrain/<method>` (one per method, continued by every resume: docs/MLFLOW.md).
-    tags = [r.data.tags for r in finished if r.info.run_name == "pretrain/hyperofa"]
+    tags = [r.data.tags for r in finished if r.info.run_name == "pretrain/hyperofa" and "hyperofa.stage" in r.data.tags]
     assert tags and tags[-1][f"hyperofa.config_change.step{step}"] == f"pretrain.steps 100000 -> {step + 2}"

@@ -25,7 +25,7 @@ from ..formats.hypernet import read_test_metrics
 from ..formats.hypernet import stage_of as hypernet_stage
 from ..formats.init import stage_of as init_stage
 from ..formats.mapping import load_mapping
-from ..formats.vectors import load_word_vectors, save_keyed_vectors, trained_vectors_path
+from ..formats.vectors import TRAINED_NAME, load_word_vectors, save_keyed_vectors, trained_vectors_path
 from ..registry import command
 from ..synthetic.demo import WorldSpec, build_world
 from ..tracking import NullTracker
@@ -64,7 +64,7 @@ def run(config: Any, args: Any) -> int:
             config = load_config(DEMO_CONFIG, common)
             for name in ("tokenizer", "prepare", "vectors"):
                 command(name).load()(config, NullTracker())
-            grouped = grouped_by_language(trained_vectors_path(run_dir), root / f"grouped{seed}" / "vectors.kv")
+            grouped = grouped_by_language(trained_vectors_path(run_dir), root / f"grouped{seed}" / TRAINED_NAME)
             config = load_config(DEMO_CONFIG, [*common, f"vectors.path={grouped}"])
             command("mapping").load()(config, NullTracker())
             lengths = load_mapping(run_dir).target_postings.lengths()

@@ -199,7 +199,7 @@ def measure_factorised(config: Config) -> dict[str, Any]:
 
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
-        spec = os.path.join(tmp, "config.json")
+        spec = os.path.join(tmp, "bench_config.json")  # the effective config for the two fresh processes
         with open(spec, "w", encoding="utf-8") as handle:
             json.dump(config.effective(), handle)
         for embeddings in ("full", "factorised"):

@@ -33,6 +33,7 @@ from typing import Any, Callable, Optional, Sequence
 from ..tracking import COMMAND_TAG, METHOD_TAG, PIPELINE_TAG, RUN_DIR_TAG, STAGE_TAG, RunRecord
 
 UNKNOWN = "unknown"
+ENDED_BADLY = ("FAILED", "KILLED")  # MLflow run statuses of jobs that did not finish
 BASELINE = "random"
 HELDOUT_LANGUAGE = re.compile(r"^eval/(?P<lang>[^/]+)/loss$")  # pretrain job: held-out loss per language
 STEPS_TO_BASELINE = f"steps_to_{BASELINE}_final_loss"
@@ -94,11 +95,14 @@ def run_method(run: RunRecord) -> str:
 
 
 def select_runs(runs: Sequence[RunRecord], patterns: Sequence[str]) -> tuple[list[RunRecord], list[RunRecord]]:
-    """(runs that take part, runs left out). A run takes part when it has a metric matching `patterns` and is the
-    latest of the runs sharing its pipeline, name and evaluation name; command (parent) runs never do."""
+    """(runs that take part, runs left out). A run takes part when it has a metric matching `patterns`, did not end
+    FAILED or KILLED, and is the latest of the runs sharing its pipeline, name and evaluation name; command (parent)
+    runs never do. A failed or killed job's partial curve is left out: the resumed job continues its run (which then
+    ends FINISHED), and a job started afresh has a run of its own."""
     candidates, left_out = [], []
     for run in runs:
-        if COMMAND_TAG not in run.tags and any(matches(k, patterns) for k in run.metrics):
+        if (COMMAND_TAG not in run.tags and run.status not in ENDED_BADLY
+                and any(matches(k, patterns) for k in run.metrics)):
             candidates.append(run)
         else:
             left_out.append(run)

@@ -106,8 +106,8 @@ def run(config: Config, tracker: Any) -> int:
         shell.run.log_metrics({"compare/runs": len(runs), "compare/series": len(comparison.series)})
     labels = ", ".join(s.label for s in comparison.series)
     print(
-        f"hyperofa compare: {len(runs)} runs ({labels}; {len(left_out)} without matching metrics or superseded left "
-        f"out), {len(written.files)} files -> {output_dir}",
+        f"hyperofa compare: {len(runs)} runs ({labels}; {len(left_out)} without matching metrics, failed, killed or "
+        f"superseded left out), {len(written.files)} files -> {output_dir}",
         file=sys.stderr,
     )
     return 0

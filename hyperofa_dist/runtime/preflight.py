@@ -128,7 +128,8 @@ def prepare_bytes(samples: dict[str, list[TextSample]], tokenizer: Any, config: 
     separator per sentence) scaled to the whole file, framed into blocks, packed into samples and shards as
     `formats.shards` writes them (512-byte tar headers and padding, a .npy header per sample, each shard's end
     blocks and padding to a 10 KiB tar record, a partial shard per chunk and split), scaled by a sentence budget
-    when one is set (temperature sampling moves sentences between languages, not their total), plus a tenth."""
+    when one is set (temperature sampling moves sentences between languages, not their total), plus a tenth (a
+    quarter with a budget)."""
     import math
     import tarfile
 
@@ -157,12 +158,17 @@ def prepare_bytes(samples: dict[str, list[TextSample]], tokenizer: Any, config: 
     total = 0.0
     for tokens, _, chunks in per_lang.values():
         blocks = tokens * scale / (prep.block_size - 2)
-        for share in (1 - prep.heldout_fraction, prep.heldout_fraction):
-            n_samples = math.ceil(blocks * share / prep.blocks_per_sample)
+        for heldout, share in ((False, 1 - prep.heldout_fraction), (True, prep.heldout_fraction)):
+            split_blocks = blocks * share
+            if heldout and split_blocks > 0:  # a held-out stream too short for one block still gets a padded one
+                split_blocks = max(split_blocks, chunks)
+            n_samples = math.ceil(split_blocks / prep.blocks_per_sample)
             n_shards = math.ceil(n_samples / prep.samples_per_shard) + (chunks - 1 if n_samples else 0)
             total += n_samples * sample_bytes + n_shards * shard_end
         total += chunks * 4096  # the chunk records
-    return int(total * 1.1)
+    # Temperature sampling keeps the sentence total but moves sentences to the small languages, whose sentences may
+    # be longer in tokens (another script, a smaller share of the vocabulary): a budgeted run gets a wider margin.
+    return int(total * (1.25 if budget is not None else 1.1))
 
 
 def checkpoint_bytes(parameters: int, world: int) -> int:
