@@ -140,7 +140,7 @@ def test_server_killed_mid_run_and_restarted(drill_world, server, tmp_path):
     stage_dir = run_dir / "pretrain" / "hyperofa"
     err = open(tmp_path / "stderr.txt", "w")
     proc = subprocess.Popen(_command(drill_world, run_dir, server.uri, "tracking.flush_seconds=120"),
-                            env={**os.environ, FAULT_ENV: "slow@1500"}, stdout=subprocess.DEVNULL, stderr=err)
+                            env={**os.environ, FAULT_ENV: "slow@3000"}, stdout=subprocess.DEVNULL, stderr=err)
     try:
         _wait_for_step(proc, stage_dir, 3)
         server.kill()
