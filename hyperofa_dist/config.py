@@ -97,6 +97,17 @@ class TrackingConfig(Section):
         description="Exported models as run artifacts + registered versions: link (hard links into a local store, "
         "no second copy; uploads to a server), copy (always a copy), none (only a hyperofa.model_dir tag).",
     )
+    retry_seconds: float = Execution(
+        30.0, gt=0, description="Longest wait between two attempts to reach an unreachable store (back-off from 1 s)."
+    )
+    buffer_size: int = Execution(
+        10000, ge=1, description="Tracking writes held in memory while the store is unreachable; more wait in the "
+        "journal (<run.dir>/tracking/) only."
+    )
+    flush_seconds: float = Execution(
+        10.0, ge=0, description="How long ending a run waits for undelivered writes; the rest stay in the journal "
+        "for the next command to replay."
+    )
 
     @field_validator("tracking_uri")
     @classmethod

@@ -19,7 +19,7 @@ from ..config import Config
 from ..errors import HyperofaError
 from ..formats.files import atomic_write_bytes
 from ..formats.rundir import Stage
-from ..runtime.stage import StageShell
+from ..runtime.stage import StageShell, say
 from ..tracking import RunStore, open_store, tracking_uri_of
 from . import core
 
@@ -84,6 +84,9 @@ def run(config: Config, tracker: Any) -> int:
     cmp = config.compare
     experiment = None if cmp.run_ids else (cmp.experiment or config.tracking.experiment)
     output_dir = output_dir_of(config)
+    if not tracker.deliver():  # the runs it reads may still have points in a journal (tracking.py)
+        say("compare", "warning: the tracking store has not received every logged point yet; the comparison may "
+            "miss some (they are replayed by the next command)")
     store = open_store(_reading_uri(config))
     runs, left_out = load_runs(store, cmp.metrics, experiment, cmp.run_ids)
     inputs = {"config": config.fingerprint("compare"), "experiment": experiment, "runs": core.identity(runs)}

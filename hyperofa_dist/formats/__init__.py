@@ -13,4 +13,5 @@ its validating reader (which turns a missing, truncated or foreign file into one
     init        the init stage's coordinates, provenance and expanded model
     models      HF model directories
     results     evaluation results
+    journal     MLflow writes not yet confirmed by the tracking store (<run.dir>/tracking/)
 """

@@ -82,7 +82,7 @@ class JobContext:
 
     def tracker(self) -> Any:
         """MLflow on global rank 0, the no-op tracker elsewhere."""
-        return make_tracker(self.config, rank=self.rank)
+        return make_tracker(self.config, rank=self.rank, connect=False)  # the store may be down: train on
 
     def tracked(self) -> Any:
         """Context: the stage's MLflow run (named in the job file) on rank 0, opened and closed by the stage shell;
