@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from hyperofa_dist.formats.jobdir import CLIENT_INFO
+from hyperofa_dist.formats.jobdir import latest_tag
 from hyperofa_dist.formats.pretrain import TRAIN_LOG
 from hyperofa_dist.formats.rundir import MANIFEST
 
@@ -715,9 +715,8 @@ def two_node_pretrain(work: Path, env: dict[str, str], config: str, hostfile: Pa
         before = cluster.link_bytes(b)
         with clock("two_nodes_until_kill"):
             driver, follower = start(a, "first"), start(b, "first")
-            marker = stage_dir / "checkpoints" / KILL_AFTER / CLIENT_INFO
             deadline = time.monotonic() + 300
-            while not marker.is_file():
+            while latest_tag(stage_dir / "checkpoints") != KILL_AFTER:  # the checkpoint is whole on every rank
                 if driver.poll() is not None or follower.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"the two-node run ended or stalled before {KILL_AFTER}:\n"
                                        f"{tail(work / 'logs' / 'first_nodeA.log')}\n{tail(work / 'logs' / 'first_nodeB.log')}")

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import HyperofaError
-from .files import atomic_write_json, read_json
+from .files import atomic_write_bytes, atomic_write_json, read_json
 
 JOB = "job.json"
 DS_CONFIG = "ds_config.json"
@@ -65,6 +65,13 @@ def checkpoint_dir(out: Path) -> Path:
 def latest_tag(ckpt_dir: Path) -> Optional[str]:
     latest = ckpt_dir / LATEST
     return latest.read_text(encoding="utf-8").strip() if latest.is_file() else None
+
+
+def write_latest(ckpt_dir: Path, tag: str) -> Path:
+    """Point `latest` at `tag`, atomically; rank 0 calls it once every rank has written its part of the tag.
+    DeepSpeed's own `save_latest` writes the file as soon as rank 0's part is saved, so a rank dying mid-save (a
+    lost node) would leave `latest` naming a checkpoint that cannot be loaded."""
+    return atomic_write_bytes(ckpt_dir / LATEST, tag.encode("utf-8"))
 
 
 def has_checkpoint(out: Path) -> bool:

@@ -138,8 +138,8 @@ class HypernetJob(JobContext):
         out_format.save_torch(rng_path(self.ckpt_dir, tag, self.rank), rng_state())
         self.write_checkpoint_info(tag, {"epoch": epoch, "world_size": self.world, "seed": self.seed})
         self.barrier()  # every rank's RNG file exists before `latest` can point at the tag
-        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client, save_latest=True)
-        self.barrier()
+        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client, save_latest=False)
+        self.commit_checkpoint(tag)  # `latest` moves only once every rank has written its part
         if self.rank == 0:
             tags = sorted(p for p in self.ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("epoch"))
             for old in tags[: -self.hp.keep_checkpoints]:

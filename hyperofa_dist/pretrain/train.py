@@ -191,7 +191,7 @@ class PretrainJob(JobContext):
         client = {"step": self.step, "data_seed": self.seed, "tokens_seen": self.tokens_seen, "world_size": self.world}
         self.write_checkpoint_info(tag, client)
         try:
-            self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client, save_latest=True)
+            self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client, save_latest=False)
         except Exception as exc:  # torch's writer reports a full disk as "file write failed" or an iostream error
             if not disk_full(self.ckpt_dir, exc):
                 raise
@@ -200,7 +200,7 @@ class PretrainJob(JobContext):
                 f"{self.ckpt_dir / tag}: cannot write the checkpoint: no space left on device "
                 f"({free_bytes(self.ckpt_dir)} bytes free); {kept}"
             ) from None
-        torch.distributed.barrier()
+        self.commit_checkpoint(tag)  # `latest` moves only once every rank has written its part
         self.last_good = str(self.ckpt_dir / tag)
 
     # --- evaluation -------------------------------------------------------------------------------------------

@@ -35,7 +35,9 @@ import numpy as np
 from ..config import Config, build_config, flatten
 from ..errors import HyperofaError
 from ..formats.files import digest
-from ..formats.jobdir import PROVENANCE, RUN_ID, checkpoint_dir, read_client_info, read_job, write_client_info
+from ..formats.jobdir import (
+    PROVENANCE, RUN_ID, checkpoint_dir, read_client_info, read_job, write_client_info, write_latest,
+)
 from ..formats.rundir import portable
 from ..tracking import make_tracker
 from .process import Interrupted, raise_on_termination, set_parent_death_signal
@@ -98,6 +100,14 @@ class JobContext:
         before DeepSpeed saves there and updates `latest`, so every tag `latest` names has it."""
         if self.rank == 0:
             write_client_info(self.ckpt_dir, tag, {**client, PROVENANCE: self.job.get(PROVENANCE)})
+
+    def commit_checkpoint(self, tag: str) -> None:
+        """After `engine.save_checkpoint(..., save_latest=False)` on every rank: once all ranks are past it (their
+        files of `tag` written), rank 0 points `latest` at the tag; then every rank continues."""
+        self.barrier()
+        if self.rank == 0:
+            write_latest(self.ckpt_dir, tag)
+        self.barrier()
 
     # --- collectives -----------------------------------------------------------------------------------------
 
