@@ -27,6 +27,7 @@ from hyperofa_dist.errors import HyperofaError
 from hyperofa_dist.pretrain.export import consolidated_state_dict
 from hyperofa_dist.pretrain.stage import run as run_pretrain_stage
 from hyperofa_dist.runtime.faults import FAULT_ENV
+from hyperofa_dist.runtime.launch import free_port
 from hyperofa_dist.tracking import make_tracker
 
 COPIED = 300  # conftest.PretrainKit.COPIED: rows [0, COPIED) play the copied tokens
@@ -119,10 +120,11 @@ def _check_export(stage_dir: Path) -> None:
 
 @pytest.fixture(scope="module")
 def run_a(job_world):
-    config = _config(job_world, "a", "pretrain.zero=zero2")
-    before = set(SHM.glob("deepspeed_allreduce_buffer_*"))
+    # A port of its own names this launch's all-reduce segments (other jobs on the machine make theirs meanwhile).
+    port = free_port()
+    config = _config(job_world, "a", "pretrain.zero=zero2", f"pretrain.master_port={port}")
     assert _run(config) == 0
-    job_world["shm_left"] = set(SHM.glob("deepspeed_allreduce_buffer_*")) - before
+    job_world["shm_left"] = set(SHM.glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     return config.run_dir / "pretrain" / "hyperofa"
 
 
