@@ -125,15 +125,8 @@ def alive(ident: str) -> bool:
         return False
     now = start_time(pid)
     if now is None:
-        if not os.path.isdir("/proc"):  # no procfs: fall back to "a process with that pid exists"
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return False
-            except PermissionError:
-                return True
-            return True
-        return False
+        # no procfs: fall back to "a process with that pid exists"
+        return pid_alive(pid) if not os.path.isdir("/proc") else False
     return start in ("?", "") or now == start
 
 
