@@ -169,16 +169,24 @@ def reference_postings(tokenizer, keys: Sequence[str]) -> dict[int, list[int]]:
 
 
 def csr_equals_lists(postings: Postings, lists: dict[int, list[int]]) -> bool:
-    """The CSR postings hold exactly these lists: each word once, with its repeats as its spelling count."""
-    unique = {t: sorted(set(words)) for t, words in lists.items()}
-    if int(postings.indptr[-1]) != sum(len(v) for v in unique.values()):
+    """The CSR postings hold exactly these lists: each word once, with its repeats as its spelling count.
+
+    Linear in the postings (one sort per list): a token of a large vocabulary can list most of the words.
+    """
+    unique = {}
+    for token, words in lists.items():
+        if not 0 <= token < postings.vocab_size:
+            return False
+        unique[token] = np.unique(np.asarray(words, dtype=np.int64), return_counts=True)
+    if int(postings.indptr[-1]) != sum(int(w.size) for w, _ in unique.values()):
         return False
+    empty = (np.zeros(0, np.int64), np.zeros(0, np.int64))
     for token in range(postings.vocab_size):
         got = postings.words(token)
-        want = unique.get(token, [])
-        if got.size != len(want) or (got.size and not np.array_equal(got, want)):
+        want, counts = unique.get(token, empty)
+        if got.size != want.size or not np.array_equal(got, want):
             return False
-        if got.size and not np.array_equal(postings.spelling_counts(token), [lists[token].count(w) for w in want]):
+        if got.size and not np.array_equal(postings.spelling_counts(token), counts):
             return False
     return True
 
