@@ -142,12 +142,31 @@ class CorpusConfig(Section):
     )
     format: Literal["dir", "glot500_local", "hub"] = Field(
         "dir",
-        description="dir: <lang_Script>.txt[.gz] files; glot500_local: per-language folders of parquet/jsonl "
-        "with a text column; hub: the HF dataset named by hub_name.",
+        description="dir: <lang_Script>.txt[.gz] files; glot500_local: a local copy of Glot500-c, per-language "
+        "folders of split folders (<split>/data-*.arrow or <split>/*.parquet) or of parquet/jsonl files; hub: the HF "
+        "dataset named by hub_name.",
     )
     hub_name: str = Field("cis-lmu/Glot500", description="HF dataset used when format is hub.")
     languages: Optional[list[str]] = Field(
         None, description="Languages to use (lang_Script codes); unset means every language found."
+    )
+    split: str = Field(
+        "train",
+        description="glot500_local/hub: the split folder read for training (<lang_Script>/<split>/); asked for train, "
+        "a language published as partial-train only (Glot500-c's largest) is read from partial-train, said and recorded.",
+    )
+    heldout_split: Optional[str] = Field(
+        None,
+        description="glot500_local/hub: a split (dev or test) whose every sentence is held-out text, for each language "
+        "that has it; training then holds nothing out of that language. Unset: prepare.heldout_fraction of the training text.",
+    )
+    text_column: str = Field(
+        "text", description="glot500_local/hub: the column holding one sentence per row; other columns are ignored."
+    )
+    revision: Optional[str] = Field(
+        None,
+        description="hub: the dataset revision to read (commit sha, branch or tag, e.g. refs/convert/parquet); required "
+        "for format hub; resolved to a commit sha once and recorded in prepare's manifest.",
     )
     max_noise_share: float = Execution(
         0.5,
@@ -167,6 +186,19 @@ class CorpusConfig(Section):
                 if not LANG_CODE.match(code):
                     raise ValueError(f"{code!r} is not a lang_Script code such as eng_Latn")
         return value
+
+    @field_validator("split", "heldout_split", "text_column")
+    @classmethod
+    def _names(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and (not value or "/" in value or value.startswith(".")):
+            raise ValueError(f"{value!r} is not a folder or column name")
+        return value
+
+    @model_validator(mode="after")
+    def _distinct_splits(self) -> "CorpusConfig":
+        if self.heldout_split is not None and self.heldout_split == self.split:
+            raise ValueError(f"heldout_split {self.heldout_split!r} is the training split")
+        return self
 
 
 class TokenizerConfig(Section):

@@ -84,7 +84,9 @@ def test_glot500_local_layout_parquet_and_jsonl(tmp_path):
     import pyarrow.parquet as pq
 
     (tmp_path / "eng_Latn").mkdir()
-    pq.write_table(pa.table({"text": [f"sentence {i}" for i in range(50)]}), tmp_path / "eng_Latn" / "a.parquet")
+    pq.write_table(
+        pa.table({"text": [f"sentence {i}" for i in range(50)]}), tmp_path / "eng_Latn" / "a.parquet", row_group_size=10
+    )
     (tmp_path / "rus_Cyrl").mkdir()
     (tmp_path / "rus_Cyrl" / "x.jsonl").write_text("".join(json.dumps({"text": f"строка {i}"}) + "\n" for i in range(30)))
     sources = discover(CorpusConfig(path=str(tmp_path), format="glot500_local"))
@@ -92,7 +94,13 @@ def test_glot500_local_layout_parquet_and_jsonl(tmp_path):
     units = plan_units(sources, 200)
     eng = [x for u in units if u.lang == "eng_Latn" for x in read_unit(u)]
     assert eng == [f"sentence {i}" for i in range(50)]
-    assert len([u for u in units if u.lang == "eng_Latn"]) > 1
+    assert [(u.kind, u.start, u.end, u.rows) for u in units if u.lang == "eng_Latn"][:2] == [
+        ("row_groups", 0, 1, 10), ("row_groups", 1, 2, 10)
+    ]  # a row group of 10 short rows already passes 200 bytes of text
+    assert len([u for u in units if u.lang == "rus_Cyrl"]) > 1 and {u.kind for u in units if u.lang == "rus_Cyrl"} == {
+        "json_bytes"
+    }
+    assert [x for u in units if u.lang == "rus_Cyrl" for x in read_unit(u)] == [f"строка {i}" for i in range(30)]
     assert list(iter_sentences(sources[1], limit=3)) == ["строка 0", "строка 1", "строка 2"]
     (tmp_path / "deu_Latn").mkdir()
     (tmp_path / "deu_Latn" / "y.jsonl").write_text(json.dumps({"content": "x"}) + "\n")
@@ -103,5 +111,7 @@ def test_glot500_local_layout_parquet_and_jsonl(tmp_path):
 def test_hub_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    with pytest.raises(HyperofaError, match="cis-lmu/Glot500: cannot reach the dataset on the HF hub"):
+    with pytest.raises(HyperofaError, match="corpus.revision is not set"):
         discover(CorpusConfig(format="hub", languages=["eng_Latn"]))
+    with pytest.raises(HyperofaError, match=r"cis-lmu/Glot500@refs/convert/parquet: cannot reach the dataset on the HF hub"):
+        discover(CorpusConfig(format="hub", languages=["eng_Latn"], revision="refs/convert/parquet"))

@@ -370,3 +370,71 @@ def test_every_language_with_heldout_text_gets_a_block_and_the_summary_names_tho
     err = capsys.readouterr().err
     assert "held-out blocks: 2 of 3 languages have some (fewest: qab_Cyrl with 1; 2 with a padded short block); " \
            "none: qac_Latn (no held-out sentence)" in err
+
+
+@pytest.fixture(scope="module")
+def standin_texts(world):
+    codes = [lang.code for lang in world.languages[:3]]
+    return synthetic.standin_texts(world, dict(zip(codes, (1500, 400, 60))), seed=2, heldout=40,
+                                   heldout_languages=codes[:2])
+
+
+@pytest.mark.parametrize("layout", synthetic.glot500.LAYOUTS)
+def test_glot500_standin_gives_the_same_shards_as_the_same_text_as_txt(
+    tmp_path, layout, standin_texts, prep_tokenizer, ray_cluster, capfd
+):
+    largest = max(standin_texts, key=lambda lang: len(standin_texts[lang]["train"]))
+    standin = synthetic.glot500_standin(tmp_path / "glot500", standin_texts, layout, rows_per_group=128,
+                                        partial_train=[largest])
+    txt = synthetic.write_split_txt(tmp_path / "txt", standin_texts, "train")
+    # A cap below the largest language: the table units' plans come from row counts in the files' metadata (no
+    # counting round), the text files' from a counting round; both must give the same plan, hence the same bytes.
+    keys = dict(chunk_bytes=1 << 20, prepare__sampling__total_sentences="null", prepare__sampling__cap_per_language=900)
+    from_txt = prepare(make_config(tmp_path / "run_txt", txt, prep_tokenizer, **keys))
+    from_standin = prepare(make_config(tmp_path / "run_standin", standin, prep_tokenizer,
+                                       corpus__format="glot500_local", **keys))
+    assert f"{largest}: no train split, reading partial-train" in capfd.readouterr().err
+    assert from_standin["outputs"] == from_txt["outputs"] and len(from_txt["outputs"]) > 6
+    assert from_standin["counts"]["languages"] == from_txt["counts"]["languages"]
+    assert from_standin["counts"]["languages"][largest]["train_sentences"] == 900
+    assert from_standin["counts"]["splits"] == {lang: "partial-train" if lang == largest else "train"
+                                                for lang in standin_texts}
+    assert any(f"{largest}/partial-train/" in path for path in from_standin["inputs"]["corpus"][largest])
+
+
+def test_published_dev_split_is_the_heldout_text(tmp_path, standin_texts, prep_tokenizer, ray_cluster):
+    from tokenizers import Tokenizer
+
+    standin = synthetic.glot500_standin(tmp_path / "glot500", standin_texts, "parquet", files_per_split=2,
+                                        rows_per_group=64)
+    config = make_config(tmp_path / "run", standin, prep_tokenizer, chunk_bytes=8192, corpus__format="glot500_local",
+                         corpus__heldout_split="dev", prepare__sampling__total_sentences="null")
+    manifest = prepare(config)
+    languages = manifest["counts"]["languages"]
+    with_dev = sorted(lang for lang in standin_texts if "dev" in standin_texts[lang])
+    assert manifest["counts"]["heldout_from"] == {lang: "dev" if lang in with_dev else "prepare.heldout_fraction"
+                                                   for lang in standin_texts}
+    tokenizer = Tokenizer.from_file(str(prep_tokenizer / "tokenizer.json"))
+    sep, pad = manifest["special_tokens"]["sep"], manifest["special_tokens"]["pad"]
+    for lang, texts in standin_texts.items():
+        stats = languages[lang]
+        assert stats["sentences"] == len(texts["train"]) + len(texts.get("dev", []))
+        if lang not in with_dev:
+            assert stats["heldout_sentences"] == sum(  # the fraction, per unit of its training text
+                heldout_count(u.rows, HELDOUT) for u in plan_units(discover(make_config(
+                    tmp_path / "x", standin, prep_tokenizer, chunk_bytes=8192, corpus__format="glot500_local",
+                    corpus__languages=f"[{lang}]").corpus), 8192))
+            continue
+        assert stats["train_sentences"] == len(texts["train"])  # nothing of the training split held out
+        assert stats["heldout_sentences"] == len(texts["dev"])
+        blocks = defaultdict(list)
+        for entry in manifest["shards"]:  # sorted by path: chunk, then shard index
+            if entry["split"] == "heldout" and entry["lang"] == lang:
+                blocks[entry["chunk"]] += [s.blocks for s in read_shard(tmp_path / "run" / "prepare" / entry["path"])]
+        dev_units = [u for u in plan_units(discover(config.corpus), 8192) if u.lang == lang and u.role == "heldout"]
+        assert sorted(blocks) == [u.chunk for u in dev_units] and len(dev_units) == 2  # a unit per dev file
+        for unit in dev_units:
+            pieces = unpack_blocks(np.concatenate(blocks[unit.chunk]), sep, pad)
+            decoded = [tokenizer.decode(p.tolist()) for p in pieces[:-1]]
+            rows = read_unit_sentences(unit)[0]
+            assert decoded and decoded == rows[: len(decoded)]  # the dev sentences of that file, in order

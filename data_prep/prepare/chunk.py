@@ -14,12 +14,12 @@ from typing import Any, Optional
 import numpy as np
 
 from hyperofa_dist.errors import HyperofaError
-from hyperofa_dist.formats.corpus import Unit, normalize_line, read_unit, read_unit_sentences
+from hyperofa_dist.formats.corpus import HELDOUT, Unit, normalize_line, read_unit, read_unit_sentences
 from hyperofa_dist.formats.files import atomic_write_json
 from hyperofa_dist.formats.shards import SPLITS, build_shards, write_shard
 
 from .packing import Specials, flatten_ids, pack_sentences
-from .sampling import ChunkPlan, kept_order, select_sentences, unbudgeted_plan
+from .sampling import ChunkPlan, all_heldout_plan, kept_order, select_sentences, unbudgeted_plan
 
 RECORDS = "chunks"
 
@@ -46,6 +46,7 @@ class ChunkJob:
     plan: Optional[ChunkPlan]  # None: keep every sentence once, the task plans from its own sentence count
     record_digest: str
     keep_existing: bool  # True: the chunk was finished before and lost shards; leave the others untouched
+    holds_out: bool = True  # False: the language's held-out text is its published held-out split, not a fraction
 
 
 # --- the core --------------------------------------------------------------------------------------------------
@@ -72,19 +73,32 @@ def record_path(stage_dir: Path, lang: str, chunk: int) -> Path:
 def process_chunk(job: ChunkJob, settings: Settings, tokenizer: Any) -> dict[str, Any]:
     """Read, normalise, select, tokenize, pack and shard one unit; write its record; return the record."""
     unit, plan = job.unit, job.plan
-    sentences, line_stats = read_unit_sentences(unit, settings.normalization)
+    # A table unit's plan is over its rows (known from the file's metadata, so no counting pass): empty rows
+    # keep their place and are dropped after selection. A text unit's plan is over its non-empty lines.
+    by_row = unit.rows >= 0
+    sentences, line_stats = read_unit_sentences(unit, settings.normalization, keep_empty=by_row)
     if plan is None:
-        plan = unbudgeted_plan(len(sentences), settings.heldout_fraction)
+        if unit.role == HELDOUT:
+            plan = all_heldout_plan(len(sentences))
+        else:
+            plan = unbudgeted_plan(len(sentences), settings.heldout_fraction if job.holds_out else 0.0)
     elif len(sentences) != plan.n:
         raise HyperofaError(
-            f"{unit.path}: chunk {unit.chunk} of {unit.lang} has {len(sentences)} sentences now but had {plan.n} "
-            "when counted; the corpus changed during prepare"
+            f"{unit.path}: chunk {unit.chunk} of {unit.lang} has {len(sentences)} "
+            f"{'rows' if by_row else 'sentences'} now but had {plan.n} when planned; the corpus changed during prepare"
         )
     heldout, multiplicity = select_sentences(plan, settings.seed, unit.lang, unit.chunk)
+    train_order = kept_order(multiplicity)
+    n_sentences = len(sentences)
+    if by_row and line_stats.empty:
+        present = np.fromiter((bool(text) for text in sentences), dtype=bool, count=len(sentences))
+        heldout, train_order = heldout[present[heldout]], train_order[present[train_order]]
+        multiplicity = np.where(present, multiplicity, 0)
+        n_sentences -= line_stats.empty
     needed = np.union1d(np.flatnonzero(multiplicity), heldout)
     flat, offsets = encode(tokenizer, [sentences[i] for i in needed], settings.batch_size)
     orders = {
-        "train": np.searchsorted(needed, kept_order(multiplicity)),
+        "train": np.searchsorted(needed, train_order),
         "heldout": np.searchsorted(needed, heldout),
     }
     stage_dir = Path(settings.stage_dir)
@@ -92,7 +106,7 @@ def process_chunk(job: ChunkJob, settings: Settings, tokenizer: Any) -> dict[str
         "lines": line_stats.lines,
         "empty": line_stats.empty,
         "invalid_utf8": line_stats.invalid_utf8,
-        "sentences": plan.n,
+        "sentences": n_sentences,
         "train_unique": int(np.count_nonzero(multiplicity)),
         "encoded_tokens": int(flat.size),
     }

@@ -95,16 +95,23 @@ def unbudgeted_plan(n: int, heldout_fraction: float) -> ChunkPlan:
     return ChunkPlan(n, heldout, n - heldout)
 
 
+def all_heldout_plan(n: int) -> ChunkPlan:
+    """The plan of a chunk of a published held-out split (corpus.heldout_split): every sentence held out."""
+    return ChunkPlan(n, n, 0)
+
+
 def plan_chunks(
     chunk_counts: dict[str, list[int]],
-    heldout_fraction: float,
+    heldout_fraction: float | dict[str, float],
     alpha: float,
     total: Optional[int],
     cap: Optional[int],
     upsample: bool,
 ) -> dict[str, list[ChunkPlan]]:
-    """Per language, the plan of each of its chunks (in chunk order) from every chunk's sentence count."""
-    heldouts = {lang: [heldout_count(n, heldout_fraction) for n in counts] for lang, counts in chunk_counts.items()}
+    """Per language, the plan of each of its chunks (in chunk order) from every chunk's sentence count; the held-out
+    fraction is one for all languages or one per language."""
+    fraction = heldout_fraction if isinstance(heldout_fraction, dict) else dict.fromkeys(chunk_counts, heldout_fraction)
+    heldouts = {lang: [heldout_count(n, fraction[lang]) for n in counts] for lang, counts in chunk_counts.items()}
     train_counts = {lang: sum(counts) - sum(heldouts[lang]) for lang, counts in chunk_counts.items()}
     budgets = temperature_budgets(train_counts, alpha, total, cap, upsample)
     plans: dict[str, list[ChunkPlan]] = {}

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from hyperofa_dist.config import Config
-from hyperofa_dist.formats.corpus import LanguageSource, Unit, discover, plan_units
+from hyperofa_dist.formats.corpus import HELDOUT, LanguageSource, Unit, discover, plan_units
 from hyperofa_dist.formats.files import digest, sha256_file
 from hyperofa_dist.formats.rundir import Stage
 from hyperofa_dist.formats.shards import SPLITS, STAGE
@@ -41,7 +41,7 @@ from hyperofa_dist.runtime.stage import StageShell
 
 from .chunk import RECORDS, ChunkJob, Settings, count_unit, process_chunk, record_path
 from .packing import RULES, Specials
-from .sampling import ChunkPlan, needs_corpus_counts, plan_chunks
+from .sampling import ChunkPlan, all_heldout_plan, needs_corpus_counts, plan_chunks
 
 SPLIT_STATS = ("sentences", "tokens", "tokens_in_blocks", "tokens_lost", "blocks", "padded_blocks", "shards")
 READ_STATS = ("lines", "empty", "invalid_utf8", "sentences", "train_unique", "encoded_tokens")
@@ -69,7 +69,7 @@ def group_units(units: list[Unit], chunk_bytes: int) -> list[list[Unit]]:
     current: list[Unit] = []
     size = 0
     for unit in units:
-        if unit.kind == "hub":  # a streamed hub language has no known size: a task of its own
+        if unit.end < 0:  # a remote stream planned whole has no known size: a task of its own
             groups.append([unit])
             continue
         current.append(unit)
@@ -86,18 +86,31 @@ def group_units(units: list[Unit], chunk_bytes: int) -> list[list[Unit]]:
 
 
 def corpus_fingerprint(sources: Iterable[LanguageSource], root: Optional[str]) -> dict[str, Any]:
-    """sha256 of every corpus file by its path inside the corpus (hub languages: the dataset name)."""
+    """sha256 of every corpus file (held-out split included) by its path inside the corpus, whose split folder
+    says which split was read; hub languages: the dataset, the commit and the files read at it."""
     out: dict[str, Any] = {}
     for source in sources:
         if source.format == "hub":
-            out[source.lang] = {"hub": source.hub_name}
+            out[source.lang] = {
+                "hub": source.hub_name, "revision": source.revision, "split": source.split,
+                "files": [*source.remote_files, *source.remote_heldout],
+            }
         else:
-            out[source.lang] = {Path(f).relative_to(root).as_posix(): sha256_file(f) for f in source.files}
+            files = [*source.files, *source.heldout_files]
+            out[source.lang] = {Path(f).relative_to(root).as_posix(): sha256_file(f) for f in files}
     return out
 
 
+def heldout_sources(sources: Iterable[LanguageSource], split: Optional[str]) -> dict[str, str]:
+    """Where each language's held-out text comes from: its published held-out split, else a fraction of training."""
+    return {
+        s.lang: split if (s.heldout_files or s.remote_heldout) else "prepare.heldout_fraction" for s in sources
+    }
+
+
 def _unit_digest(inputs_digest: str, unit: Unit) -> str:
-    return digest({"inputs": inputs_digest, "unit": [unit.lang, unit.chunk, unit.kind, unit.start, unit.end]})
+    key = [unit.lang, unit.chunk, unit.kind, unit.start, unit.end] + ([unit.role] if unit.role == HELDOUT else [])
+    return digest({"inputs": inputs_digest, "unit": key})
 
 
 def _finished_record(stage_dir: Path, unit: Unit, record_digest: str) -> Optional[dict[str, Any]]:
@@ -167,30 +180,42 @@ def _metrics(per_lang: dict[str, dict[str, int]], totals: dict[str, int]) -> dic
     return metrics
 
 
-def _count_and_plan(units: list[Unit], previous: list[Optional[dict]], prep) -> dict[str, list[ChunkPlan]]:
-    """Count the sentences of every unit not finished before (a Ray round), then plan every chunk."""
-    to_count = [u for u, r in zip(units, previous) if r is None]
+def _count_and_plan(
+    units: list[Unit], previous: list[Optional[dict]], prep, holds_out: dict[str, bool]
+) -> dict[tuple[str, int], ChunkPlan]:
+    """Every chunk's plan from every unit's size: a table unit's rows come from its file's metadata, a text unit
+    not finished before is counted (a Ray round reading it; `needs_corpus_counts`)."""
+    to_count = [u for u, r in zip(units, previous) if r is None and u.rows < 0]
     groups = group_units(to_count, prep.chunk_bytes)
     counted = run_tasks(
         count_sentences, [(g, prep.normalization) for g in groups], desc="prepare: count", retries_key=RETRIES_KEY,
         max_retries=prep.max_retries,
-    )
+    ) if groups else []
     n_of = {(u.lang, u.chunk): n for g, ns in zip(groups, counted) for u, n in zip(g, ns)}
     for unit, record in zip(units, previous):
         if record is not None:
             n_of[(unit.lang, unit.chunk)] = record["plan"]["n"]
+        elif unit.rows >= 0:
+            n_of[(unit.lang, unit.chunk)] = unit.rows
     chunk_counts: dict[str, list[int]] = {}
     for unit in units:
-        chunk_counts.setdefault(unit.lang, []).append(n_of[(unit.lang, unit.chunk)])
+        if unit.role != HELDOUT:
+            chunk_counts.setdefault(unit.lang, []).append(n_of[(unit.lang, unit.chunk)])
     sampling = prep.sampling
-    return plan_chunks(
-        chunk_counts,
-        prep.heldout_fraction,
-        sampling.alpha,
-        sampling.total_sentences,
-        sampling.cap_per_language,
-        sampling.upsample,
+    fractions = {lang: prep.heldout_fraction if holds_out[lang] else 0.0 for lang in chunk_counts}
+    per_lang = plan_chunks(
+        chunk_counts, fractions, sampling.alpha, sampling.total_sentences, sampling.cap_per_language, sampling.upsample
     )
+    plans: dict[tuple[str, int], ChunkPlan] = {}
+    position = {lang: 0 for lang in per_lang}
+    for unit in units:
+        key = (unit.lang, unit.chunk)
+        if unit.role == HELDOUT:
+            plans[key] = all_heldout_plan(n_of[key])
+        else:
+            plans[key] = per_lang[unit.lang][position[unit.lang]]
+            position[unit.lang] += 1
+    return plans
 
 
 def run(config: Config, tracker) -> int:
@@ -222,7 +247,9 @@ def run(config: Config, tracker) -> int:
 
         started = time.perf_counter()
         units = plan_units(sources, prep.chunk_bytes)
-        with_units = {u.lang for u in units}
+        heldout_from = heldout_sources(sources, config.corpus.heldout_split)
+        holds_out = {lang: heldout_from[lang] == "prepare.heldout_fraction" for lang in languages}
+        with_units = {u.lang for u in units if u.role != HELDOUT}
         skipped = {lang: "empty file" for lang in languages if lang not in with_units}
         shell.begin()
 
@@ -240,9 +267,9 @@ def run(config: Config, tracker) -> int:
             batch_size=prep.tokenize_batch_size,
         )
         with ray_session(config) as ray:
-            plans: Optional[dict[str, list[ChunkPlan]]] = None
+            plans: Optional[dict[tuple[str, int], ChunkPlan]] = None
             if needs_corpus_counts(prep.sampling.total_sentences, prep.sampling.cap_per_language):
-                plans = _count_and_plan(units, previous, prep)
+                plans = _count_and_plan(units, previous, prep, holds_out)
             count_s = time.perf_counter() - started
 
             jobs: list[ChunkJob] = []
@@ -255,8 +282,10 @@ def run(config: Config, tracker) -> int:
                         continue
                     for shard, _ in damaged:  # a shard that differs is written again, like a missing one
                         (shell.path / shard["path"]).unlink(missing_ok=True)
-                plan = plans[unit.lang][unit.chunk] if plans is not None else None
-                jobs.append(ChunkJob(unit, plan, record_digest, keep_existing=record is not None))
+                plan = plans[(unit.lang, unit.chunk)] if plans is not None else None
+                jobs.append(
+                    ChunkJob(unit, plan, record_digest, keep_existing=record is not None, holds_out=holds_out[unit.lang])
+                )
             by_unit = {job.unit: job for job in jobs}
             job_groups = [[by_unit[u] for u in g] for g in group_units([j.unit for j in jobs], prep.chunk_bytes)]
             tokenizer_ref = ray.put(backend_json(tokenizer))
@@ -269,7 +298,7 @@ def run(config: Config, tracker) -> int:
 
         records.sort(key=lambda r: (r["lang"], r["chunk"]))
         for lang in languages:
-            if lang not in skipped and not any(r["plan"]["n"] for r in records if r["lang"] == lang):
+            if lang not in skipped and not any(r["stats"]["sentences"] for r in records if r["lang"] == lang):
                 skipped[lang] = "no non-empty sentence"
         shard_files = [s for r in records for s in r["shards"]]
         keep = {s["path"] for s in shard_files} | {
@@ -288,6 +317,8 @@ def run(config: Config, tracker) -> int:
             "skipped_languages": skipped,
             "languages_without_heldout": no_heldout,
             "units": len(units),
+            "splits": {s.lang: s.split for s in sources if s.split},
+            "heldout_from": {lang: heldout_from[lang] for lang in languages},
         }
         shell.finish(
             outputs=[],

@@ -2,43 +2,69 @@
 
 Three layouts, one interface:
 - `dir`: one file per language, `<lang_Script>.txt` or `<lang_Script>.txt.gz`, one sentence per line;
-- `glot500_local`: a local copy of Glot500-c, one folder per language holding parquet or jsonl files with a
-  `text` column, read with `datasets`;
-- `hub`: the HF dataset `cis-lmu/Glot500` (config names are the language codes), streamed with `datasets`.
+- `glot500_local`: a local copy of Glot500-c, one folder per language holding either split folders as published
+  (`<split>/data-00000-of-000NN.arrow` with `dataset_info.json` and `state.json`, as `datasets.save_to_disk`
+  writes the main branch: Arrow IPC streams; or `<split>/0000.parquet, 0001.parquet, ...`, the hub's parquet
+  conversion) or, flat, parquet/jsonl files; one sentence per row in `corpus.text_column`, other columns ignored;
+- `hub`: the HF dataset `corpus.hub_name` at the pinned `corpus.revision` (resolved to a commit once), its data
+  files of `<lang_Script>/<split>/` read remotely the same way as local ones.
 
-A unit is a contiguous piece of one language (a byte range aligned to line starts for plain text, a line range
-for gzip, a row range for parquet/jsonl, a whole language for the hub), so a huge language is split into many
-units and a tiny one is a single small unit that callers may group with others. Units are planned
-deterministically from the files alone.
+The hub's parquet converter publishes `partial-train` instead of `train` for a language too big to convert whole
+(the first part of `train`): asked for `train`, such a language is read from `partial-train`, said on stderr and
+recorded (`LanguageSource.split`). `corpus.heldout_split` (dev or test) adds a language's published held-out
+split as units of role `heldout`.
+
+A unit is a contiguous piece of one file: a byte range aligned to line starts (plain text, jsonl), a line range
+(gzip), a range of parquet row groups or of Arrow record batches (grouped up to about `chunk_bytes` of text; one
+large row group or batch is a unit of its own). A task therefore holds at most about one unit, never a language,
+and a table unit knows its row count from the file's metadata (`Unit.rows`), so a sampling plan over it needs no
+counting pass. Parquet is read by row group with pyarrow, Arrow streams memory-mapped by record batch; nothing is
+copied into a cache. Units are planned deterministically from the files alone.
 """
 
 from __future__ import annotations
 
 import gzip
+import json
+import sys
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 from ..config import LANG_CODE, CorpusConfig
 from ..errors import HyperofaError
 
 TEXT_SUFFIXES = (".txt", ".txt.gz")
 TABLE_SUFFIXES = (".parquet", ".jsonl", ".json", ".jsonl.gz", ".json.gz")
+ARROW_SUFFIX = ".arrow"
+PARQUET_SUFFIX = ".parquet"
+# What `datasets.save_to_disk` writes beside the Arrow files of a split: metadata, not text.
+SAVED_METADATA = ("dataset_info.json", "state.json")
+PARTIAL_TRAIN = "partial-train"
+TRAIN, HELDOUT = "train", "heldout"
+HF_PREFIX = "hf://"
 
 
 @dataclass(frozen=True)
 class LanguageSource:
     lang: str
     format: str
-    files: tuple[Path, ...] = field(default_factory=tuple)
+    files: tuple[Path, ...] = field(default_factory=tuple)  # local data files of the training split, in order
     bytes: int = 0
     hub_name: str = ""
+    split: str = ""  # the split folder read ("" for the flat layouts)
+    heldout_files: tuple[Path, ...] = field(default_factory=tuple)  # files of corpus.heldout_split, if it has one
+    text_column: str = "text"
+    revision: str = ""  # hub: the commit every file is read at
+    remote_files: tuple[str, ...] = ()  # hub: hf:// paths of the training split
+    remote_heldout: tuple[str, ...] = ()  # hub: hf:// paths of the held-out split
 
 
 @dataclass(frozen=True)
 class Unit:
-    """A piece of one language: [start, end) in bytes (kind 'bytes'), lines ('lines') or rows ('rows')."""
+    """A piece of one file: [start, end) in bytes ('bytes', 'json_bytes'), lines ('lines', 'json_lines'), row
+    groups ('row_groups') or record batches ('batches'; end -1: to the end of a stream not planned by batch)."""
 
     lang: str
     chunk: int
@@ -47,7 +73,9 @@ class Unit:
     start: int
     end: int
     bytes: int
-    hub_name: str = ""
+    rows: int = -1  # rows of the unit from the file's metadata; -1 when only reading tells (text, jsonl)
+    column: str = "text"
+    role: str = TRAIN  # HELDOUT: every sentence is held-out text (corpus.heldout_split)
 
 
 @dataclass
@@ -69,12 +97,24 @@ def _lang_of(name: str, suffixes: Iterable[str]) -> Optional[str]:
     return None
 
 
+def say(message: str) -> None:
+    print(f"hyperofa corpus: {message}", file=sys.stderr, flush=True)
+
+
+# --- discovery ------------------------------------------------------------------------------------------------
+
+
 def discover(corpus: CorpusConfig) -> list[LanguageSource]:
     """The corpus's languages, sorted; fatal errors name the offending path."""
     if corpus.format == "hub":
         return _discover_hub(corpus)
     if corpus.path is None:
         raise HyperofaError("config key corpus.path is not set (required for corpus.format dir/glot500_local)")
+    if corpus.format == "dir" and corpus.heldout_split is not None:
+        raise HyperofaError(
+            "config key corpus.heldout_split needs split folders (corpus.format glot500_local or hub); a dir corpus "
+            "holds out prepare.heldout_fraction of its text"
+        )
     root = Path(corpus.path)
     if not root.is_dir():
         raise HyperofaError(f"{root}: corpus directory not found")
@@ -98,12 +138,9 @@ def discover(corpus: CorpusConfig) -> list[LanguageSource]:
         if lang in found:
             raise HyperofaError(f"{entry}: language {lang} appears twice in {root}")
         if corpus.format == "dir":
-            files = (entry,)
+            found[lang] = LanguageSource(lang, "dir", (entry,), entry.stat().st_size)
         else:
-            files = tuple(sorted(p for p in entry.iterdir() if p.is_file() and _lang_of(p.name, TABLE_SUFFIXES)))
-            if not files:
-                raise HyperofaError(f"{entry}: no parquet or jsonl files in language folder")
-        found[lang] = LanguageSource(lang, corpus.format, files, sum(f.stat().st_size for f in files))
+            found[lang] = _local_language(entry, lang, corpus)
     if wanted is not None:
         missing = sorted(wanted - set(found))
         if missing:
@@ -113,46 +150,180 @@ def discover(corpus: CorpusConfig) -> list[LanguageSource]:
     return [found[k] for k in sorted(found)]
 
 
-def _discover_hub(corpus: CorpusConfig) -> list[LanguageSource]:
-    import datasets
-
-    langs = corpus.languages
+def _split_files(folder: Path) -> tuple[Path, ...]:
+    """The data files of one split folder, in the dataset's order; one kind only (arrow or parquet)."""
+    names = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
+    arrow = [p for p in names if p.name.endswith(ARROW_SUFFIX)]
+    parquet = [p for p in names if p.name.endswith(PARQUET_SUFFIX)]
+    if arrow and parquet:
+        raise HyperofaError(f"{folder}: mixed layout, both .arrow and .parquet files in one split folder")
+    if not arrow and not parquet:
+        raise HyperofaError(f"{folder}: empty split, no .arrow or .parquet data files")
+    if parquet:
+        return tuple(sorted(parquet))
+    state = folder / "state.json"
+    if not state.is_file():
+        return tuple(sorted(arrow))
     try:
-        if langs is None:
-            langs = [c for c in datasets.get_dataset_config_names(corpus.hub_name) if LANG_CODE.match(c)]
-        # Touch the first language's builder now: an offline machine fails here, before any work starts.
-        datasets.load_dataset_builder(corpus.hub_name, langs[0])
-    except Exception as exc:  # datasets raises connection, offline-mode and not-found errors of many types
+        listed = [entry["filename"] for entry in json.loads(state.read_text(encoding="utf-8"))["_data_files"]]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise HyperofaError(f"{state}: not a datasets state.json ({exc.__class__.__name__})") from None
+    files = tuple(folder / name for name in listed)
+    for path in files:
+        if not path.is_file():
+            raise HyperofaError(f"{path}: listed in state.json but missing")
+    extra = sorted(set(arrow) - set(files))
+    if extra:
+        raise HyperofaError(f"{extra[0]}: an .arrow file that state.json does not list")
+    return files
+
+
+def _local_language(folder: Path, lang: str, corpus: CorpusConfig) -> LanguageSource:
+    splits = {p.name: p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    flat = tuple(sorted(p for p in folder.iterdir() if p.is_file() and _lang_of(p.name, TABLE_SUFFIXES)))
+    if splits and flat:
+        raise HyperofaError(f"{folder}: mixed layout, both split folders and data files ({flat[0].name})")
+    column = corpus.text_column
+    if flat:
+        if corpus.heldout_split is not None:
+            raise HyperofaError(
+                f"{folder}: corpus.heldout_split={corpus.heldout_split} but the language folder has no split folders"
+            )
+        return LanguageSource(lang, "glot500_local", flat, sum(f.stat().st_size for f in flat), text_column=column)
+    if not splits:
+        raise HyperofaError(f"{folder}: no split folders and no parquet or jsonl files in language folder")
+    split = _pick_split(folder, lang, set(splits), corpus.split)
+    files = _split_files(splits[split])
+    heldout: tuple[Path, ...] = ()
+    if corpus.heldout_split is not None and corpus.heldout_split in splits:
+        heldout = _split_files(splits[corpus.heldout_split])
+    return LanguageSource(
+        lang, "glot500_local", files, sum(f.stat().st_size for f in files), split=split, heldout_files=heldout,
+        text_column=column,
+    )
+
+
+def _pick_split(where: Any, lang: str, available: set[str], wanted: str) -> str:
+    if wanted in available:
+        return wanted
+    if wanted == TRAIN and PARTIAL_TRAIN in available:
+        say(f"{lang}: no {TRAIN} split, reading {PARTIAL_TRAIN} (the first part of {TRAIN} that the hub converted)")
+        return PARTIAL_TRAIN
+    raise HyperofaError(f"{where}: no split {wanted!r} (splits: {', '.join(sorted(available)) or 'none'})")
+
+
+def _discover_hub(corpus: CorpusConfig) -> list[LanguageSource]:
+    """Every language's data files at one commit: the pinned revision is resolved once and read throughout."""
+    if corpus.revision is None:
+        raise HyperofaError(
+            f"config key corpus.revision is not set: pin the revision of {corpus.hub_name} to read (a commit sha, or "
+            "a branch such as refs/convert/parquet, resolved to its commit and recorded), so a re-run reads the same data"
+        )
+    try:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        sha = api.dataset_info(corpus.hub_name, revision=corpus.revision).sha
+        paths = [p for p in api.list_repo_files(corpus.hub_name, repo_type="dataset", revision=sha)]
+    except Exception as exc:  # huggingface_hub raises connection, offline-mode and not-found errors of many types
         reason = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:200]
         raise HyperofaError(
-            f"{corpus.hub_name}: cannot reach the dataset on the HF hub ({reason}); download it and use "
-            "corpus.format=glot500_local with corpus.path"
+            f"{corpus.hub_name}@{corpus.revision}: cannot reach the dataset on the HF hub ({reason}); download it and "
+            "use corpus.format=glot500_local with corpus.path"
         ) from None
-    return [LanguageSource(lang, "hub", (), 0, corpus.hub_name) for lang in sorted(langs)]
+    say(f"{corpus.hub_name}: revision {corpus.revision} is commit {sha}")
+    return hub_sources(corpus, sha, paths)
+
+
+def hub_sources(corpus: CorpusConfig, sha: str, paths: Iterable[str]) -> list[LanguageSource]:
+    """The languages of a hub dataset from its file list at commit `sha` (`<lang>/<split>/<file>`)."""
+    by_lang: dict[str, dict[str, list[str]]] = {}
+    for path in sorted(paths):
+        parts = path.split("/")
+        if len(parts) == 3 and LANG_CODE.match(parts[0]) and parts[2].endswith((ARROW_SUFFIX, PARQUET_SUFFIX)):
+            by_lang.setdefault(parts[0], {}).setdefault(parts[1], []).append(parts[2])
+    langs = corpus.languages or sorted(by_lang)
+    base = f"{HF_PREFIX}datasets/{corpus.hub_name}@{sha}"
+    sources = []
+    for lang in sorted(langs):
+        splits = by_lang.get(lang)
+        if not splits:
+            raise HyperofaError(f"{corpus.hub_name}@{sha}: no data files for language {lang}")
+        for split, names in splits.items():
+            if any(n.endswith(ARROW_SUFFIX) for n in names) and any(n.endswith(PARQUET_SUFFIX) for n in names):
+                raise HyperofaError(f"{base}/{lang}/{split}: mixed layout, both .arrow and .parquet files")
+        split = _pick_split(f"{base}/{lang}", lang, set(splits), corpus.split)
+        held = corpus.heldout_split
+        sources.append(
+            LanguageSource(
+                lang, "hub", (), 0, corpus.hub_name, split=split, text_column=corpus.text_column, revision=sha,
+                remote_files=tuple(f"{base}/{lang}/{split}/{n}" for n in splits[split]),
+                remote_heldout=tuple(f"{base}/{lang}/{held}/{n}" for n in splits.get(held, [])) if held else (),
+            )
+        )
+    return sources
 
 
 # --- planning -------------------------------------------------------------------------------------------
 
 
-def plan_units(sources: Iterable[LanguageSource], chunk_bytes: int) -> list[Unit]:
-    """Cut every language into units of about chunk_bytes raw text; an empty language gets no unit."""
+def plan_units(sources: Iterable[LanguageSource], chunk_bytes: int, heldout: bool = True) -> list[Unit]:
+    """Cut every language into units of about chunk_bytes raw text; an empty language gets no unit.
+
+    A language's units are numbered in file order, its held-out split's units (with `heldout`) after them."""
     units: list[Unit] = []
     for source in sources:
-        per_lang: list[tuple[str, str, int, int, int]] = []
-        if source.format == "hub":
-            per_lang.append(("", "hub", 0, -1, 0))
-        for path in source.files:
-            name = path.name
-            if name.endswith(".txt"):
-                per_lang.extend((str(path), "bytes", a, b, b - a) for a, b in _byte_ranges(path, chunk_bytes))
-            elif name.endswith(".txt.gz"):
-                per_lang.extend((str(path), "lines", a, b, n) for a, b, n in _gzip_line_ranges(path, chunk_bytes))
-            else:
-                per_lang.extend((str(path), "rows", a, b, n) for a, b, n in _row_ranges(path, chunk_bytes))
+        per_lang: list[tuple[str, str, int, int, int, int, str]] = []
+        roles = [(TRAIN, source.files or source.remote_files)]
+        if heldout:
+            roles.append((HELDOUT, source.heldout_files or source.remote_heldout))
+        for role, paths in roles:
+            for path in paths:
+                per_lang.extend((*piece, role) for piece in _file_units(path, chunk_bytes, source.text_column))
         units.extend(
-            Unit(source.lang, i, p, kind, a, b, n, source.hub_name) for i, (p, kind, a, b, n) in enumerate(per_lang)
+            Unit(source.lang, i, p, kind, a, b, n, rows, source.text_column, role)
+            for i, (p, kind, a, b, n, rows, role) in enumerate(per_lang)
         )
     return units
+
+
+def _file_units(path: Path | str, chunk_bytes: int, column: str) -> list[tuple[str, str, int, int, int, int]]:
+    """(path, kind, start, end, bytes, rows) pieces of one data file."""
+    name, where = (path, path) if isinstance(path, str) else (path.name, str(path))
+    if name.endswith(".txt"):
+        return [(where, "bytes", a, b, b - a, -1) for a, b in _byte_ranges(Path(path), chunk_bytes)]
+    if name.endswith(".txt.gz"):
+        return [(where, "lines", a, b, n, -1) for a, b, n in _gzip_line_ranges(Path(path), chunk_bytes)]
+    if name.endswith((".jsonl", ".json")):
+        _check_json_column(Path(path), column)
+        return [(where, "json_bytes", a, b, b - a, -1) for a, b in _byte_ranges(Path(path), chunk_bytes)]
+    if name.endswith((".jsonl.gz", ".json.gz")):
+        _check_json_column(Path(path), column)
+        return [(where, "json_lines", a, b, n, -1) for a, b, n in _gzip_line_ranges(Path(path), chunk_bytes)]
+    if name.endswith(PARQUET_SUFFIX):
+        pieces = _group_pieces(_parquet_pieces(where, column), chunk_bytes)
+        return [(where, "row_groups", a, b, n, rows) for a, b, n, rows in pieces]
+    if name.endswith(ARROW_SUFFIX):
+        if where.startswith(HF_PREFIX):  # a remote stream has no index: planning it by batch would read it all
+            return [(where, "batches", 0, -1, 0, -1)]
+        pieces = _group_pieces(_arrow_pieces(where, column), chunk_bytes)
+        return [(where, "batches", a, b, n, rows) for a, b, n, rows in pieces]
+    raise HyperofaError(f"{where}: not a corpus data file (expected .txt, .txt.gz, .jsonl, .parquet or .arrow)")
+
+
+def _group_pieces(pieces: list[tuple[int, int]], chunk_bytes: int) -> list[tuple[int, int, int, int]]:
+    """Consecutive (bytes, rows) pieces (row groups, batches) grouped into [start, end) ranges of about
+    chunk_bytes; pieces without rows are skipped over inside a range."""
+    ranges, start, acc, rows = [], 0, 0, 0
+    for index, (size, n) in enumerate(pieces):
+        acc += size
+        rows += n
+        if acc >= chunk_bytes:
+            ranges.append((start, index + 1, acc, rows))
+            start, acc, rows = index + 1, 0, 0
+    if start < len(pieces) and rows:
+        ranges.append((start, len(pieces), acc, rows))
+    return [r for r in ranges if r[3]]
 
 
 def _byte_ranges(path: Path, chunk_bytes: int) -> list[tuple[int, int]]:
@@ -192,68 +363,160 @@ def _gzip_line_ranges(path: Path, chunk_bytes: int) -> list[tuple[int, int, int]
     return ranges
 
 
-def _table(path: Path):
-    import datasets
+# --- tables: parquet by row group, Arrow streams by record batch ------------------------------------------------
 
-    builder = "parquet" if path.name.endswith(".parquet") else "json"
+
+def _open_binary(path: str):
+    """A local path, or an hf:// path read through the hub's filesystem (range requests, nothing cached whole)."""
+    if path.startswith(HF_PREFIX):
+        from huggingface_hub import HfFileSystem
+
+        return HfFileSystem().open(path[len(HF_PREFIX) :], "rb")
+    return open(path, "rb")
+
+
+def _column_index(schema: Any, column: str, path: str) -> int:
+    import pyarrow as pa
+
+    if column not in schema.names:
+        raise HyperofaError(f"{path}: no {column!r} column (columns: {', '.join(schema.names)}; corpus.text_column)")
+    kind = schema.field(column).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise HyperofaError(f"{path}: column {column!r} holds {kind}, not text")
+    return schema.names.index(column)
+
+
+def _parquet_file(path: str, handle: Any):
+    import pyarrow.parquet as pq
+
     try:
-        table = datasets.load_dataset(builder, data_files=[str(path)], split="train")
-    except Exception as exc:  # pyarrow/datasets raise many types for a broken file
-        raise HyperofaError(f"{path}: cannot read as {builder} ({exc.__class__.__name__})") from None
-    if "text" not in table.column_names:
-        raise HyperofaError(f"{path}: no 'text' column (columns: {', '.join(table.column_names)})")
-    return table
+        return pq.ParquetFile(handle)
+    except Exception as exc:  # pyarrow raises several types for a file that is not parquet
+        raise HyperofaError(f"{path}: cannot read as parquet ({exc.__class__.__name__}: {str(exc)[:120]})") from None
 
 
-def _row_ranges(path: Path, chunk_bytes: int) -> list[tuple[int, int, int]]:
-    rows = _table(path).num_rows
-    if rows == 0:
-        return []
-    size = path.stat().st_size
-    per_chunk = max(1, int(rows * chunk_bytes / max(size, 1)))
-    return [(a, min(a + per_chunk, rows), size * (min(a + per_chunk, rows) - a) // rows) for a in range(0, rows, per_chunk)]
+def _parquet_pieces(path: str, column: str) -> list[tuple[int, int]]:
+    with _open_binary(path) as handle:
+        meta = _parquet_file(path, handle).metadata
+        index = _column_index(meta.schema.to_arrow_schema(), column, path)
+        return [
+            (meta.row_group(i).column(index).total_uncompressed_size, meta.row_group(i).num_rows)
+            for i in range(meta.num_row_groups)
+        ]
+
+
+ARROW_FILE_MAGIC = b"ARROW1"
+
+
+def _arrow_reader(path: str, source: Any):
+    """A reader of an Arrow IPC stream (what `save_to_disk` writes) or IPC file, over a memory map."""
+    import pyarrow as pa
+
+    try:
+        if source.read(len(ARROW_FILE_MAGIC)) == ARROW_FILE_MAGIC:
+            source.seek(0)
+            reader = pa.ipc.open_file(source)
+            return reader.schema, (reader.get_batch(i) for i in range(reader.num_record_batches))
+        source.seek(0)
+        reader = pa.ipc.open_stream(source)
+        return reader.schema, iter(reader)
+    except pa.ArrowInvalid as exc:
+        raise HyperofaError(f"{path}: cannot read as an Arrow stream ({str(exc)[:120]})") from None
+
+
+def _arrow_batches(path: str, column: str) -> Iterator[Any]:
+    """The record batches of an Arrow file, zero-copy from a memory map (remote: read as a stream)."""
+    import pyarrow as pa
+
+    source = pa.memory_map(path) if not path.startswith(HF_PREFIX) else pa.PythonFile(_open_binary(path), mode="r")
+    with source:
+        schema, batches = _arrow_reader(path, source)
+        index = _column_index(schema, column, path)
+        try:
+            for batch in batches:
+                yield batch.column(index)
+        except pa.ArrowInvalid as exc:
+            raise HyperofaError(f"{path}: truncated or corrupt Arrow stream ({str(exc)[:120]})") from None
+
+
+def _arrow_pieces(path: str, column: str) -> list[tuple[int, int]]:
+    # Only the batches' headers are read: their bodies stay untouched pages of the map.
+    return [(array.nbytes, len(array)) for array in _arrow_batches(path, column)]
+
+
+def _check_json_column(path: Path, column: str) -> None:
+    """The first non-empty row of a JSON-lines file has the text column (a foreign file fails at planning)."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as handle:
+            for raw in handle:
+                if raw.strip():
+                    _json_text(raw, str(path), column)
+                    return
+    except (OSError, EOFError) as exc:
+        raise HyperofaError(f"{path}: corrupt file ({exc})") from None
+
+
+def _json_text(raw: bytes, path: str, column: str) -> str:
+    try:
+        row = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise HyperofaError(f"{path}: a line is not JSON ({exc.__class__.__name__}); expected one object per line") from None
+    if not isinstance(row, dict) or column not in row:
+        keys = ", ".join(row) if isinstance(row, dict) else type(row).__name__
+        raise HyperofaError(f"{path}: no {column!r} column (columns: {keys}; corpus.text_column)")
+    text = row[column]
+    return text if isinstance(text, str) else ""
 
 
 # --- reading --------------------------------------------------------------------------------------------
 
+ROWS_PER_READ = 8192  # rows decoded to Python at a time: bounds a task's transient memory inside a row group
+
 
 def read_unit(unit: Unit) -> Iterator[bytes | str]:
-    """The raw lines of one unit, without newlines (bytes for text files, str for tables and the hub)."""
-    if unit.kind == "bytes":
+    """The raw lines of one unit, without newlines (bytes for text files, str for tables; a null row is '')."""
+    if unit.kind in ("bytes", "json_bytes"):
         with open(unit.path, "rb") as handle:
             handle.seek(unit.start)
             data = handle.read(unit.end - unit.start)
         lines = data.split(b"\n")
         if lines and lines[-1] == b"":
             lines.pop()
-        yield from lines
-    elif unit.kind == "lines":
+        if unit.kind == "bytes":
+            yield from lines
+        else:
+            yield from (_json_text(line, unit.path, unit.column) if line.strip() else "" for line in lines)
+    elif unit.kind in ("lines", "json_lines"):
         try:
             with gzip.open(unit.path, "rb") as handle:
                 for i, raw in enumerate(handle):
                     if i >= unit.end:
                         break
                     if i >= unit.start:
-                        yield raw.rstrip(b"\n")
+                        line = raw.rstrip(b"\n")
+                        if unit.kind == "lines":
+                            yield line
+                        else:
+                            yield _json_text(line, unit.path, unit.column) if line.strip() else ""
         except (OSError, EOFError) as exc:
             raise HyperofaError(f"{unit.path}: corrupt gzip file ({exc})") from None
-    elif unit.kind == "rows":
-        table = _table(Path(unit.path))
-        step = 10_000
-        for a in range(unit.start, unit.end, step):
-            for text in table[a : min(a + step, unit.end)]["text"]:
-                yield text if text is not None else ""
-    elif unit.kind == "hub":
-        import datasets
-
-        try:
-            stream = datasets.load_dataset(unit.hub_name, unit.lang, split="train", streaming=True)
-            for row in stream:
-                yield row.get("text") or ""
-        except HyperofaError:
-            raise
-        except Exception as exc:  # network errors surface mid-stream as well
-            raise HyperofaError(f"{unit.hub_name}/{unit.lang}: streaming failed ({exc.__class__.__name__})") from None
+    elif unit.kind == "row_groups":
+        with _open_binary(unit.path) as handle:
+            table = _parquet_file(unit.path, handle)
+            _column_index(table.schema_arrow, unit.column, unit.path)
+            batches = table.iter_batches(
+                batch_size=ROWS_PER_READ, row_groups=range(unit.start, unit.end), columns=[unit.column]
+            )
+            for batch in batches:
+                yield from (text or "" for text in batch.column(0).to_pylist())
+    elif unit.kind == "batches":
+        for i, array in enumerate(_arrow_batches(unit.path, unit.column)):
+            if unit.end >= 0 and i >= unit.end:
+                break
+            if i >= unit.start:
+                for offset in range(0, len(array), ROWS_PER_READ):
+                    yield from (text or "" for text in array.slice(offset, ROWS_PER_READ).to_pylist())
     else:
         raise ValueError(f"unknown unit kind {unit.kind!r}")
 
@@ -274,8 +537,9 @@ def normalize_line(raw: bytes | str, form: str = "NFC") -> tuple[str, bool]:
     return text, invalid
 
 
-def read_unit_sentences(unit: Unit, form: str = "NFC") -> tuple[list[str], LineStats]:
-    """Normalised non-empty sentences of a unit, in order, with counts of what was dropped or repaired."""
+def read_unit_sentences(unit: Unit, form: str = "NFC", keep_empty: bool = False) -> tuple[list[str], LineStats]:
+    """Normalised sentences of a unit, in order, with counts of what was dropped or repaired; with `keep_empty`
+    an empty line or row stays as '' (one entry per row: a table unit's plan is over its rows)."""
     stats = LineStats()
     out: list[str] = []
     for raw in read_unit(unit):
@@ -286,15 +550,17 @@ def read_unit_sentences(unit: Unit, form: str = "NFC") -> tuple[list[str], LineS
             out.append(text)
         else:
             stats.empty += 1
+            if keep_empty:
+                out.append(text)
     return out, stats
 
 
 def iter_sentences(source: LanguageSource, normalization: str = "NFC", limit: Optional[int] = None) -> Iterator[str]:
-    """Normalised non-empty sentences of one language in file order (e.g. to learn tokenizer pieces)."""
+    """Normalised non-empty sentences of one language's training split in file order (e.g. to learn pieces)."""
     if limit is not None and limit <= 0:
         return
     count = 0
-    for unit in plan_units([source], chunk_bytes=1 << 62):
+    for unit in plan_units([source], chunk_bytes=1 << 62, heldout=False):
         for raw in read_unit(unit):
             text, _ = normalize_line(raw, normalization)
             if text:
@@ -322,7 +588,7 @@ SAMPLE_BYTES = 1 << 18
 SAMPLE_WINDOWS = 16
 
 
-def sample_text(path: str | Path, budget: int = SAMPLE_BYTES) -> TextSample:
+def sample_text(path: str | Path, budget: int = SAMPLE_BYTES, column: str = "text") -> TextSample:
     """About `budget` bytes of a corpus file: all of a small plain-text file, else `SAMPLE_WINDOWS` whole-line
     windows spread over it (a file that is text only at its start is still caught); the first `budget`
     uncompressed bytes of a gzip file; the first rows of a parquet/jsonl file."""
@@ -353,13 +619,22 @@ def sample_text(path: str | Path, budget: int = SAMPLE_BYTES) -> TextSample:
             raise HyperofaError(f"{path}: corrupt gzip file ({exc})") from None
         total = len(data) if whole else int(len(data) * path.stat().st_size / max(consumed, 1))
         return TextSample(path, data.decode("utf-8", errors="replace"), data.count(b"\n") + 1, len(data), total)
-    table = _table(path)
-    texts, used = [], 0
-    for start in range(0, table.num_rows, 1000):
-        for text in table[start : start + 1000]["text"]:
-            texts.append(text or "")
+    return _table_sample(path, budget, column)
+
+
+def _table_sample(path: Path, budget: int, column: str) -> TextSample:
+    """The first rows of a table file (about `budget` bytes of text), read unit by unit; its total estimated from
+    the rows' share of the file's units."""
+    units = _file_units(path, max(budget, 1024), column)
+    texts, used, unit_bytes = [], 0, 0
+    for piece in units:
+        unit = Unit("", 0, piece[0], piece[1], piece[2], piece[3], piece[4], piece[5], column)
+        unit_bytes += piece[4]
+        for raw in read_unit(unit):
+            texts.append(raw if isinstance(raw, str) else raw.decode("utf-8", errors="replace"))
             used += len(texts[-1].encode("utf-8")) + 1
         if used >= budget:
             break
-    total = int(used * table.num_rows / max(len(texts), 1))
+    all_bytes = sum(piece[4] for piece in units)
+    total = int(used * all_bytes / max(unit_bytes, 1)) if unit_bytes else used
     return TextSample(path, "\n".join(texts), len(texts), used, total)

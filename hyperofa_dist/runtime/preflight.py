@@ -343,7 +343,7 @@ def corpus_text(sources: Iterable[LanguageSource], max_share: float) -> dict[str
     samples: dict[str, list[TextSample]] = {}
     for source in sources:
         for path in source.files:
-            sample = sample_text(path)
+            sample = sample_text(path, column=source.text_column)
             samples.setdefault(source.lang, []).append(sample)
             share, counted = noise_share(sample.text)
             if max_share < 1.0 and counted >= MIN_JUDGED_CHARS and share > max_share:

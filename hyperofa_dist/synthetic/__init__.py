@@ -3,6 +3,7 @@
 world    a multilingual world (concept lexicon rendered per language), corpora, evaluation files, source
          tokenizers of the three masked-LM families and the two causal-LM kinds, tiny masked and causal LMs
 mapping  a mapping directory whose targets are a learnable function of the words (hypernetwork tests, bench)
+glot500  Glot500-c stand-ins in the published layouts (arrow as saved to disk, the parquet conversion)
 demo     the demo's world: corpus, evaluation data and a briefly pretrained source model
 """
 
@@ -28,3 +29,4 @@ from .world import (  # noqa: F401  (the package's API: tests and benches use `s
     write_retrieval_data,
     write_tagging_data,
 )
+from .glot500 import glot500_standin, standin_texts, write_split_txt  # noqa: F401,E402
