@@ -102,6 +102,10 @@ COMMANDS: tuple[Command, ...] = (
 # `hyperofa bench <name>`: one JSON line with the figure and its baseline measured in the same run.
 BENCHES: tuple[Command, ...] = (
     Command("prepare", "throughput of prepare vs the raw tokenizer; 1 vs 2 workers", "hyperofa_dist.bench.prepare:run"),
+    Command(
+        "prepare-scale", "prepare on one language at 1x, 4x, 16x (Glot500-c parquet layout): throughput, peak RSS per worker",
+        "hyperofa_dist.bench.prepare_scale:run", dry_run=True,
+    ),
     Command("mapping", "Ray postings builder (2 workers) vs the per-word encode loop", "hyperofa_dist.bench.mapping:run"),
     Command("init", "OFA assembly at XLM-R-to-Glot500 scale on generated vectors", "hyperofa_dist.bench.init:run"),
     Command("pretrain", "masked-head DeepSpeed loop vs a plain full-logits loop", "hyperofa_dist.bench.pretrain:run"),

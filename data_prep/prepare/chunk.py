@@ -14,7 +14,7 @@ from typing import Any, Optional
 import numpy as np
 
 from hyperofa_dist.errors import HyperofaError
-from hyperofa_dist.formats.corpus import HELDOUT, Unit, normalize_line, read_unit, read_unit_sentences
+from hyperofa_dist.formats.corpus import HELDOUT, Unit, read_unit_sentences
 from hyperofa_dist.formats.files import atomic_write_json
 from hyperofa_dist.formats.shards import SPLITS, build_shards, write_shard
 
@@ -54,7 +54,7 @@ class ChunkJob:
 
 def count_unit(unit: Unit, normalization: str) -> int:
     """Non-empty sentences of a unit after normalisation: the n the sampling plan is built from."""
-    return sum(1 for raw in read_unit(unit) if normalize_line(raw, normalization)[0])
+    return len(read_unit_sentences(unit, normalization)[0])
 
 
 def encode(tokenizer: Any, sentences: list[str], batch_size: int) -> tuple[np.ndarray, np.ndarray]:

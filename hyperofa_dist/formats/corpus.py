@@ -477,10 +477,7 @@ ROWS_PER_READ = 8192  # rows decoded to Python at a time: bounds a task's transi
 def read_unit(unit: Unit) -> Iterator[bytes | str]:
     """The raw lines of one unit, without newlines (bytes for text files, str for tables; a null row is '')."""
     if unit.kind in ("bytes", "json_bytes"):
-        with open(unit.path, "rb") as handle:
-            handle.seek(unit.start)
-            data = handle.read(unit.end - unit.start)
-        lines = data.split(b"\n")
+        lines = _range_bytes(unit).split(b"\n")
         if lines and lines[-1] == b"":
             lines.pop()
         if unit.kind == "bytes":
@@ -521,6 +518,29 @@ def read_unit(unit: Unit) -> Iterator[bytes | str]:
         raise ValueError(f"unknown unit kind {unit.kind!r}")
 
 
+def _range_bytes(unit: Unit) -> bytes:
+    with open(unit.path, "rb") as handle:
+        handle.seek(unit.start)
+        return handle.read(unit.end - unit.start)
+
+
+def _clean_text_lines(data: bytes, form: str) -> Optional[list[str]]:
+    """The stripped lines of valid UTF-8 text already in normal form `form`, or None (then line by line).
+
+    A newline never combines with its neighbours, so text in normal form has every line in normal form: one
+    check of the whole range replaces one per line, the common case of a clean corpus."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if form != "none" and not text.isascii() and not unicodedata.is_normalized(form, text):
+        return None
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line.strip() for line in lines]
+
+
 def normalize_line(raw: bytes | str, form: str = "NFC") -> tuple[str, bool]:
     """(normalised sentence, whether invalid UTF-8 was replaced); '' means the line is dropped as empty."""
     invalid = False
@@ -541,7 +561,14 @@ def read_unit_sentences(unit: Unit, form: str = "NFC", keep_empty: bool = False)
     """Normalised sentences of a unit, in order, with counts of what was dropped or repaired; with `keep_empty`
     an empty line or row stays as '' (one entry per row: a table unit's plan is over its rows)."""
     stats = LineStats()
-    out: list[str] = []
+    if unit.kind == "bytes":
+        lines = _clean_text_lines(_range_bytes(unit), form)
+        if lines is not None:
+            stats.lines = len(lines)
+            out = lines if keep_empty else [line for line in lines if line]
+            stats.empty = len(lines) - (len(out) if not keep_empty else sum(1 for line in lines if line))
+            return out, stats
+    out = []
     for raw in read_unit(unit):
         stats.lines += 1
         text, invalid = normalize_line(raw, form)

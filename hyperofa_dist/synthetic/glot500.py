@@ -87,11 +87,13 @@ def _write_arrow_split(folder: Path, rows: Sequence[str], lang: str, files: int,
     (folder / "state.json").write_text(json.dumps(state, indent=2))
 
 
-def _write_parquet_split(folder: Path, rows: Sequence[str], lang: str, files: int, rows_per_group: int) -> None:
+def _write_parquet_split(
+    folder: Path, rows: Sequence[str], lang: str, files: int, rows_per_group: int, first_file: int = 0
+) -> None:
     import pyarrow.parquet as pq
 
     first = 0
-    for index, piece in enumerate(_pieces(rows, files)):
+    for index, piece in enumerate(_pieces(rows, files), start=first_file):
         pq.write_table(_table(piece, lang, first), folder / f"{index:04d}.parquet", row_group_size=rows_per_group)
         first += len(piece)
 
@@ -103,19 +105,26 @@ def glot500_standin(
     files_per_split: int = 1,
     rows_per_group: int = 1000,
     partial_train: Iterable[str] = (),
+    first_file: int = 0,
 ) -> Path:
-    """Write `texts` ({lang: {split: sentences}}) under `root` in one published layout; returns root."""
+    """Write `texts` ({lang: {split: sentences}}) under `root` in one published layout; returns root.
+
+    `first_file` (parquet) numbers the files from there: a large split can be written piece by piece."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}")
+    if first_file and layout != "parquet":
+        raise ValueError("first_file is for the parquet layout (arrow file names carry the file count)")
     root = Path(root)
     partial = set(partial_train)
-    write = _write_arrow_split if layout == "arrow" else _write_parquet_split
     for lang, splits in sorted(texts.items()):
         for split, rows in sorted(splits.items()):
             name = "partial-train" if split == "train" and lang in partial else split
             folder = root / lang / name
             folder.mkdir(parents=True, exist_ok=True)
-            write(folder, rows, lang, files_per_split, rows_per_group)
+            if layout == "parquet":
+                _write_parquet_split(folder, rows, lang, files_per_split, rows_per_group, first_file)
+            else:
+                _write_arrow_split(folder, rows, lang, files_per_split, rows_per_group)
     return root
 
 
