@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -70,8 +70,38 @@ def record_path(stage_dir: Path, lang: str, chunk: int) -> Path:
     return stage_dir / RECORDS / f"{lang}-{chunk:05d}.json"
 
 
-def process_chunk(job: ChunkJob, settings: Settings, tokenizer: Any) -> dict[str, Any]:
-    """Read, normalise, select, tokenize, pack and shard one unit; write its record; return the record."""
+class BackgroundWrites:
+    """The file writes of finished chunks, in order, on one thread: a chunk's writes and fsyncs overlap the
+    tokenizing of the next chunk (the Rust tokenizer releases the GIL). At most one chunk's writes wait, so a task
+    holds at most two chunks' shards; `close` waits for the last and raises any write's error."""
+
+    def __init__(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare-writes")
+        self._pending: Any = None
+
+    def submit(self, write: Callable[[], None]) -> None:
+        self.wait()
+        self._pending = self._pool.submit(write)
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
+
+
+def process_chunk(
+    job: ChunkJob, settings: Settings, tokenizer: Any, writes: Optional[BackgroundWrites] = None
+) -> dict[str, Any]:
+    """Read, normalise, select, tokenize, pack and shard one unit; write its shards and record (now, or queued on
+    `writes`: then they are on disk once `writes` is closed); return the record."""
     unit, plan = job.unit, job.plan
     # A table unit's plan is over its rows (known from the file's metadata, so no counting pass): empty rows
     # keep their place and are dropped after selection. A text unit's plan is over its non-empty lines.
@@ -111,6 +141,7 @@ def process_chunk(job: ChunkJob, settings: Settings, tokenizer: Any) -> dict[str
         "encoded_tokens": int(flat.size),
     }
     shards: list[dict[str, Any]] = []
+    files: list[tuple[Path, bytes]] = []
     for split in SPLITS:
         # Held-out text shorter than one block still gives one (padded) block; training blocks are never padded.
         packed = pack_sentences(
@@ -121,7 +152,7 @@ def process_chunk(job: ChunkJob, settings: Settings, tokenizer: Any) -> dict[str
             packed.blocks, unit.lang, unit.chunk, settings.blocks_per_sample, settings.samples_per_shard
         ):
             relative = f"{split}/{shard.name}"
-            write_shard(stage_dir / relative, shard.data, job.keep_existing)
+            files.append((stage_dir / relative, shard.data))
             shards.append(
                 {
                     "path": relative,
@@ -154,8 +185,17 @@ def process_chunk(job: ChunkJob, settings: Settings, tokenizer: Any) -> dict[str
         "stats": stats,
         "shards": shards,
     }
-    # The record goes last: a chunk counts as finished only once all of its shards are in place.
-    atomic_write_json(record_path(stage_dir, unit.lang, unit.chunk), record)
+
+    def write() -> None:
+        for path, data in files:
+            write_shard(path, data, job.keep_existing)
+        # The record goes last: a chunk counts as finished only once all of its shards are in place.
+        atomic_write_json(record_path(stage_dir, unit.lang, unit.chunk), record)
+
+    if writes is None:
+        write()
+    else:
+        writes.submit(write)
     return record
 
 

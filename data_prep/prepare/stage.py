@@ -39,7 +39,7 @@ from hyperofa_dist.runtime import preflight
 from hyperofa_dist.runtime.ray import ray_session, run_tasks
 from hyperofa_dist.runtime.stage import StageShell
 
-from .chunk import RECORDS, ChunkJob, Settings, count_unit, process_chunk, record_path
+from .chunk import RECORDS, BackgroundWrites, ChunkJob, Settings, count_unit, process_chunk, record_path
 from .packing import RULES, Specials
 from .sampling import ChunkPlan, all_heldout_plan, needs_corpus_counts, plan_chunks
 
@@ -57,7 +57,11 @@ def count_sentences(units: list[Unit], normalization: str) -> list[int]:
 
 def prepare_chunks(jobs: list[ChunkJob], settings: Settings, tokenizer_json: str) -> list[dict[str, Any]]:
     tokenizer = worker_backend(tokenizer_json)
-    return [process_chunk(job, settings, tokenizer) for job in jobs]
+    writes = BackgroundWrites()
+    try:
+        return [process_chunk(job, settings, tokenizer, writes) for job in jobs]
+    finally:
+        writes.close()  # every chunk's shards and record are on disk before the task reports them
 
 
 def group_units(units: list[Unit], chunk_bytes: int) -> list[list[Unit]]:

@@ -123,7 +123,7 @@ def free_space(where: Path, needed: int, what: str, reclaimable: int = 0) -> Non
         )
 
 
-ESTIMATE_BYTES = 1 << 16  # text per corpus file tokenized for prepare's estimate
+ESTIMATE_BYTES = 1 << 15  # text per corpus file tokenized for prepare's estimate
 
 
 def _token_count(tokenizer: Any, sentences: list[str]) -> int:
