@@ -127,6 +127,7 @@ def process_chunk(
         n_sentences -= line_stats.empty
     needed = np.union1d(np.flatnonzero(multiplicity), heldout)
     flat, offsets = encode(tokenizer, [sentences[i] for i in needed], settings.batch_size)
+    del sentences  # the text is the largest thing a task holds; packing needs only the ids
     orders = {
         "train": np.searchsorted(needed, train_order),
         "heldout": np.searchsorted(needed, heldout),

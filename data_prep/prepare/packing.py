@@ -47,16 +47,30 @@ class Packed:
     padded_blocks: int = 0  # blocks ending in padding (0 or 1: only a stream shorter than one block gets one)
 
 
+FLATTEN_PIECE = 1 << 16  # tokens gathered in a Python list before they move into a uint32 array
+
+
 def flatten_ids(id_lists: Iterable[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-    """(all ids concatenated as uint32, offsets of each sentence [n+1]) from per-sentence id lists."""
-    flat: list[int] = []
+    """(all ids concatenated as uint32, offsets of each sentence [n+1]) from per-sentence id lists.
+
+    The ids pass through a Python list a piece at a time (one list extension per sentence is the fastest route
+    from Python lists to an array), so a chunk costs 4 bytes per token, not a Python int per token."""
+    pieces: list[np.ndarray] = []
     lengths: list[int] = []
-    for ids in id_lists:  # one list extension per sentence: the fastest route from Python lists to one array
+    flat: list[int] = []
+    for ids in id_lists:
         flat += ids
         lengths.append(len(ids))
+        if len(flat) >= FLATTEN_PIECE:
+            pieces.append(np.array(flat, dtype=np.uint32))
+            flat = []
+    pieces.append(np.array(flat, dtype=np.uint32))
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    return np.array(flat, dtype=np.uint32), offsets
+    return np.concatenate(pieces) if len(pieces) > 1 else pieces[0], offsets
+
+
+STREAM_PIECE = 1 << 16  # sentences gathered at a time: the int64 index arrays stay small whatever the chunk
 
 
 def token_stream(flat: np.ndarray, offsets: np.ndarray, order: np.ndarray, sep: int) -> tuple[np.ndarray, np.ndarray]:
@@ -68,12 +82,19 @@ def token_stream(flat: np.ndarray, offsets: np.ndarray, order: np.ndarray, sep: 
     if order.size:
         np.cumsum(spans[:-1], out=starts[1:])
     total = int(spans.sum())
-    # Position p of sentence k maps to source offsets[order[k]] + (p - starts[k]); the separator slot maps one
-    # past the sentence, which the appended dummy makes a valid index before it is overwritten.
-    source = np.repeat(offsets[order] - starts, spans) + np.arange(total, dtype=np.int64)
-    padded = np.append(flat, np.uint32(0))
-    stream = padded[source]
+    stream = np.empty(total, dtype=flat.dtype if flat.size else np.uint32)
     sep_positions = starts + lengths
+    if flat.size:
+        # Position p of sentence k maps to source offsets[order[k]] + (p - starts[k]); a separator slot maps one past
+        # its sentence (clipped into the array: it is overwritten below). Piece by piece, so the int64 index arrays
+        # cover STREAM_PIECE sentences, never the chunk.
+        for a in range(0, order.size, STREAM_PIECE):
+            b = min(a + STREAM_PIECE, order.size)
+            first, last = int(starts[a]), int(starts[b - 1] + spans[b - 1])
+            source = np.repeat(offsets[order[a:b]] - starts[a:b], spans[a:b])
+            source += np.arange(first, last, dtype=np.int64)
+            np.minimum(source, flat.size - 1, out=source)
+            stream[first:last] = flat[source]
     stream[sep_positions] = sep
     return stream, sep_positions
 
