@@ -202,3 +202,18 @@ def test_hub_files_at_a_commit_make_the_same_sources_without_the_network(capfd):
         hub_sources(corpus.model_copy(update={"languages": ["kab_Latn"]}), sha, paths)
     with pytest.raises(HyperofaError, match="no data files for language deu_Latn"):
         hub_sources(corpus.model_copy(update={"languages": ["deu_Latn"]}), sha, paths)
+
+
+def test_one_split_saved_to_disk_straight_into_the_language_folder(tmp_path, texts):
+    lang = sorted(texts)[1]
+    nested, root = tmp_path / "nested", tmp_path / "corpus"
+    synthetic.glot500_standin(nested, {lang: {"train": texts[lang]["train"]}}, "arrow", files_per_split=2,
+                              rows_per_group=ROWS_PER_GROUP)
+    root.mkdir()
+    (nested / lang / "train").rename(root / lang)  # <lang>/data-*.arrow, state.json, dataset_info.json
+    [source] = discover(local(root))
+    assert [f.name for f in source.files] == ["data-00000-of-00002.arrow", "data-00001-of-00002.arrow"]
+    assert [x for u in plan_units([source], 1 << 20) for x in read_unit(u)] == texts[lang]["train"]
+    pq.write_table(pa.table({"text": ["a"]}), root / lang / "extra.parquet")
+    with pytest.raises(HyperofaError, match=r"mixed layout, both \.arrow and other data files \(extra\.parquet\)"):
+        discover(local(root))

@@ -5,7 +5,8 @@ Three layouts, one interface:
 - `glot500_local`: a local copy of Glot500-c, one folder per language holding either split folders as published
   (`<split>/data-00000-of-000NN.arrow` with `dataset_info.json` and `state.json`, as `datasets.save_to_disk`
   writes the main branch: Arrow IPC streams; or `<split>/0000.parquet, 0001.parquet, ...`, the hub's parquet
-  conversion) or, flat, parquet/jsonl files; one sentence per row in `corpus.text_column`, other columns ignored;
+  conversion) or, flat, parquet/jsonl files or one split saved to disk (`data-*.arrow`); one sentence per row in
+  `corpus.text_column`, other columns ignored;
 - `hub`: the HF dataset `corpus.hub_name` at the pinned `corpus.revision` (resolved to a commit once), its data
   files of `<lang_Script>/<split>/` read remotely the same way as local ones.
 
@@ -180,7 +181,12 @@ def _split_files(folder: Path) -> tuple[Path, ...]:
 
 def _local_language(folder: Path, lang: str, corpus: CorpusConfig) -> LanguageSource:
     splits = {p.name: p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")}
-    flat = tuple(sorted(p for p in folder.iterdir() if p.is_file() and _lang_of(p.name, TABLE_SUFFIXES)))
+    flat = tuple(
+        sorted(
+            p for p in folder.iterdir()
+            if p.is_file() and p.name not in SAVED_METADATA and _lang_of(p.name, (*TABLE_SUFFIXES, ARROW_SUFFIX))
+        )
+    )
     if splits and flat:
         raise HyperofaError(f"{folder}: mixed layout, both split folders and data files ({flat[0].name})")
     column = corpus.text_column
@@ -189,6 +195,12 @@ def _local_language(folder: Path, lang: str, corpus: CorpusConfig) -> LanguageSo
             raise HyperofaError(
                 f"{folder}: corpus.heldout_split={corpus.heldout_split} but the language folder has no split folders"
             )
+        arrow = [p for p in flat if p.name.endswith(ARROW_SUFFIX)]
+        if arrow and len(arrow) < len(flat):
+            other = next(p for p in flat if not p.name.endswith(ARROW_SUFFIX))
+            raise HyperofaError(f"{folder}: mixed layout, both .arrow and other data files ({other.name})")
+        if arrow:  # one split saved to disk straight into the language folder
+            flat = _split_files(folder)
         return LanguageSource(lang, "glot500_local", flat, sum(f.stat().st_size for f in flat), text_column=column)
     if not splits:
         raise HyperofaError(f"{folder}: no split folders and no parquet or jsonl files in language folder")
