@@ -2,11 +2,14 @@
 
 Ray core tasks work on (language, chunk) units planned by the corpus readers; small units are grouped so every
 task reads about `prepare.chunk_bytes`. Two rounds:
-1. count (only with a sentence budget or cap): the non-empty sentences of every unit, so the sampling plan can
-   be fixed per chunk before anything is written (`sampling`); without one a chunk's plan needs only its own
-   size and the task makes it;
+1. count (only with a sentence budget or cap, and only for text and jsonl units): the non-empty sentences of
+   every unit, so the sampling plan can be fixed per chunk before anything is written (`sampling`); a parquet or
+   Arrow unit's plan is over its rows, known from the file's metadata, so such a corpus is read once; without a
+   budget or cap a chunk's plan needs only its own size and the task makes it. Units of a published held-out
+   split (`corpus.heldout_split`) are held out whole and take no part in the budgets;
 2. prepare: each task runs `chunk.process_chunk` on its units with the target tokenizer's Rust backend (shipped
-   once through the object store, loaded once per worker process) and returns the chunks' records only.
+   once through the object store, loaded once per worker process), writing a chunk's shards on a background
+   thread while the next one tokenizes, and returns the chunks' records only.
 
 A chunk whose record matches the stage's inputs is not run again; one whose shard went missing or differs from
 its recorded size or sha256 runs again and writes only that shard (the bytes are identical by construction). The
