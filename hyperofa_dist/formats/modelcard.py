@@ -84,8 +84,9 @@ def _iso_codes(languages: list[str]) -> list[str]:
 
 def render(card: ModelCard) -> str:
     pipeline = "fill-mask" if card.kind == "masked" else "text-generation"
+    local = Path(card.base_model).expanduser().exists()  # the hub wants a repository id here, not a path
     front = {
-        "base_model": card.base_model,
+        **({} if local else {"base_model": card.base_model}),
         "language": _iso_codes(card.languages),
         "library_name": "transformers",
         "pipeline_tag": pipeline,
@@ -98,6 +99,8 @@ def render(card: ModelCard) -> str:
             lines += [f"- {json.dumps(v, ensure_ascii=False)}" for v in value]
         else:
             lines.append(f"{key}: {json.dumps(value, ensure_ascii=False)}")
+    if local:
+        lines.append(f"# base_model: fill in the hub id of the local copy {card.base_model}")
     lines += ["license: null  # fill in: see the Licence section", "---", ""]
     trained = (f"then continued pretraining for {card.steps} steps" if card.stage == "pretrain"
                else "not trained after initialisation (step 0)")

@@ -131,6 +131,7 @@ def tokenizer_dir(path: str | Path, run_dir: str | Path, key: str = "") -> Path:
     out = Path(run_dir) / CONVERTED / f"{path.resolve().name}-{identity[:16]}"
     if _converted(out, identity):
         return out.resolve()
+    made_parent = not out.parent.exists()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{socket.gethostname()}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -151,6 +152,8 @@ def tokenizer_dir(path: str | Path, run_dir: str | Path, key: str = "") -> Path:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if made_parent and not out.exists() and not any(out.parent.iterdir()):
+            out.parent.rmdir()  # a refused conversion leaves nothing behind
     _CONVERSIONS[key or str(path)] = {**record, "to": f"{CONVERTED}/{out.name}"}  # run-dir relative
     return out.resolve()
 

@@ -4,6 +4,7 @@ world    a multilingual world (concept lexicon rendered per language), corpora, 
          tokenizers of the three masked-LM families and the two causal-LM kinds, tiny masked and causal LMs
 mapping  a mapping directory whose targets are a learnable function of the words (hypernetwork tests, bench)
 demo     the demo's world: corpus, evaluation data and a briefly pretrained source model
+sentencepiece  SentencePiece-only tokenizer folders, as Glot500's target tokenizer is published
 """
 
 from .world import (  # noqa: F401  (the package's API: tests and benches use `synthetic.World`, ...)
@@ -28,3 +29,4 @@ from .world import (  # noqa: F401  (the package's API: tests and benches use `s
     write_retrieval_data,
     write_tagging_data,
 )
+from .sentencepiece import train_sentencepiece_folder  # noqa: F401,E402
