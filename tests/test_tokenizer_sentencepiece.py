@@ -121,6 +121,31 @@ def test_refusals_are_one_line_and_leave_nothing(sp_folders, tmp_path):
     assert not (tmp_path / "run" / "tokenizers").exists() and take_conversions() == {}
 
 
+def test_a_source_model_published_with_a_sentencepiece_tokenizer_loads_through_its_conversion(sp_folders, tmp_path):
+    """A source model folder as XLM-R-era checkpoints are published (weights, config, the SentencePiece files, no
+    tokenizer.json): load_source reads its tokenizer from the run directory's converted copy."""
+    import shutil
+
+    from hyperofa_dist.formats.models import load_source
+    from hyperofa_dist.formats.tokenizer import source_tokenizer
+
+    folder = sp_folders["unigram"]
+    converted = tokenizer_dir(folder, tmp_path / "scratch", "fixture")
+    model_dir = synthetic.make_tiny_model("xlmr", converted, tmp_path / "source_model", hidden_size=16)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (model_dir / name).unlink(missing_ok=True)
+    for path in folder.iterdir():
+        shutil.copy(path, model_dir / path.name)
+    take_conversions()
+    config = load_config(None, [f"run.dir={tmp_path / 'run'}", f"source.model={model_dir}"])
+    source = load_source(config)
+    assert "source.model" in take_conversions()
+    assert len(source.tokenizer) == source.model.get_input_embeddings().weight.shape[0] == 502
+    assert source.tokenizer.get_vocab() == load_tokenizer(converted).get_vocab()
+    assert source_tokenizer(config)("qaa")["input_ids"] == load_tokenizer(converted)("qaa")["input_ids"]
+    assert take_conversions() == {}  # converted once
+
+
 @pytest.mark.slow
 def test_prepare_and_init_take_a_sentencepiece_only_target(sp_folders, small_corpus, init_worlds, tmp_path):
     """prepare (Ray workers) converts the BPE folder, records it, and packs SentencePiece's ids; init, in the same
