@@ -354,7 +354,7 @@ def check_tokenizer_beside(model_config: Any, tokenizer: Any, texts: list[str], 
 
     with tempfile.TemporaryDirectory(prefix="hyperofa-tokenizer-check-") as scratch:
         model_config.save_pretrained(scratch)
-        tokenizer.save_pretrained(scratch)
+        save_tokenizer(tokenizer, scratch)  # as save_model_dir writes it
         with quiet_transformers():
             loaded = AutoTokenizer.from_pretrained(scratch)
     problem = None
