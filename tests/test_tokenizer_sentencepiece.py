@@ -146,6 +146,24 @@ def test_a_source_model_published_with_a_sentencepiece_tokenizer_loads_through_i
     assert take_conversions() == {}  # converted once
 
 
+def test_evaluate_finds_the_held_out_tokenizer_through_the_conversion(sp_folders, source_tokenizers, prepare_format,
+                                                                    tmp_path):
+    """Shards prepared with a SentencePiece-only tokenizer.path are read back (bpb, fertility) with its converted
+    copy, found by the tokenizer.json sha256 prepare recorded, also as evaluate.heldout_tokenizer."""
+    from hyperofa_dist.evaluate.stage import heldout_tokenizer_dir
+
+    folder = sp_folders["bpe"]
+    run_dir = tmp_path / "run"
+    converted = tokenizer_dir(folder, run_dir, "tokenizer.path")
+    take_conversions()
+    prepare_format.write(run_dir / "prepare", {}, converted, 32)
+    other_model = source_tokenizers["xlmr"]  # a model directory whose tokenizer did not make the shards
+    for key in ("tokenizer.path", "evaluate.heldout_tokenizer"):
+        config = load_config(None, [f"run.dir={run_dir}", f"{key}={folder}", "evaluate.tasks=[bpb]"])
+        assert heldout_tokenizer_dir(config, other_model) == (key, converted)
+    assert take_conversions() == {}
+
+
 @pytest.mark.slow
 def test_prepare_and_init_take_a_sentencepiece_only_target(sp_folders, small_corpus, init_worlds, tmp_path):
     """prepare (Ray workers) converts the BPE folder, records it, and packs SentencePiece's ids; init, in the same
