@@ -28,15 +28,18 @@ import json, sys
 import numpy as np, torch, transformers
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
-model_dir, kind, texts_file, out = sys.argv[1:]
+texts_file, out, *folders = sys.argv[1:]
 texts = json.loads(open(texts_file, encoding="utf-8").read())
-tokenizer = AutoTokenizer.from_pretrained(model_dir)
-model = (AutoModelForMaskedLM if kind == "masked" else AutoModelForCausalLM).from_pretrained(model_dir).eval()
-ids = [tokenizer(t)["input_ids"] for t in texts]
-with torch.no_grad():
-    np.savez(out, *[model(input_ids=torch.tensor([i])).logits[0].numpy() for i in ids])
-print(json.dumps({"version": transformers.__version__, "tokenizer": type(tokenizer).__name__,
-                  "model": type(model).__name__, "ids": ids}))
+report, arrays = [], {}
+for n, (model_dir, kind) in enumerate(zip(folders[::2], folders[1::2])):
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = (AutoModelForMaskedLM if kind == "masked" else AutoModelForCausalLM).from_pretrained(model_dir).eval()
+    ids = [tokenizer(t)["input_ids"] for t in texts]
+    with torch.no_grad():
+        arrays.update({f"{n}_{i}": model(input_ids=torch.tensor([row])).logits[0].numpy() for i, row in enumerate(ids)})
+    report.append({"tokenizer": type(tokenizer).__name__, "model": type(model).__name__, "ids": ids})
+np.savez(out, **arrays)
+print(json.dumps({"version": transformers.__version__, "models": report}))
 """
 
 
@@ -133,7 +136,15 @@ def test_exports_load_with_stock_classes_under_transformers_4_57_and_5(init_worl
 
     env = {**os.environ, "PYTHONPATH": str(transformers_4), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "OMP_NUM_THREADS": "1"}
-    for w, method, kind in ((masked, "ofa", "masked"), (causal, "random", "causal")):
+    exported = [(masked, "ofa", "masked"), (causal, "random", "causal")]
+    folders = [str(part) for w, method, kind in exported for part in (w.run_dir / "init" / method / "model", kind)]
+    out = subprocess.run([sys.executable, "-c", LOAD, str(tmp_path / "texts.json"), str(tmp_path / "logits.npz"),
+                          *folders], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    loaded = json.loads(out.stdout.strip().splitlines()[-1])
+    assert loaded["version"].startswith("4.57.")
+    logits4 = dict(np.load(tmp_path / "logits.npz"))
+    for n, (w, method, kind) in enumerate(exported):
         model_dir = w.run_dir / "init" / method / "model"
         config = json.loads((model_dir / "tokenizer_config.json").read_text())
         assert config["tokenizer_class"] == "PreTrainedTokenizerFast" and not set(MACHINE_LOCAL_KEYS) & set(config)
@@ -141,16 +152,12 @@ def test_exports_load_with_stock_classes_under_transformers_4_57_and_5(init_worl
         ids = [ours(t)["input_ids"] for t in texts]
         assert [AutoTokenizer.from_pretrained(str(model_dir))(t)["input_ids"] for t in texts] == ids  # stock 5.x
         model = load_model(model_dir, AUTO_CLASS[kind])
-        out = subprocess.run([sys.executable, "-c", LOAD, str(model_dir), kind, str(tmp_path / "texts.json"),
-                              str(tmp_path / f"{kind}.npz")], capture_output=True, text=True, env=env, timeout=300)
-        assert out.returncode == 0, out.stderr[-3000:]
-        loaded = json.loads(out.stdout.strip().splitlines()[-1])
-        assert loaded["version"].startswith("4.57.") and loaded["tokenizer"] == "PreTrainedTokenizerFast"
-        assert loaded["model"] == type(model).__name__ and loaded["ids"] == ids
-        with np.load(tmp_path / f"{kind}.npz") as logits4, torch.no_grad():
+        assert loaded["models"][n] == {"tokenizer": "PreTrainedTokenizerFast", "model": type(model).__name__,
+                                       "ids": ids}
+        with torch.no_grad():
             for i, row in enumerate(ids):
                 expected = model(input_ids=torch.tensor([row])).logits[0].numpy()
-                np.testing.assert_allclose(logits4[f"arr_{i}"], expected, atol=1e-4)
+                np.testing.assert_allclose(logits4[f"{n}_{i}"], expected, atol=1e-4)
 
         manifest = Stage(w.run_dir, f"init/{method}").require()
         loss = manifest.get("new_token_mlm_loss") or manifest.get("new_token_causal_loss") or {}
