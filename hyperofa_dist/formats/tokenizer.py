@@ -252,6 +252,9 @@ def convert_sentencepiece(path: Path, out: Path, key: str = "") -> dict[str, Any
 
     texts = sample_texts(processor, proto)
     same_as_sentencepiece(loaded, processor, texts, f"{path}: the converted tokenizer", where)
+    if _framing(loaded, texts[0]) != _framing(family, texts[0]):
+        raise HyperofaError(f"{path}: the converted tokenizer frames a text with {_framing(loaded, texts[0])}, "
+                            f"{type(family).__name__} with {_framing(family, texts[0])}{where}")
     return {
         "converted": model_file.name,
         "model_type": kind,
@@ -265,6 +268,14 @@ def convert_sentencepiece(path: Path, out: Path, key: str = "") -> dict[str, Any
 
 
 SPECIAL_ROLES = ("bos", "eos", "unk", "sep", "pad", "cls", "mask")
+
+
+def _framing(tokenizer: Any, text: str) -> tuple[list[int], list[int]]:
+    """The special-token ids a tokenizer puts before and after a text's own ids."""
+    plain = tokenizer(text, add_special_tokens=False)["input_ids"]
+    framed = tokenizer(text)["input_ids"]
+    start = next((i for i in range(len(framed) - len(plain) + 1) if framed[i : i + len(plain)] == plain), 0)
+    return framed[:start], framed[start + len(plain) :]
 
 
 def same_as_sentencepiece(tokenizer: Any, processor: Any, texts: list[str], what: str, where: str = "") -> None:
