@@ -83,6 +83,28 @@ def test_converted_once_into_the_run_dir_and_encodes_like_sentencepiece(kind, sp
     take_conversions()
 
 
+@pytest.mark.parametrize("family, kind, model_file", [("llama", "bpe", "tokenizer.model"),
+                                                      ("t5", "unigram", "spiece.model")])
+def test_older_llama_and_t5_folders_convert_to_their_own_layout(family, kind, model_file, sp_texts, tmp_path):
+    """Older Llama (BPE with byte fallback, tokenizer.model) and mT5/T5 (spiece.model, sentinel tokens after the
+    pieces): SentencePiece's own ids, framed as transformers' class frames them."""
+    import sentencepiece
+    from transformers import AutoTokenizer
+
+    folder = synthetic.train_sentencepiece_folder(sp_texts, tmp_path / family, kind, 400, family=family)
+    out = tokenizer_dir(folder, tmp_path / "run", "source.model")
+    made = take_conversions()["source.model"]
+    assert made["converted"] == model_file and made["model_type"] == kind
+    tok, stock = load_tokenizer(out), AutoTokenizer.from_pretrained(str(folder))
+    assert tok.get_vocab() == stock.get_vocab() and len(tok) == (408 if family == "t5" else 400)
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(folder / model_file))
+    texts = [*sp_texts[::9], "unseen characters ☃ ⌘ and 😀"]  # byte fallback spells them in bytes
+    for text, framed in zip(texts, tok(texts)["input_ids"]):
+        ids = sp.encode(text)
+        assert framed == ([1, *ids] if family == "llama" else [*ids, 1]), text
+    assert any(sp.id_to_piece(i).startswith("<0x") for i in sp.encode(texts[-1])) is (family == "llama")
+
+
 def test_transformers_own_class_over_a_bpe_model_is_the_mismatch_the_check_names(sp_folders, sp_texts, tmp_path):
     """transformers 5's XLMRobertaTokenizer builds a Unigram from any SentencePiece model: over a BPE model it
     splits text otherwise than SentencePiece. The check names the first such text; the conversion passes it."""
