@@ -189,12 +189,12 @@ def convert_sentencepiece(path: Path, out: Path, key: str = "") -> dict[str, Any
     normalizer and the pre-tokenizer follow the SentencePiece model's own settings (transformers' SpmConverter),
     because transformers 5's family classes assume one model type (XLMRobertaTokenizer builds a Unigram even over a
     BPE model). The result is saved, loaded back with stock AutoTokenizer, and must give SentencePiece's pieces on
-    every sample text; the first text that differs is the one-line error."""
+    every sample text (the first text that differs is the one-line error) and frame a text with the class's special
+    tokens."""
     import sentencepiece
     import tokenizers
     import transformers
     from sentencepiece import sentencepiece_model_pb2
-    from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import SpmConverter
 
