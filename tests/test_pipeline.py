@@ -178,6 +178,9 @@ def test_pipeline_against_a_real_mlflow_server(world, mlflow_server, tmp_path):
                                                     dst_path=str(tmp_path / method), tracking_uri=mlflow_server)
         model = AutoModelForMaskedLM.from_pretrained(local)
         assert len(AutoTokenizer.from_pretrained(local)) <= model.config.vocab_size
+        assert (Path(local) / "README.md").read_bytes() == (run_dir / "pretrain" / method / "model" / "README.md"
+                                                            ).read_bytes()  # the model card travels with the model
+    check_pretrain_cards(run_dir)
 
     # The same pipeline again on the finished run directory: everything is up to date, one new run (the parent).
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
@@ -187,6 +190,21 @@ def test_pipeline_against_a_real_mlflow_server(world, mlflow_server, tmp_path):
     assert len(new) == 1 and new[0].info.run_name == "pipeline", [r.info.run_name for r in new]
     reused = new[0].data.tags["hyperofa.reused"].split(", ")
     assert sorted(reused) == sorted(expected - {"pipeline"})
+
+
+def check_pretrain_cards(run_dir: Path) -> None:
+    """Each pretrained model's card: its method and steps, the sizes its init stage recorded, the last held-out loss
+    of the job's evaluation log."""
+    from hyperofa_dist.formats.rundir import Stage
+    from tests.test_exports import check_card
+
+    for method in METHODS:
+        stage_dir = run_dir / "pretrain" / method
+        last = json.loads((stage_dir / "eval_log.jsonl").read_text().splitlines()[-1])
+        counts = Stage(run_dir, f"init/{method}").require()["counts"]
+        check_card(stage_dir / "model", method=method, stage="pretrain", steps=STEPS, kind="masked",
+                   source_vocab=counts["V_s"], target_vocab=counts["V_t"], metric=f"held-out loss, step {last['step']}",
+                   values=last["loss"])
 
 
 def _rank_pids(stage_dir: Path) -> list[int]:

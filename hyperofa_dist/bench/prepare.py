@@ -23,7 +23,7 @@ from ..config import Config
 from ..formats.corpus import discover, iter_sentences
 from ..formats.rundir import Stage
 from ..formats.shards import STAGE
-from ..formats.tokenizer import TOKENIZER_JSON, backend_from_json, load_tokenizer
+from ..formats.tokenizer import TOKENIZER_JSON, backend_from_json, load_tokenizer, tokenizer_dir
 from ..registry import command
 from ..runtime.ray import ray_session, wait_for_workers
 from ..tracking import NullTracker
@@ -93,7 +93,7 @@ def run(config: Config, args) -> int:
         corpus_bytes = sum(s.bytes for s in sources)
         sentences = [s for source in sources for s in iter_sentences(source, config.prepare.normalization)]
         if config.tokenizer.path:
-            tokenizer = Path(config.tokenizer.path)
+            tokenizer = tokenizer_dir(config.tokenizer.path, workdir, "tokenizer.path")  # SentencePiece-only: converted
         else:
             sample = sentences[:: max(1, len(sentences) // 60_000)]
             tokenizer = synthetic.train_source_tokenizer("xlmr", sample, 8000, workdir / "tokenizer")

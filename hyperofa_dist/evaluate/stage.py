@@ -137,14 +137,20 @@ def heldout_tokenizer_dir(config: Config, model_dir: Path) -> tuple[str, Path]:
     `<run.dir>/tokenizer` (a source model is evaluated on the text of the expanded model's shards)."""
     from .causal import shards_tokenizer
 
+    from ..formats.tokenizer import tokenizer_dir
+
     heldout = _heldout_dir(config)
     recorded = ((_prepare_manifest(heldout).get("inputs") or {}).get("tokenizer") or {}).get("tokenizer.json")
     ev = config.evaluate
+
+    def given(key: str, where: Optional[str]) -> Optional[Path]:  # a SentencePiece-only one by its converted copy
+        return tokenizer_dir(where, config.run_dir, key) if where else None
+
     if ev.heldout_tokenizer:
-        candidates = [("evaluate.heldout_tokenizer", Path(ev.heldout_tokenizer))]
+        candidates = [("evaluate.heldout_tokenizer", given("evaluate.heldout_tokenizer", ev.heldout_tokenizer))]
     else:
         candidates = [("evaluate.model", model_dir),
-                      ("tokenizer.path", Path(config.tokenizer.path) if config.tokenizer.path else None),
+                      ("tokenizer.path", given("tokenizer.path", config.tokenizer.path)),
                       ("<run.dir>/tokenizer", config.run_dir / "tokenizer")]
     return shards_tokenizer(heldout, recorded, candidates)
 
@@ -176,10 +182,13 @@ def _inputs(config: Config, model_dir: Path) -> dict[str, Any]:
 
 
 def _source_tokenizer_identity(config: Config) -> dict[str, Any]:
-    from ..formats.tokenizer import tokenizer_fingerprint
+    from ..formats.tokenizer import tokenizer_dir, tokenizer_fingerprint
 
     where = config.source.tokenizer or config.source.model
-    return {"tokenizer": where, **({"files": tokenizer_fingerprint(where)} if Path(where).is_dir() else {})}
+    key = "source.tokenizer" if config.source.tokenizer else "source.model"
+    local = Path(where).is_dir()
+    return {"tokenizer": where,
+            **({"files": tokenizer_fingerprint(tokenizer_dir(where, config.run_dir, key))} if local else {})}
 
 
 def _heldout_languages(config: Config, task: str) -> tuple[dict[str, str], dict[str, list[Path]], dict[str, str]]:

@@ -22,7 +22,7 @@ from typing import Any, Iterator
 
 from ..errors import HyperofaError
 from .files import fingerprint_dir, sha256_file, tmp_name
-from .tokenizer import TOKENIZER_JSON, tokenizer_fingerprint
+from .tokenizer import TOKENIZER_JSON, save_tokenizer, tokenizer_fingerprint
 
 CONFIG = "config.json"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
@@ -354,7 +354,7 @@ def check_tokenizer_beside(model_config: Any, tokenizer: Any, texts: list[str], 
 
     with tempfile.TemporaryDirectory(prefix="hyperofa-tokenizer-check-") as scratch:
         model_config.save_pretrained(scratch)
-        tokenizer.save_pretrained(scratch)
+        save_tokenizer(tokenizer, scratch)  # as save_model_dir writes it
         with quiet_transformers():
             loaded = AutoTokenizer.from_pretrained(scratch)
     problem = None
@@ -373,13 +373,14 @@ def check_tokenizer_beside(model_config: Any, tokenizer: Any, texts: list[str], 
 
 
 def save_model_dir(model: Any, tokenizer: Any, out_dir: str | Path) -> Path:
-    """save_pretrained of the model and its tokenizer into one directory (written to a sibling, then renamed)."""
+    """save_pretrained of the model and its tokenizer into one directory (written to a sibling, then renamed); the
+    tokenizer's config is the portable one (formats/tokenizer.py `save_tokenizer`)."""
     out_dir = Path(out_dir)
     tmp = tmp_name(out_dir)
     if tmp.exists():
         shutil.rmtree(tmp)
     model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    save_tokenizer(tokenizer, tmp)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)

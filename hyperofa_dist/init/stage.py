@@ -36,6 +36,7 @@ from ..formats.models import (
     save_model_dir,
     source_identity,
 )
+from ..formats.modelcard import ModelCard, corpus_facts, write_model_card
 from ..formats.rundir import Stage
 from ..formats.shards import STAGE as PREPARE_STAGE
 from ..formats.tokenizer import ignored_settings, load_tokenizer, target_tokenizer_dir, tokenizer_fingerprint
@@ -293,6 +294,13 @@ def run(config: Config, tracker: Any) -> int:
             {"heldout_cosine": quality, "test_tokens": len(mapping.split["test"]), loss_name: new_tokens},
         )
         model_dir = save_model_dir(model, target_tok, stage.path / out_format.MODEL)
+        languages, data = corpus_facts(config)
+        write_model_card(model_dir, ModelCard(
+            base_model=config.source.model, method=method, stage="init", kind=kind, languages=languages, data=data,
+            source_vocab=len(source_tok), target_vocab=len(target_tok), model_vocab=info.model_vocab_size, steps=0,
+            target_tokenizer=config.tokenizer.path or "built by `hyperofa tokenizer`",
+            metrics={f"new-token {'next-token' if kind == CAUSAL else 'MLM'} loss, step 0": new_tokens.get("loss", {})},
+        ))
         overall = counts["overall"]
         manifest_counts = {
             "V_t": len(target_tok),

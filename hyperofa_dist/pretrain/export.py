@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import HyperofaError
+from ..formats.tokenizer import TOKENIZER_CONFIG, portable_config
 
 PREFIX = "model."  # the training wrapper (train.MaskedLMObjective) holds the HF model as `.model`
 TOKENIZER_GLOBS = ("tokenizer*", "special_tokens_map.json", "sentencepiece.bpe.model", "vocab.*", "merges.txt")
@@ -85,6 +86,8 @@ def export_hf(ckpt_dir: str | Path, tag: Optional[str], start_model: str | Path,
         for path in start_model.glob(pattern):
             if path.is_file():
                 shutil.copy2(path, tmp / path.name)
+    if (tmp / TOKENIZER_CONFIG).is_file():  # a starting model saved elsewhere may carry a 5.x-only config
+        portable_config(tmp)
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     names: list[str] = []

@@ -34,6 +34,7 @@ from ..formats import init as init_format
 from ..formats import pretrain as out_format
 from ..formats.files import LOW_SPACE, free_bytes, sha256_file
 from ..formats.jobdir import RUN_ID, checkpoint_dir, latest_tag, previous_run_id, read_client_info, write_job
+from ..formats.modelcard import ModelCard, corpus_facts, write_model_card
 from ..formats.models import model_files, model_fingerprint, read_model_config, require_model_dir
 from ..formats.rundir import MANIFEST
 from ..formats.shards import ShardSet, load_shardset
@@ -59,6 +60,24 @@ def resolve_model(config: Config) -> Path:
         init_format.stage_of(config.run_dir, p.method).require()
         path = init_format.model_dir(config.run_dir, p.method)
     return require_model_dir(path)
+
+
+def pretrain_card(config: Config, exported: Path, objective: str, final_eval: Optional[dict[str, Any]]) -> ModelCard:
+    """The exported model's card: sizes from the init stage that made the starting model (when training started
+    from it), the held-out loss of the last evaluation."""
+    from ..formats.tokenizer import load_tokenizer
+
+    p = config.pretrain
+    init_counts = {} if p.model else (init_format.stage_of(config.run_dir, p.method).manifest() or {}).get("counts", {})
+    languages, data = corpus_facts(config)
+    step = (final_eval or {}).get("step", p.steps)
+    return ModelCard(
+        base_model=config.source.model, method=p.method, stage="pretrain", kind=objective, languages=languages,
+        data=data, source_vocab=init_counts.get("V_s"), target_vocab=len(load_tokenizer(exported)),
+        model_vocab=read_model_config(exported).get("vocab_size"), steps=p.steps,
+        target_tokenizer=config.tokenizer.path or "built by `hyperofa tokenizer`",
+        metrics={f"held-out loss, step {step}": (final_eval or {}).get("loss", {})} if final_eval else {},
+    )
 
 
 def objective_of(model_dir: Path) -> str:
@@ -303,6 +322,7 @@ def run(config: Config, tracker: Any) -> int:
         tag = latest_tag(ckpt_dir)
         exported, factor_files = export_hf(ckpt_dir, tag, model_dir, out / out_format.MODEL)
         final_eval = out_format.last_line(out / out_format.EVAL_LOG)
+        write_model_card(exported, pretrain_card(config, exported, objective, final_eval))
         sizes = out_format.read_parameter_counts(out)
         shell.finish(
             outputs=model_files(exported) + factor_files,

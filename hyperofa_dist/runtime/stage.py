@@ -29,6 +29,7 @@ from typing import Any, Iterable, Iterator, Optional
 
 from ..formats.files import digest
 from ..formats.rundir import Stage, portable
+from ..formats.tokenizer import take_conversions
 
 
 def say(command: str, text: str) -> None:
@@ -80,6 +81,7 @@ class StageShell:
                 shell.say(lock.note)
             shell.up_to_date, damaged = stage.check(shell.digest)
             if shell.up_to_date:
+                take_conversions()  # a converted tokenizer remade for an up-to-date stage: its record lies beside it
                 shell.manifest = stage.manifest()
                 shell.run = NullTracker()
                 tracker.reused(run_name or name)
@@ -108,7 +110,11 @@ class StageShell:
         counts: Optional[dict[str, Any]] = None,
         extra: Optional[dict[str, Any]] = None,
     ) -> dict[str, Any]:
-        """Hash the outputs and write the manifest, last: from now on the stage is complete."""
+        """Hash the outputs and write the manifest, last: from now on the stage is complete. Tokenizers this
+        stage converted (SentencePiece-only directories, formats/tokenizer.py) are recorded in it."""
+        conversions = take_conversions()
+        if conversions:
+            extra = {**(extra or {}), "tokenizer_conversions": conversions}
         self.manifest = self.stage.write_manifest(
             config=self.config.effective(), inputs=self.inputs, outputs=outputs, counts=counts, extra=extra
         )

@@ -5,6 +5,7 @@ world    a multilingual world (concept lexicon rendered per language), corpora, 
 mapping  a mapping directory whose targets are a learnable function of the words (hypernetwork tests, bench)
 glot500  Glot500-c stand-ins in the published layouts (arrow as saved to disk, the parquet conversion)
 demo     the demo's world: corpus, evaluation data and a briefly pretrained source model
+sentencepiece  SentencePiece-only tokenizer folders, as Glot500's target tokenizer is published
 """
 
 from .world import (  # noqa: F401  (the package's API: tests and benches use `synthetic.World`, ...)
@@ -30,3 +31,4 @@ from .world import (  # noqa: F401  (the package's API: tests and benches use `s
     write_tagging_data,
 )
 from .glot500 import glot500_standin, standin_texts, write_split_txt  # noqa: F401,E402
+from .sentencepiece import train_sentencepiece_folder  # noqa: F401,E402

@@ -18,7 +18,7 @@ from typing import Any, Iterator
 
 from ..config import Config
 from ..errors import HyperofaError
-from ..formats.tokenizer import TOKENIZER_CONFIG
+from ..formats.tokenizer import save_tokenizer
 from . import learn
 
 ROLES = ("bos", "eos", "unk", "sep", "pad", "cls", "mask")
@@ -153,12 +153,7 @@ def save_hf(tokenizer: Any, roles: dict[str, str], model_max_length: int, out_di
         model_max_length=model_max_length,
         **{f"{role}_token": token for role, token in roles.items()},
     )
-    hf.save_pretrained(str(out_dir))
-    config_path = out_dir / TOKENIZER_CONFIG
-    data = json.loads(config_path.read_text(encoding="utf-8"))
-    data["tokenizer_class"] = "PreTrainedTokenizerFast"  # the name transformers 4 and 5 both resolve
-    config_path.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
-    return sorted(p.name for p in out_dir.iterdir() if p.is_file())
+    return save_tokenizer(hf, out_dir)  # the stock class transformers 4 and 5 both resolve
 
 
 def verify_hf(out_dir: Path, tokenizer: Any, roles: dict[str, str], texts: list[str], name: str = "") -> None:
