@@ -120,5 +120,7 @@ def test_empty_file_is_a_counted_skip_invalid_utf8_is_replaced_and_mlflow_finds_
 
 def test_hub_corpus_offline_is_fatal(tmp_path, cli_tokenizer, assert_fatal):
     out = run_cli(f"run.dir={tmp_path / 'run'}", "corpus.format=hub", "corpus.languages=[qaa_Latn]",
-                  f"tokenizer.path={cli_tokenizer}", "tracking.enabled=false", *COMMON)
-    assert_fatal(out, tmp_path, "cis-lmu/Glot500", "cannot reach")
+                  "corpus.revision=refs/convert/parquet", f"tokenizer.path={cli_tokenizer}", "tracking.enabled=false",
+                  *COMMON)
+    assert_fatal(out, tmp_path, "cis-lmu/Glot500@refs/convert/parquet", "cannot reach")
+
