@@ -40,3 +40,19 @@ def script_problem(code: str) -> str:
     close = difflib.get_close_matches(script, sorted(ISO_15924), n=1, cutoff=0.5)
     hint = f" (did you mean {code[: -len(script)]}{close[0]}?)" if close else ""
     return f"{script} in {code} is not an ISO 15924 script code{hint}"
+
+
+# Glot500-c names a few languages with codes that are not ISO 15924 (its hub configs and folders): the corpus
+# readers accept those names and report the standard code, and ask the hub for its own name.
+GLOT500_NAMES = {"jpn_Jpan": "jpn_Japn"}
+STANDARD_CODES = {name: code for code, name in GLOT500_NAMES.items()}
+
+
+def standard_code(name: str) -> str:
+    """A corpus file's or folder's language name as the project writes it (`jpn_Japn` -> `jpn_Jpan`)."""
+    return STANDARD_CODES.get(name, name)
+
+
+def glot500_name(code: str) -> str:
+    """The name Glot500-c gives the language `code` (its hub config, its folder)."""
+    return GLOT500_NAMES.get(code, code)

@@ -118,3 +118,4 @@ def test_a_language_code_must_name_an_iso_15924_script():
         config = load_config(path)
         if config.corpus.languages and any(c.startswith("jpn_") for c in config.corpus.languages):
             assert "jpn_Jpan" in config.corpus.languages, path
+

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 from ..config import LANG_CODE, CorpusConfig
+from ..langcodes import glot500_name, standard_code
 from ..errors import HyperofaError
 
 TEXT_SUFFIXES = (".txt", ".txt.gz")
@@ -89,6 +90,7 @@ def discover(corpus: CorpusConfig) -> list[LanguageSource]:
         else:
             lang = entry.name if entry.is_dir() else None
             expected = "a <lang_Script> folder"
+        lang = standard_code(lang) if lang is not None else None  # Glot500-c's jpn_Japn is jpn_Jpan
         if lang is None or not LANG_CODE.match(lang):
             if wanted is not None:
                 continue  # an explicit language list selects; other names are not ours to judge
@@ -119,9 +121,9 @@ def _discover_hub(corpus: CorpusConfig) -> list[LanguageSource]:
     langs = corpus.languages
     try:
         if langs is None:
-            langs = [c for c in datasets.get_dataset_config_names(corpus.hub_name) if LANG_CODE.match(c)]
+            langs = [standard_code(c) for c in datasets.get_dataset_config_names(corpus.hub_name) if LANG_CODE.match(c)]
         # Touch the first language's builder now: an offline machine fails here, before any work starts.
-        datasets.load_dataset_builder(corpus.hub_name, langs[0])
+        datasets.load_dataset_builder(corpus.hub_name, glot500_name(langs[0]))
     except Exception as exc:  # datasets raises connection, offline-mode and not-found errors of many types
         reason = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:200]
         raise HyperofaError(
@@ -247,7 +249,7 @@ def read_unit(unit: Unit) -> Iterator[bytes | str]:
         import datasets
 
         try:
-            stream = datasets.load_dataset(unit.hub_name, unit.lang, split="train", streaming=True)
+            stream = datasets.load_dataset(unit.hub_name, glot500_name(unit.lang), split="train", streaming=True)
             for row in stream:
                 yield row.get("text") or ""
         except HyperofaError:
