@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ..errors import HyperofaError
-from .ray import WORKER_ENV
 
 RAY_STAGES = ("prepare", "mapping")  # tokenizer and vectors run without Ray, on the driver
 # Folders of data and results a checkout gathers (gitignore patterns, relative to the working dir): never code.
@@ -92,7 +91,9 @@ def plan_submissions(config_file: Path, overrides: Sequence[str], dashboard: str
         shown = config_file.relative_to(working_dir).as_posix()
     else:
         shown = str(config_file)  # must then be on storage the head node sees at the same path
-    runtime_env = {"working_dir": str(working_dir), "excludes": list(UPLOAD_EXCLUDES), "env_vars": dict(WORKER_ENV)}
+    # No env_vars here: the stage's own ray.init gives the workers theirs (runtime/ray.py), and Ray refuses to merge a
+    # job's runtime env with the driver's when both set them.
+    runtime_env = {"working_dir": str(working_dir), "excludes": list(UPLOAD_EXCLUDES)}
     jobs = [
         Submission(stage, [ray_cli(), "job", "submit", "--address", dashboard, "--runtime-env-json",
                            json.dumps(runtime_env), "--", "python", "-m", "hyperofa_dist.cli", stage, "--config",
