@@ -33,6 +33,7 @@ def test_only_the_ray_stages_are_submitted_with_absolute_paths_and_no_data_uploa
         assert command[1:5] == ["job", "submit", "--address", "http://127.0.0.1:8265"]
         env = json.loads(command[command.index("--runtime-env-json") + 1])
         assert env["working_dir"] == str(tmp_path) and set(env["excludes"]) == set(UPLOAD_EXCLUDES)
+        assert set(env) == {"working_dir", "excludes"}  # env_vars would clash with the stage's own ray.init
         assert {"runs/", "models/", "vectors/", ".venv/", ".git/"} <= set(env["excludes"])
         entry = _entrypoint(command)
         assert entry[:6] == ["python", "-m", "hyperofa_dist.cli", job.stage, "--config", "run.yaml"]
