@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_args(parser_)
         for flag in entry.flags:
             parser_.add_argument(flag.flag, help=f"{flag.help} (same as {flag.key}=...)")
+        if entry.plan_target:
+            parser_.add_argument("--dry-run", action="store_true",
+                                 help="check every input and print the plan (stages, resources, disk); run and write nothing")
         if entry.launch_section:
             parser_.add_argument("--hostfile", help="DeepSpeed hostfile (`host slots=N` lines) for a multi-node job")
             parser_.add_argument("--num_nodes", type=int, help="use this many nodes of the hostfile")
@@ -101,6 +104,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             if args.bench is None:
                 parser.parse_args(["bench", "--help"])
             return int(bench(args.bench).load()(config, args) or 0)
+        if getattr(args, "dry_run", False):  # before the run directory or an MLflow store is touched
+            from .registry import resolve
+
+            return int(resolve(entry.plan_target)(config) or 0)
         from .runtime.preflight import run_dir
         from .tracking import make_tracker
 

@@ -16,12 +16,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import HyperofaError
+from .langcodes import script_problem
 
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
 DEMO_CONFIG = PACKAGED_CONFIGS / "demo.yaml"
 DEMO_CAUSAL_CONFIG = PACKAGED_CONFIGS / "demo-causal.yaml"
 DEFAULT_CONFIGS = {"demo": DEMO_CONFIG, "demo-causal": DEMO_CAUSAL_CONFIG}  # commands that run without --config
 LANG_CODE = re.compile(r"^[a-z]{2,3}_[A-Z][a-z]{3}$")
+DEVICE_FILTER = re.compile(r"^[^\s:@,]+(:\d+(,\d+)*)?(@[^\s:@,]+(:\d+(,\d+)*)?)*$")  # DeepSpeed's NODE_SPEC[@...]
 
 
 EXECUTION = {"execution": True}
@@ -185,6 +187,8 @@ class CorpusConfig(Section):
             for code in value:
                 if not LANG_CODE.match(code):
                     raise ValueError(f"{code!r} is not a lang_Script code such as eng_Latn")
+                if script_problem(code):
+                    raise ValueError(script_problem(code))
         return value
 
     @field_validator("split", "heldout_split", "text_column")
@@ -294,6 +298,32 @@ class LaunchConfig(Section):
     master_port: Optional[int] = Execution(
         None, ge=1, le=65535, description="Rendezvous port of rank 0; unset: a free port locally, 29500 multi-node."
     )
+    include: Optional[str] = Execution(
+        None,
+        description="Devices to run on, in DeepSpeed's --include syntax: localhost:2,3 on one node, "
+        "worker-0@worker-1:0,2 with a hostfile; unset: CUDA_VISIBLE_DEVICES (one node), else every GPU.",
+    )
+    exclude: Optional[str] = Execution(
+        None, description="Devices to leave out, in DeepSpeed's --exclude syntax (localhost:0; worker-1:0,1)."
+    )
+
+    @field_validator("include", "exclude")
+    @classmethod
+    def _device_filter(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and not DEVICE_FILTER.match(value):
+            raise ValueError("is not host[:slot,slot...][@host[:slot,...]...] such as localhost:2,3")
+        return value
+
+    @model_validator(mode="after")
+    def _one_device_choice(self) -> "LaunchConfig":
+        # DeepSpeed's runner refuses these combinations only after the job file is written and the launch begun.
+        if self.include is not None and self.exclude is not None:
+            raise ValueError("include and exclude are mutually exclusive; set one")
+        chosen = "include" if self.include is not None else "exclude" if self.exclude is not None else None
+        if chosen and (self.ranks_per_node is not None or self.num_nodes is not None):
+            other = "ranks_per_node" if self.ranks_per_node is not None else "num_nodes"
+            raise ValueError(f"{chosen} picks the devices, so {other} must be unset (the ranks are the devices picked)")
+        return self
 
 
 class PretrainConfig(LaunchConfig):
@@ -316,7 +346,14 @@ class PretrainConfig(LaunchConfig):
     )
     steps: int = Field(4000, ge=1, description="Optimizer steps of the whole run.")
     micro_batch_size: int = Field(32, ge=1, description="Blocks per rank per micro-batch.")
-    grad_accum: int = Field(4, ge=1, description="Micro-batches per optimizer step.")
+    grad_accum: Optional[int] = Field(
+        None, ge=1, description="Micro-batches per optimizer step; unset: global_batch_size / (ranks x micro_batch_size), "
+        "or 4 when that is unset too.",
+    )
+    global_batch_size: Optional[int] = Field(
+        None, ge=1, description="Sequences (blocks) per optimizer step over all ranks; the accumulation is derived from "
+        "the ranks of the launch, so a config is the same run on any cluster. Must divide by ranks x micro_batch_size.",
+    )
     lr: float = Field(5e-5, gt=0.0, description="Peak learning rate (AdamW).")
     betas: list[float] = Field([0.9, 0.999], min_length=2, max_length=2, description="AdamW betas.")
     eps: float = Field(1e-8, gt=0.0, description="AdamW epsilon.")
@@ -478,6 +515,15 @@ class EvaluateConfig(Section):
     )
     device: Literal["auto", "cpu", "cuda"] = Execution("auto", description="auto: cuda when available, else cpu.")
     tagging: TaggingEvalConfig = Field(default_factory=TaggingEvalConfig)
+
+    @field_validator("languages")
+    @classmethod
+    def _scripts(cls, value: Optional[list[str]]) -> Optional[list[str]]:
+        # A benchmark's own code (deu) has no script to check; a lang_Script code must name a real script.
+        for code in value or ():
+            if LANG_CODE.match(code) and script_problem(code):
+                raise ValueError(script_problem(code))
+        return value
 
     @field_validator("tasks")
     @classmethod

@@ -33,6 +33,7 @@ class Command:
     flags: tuple[Flag, ...] = ()
     is_stage: bool = True  # writes <run.dir>/<name>/ with a manifest (pipeline, demo, compare do not)
     dry_run: bool = False  # a bench with `--dry-run`: a toy shape that checks it runs end to end (CI)
+    plan_target: Optional[str] = None  # a command with `--dry-run`: "module:function(config)" checks and prints its plan
 
     def load(self) -> Callable:
         return resolve(self.target)
@@ -87,7 +88,7 @@ COMMANDS: tuple[Command, ...] = (
     ),
     Command(
         "pipeline", "every stage in order (skipping finished ones), one MLflow parent run",
-        "hyperofa_dist.pipeline:run_pipeline", is_stage=False,
+        "hyperofa_dist.pipeline:run_pipeline", is_stage=False, plan_target="hyperofa_dist.dryrun:dry_run",
     ),
     Command(
         "demo", "the whole pipeline on a generated world, on this machine (configs/demo.yaml)",

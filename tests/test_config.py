@@ -100,3 +100,22 @@ def test_fingerprint_leaves_out_execution_only_keys_and_keeps_the_rest():
     assert base.fingerprint("pretrain") != changed_result.fingerprint("pretrain")
     assert "master_port" not in base.fingerprint("pretrain")["pretrain"]
     assert base.with_changes({"init.method": "ofa"}).init.method == "ofa"
+
+
+def test_a_language_code_must_name_an_iso_15924_script():
+    from hyperofa_dist.config import PACKAGED_CONFIGS
+
+    with pytest.raises(HyperofaError, match=r"^config key corpus.languages: Japn in jpn_Japn is not an ISO 15924 "
+                                            r"script code \(did you mean jpn_Jpan\?\)"):
+        load_config(None, ["corpus.languages=[eng_Latn, jpn_Japn]"])
+    with pytest.raises(HyperofaError, match=r"evaluate.languages: Latm in deu_Latm is not an ISO 15924"):
+        load_config(None, ["evaluate.languages=[deu, deu_Latm]"])
+    assert load_config(None, ["corpus.languages=[jpn_Jpan, qaa_Qaab, cmn_Hani]"]).corpus.languages[0] == "jpn_Jpan"
+    with pytest.raises(HyperofaError, match="Qaby in qaa_Qaby is not an ISO 15924"):  # private use ends at Qabx
+        load_config(None, ["corpus.languages=[qaa_Qaby]"])
+    # every packaged config: the codes it lists load (a wrong one is refused above), and Japanese is jpn_Jpan
+    for path in sorted(PACKAGED_CONFIGS.glob("*.yaml")):
+        config = load_config(path)
+        if config.corpus.languages and any(c.startswith("jpn_") for c in config.corpus.languages):
+            assert "jpn_Jpan" in config.corpus.languages, path
+

@@ -115,3 +115,16 @@ def test_hub_offline_is_a_clear_error(monkeypatch):
         discover(CorpusConfig(format="hub", languages=["eng_Latn"]))
     with pytest.raises(HyperofaError, match=r"cis-lmu/Glot500@refs/convert/parquet: cannot reach the dataset on the HF hub"):
         discover(CorpusConfig(format="hub", languages=["eng_Latn"], revision="refs/convert/parquet"))
+
+
+def test_glot500_japanese_folder_is_read_as_jpn_jpan(tmp_path):
+    from hyperofa_dist.config import load_config
+    from hyperofa_dist.formats.corpus import discover
+
+    (tmp_path / "jpn_Japn.txt").write_text("日本語の文です。\n", encoding="utf-8")  # Glot500-c's own name
+    (tmp_path / "eng_Latn.txt").write_text("an English line\n", encoding="utf-8")
+    for languages in (None, ["jpn_Jpan", "eng_Latn"]):
+        corpus = load_config(None, [f"corpus.path={tmp_path}"] + ([f"corpus.languages=[{', '.join(languages)}]"]
+                                                                   if languages else [])).corpus
+        found = discover(corpus)
+        assert [s.lang for s in found] == ["eng_Latn", "jpn_Jpan"] and found[1].files == (tmp_path / "jpn_Japn.txt",)

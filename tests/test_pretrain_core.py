@@ -239,3 +239,25 @@ def test_flop_model_equals_a_count_of_every_matmul_in_a_tiny_step():
     # perf's own N adds the non-matmul parameters: 2d per LayerNorm, every bias, the output bias of V rows.
     n_other = 2 * d + layers * (4 * d + 2 * d + ff + d + 2 * d) + d + 2 * d + vocab
     assert body_params(model) == n_matmul + n_other
+
+
+# --- the optimizer step's size --------------------------------------------------------------------------------
+
+
+def test_global_batch_size_derives_the_accumulation_from_the_ranks():
+    from hyperofa_dist.pretrain.stage import batch_plan
+
+    config = load_config(None, ["pretrain.micro_batch_size=32", "pretrain.global_batch_size=512"])
+    assert [batch_plan(config, world) for world in (1, 4, 16)] == [(16, 512), (4, 512), (1, 512)]
+    with pytest.raises(HyperofaError, match=r"^pretrain.global_batch_size=512 is not a multiple of 3 ranks x "
+                                            r"pretrain.micro_batch_size=32 = 96; change one of them$"):
+        batch_plan(config, 3)
+    # grad_accum alone keeps its meaning (per-rank accumulation), and its default stays 4
+    assert batch_plan(load_config(None, ["pretrain.micro_batch_size=8", "pretrain.grad_accum=2"]), 3) == (2, 48)
+    assert batch_plan(load_config(None, ["pretrain.micro_batch_size=8"]), 2) == (4, 64)
+    # both set: they must describe the same step on this launch
+    both = config.with_changes({"pretrain.grad_accum": 4})
+    assert batch_plan(both, 4) == (4, 512)
+    with pytest.raises(HyperofaError, match=r"pretrain.grad_accum=4 gives 1024 sequences per step on 8 ranks, "
+                                            r"pretrain.global_batch_size says 512; unset pretrain.grad_accum"):
+        batch_plan(both, 8)

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
 from ..config import LANG_CODE, CorpusConfig
+from ..langcodes import standard_code
 from ..errors import HyperofaError
 
 TEXT_SUFFIXES = (".txt", ".txt.gz")
@@ -130,6 +131,7 @@ def discover(corpus: CorpusConfig) -> list[LanguageSource]:
         else:
             lang = entry.name if entry.is_dir() else None
             expected = "a <lang_Script> folder"
+        lang = standard_code(lang) if lang is not None else None  # Glot500-c's jpn_Japn is jpn_Jpan
         if lang is None or not LANG_CODE.match(lang):
             if wanted is not None:
                 continue  # an explicit language list selects; other names are not ours to judge
@@ -250,10 +252,13 @@ def _discover_hub(corpus: CorpusConfig) -> list[LanguageSource]:
 def hub_sources(corpus: CorpusConfig, sha: str, paths: Iterable[str]) -> list[LanguageSource]:
     """The languages of a hub dataset from its file list at commit `sha` (`<lang>/<split>/<file>`)."""
     by_lang: dict[str, dict[str, list[str]]] = {}
+    folder_of: dict[str, str] = {}  # Glot500-c's own folder name (jpn_Japn) of a standard code (jpn_Jpan)
     for path in sorted(paths):
         parts = path.split("/")
         if len(parts) == 3 and LANG_CODE.match(parts[0]) and parts[2].endswith((ARROW_SUFFIX, PARQUET_SUFFIX)):
-            by_lang.setdefault(parts[0], {}).setdefault(parts[1], []).append(parts[2])
+            lang = standard_code(parts[0])
+            folder_of[lang] = parts[0]
+            by_lang.setdefault(lang, {}).setdefault(parts[1], []).append(parts[2])
     langs = corpus.languages or sorted(by_lang)
     base = f"{HF_PREFIX}datasets/{corpus.hub_name}@{sha}"
     sources = []
@@ -269,8 +274,8 @@ def hub_sources(corpus: CorpusConfig, sha: str, paths: Iterable[str]) -> list[La
         sources.append(
             LanguageSource(
                 lang, "hub", (), 0, corpus.hub_name, split=split, text_column=corpus.text_column, revision=sha,
-                remote_files=tuple(f"{base}/{lang}/{split}/{n}" for n in splits[split]),
-                remote_heldout=tuple(f"{base}/{lang}/{held}/{n}" for n in splits.get(held, [])) if held else (),
+                remote_files=tuple(f"{base}/{folder_of[lang]}/{split}/{n}" for n in splits[split]),
+                remote_heldout=tuple(f"{base}/{folder_of[lang]}/{held}/{n}" for n in splits.get(held, [])) if held else (),
             )
         )
     return sources

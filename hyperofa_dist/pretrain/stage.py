@@ -113,6 +113,34 @@ def embeddings_plan(config: Config, model_dir: Path, objective: str = "masked") 
     return ("factorised", where) if where is not None else ("full", None)
 
 
+DEFAULT_GRAD_ACCUM = 4  # pretrain.grad_accum when neither it nor pretrain.global_batch_size is set
+
+
+def batch_plan(config: Config, world: int) -> tuple[int, int]:
+    """(micro-batches per optimizer step, sequences per optimizer step) for a launch of `world` ranks.
+
+    `pretrain.global_batch_size` fixes the step's size and the accumulation follows from the ranks, so a config is
+    the same run on 4 GPUs or 2 x 8; a `grad_accum` set beside it must give the same step, else the config says
+    two different things and is refused."""
+    p = config.pretrain
+    per_micro = world * p.micro_batch_size
+    if p.global_batch_size is None:
+        accum = p.grad_accum or DEFAULT_GRAD_ACCUM
+        return accum, accum * per_micro
+    if p.global_batch_size % per_micro:
+        raise HyperofaError(
+            f"pretrain.global_batch_size={p.global_batch_size} is not a multiple of {world} ranks x "
+            f"pretrain.micro_batch_size={p.micro_batch_size} = {per_micro}; change one of them"
+        )
+    accum = p.global_batch_size // per_micro
+    if p.grad_accum is not None and p.grad_accum != accum:
+        raise HyperofaError(
+            f"pretrain.grad_accum={p.grad_accum} gives {p.grad_accum * per_micro} sequences per step on {world} ranks, "
+            f"pretrain.global_batch_size says {p.global_batch_size}; unset pretrain.grad_accum"
+        )
+    return accum, p.global_batch_size
+
+
 def check_tokenizer_match(shardset: ShardSet, prepare_dir: Path, model_dir: Path) -> None:
     """Shards are token ids: they only mean something under the tokenizer that made them."""
     recorded = (shardset.manifest.get("inputs") or {}).get("tokenizer") or {}
@@ -135,7 +163,7 @@ def build_ds_config(config: Config, precision: str) -> dict[str, Any]:
     cfg = fill_ds_config(
         template,
         micro_batch=p.micro_batch_size,
-        grad_accum=p.grad_accum,
+        grad_accum=p.grad_accum or DEFAULT_GRAD_ACCUM,  # `run` resolves global_batch_size first; benches set their own
         lr=p.lr,
         precision=precision,
         weight_decay=p.weight_decay,
@@ -219,6 +247,10 @@ def run(config: Config, tracker: Any) -> int:
 
         mixing_probabilities(sorted(shardset.train), shardset.blocks, p.language_weights)
     world = planned_world_size(p, "pretrain")
+    accum, global_batch = batch_plan(config, world)
+    # Every reader downstream (the DeepSpeed config, the job file the ranks read) sees the resolved accumulation.
+    config = config.with_changes({"pretrain.grad_accum": accum})
+    p = config.pretrain
     if p.resume or latest_tag(checkpoint_dir(stage.path)) is None:  # else: up to date, or refused below
         kept = sum(1 for d in checkpoint_dir(stage.path).glob("step*") if d.is_dir())
         preflight.free_space(
@@ -300,9 +332,11 @@ def run(config: Config, tracker: Any) -> int:
         }
         job_file = write_job(out, job)
         cmd = launch_command(p, job_file, TARGET)
-        run_.set_tags({"hyperofa.world_size": world, "hyperofa.precision": precision, "hyperofa.zero": p.zero,
+        run_.set_tags({"hyperofa.world_size": world, "hyperofa.grad_accum": accum,
+                       "hyperofa.global_batch_size": global_batch, "hyperofa.precision": precision, "hyperofa.zero": p.zero,
                        "hyperofa.embeddings": embeddings, OBJECTIVE_TAG: objective, **change_tags(provenance)})
-        shell.say(f"launching {world} ranks: {' '.join(cmd)}")
+        shell.say(f"launching {world} ranks ({global_batch} sequences per step: {p.micro_batch_size} per micro-batch "
+                  f"x {accum} micro-batches x {world} ranks): {' '.join(cmd)}")
         if world > 1 and not p.hostfile and precision == "fp32":
             # CPU ranks: split the cores instead of every rank spawning a thread per core.
             os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world)))
@@ -326,7 +360,8 @@ def run(config: Config, tracker: Any) -> int:
         sizes = out_format.read_parameter_counts(out)
         shell.finish(
             outputs=model_files(exported) + factor_files,
-            counts={"steps": p.steps, "world_size": world, "final_checkpoint": tag, **sizes},
+            counts={"steps": p.steps, "world_size": world, "final_checkpoint": tag, "grad_accum": accum,
+                "global_batch_size": global_batch, **sizes},
             extra={"eval_loss": (final_eval or {}).get("loss", {}), "embeddings": embeddings, "objective": objective,
                    "config_changes": provenance["changes"]},
         )

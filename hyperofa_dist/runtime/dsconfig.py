@@ -1,5 +1,9 @@
 """DeepSpeed JSON configs: templates in `ds_configs/` filled from our config at run time, never edited per run.
 
+The templates live at the top of the repository; the build copies them into the package (`setup.py`), so an
+installed package finds them as `hyperofa_dist/ds_configs/` through `importlib.resources`, and a source checkout
+or an editable install finds them at the top of the repository.
+
 A template fixes the ZeRO stage, buckets and offload; the values that belong to a run (micro-batch, gradient
 accumulation, clipping, learning rate, weight decay, precision) are written there as "auto" and filled here from
 the stage's config section, so the config tree stays the one source of truth. Precision "auto" means bf16 on a
@@ -10,6 +14,7 @@ here with the file and key named, before any process is launched (docs/DISTRIBUT
 from __future__ import annotations
 
 import contextlib
+import importlib.resources
 import json
 import sys
 from pathlib import Path
@@ -17,8 +22,21 @@ from typing import Any, Optional
 
 from ..errors import HyperofaError
 
-TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 TEMPLATE_NAMES = ("zero0", "zero1", "zero2", "zero2-offload", "zero3", "zero3-offload")
+SOURCE_TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "ds_configs"  # a source checkout, editable install
+
+
+def templates_dir() -> Path:
+    """Where the shipped templates are: inside the installed package, else at the top of the source tree."""
+    packaged = importlib.resources.files("hyperofa_dist") / "ds_configs"
+    if packaged.is_dir():
+        return Path(str(packaged))  # a wheel is installed unpacked, so the resource is a plain directory
+    if SOURCE_TEMPLATES_DIR.is_dir():
+        return SOURCE_TEMPLATES_DIR
+    raise HyperofaError(
+        f"{packaged}: the DeepSpeed templates are missing from this installation (and no source tree's "
+        f"{SOURCE_TEMPLATES_DIR} exists); reinstall hyperofa-dist from a wheel or a checkout"
+    )
 
 # DeepSpeed 0.19.8 raises DeepSpeedConfigError on these (deepspeed/runtime/config.py, issue #8489); a test keeps
 # this list in step with the installed DeepSpeed.
@@ -40,7 +58,7 @@ REMOVED_ZERO_KEYS = ("mics_hierarchical_params_gather", "mics_shard_size", "zero
 
 def template_path(name_or_path: str) -> Path:
     """`zero1`..`zero3-offload` name a shipped template; anything else is a path to the user's own template."""
-    path = TEMPLATES_DIR / f"{name_or_path}.json" if name_or_path in TEMPLATE_NAMES else Path(name_or_path)
+    path = templates_dir() / f"{name_or_path}.json" if name_or_path in TEMPLATE_NAMES else Path(name_or_path)
     if not path.is_file():
         raise HyperofaError(f"{path}: DeepSpeed config template not found (shipped: {', '.join(TEMPLATE_NAMES)})")
     return path

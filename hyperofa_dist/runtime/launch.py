@@ -1,7 +1,8 @@
 """The `deepspeed` launcher for both DeepSpeed jobs (hypernet, pretrain): command, hostfile, environment, clean-up.
 
 One node: N local ranks (`--num_gpus N`, which the runner also uses as the process count on a CPU-only machine;
-gloo there, NCCL on GPUs) on a free rendezvous port. Many nodes: `--hostfile`, `--num_nodes`, `--launcher`
+gloo there, NCCL on GPUs) on a free rendezvous port; GPUs picked by `include`/`exclude` or the user's
+CUDA_VISIBLE_DEVICES are named with `--include localhost:...` (`--num_gpus` would put the ranks on GPUs 0..N-1). Many nodes: `--hostfile`, `--num_nodes`, `--launcher`
 (launcher flags go before the module, DeepSpeed #662). The MLflow run rank 0 logs into travels in the job file,
 which every rank reads, local or remote.
 
@@ -65,17 +66,96 @@ def read_hostfile(path: Path, key: str = "hostfile") -> list[tuple[str, int]]:
     return hosts
 
 
-def planned_world_size(launch: Any, section: str = "launch") -> int:
-    """Ranks the launch will start: local ranks, or the slots of the hostfile's first num_nodes hosts."""
+VISIBLE_DEVICES = "CUDA_VISIBLE_DEVICES"
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What this node offers a local launch: its GPUs (as this process sees them) and the user's
+    CUDA_VISIBLE_DEVICES. `Machine.here()` reads them; tests describe other machines."""
+
+    gpus: int
+    visible: str = ""
+
+    @staticmethod
+    def here() -> "Machine":
+        import torch
+
+        return Machine(torch.cuda.device_count(), os.environ.get(VISIBLE_DEVICES, "").strip())
+
+
+def device_filter(hosts: dict[str, int], launch: Any, section: str) -> dict[str, list[int]]:
+    """The slots per host that `<section>.include`/`exclude` leave, as DeepSpeed's runner reads those strings
+    (its own parser, so the count here is the count it starts); a host or slot that does not exist is one line."""
+    key = f"{section}.{'include' if launch.include is not None else 'exclude'}"
+    from .dsconfig import import_deepspeed
+
+    import_deepspeed()
+    from deepspeed.launcher.runner import parse_inclusion_exclusion
+
+    try:
+        chosen = parse_inclusion_exclusion(dict(hosts), launch.include or "", launch.exclude or "")
+    except ValueError as exc:
+        raise HyperofaError(f"{key}={launch.include or launch.exclude}: {exc} (hosts: {hosts})") from None
+    if not chosen:
+        raise HyperofaError(f"{key}={launch.include or launch.exclude}: leaves no device to run on (hosts: {hosts})")
+    return {host: list(slots) for host, slots in chosen.items()}
+
+
+def local_devices(launch: Any, section: str, ranks: Optional[int] = None,
+                  machine: Optional[Machine] = None) -> tuple[Optional[list[int]], int]:
+    """(the GPU numbers a local launch runs on, or None for `--num_gpus`; the number of ranks).
+
+    DeepSpeed's runner, given `--num_gpus N`, drops the user's CUDA_VISIBLE_DEVICES and runs on GPUs 0..N-1, on a
+    shared node other people's. So the GPUs are named: `<section>.include`/`exclude` (the machine's own GPU
+    numbers), else CUDA_VISIBLE_DEVICES (its first `ranks_per_node` devices when that is set); only with neither
+    does the launch take every GPU (`--num_gpus`). A CPU-only machine runs `ranks_per_node` (default 2) ranks."""
+    machine = machine or Machine.here()
+    picked = launch.include if launch.include is not None else launch.exclude
+    key = f"{section}.{'include' if launch.include is not None else 'exclude'}"
+    if machine.gpus == 0:
+        if picked is not None:
+            raise HyperofaError(f"{key}={picked}: picks GPUs, and this machine has none (CPU ranks: {section}.ranks_per_node)")
+        return None, ranks or launch.ranks_per_node or 2
+    if picked is not None:
+        if machine.visible:
+            raise HyperofaError(
+                f"{key}={picked} and {VISIBLE_DEVICES}={machine.visible} both pick GPUs; unset one ({key} numbers "
+                "the machine's GPUs as nvidia-smi does)"
+            )
+        chosen = device_filter({"localhost": machine.gpus}, launch, section)
+        if set(chosen) != {"localhost"}:
+            raise HyperofaError(f"{key}={picked}: a launch without a hostfile runs on localhost only")
+        slots, source = chosen["localhost"], f"{key}={picked}"
+    elif machine.visible:
+        try:
+            slots = [int(part) for part in machine.visible.split(",")]
+        except ValueError:
+            raise HyperofaError(
+                f"{VISIBLE_DEVICES}={machine.visible}: names GPUs by UUID or MIG id, which DeepSpeed's runner cannot "
+                f"select; unset it and set {section}.include=localhost:<GPU numbers>"
+            ) from None
+        source = f"{VISIBLE_DEVICES}={machine.visible}"
+    else:
+        return None, ranks or launch.ranks_per_node or machine.gpus
+    wanted = ranks or launch.ranks_per_node or len(slots)
+    if wanted > len(slots):
+        raise HyperofaError(
+            f"{section}.ranks_per_node={wanted} ranks, but {source} gives {len(slots)} GPU{'s' if len(slots) > 1 else ''}"
+        )
+    return slots[:wanted], wanted
+
+
+def planned_world_size(launch: Any, section: str = "launch", machine: Optional[Machine] = None) -> int:
+    """Ranks the launch will start: local ranks, or the slots of the hostfile's hosts (the first num_nodes, or
+    those `include`/`exclude` leave)."""
     if launch.hostfile:
         hosts = read_hostfile(Path(launch.hostfile), f"{section}.hostfile")
+        if launch.include is not None or launch.exclude is not None:
+            return sum(len(slots) for slots in device_filter(dict(hosts), launch, section).values())
         hosts = hosts[: launch.num_nodes] if launch.num_nodes else hosts
         return sum(launch.ranks_per_node or slots for _, slots in hosts)
-    if launch.ranks_per_node:
-        return launch.ranks_per_node
-    import torch
-
-    return torch.cuda.device_count() or 2
+    return local_devices(launch, section, machine=machine)[1]
 
 
 def free_port() -> int:
@@ -114,11 +194,12 @@ def _bindable(port: int) -> bool:
 
 def launch_command(
     launch: Any, job_file: Path, target: LaunchTarget, *, ranks: Optional[int] = None, extra: tuple[str, ...] = (),
-    node_rank: int = 0,
+    node_rank: int = 0, machine: Optional[Machine] = None,
 ) -> list[str]:
     """The launcher invocation. `launch` is a config section with the launch keys (`config.LaunchConfig`);
     `ranks` forces that many local ranks (the benchmarks' 1- and 2-rank runs); `node_rank` is this node's index
-    in the hostfile when every node starts its own launcher (`launcher=nossh`)."""
+    in the hostfile when every node starts its own launcher (`launcher=nossh`); `machine` is this node (read
+    when not given)."""
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner"]
     if launch.hostfile and ranks is None:
         hostfile = Path(launch.hostfile)
@@ -133,9 +214,14 @@ def launch_command(
             cmd += ["--num_nodes", str(launch.num_nodes)]
         if launch.ranks_per_node:
             cmd += ["--num_gpus", str(launch.ranks_per_node)]
+        if launch.include is not None or launch.exclude is not None:
+            device_filter(dict(hosts), launch, target.section)  # a host or slot that is not there: one line, now
+            cmd += ["--include", launch.include] if launch.include is not None else ["--exclude", launch.exclude]
     else:
-        local = ranks or planned_world_size(launch, target.section)
-        cmd += ["--num_gpus", str(local), "--master_port", str(launch.master_port or free_port())]
+        devices, local = local_devices(launch, target.section, ranks, machine)
+        cmd += (["--include", f"localhost:{','.join(map(str, devices))}"] if devices is not None
+                else ["--num_gpus", str(local)])
+        cmd += ["--master_port", str(launch.master_port or free_port())]
     return cmd + ["--module", SUPERVISOR, "--target", target.module, "--job", str(job_file), *extra]
 
 
@@ -156,6 +242,8 @@ def run_launcher(cmd: list[str], capture: bool = False) -> LaunchResult:
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env[DRIVER_ENV] = driver_env(identity())  # the supervisors stop their ranks once this process is gone
     local = "--hostfile" not in cmd
+    if local and "--include" in cmd:  # the devices are named there (local_devices); the runner sets each rank's own
+        env.pop(VISIBLE_DEVICES, None)
     job_dir = Path(cmd[cmd.index("--job") + 1]).parent
     clear_exit_records(job_dir)
     if local:
@@ -215,6 +303,8 @@ def _say(text: str) -> None:
 
 def _local_ranks(cmd: list[str]) -> Optional[int]:
     try:
+        if "--include" in cmd:  # localhost:2,3
+            return len(cmd[cmd.index("--include") + 1].split(":", 1)[1].split(","))
         return int(cmd[cmd.index("--num_gpus") + 1])
     except (ValueError, IndexError):
         return None

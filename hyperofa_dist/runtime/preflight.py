@@ -228,16 +228,7 @@ def model(path: Path, key: str, *, mask: bool = False) -> ModelFacts:
         raise HyperofaError(f"{path}: the model directory has no {TOKENIZER_JSON} (its tokenizer is needed) ({key})")
     tokenizer = load_tokenizer(path, key)
     size = len(tokenizer)
-    if size > rows:
-        raise HyperofaError(
-            f"{path}: tokenizer has {size} tokens but the model's input embedding has {rows} rows; the tokenizer "
-            f"does not belong to this model ({key})"
-        )
-    if rows - size > max(256, rows // 100):
-        raise HyperofaError(
-            f"{path}: tokenizer has {size} tokens but the model has {rows} embedding rows; the tokenizer does not "
-            f"belong to this model ({key})"
-        )
+    tokenizer_fits(path, size, rows, key)
     specials = {tok: i for tok, i in zip(tokenizer.all_special_tokens, tokenizer.all_special_ids)}
     outside = {tok: i for tok, i in specials.items() if i is None or not 0 <= i < rows}
     if outside:
@@ -250,6 +241,21 @@ def model(path: Path, key: str, *, mask: bool = False) -> ModelFacts:
     if mask and tokenizer.mask_token_id is None:
         raise HyperofaError(f"{path}: the tokenizer has no mask token, which masked-LM training needs ({key})")
     return ModelFacts(rows, size, parameters)
+
+
+def tokenizer_fits(path: Path, size: int, rows: int, key: str) -> None:
+    """A tokenizer of `size` tokens belongs to a model of `rows` embedding rows: never more tokens than rows, and
+    fewer only by padding (a vocabulary rounded up to a multiple such as 64: at most 1 % or 256 rows)."""
+    if size > rows:
+        raise HyperofaError(
+            f"{path}: tokenizer has {size} tokens but the model's input embedding has {rows} rows; the tokenizer "
+            f"does not belong to this model ({key})"
+        )
+    if rows - size > max(256, rows // 100):
+        raise HyperofaError(
+            f"{path}: tokenizer has {size} tokens but the model has {rows} embedding rows; the tokenizer does not "
+            f"belong to this model ({key})"
+        )
 
 
 # --- shards ----------------------------------------------------------------------------------------------------
