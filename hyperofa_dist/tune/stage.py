@@ -73,7 +73,23 @@ def _trainable(params: dict[str, Any], trees: list[dict[str, Any]]) -> None:
     config = build_config(trees[params["trial"]])
     torch.set_num_threads(config.tune.cpus_per_trial)
     device = torch.device("cuda" if config.tune.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu")
-    run_trial(open_workspace(config, device), config.hypernet, tune.report)
+    run_trial(cached_workspace(config, device), config.hypernet, tune.report)
+
+
+_WORKSPACES: dict[tuple[str, str], Any] = {}
+
+
+def cached_workspace(config: Config, device: Any) -> Any:
+    """A reused Ray actor runs many trials: the workspace (source model, tables, splits) is loaded once per process.
+    Only `hypernet.context` of the trial's hypernet keys shapes it (the token sets' context rule)."""
+    from ..formats.files import digest
+
+    tree = config.effective()
+    key = (digest({**tree, "hypernet": {"context": tree["hypernet"]["context"]}}), str(device))
+    if key not in _WORKSPACES:
+        _WORKSPACES.clear()  # one at a time: a workspace holds the source model
+        _WORKSPACES[key] = open_workspace(config, device)
+    return _WORKSPACES[key]
 
 
 def search(config: Config, trials: list[Config], storage: Path) -> list[dict[str, Any]]:
@@ -92,7 +108,7 @@ def search(config: Config, trials: list[Config], storage: Path) -> list[dict[str
         trainable,
         param_space={"trial": tune.grid_search(list(range(len(trials))))},
         tune_config=tune.TuneConfig(metric="val_loss", mode="min", scheduler=scheduler,
-                                    max_concurrent_trials=t.concurrent),
+                                    max_concurrent_trials=t.concurrent, reuse_actors=True),
         run_config=tune.RunConfig(name="trials", storage_path=str(storage), verbose=0),
     )
     grid = tuner.fit()
@@ -166,7 +182,7 @@ def run(config: Config, tracker: Any) -> int:
                        "best_val_loss": rows[best]["best_val_loss"]},
             "trials": len(rows), "finished": sum(NEW_TOKEN_LOSS in r for r in results),
             "space": t.space, "epochs": t.epochs, "grace_epochs": t.grace_epochs,
-            "reduction_factor": t.reduction_factor, "seed": tune_seed(config), "seconds": round(seconds, 3),
+            "reduction_factor": t.reduction_factor, "seed": tune_seed(config),
             "epochs_trained": sum(r["epochs"] for r in rows),
         }
 
@@ -180,13 +196,17 @@ def run(config: Config, tracker: Any) -> int:
                                               "epochs_trained": summary["epochs_trained"]},
                      extra={"winner": summary["winner"]})
         run_ = shell.run
-        for row in rows:
-            run_.log_metrics({k: row[k] for k in ("best_val_loss", NEW_TOKEN_LOSS, "epochs")
-                              if isinstance(row[k], (int, float)) and math.isfinite(row[k])}, step=row["trial"])
+        # Timings go to MLflow only: the files stay the same bytes on a re-run.
+        for row, result in zip(rows, results):
+            values = {k: row[k] for k in ("best_val_loss", NEW_TOKEN_LOSS, "epochs")}
+            values["seconds"] = float(result.get("time_total_s", math.nan))
+            run_.log_metrics({k: v for k, v in values.items() if math.isfinite(v)}, step=row["trial"])
         run_.log_params({f"best.hypernet.{k}": v for k, v in settings[best].items()})
         run_.log_metrics({f"best/{NEW_TOKEN_LOSS}": rows[best][NEW_TOKEN_LOSS], "seconds": seconds})
         for path in outputs:
             run_.log_artifact(path)
+    shell.say(f"{len(rows)} trials, {summary['epochs_trained']} epochs trained in {seconds:.1f} s (Ray start "
+              "included)")
     shell.say(f"trial {best} wins (new-token loss {rows[best][NEW_TOKEN_LOSS]:.4f}: "
               + ", ".join(f"hypernet.{k}={v}" for k, v in settings[best].items())
               + f") -> {out_format.best_config_path(stage.path)}")
