@@ -120,7 +120,8 @@ def search(config: Config, trials: list[Config], storage: Path) -> list[dict[str
         found[int(result.config["trial"])] = dict(result.metrics or {})
     missing = [i for i in range(len(trials)) if i not in found]
     if missing:
-        raise HyperofaError(f"tune hypernet: Ray Tune returned no result for trial {missing[0]}")
+        raise HyperofaError(f"tune hypernet: Ray Tune ended without a result for trial {missing[0]} (interrupted, or "
+                            "its worker was lost); nothing written")
     return [found[i] for i in range(len(trials))]
 
 
