@@ -37,6 +37,29 @@ def test_winner_is_the_lowest_finite_loss():
     assert winner([{"l": math.nan}], "l") is None
 
 
+def test_table_says_how_each_trial_ended_and_a_refused_setting_fails_only_its_trial():
+    import ray.exceptions
+
+    from hyperofa_dist.tune.stage import FAILED, _hyperofa_error, table_rows
+
+    wrapped = ray.exceptions.RayTaskError("trial", "traceback", HyperofaError("loss is not finite at epoch 1"))
+    assert str(_hyperofa_error(wrapped)) == "loss is not finite at epoch 1"
+    assert _hyperofa_error(RuntimeError("a bug")) is None
+    settings = [{"lr": 0.1}, {"lr": 0.2}, {"lr": 0.3}, {"lr": 0.4}]
+    results = [
+        {"epoch": 2, "val_loss": 1.0, "best_val_loss": 0.9, "best_epoch": 1, "new_token_loss": 6.5},
+        {"epoch": 0, "val_loss": 2.0, "best_val_loss": 2.0, "best_epoch": 0},
+        {"epoch": 1, "val_loss": 1.5, "best_val_loss": 1.5, "best_epoch": 1, "new_token_loss": 6.4},
+        {"epoch": 0, "val_loss": 9.0, FAILED: "loss is not finite at epoch 1"},
+    ]
+    rows = table_rows(settings, results, epochs=3)
+    assert [r["ended"] for r in rows] == ["finished", "stopped by ASHA", "early stopping",
+                                          "failed: loss is not finite at epoch 1"]
+    assert [r["epochs"] for r in rows] == [3, 1, 2, 1] and rows[0]["hypernet.lr"] == 0.1
+    assert math.isnan(rows[1]["new_token_loss"]) and math.isnan(rows[3]["new_token_loss"])
+    assert winner(rows, "new_token_loss") == 2
+
+
 def test_space_refuses_keys_that_are_not_hypernet_settings():
     with pytest.raises(HyperofaError, match="tune.space"):
         load_config(None, ["tune.space={threads_per_rank: [1, 2]}"])

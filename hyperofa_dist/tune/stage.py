@@ -15,7 +15,7 @@ import math
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from ..config import Config
 from ..errors import HyperofaError
@@ -34,6 +34,7 @@ from .space import hypernet_changes, sample_settings, tune_seed, winner
 from .trial import NEW_TOKEN_LOSS, open_workspace, run_trial
 
 RUN_NAME = "tune/hypernet"
+FAILED = "failed"
 
 
 def require_heldout(config: Config, target_fingerprint: dict[str, str]) -> None:
@@ -114,15 +115,32 @@ def search(config: Config, trials: list[Config], storage: Path) -> list[dict[str
     grid = tuner.fit()
     found: dict[int, dict[str, Any]] = {}
     for result in grid:
+        trial = int(result.config["trial"])
         if result.error is not None:
-            first = (str(result.error).strip().splitlines() or [type(result.error).__name__])[0]
-            raise HyperofaError(f"tune hypernet: trial {result.config['trial']} failed ({first[:200]})")
-        found[int(result.config["trial"])] = dict(result.metrics or {})
+            refused = _hyperofa_error(result.error)
+            if refused is None:  # a bug, not a setting the data refuses: stop with it
+                first = (str(result.error).strip().splitlines() or [type(result.error).__name__])[0]
+                raise HyperofaError(f"tune hypernet: trial {trial} failed ({first[:200]})")
+            found[trial] = {**(result.metrics or {}), FAILED: str(refused)}
+            continue
+        found[trial] = dict(result.metrics or {})
     missing = [i for i in range(len(trials)) if i not in found]
     if missing:
         raise HyperofaError(f"tune hypernet: Ray Tune ended without a result for trial {missing[0]} (interrupted, or "
                             "its worker was lost); nothing written")
     return [found[i] for i in range(len(trials))]
+
+
+def _hyperofa_error(error: BaseException) -> Optional[HyperofaError]:
+    """The HyperofaError behind a trial's error (Ray wraps it), if that is what ended the trial: a setting this
+    data refuses (e.g. a loss that became non-finite) fails that trial only."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, HyperofaError):
+            return error
+        error = getattr(error, "cause", None) or error.__cause__
+    return None
 
 
 def table_rows(settings: list[dict[str, Any]], results: list[dict[str, Any]], epochs: int) -> list[dict[str, Any]]:
@@ -133,6 +151,8 @@ def table_rows(settings: list[dict[str, Any]], results: list[dict[str, Any]], ep
         ended = "finished" if NEW_TOKEN_LOSS in result else "stopped by ASHA"
         if NEW_TOKEN_LOSS in result and run < epochs:
             ended = "early stopping"
+        if FAILED in result:
+            ended, loss = f"failed: {result[FAILED]}", math.nan
         rows.append({"trial": i, **{f"hypernet.{k}": v for k, v in chosen.items()}, "ended": ended, "epochs": run,
                      "best_epoch": int(result.get("best_epoch", -1)), "val_loss": float(result.get("val_loss", math.nan)),
                      "best_val_loss": float(result.get("best_val_loss", math.nan)), NEW_TOKEN_LOSS: loss})
@@ -175,13 +195,14 @@ def run(config: Config, tracker: Any) -> int:
         rows = table_rows(settings, results, t.epochs)
         best = winner(rows, NEW_TOKEN_LOSS)
         if best is None:
-            raise HyperofaError("tune hypernet: no trial reached a finite new-token loss; see the trials' validation "
-                                "losses (lower hypernet.lr in tune.space, or raise tune.grace_epochs)")
+            failed = [f"; trial {r['trial']} {r['ended']}" for r in rows if r["ended"].startswith("failed")]
+            raise HyperofaError("tune hypernet: no trial reached a finite new-token loss (lower hypernet.lr in "
+                                f"tune.space, or raise tune.grace_epochs){failed[0] if failed else ''}")
         chosen = trials[best][1]
         summary = {
             "winner": {"trial": best, "settings": settings[best], NEW_TOKEN_LOSS: rows[best][NEW_TOKEN_LOSS],
                        "best_val_loss": rows[best]["best_val_loss"]},
-            "trials": len(rows), "finished": sum(NEW_TOKEN_LOSS in r for r in results),
+            "trials": len(rows), "finished": sum(NEW_TOKEN_LOSS in r and FAILED not in r for r in results),
             "space": t.space, "epochs": t.epochs, "grace_epochs": t.grace_epochs,
             "reduction_factor": t.reduction_factor, "seed": tune_seed(config),
             "epochs_trained": sum(r["epochs"] for r in rows),
