@@ -221,10 +221,10 @@ def run(config: Config, tracker: Any) -> int:
         # Timings go to MLflow only: the files stay the same bytes on a re-run.
         for row, result in zip(rows, results):
             values = {k: row[k] for k in ("best_val_loss", NEW_TOKEN_LOSS, "epochs")}
-            values["seconds"] = float(result.get("time_total_s", math.nan))
+            values["trial_seconds"] = float(result.get("time_total_s", math.nan))
             run_.log_metrics({k: v for k, v in values.items() if math.isfinite(v)}, step=row["trial"])
         run_.log_params({f"best.hypernet.{k}": v for k, v in settings[best].items()})
-        run_.log_metrics({f"best/{NEW_TOKEN_LOSS}": rows[best][NEW_TOKEN_LOSS], "seconds": seconds})
+        run_.log_metrics({f"best/{NEW_TOKEN_LOSS}": rows[best][NEW_TOKEN_LOSS], "seconds/total": seconds})
         for path in outputs:
             run_.log_artifact(path)
     shell.say(f"{len(rows)} trials, {summary['epochs_trained']} epochs trained in {seconds:.1f} s (Ray start "
