@@ -662,6 +662,52 @@ class HypernetConfig(LaunchConfig):
     data_audit: bool = Execution(False, description="Write the token ids each rank trained on per epoch (split check).")
 
 
+# `hyperofa tune hypernet`: what it searches by default. Each key is a `hypernet` key, each list its choices.
+TUNE_SPACE: dict[str, list[Any]] = {
+    "lr": [1e-4, 3e-4, 1e-3, 3e-3],
+    "hidden_size": [128, 256, 512, 800],
+    "num_layers": [1, 2],
+    "dropout": [0.1, 0.25, 0.4],
+    "temperature": [0.1, 0.25, 0.5],
+}
+
+
+class TuneConfig(Section):
+    trials: int = Field(12, ge=1, description="Hypernetwork settings tried by `tune hypernet` (sampled from space).")
+    space: dict[str, list[Any]] = Field(
+        default_factory=lambda: {key: list(values) for key, values in TUNE_SPACE.items()},
+        description="Search space: hypernet key -> list of choices; each trial draws one choice per key (seeded).",
+    )
+    epochs: int = Field(
+        20, ge=1, description="Epochs a trial trains at most (hypernet.epochs of every trial and of the winner)."
+    )
+    grace_epochs: int = Field(2, ge=1, description="ASHA: epochs every trial trains before it can be stopped.")
+    reduction_factor: int = Field(
+        3, ge=2, description="ASHA: at each rung only the best 1/reduction_factor of trials (by validation loss) go on."
+    )
+    seed: Optional[int] = Field(None, ge=0, description="Seed of the sampled settings; unset means run.seed.")
+    concurrent: int = Field(
+        1, ge=1,
+        description="Trials at once. ASHA stops trials by the order results arrive, so above 1 a re-run may stop "
+        "other trials; 1 is reproducible.",
+    )
+    cpus_per_trial: int = Execution(1, ge=1, description="Ray CPUs (and torch threads) per trial.")
+    gpus_per_trial: float = Execution(0.0, ge=0.0, description="Ray GPUs per trial (a trial with one trains on it).")
+
+    @field_validator("space")
+    @classmethod
+    def _hypernet_keys(cls, value: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        fields = HypernetConfig.model_fields
+        for key, choices in value.items():
+            if key not in fields or is_execution(fields[key]):
+                raise ValueError(f"{key} is not a result-changing hypernet key")
+            if key == "epochs":
+                raise ValueError("epochs is tune.epochs (every trial's budget), not a search key")
+            if not choices:
+                raise ValueError(f"{key} has no choices")
+        return value
+
+
 class PipelineConfig(Section):
     methods: list[Literal["hyperofa", "ofa", "random", "mean"]] = Field(
         ["random", "ofa", "hyperofa"], min_length=1, description="Init methods to build, train and compare."
@@ -694,6 +740,7 @@ class Config(Section):
     compare: CompareConfig = Field(default_factory=CompareConfig)
     hypernet: HypernetConfig = Field(default_factory=HypernetConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
 
     @property
     def run_dir(self) -> Path:

@@ -87,6 +87,10 @@ COMMANDS: tuple[Command, ...] = (
         ),
     ),
     Command(
+        "tune", "`tune hypernet`: Ray Tune search (ASHA) of the hypernetwork's settings by the new-token loss; "
+        "writes the winning config", "hyperofa_dist.tune.stage:run", actions=("hypernet",),
+    ),
+    Command(
         "pipeline", "every stage in order (skipping finished ones), one MLflow parent run",
         "hyperofa_dist.pipeline:run_pipeline", is_stage=False, plan_target="hyperofa_dist.dryrun:dry_run",
     ),
