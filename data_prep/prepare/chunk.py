@@ -92,6 +92,7 @@ def process_chunk(job: ChunkJob, settings: Settings, tokenizer: Any) -> dict[str
         "lines": line_stats.lines,
         "empty": line_stats.empty,
         "invalid_utf8": line_stats.invalid_utf8,
+        "cr_line_ends": line_stats.cr_line_ends,
         "sentences": plan.n,
         "train_unique": int(np.count_nonzero(multiplicity)),
         "encoded_tokens": int(flat.size),

@@ -22,6 +22,7 @@ from typing import Iterable, Iterator, Optional
 
 from ..config import LANG_CODE, CorpusConfig
 from ..errors import HyperofaError
+from .text import cr_line_ends, split_lines
 
 TEXT_SUFFIXES = (".txt", ".txt.gz")
 TABLE_SUFFIXES = (".parquet", ".jsonl", ".json", ".jsonl.gz", ".json.gz")
@@ -55,11 +56,13 @@ class LineStats:
     lines: int = 0
     empty: int = 0
     invalid_utf8: int = 0
+    cr_line_ends: int = 0  # lines of text files ended by `\r` or `\r\n` (formats/text.py)
 
     def add(self, other: "LineStats") -> None:
         self.lines += other.lines
         self.empty += other.empty
         self.invalid_utf8 += other.invalid_utf8
+        self.cr_line_ends += other.cr_line_ends
 
 
 def _lang_of(name: str, suffixes: Iterable[str]) -> Optional[str]:
@@ -217,16 +220,16 @@ def _row_ranges(path: Path, chunk_bytes: int) -> list[tuple[int, int, int]]:
 # --- reading --------------------------------------------------------------------------------------------
 
 
-def read_unit(unit: Unit) -> Iterator[bytes | str]:
-    """The raw lines of one unit, without newlines (bytes for text files, str for tables and the hub)."""
+def read_unit(unit: Unit, stats: Optional[LineStats] = None) -> Iterator[bytes | str]:
+    """The raw lines of one unit, without their ends (bytes for text files, str for tables and the hub); text
+    lines end as formats/text.py says, and those ended by `\r` are counted into `stats`."""
     if unit.kind == "bytes":
         with open(unit.path, "rb") as handle:
             handle.seek(unit.start)
             data = handle.read(unit.end - unit.start)
-        lines = data.split(b"\n")
-        if lines and lines[-1] == b"":
-            lines.pop()
-        yield from lines
+        if stats is not None:
+            stats.cr_line_ends += cr_line_ends(data)
+        yield from split_lines(data)
     elif unit.kind == "lines":
         try:
             with gzip.open(unit.path, "rb") as handle:
@@ -234,7 +237,9 @@ def read_unit(unit: Unit) -> Iterator[bytes | str]:
                     if i >= unit.end:
                         break
                     if i >= unit.start:
-                        yield raw.rstrip(b"\n")
+                        if stats is not None:
+                            stats.cr_line_ends += cr_line_ends(raw)
+                        yield from split_lines(raw)
         except (OSError, EOFError) as exc:
             raise HyperofaError(f"{unit.path}: corrupt gzip file ({exc})") from None
     elif unit.kind == "rows":
@@ -278,7 +283,7 @@ def read_unit_sentences(unit: Unit, form: str = "NFC") -> tuple[list[str], LineS
     """Normalised non-empty sentences of a unit, in order, with counts of what was dropped or repaired."""
     stats = LineStats()
     out: list[str] = []
-    for raw in read_unit(unit):
+    for raw in read_unit(unit, stats):
         stats.lines += 1
         text, invalid = normalize_line(raw, form)
         stats.invalid_utf8 += invalid
@@ -342,7 +347,7 @@ def sample_text(path: str | Path, budget: int = SAMPLE_BYTES) -> TextSample:
                         piece = piece.partition(b"\n")[2]  # from the first whole line on
                     parts.append(piece.rpartition(b"\n")[0] if b"\n" in piece else piece)
                 data = b"\n".join(parts)
-        return TextSample(path, data.decode("utf-8", errors="replace"), data.count(b"\n") + 1, len(data), size)
+        return TextSample(path, data.decode("utf-8", errors="replace"), len(split_lines(data)), len(data), size)
     if path.name.endswith(".txt.gz"):
         try:
             with open(path, "rb") as raw, gzip.open(raw, "rb") as handle:
@@ -352,7 +357,7 @@ def sample_text(path: str | Path, budget: int = SAMPLE_BYTES) -> TextSample:
         except (OSError, EOFError) as exc:
             raise HyperofaError(f"{path}: corrupt gzip file ({exc})") from None
         total = len(data) if whole else int(len(data) * path.stat().st_size / max(consumed, 1))
-        return TextSample(path, data.decode("utf-8", errors="replace"), data.count(b"\n") + 1, len(data), total)
+        return TextSample(path, data.decode("utf-8", errors="replace"), len(split_lines(data)), len(data), total)
     table = _table(path)
     texts, used = [], 0
     for start in range(0, table.num_rows, 1000):
