@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from .config import Config
 from .errors import HyperofaError
@@ -148,10 +148,11 @@ def trained_from_current_init(config: Config, method: str) -> bool:
     return recorded == portable(model_fingerprint(start), config.run_dir)
 
 
-def results_table(config: Config) -> list[dict[str, Any]]:
+def results_table(config: Config, read: Callable[[Config, str, str], dict[str, Any]] = _results) -> list[dict[str, Any]]:
     """One row per method, in the columns of the model kind: MLM loss for masked LMs, bits per byte (averaged over
-    the evaluated languages) for causal LMs; n/a where no evaluation matches the current model."""
-    results = {m: (_results(config, m, "init"), _results(config, m, "pretrain")) for m in config.pipeline.methods}
+    the evaluated languages) for causal LMs; n/a where no evaluation matches the current model. `read(config,
+    method, "init" | "pretrain")` gives an evaluation's results ({} when there is none)."""
+    results = {m: (read(config, m, "init"), read(config, m, "pretrain")) for m in config.pipeline.methods}
     causal = any("bpb" in step0 or "bpb" in final for step0, final in results.values())
     task, metric, suffix = ("bpb", "bpb", "bpb") if causal else ("mlm", "loss", "mlm_loss")
     rows = []
