@@ -124,3 +124,25 @@ def test_tokenizer_stage_refuses_a_source_tokenizer_that_is_not_the_models(
                    "embedding rows; they must be the same (source.model)")
     assert not (run_dir / "tokenizer").exists()
     nothing_written(run_dir)
+
+
+def test_inputs_named_by_location_are_identified_by_content(tmp_path, monkeypatch):
+    """Needless rebuilds of issue 24: the path string of an input is no part of a stage's fingerprint, the content
+    found there is, so the same model copied elsewhere, or spelled relative or absolute, is the same input."""
+    from hyperofa_dist.formats.models import model_identity, source_identity
+
+    first, second = tmp_path / "a" / "model", tmp_path / "b" / "renamed"
+    first.mkdir(parents=True)
+    (first / "config.json").write_text('{"vocab_size": 10}')
+    (first / "model.safetensors").write_bytes(b"weights")
+    shutil.copytree(first, second)
+    monkeypatch.chdir(tmp_path)
+    spellings = [str(first), "a/model", "./a/../a/model", str(second)]
+    configs = [load_config(None, [f"source.model={s}", f"corpus.path={s}", f"evaluate.data_dir={s}"]) for s in spellings]
+    assert len({json.dumps(c.fingerprint("source", "corpus", "evaluate"), sort_keys=True) for c in configs}) == 1
+    assert len({json.dumps(source_identity(c), sort_keys=True) for c in configs}) == 1
+    assert set(model_identity(str(first))) == {"model_files"}  # hashes only, no path
+    assert model_identity("xlm-roberta-base") == {"model": "xlm-roberta-base"}  # a hub model by its name
+    (second / "model.safetensors").write_bytes(b"other weights")
+    assert model_identity(str(second)) != model_identity(str(first))
+    assert load_config(None, ["corpus.format=hub"]).fingerprint("corpus") != configs[0].fingerprint("corpus")
