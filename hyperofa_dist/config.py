@@ -43,8 +43,26 @@ def is_execution(field: Any) -> bool:
     return isinstance(extra, dict) and bool(extra.get("execution"))
 
 
+INPUT_PATH = {"input_path": True}
+
+
+def InputPath(default: Any = ..., **kwargs: Any) -> Any:
+    """A key naming an input by location (a model or tokenizer directory or hub name, a corpus, data, a file):
+    `Config.fingerprint` leaves the string out, because the stage that reads it records what it found there by
+    content (file hashes, or the hub name when it is not a local path), so a moved, copied or re-spelled input
+    (relative or absolute, another directory) keeps every stage up to date, and a changed one rebuilds."""
+    return Field(default, json_schema_extra=INPUT_PATH, **kwargs)
+
+
+def is_input_path(field: Any) -> bool:
+    extra = field.json_schema_extra
+    return isinstance(extra, dict) and bool(extra.get("input_path"))
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
+    # allow_inf_nan=False: every float key (alone, in a list or a dict) means a finite number; `.inf` or `.nan`
+    # would pass `gt=0` bounds (a learning rate of inf trains to NaN predictions without an error).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
 
 class RunConfig(Section):
@@ -55,6 +73,15 @@ class RunConfig(Section):
         description="Preflight reads input files in full (each prepare shard's sha256 against the prepare "
         "manifest) instead of checking their sizes and indexes only.",
     )
+
+    @field_validator("dir")
+    @classmethod
+    def _resolvable(cls, value: str) -> str:
+        try:
+            Path(value).resolve()
+        except (RuntimeError, OSError) as exc:  # a symlink loop: RuntimeError before Python 3.13, OSError since
+            raise ValueError(f"cannot be resolved ({exc})") from None
+        return value
 
 
 # The tracking-store schemes MLflow 3 registers itself (mlflow.tracking._tracking_service.utils); the database
@@ -129,9 +156,9 @@ class RayConfig(Section):
 
 
 class SourceConfig(Section):
-    model: str = Field("xlm-roberta-base", min_length=1, description="Source model: HF hub name or local directory.")
-    tokenizer: Optional[str] = Field(None, description="Source tokenizer; unset means the source model's.")
-    mlm_head: Optional[str] = Field(
+    model: str = InputPath("xlm-roberta-base", min_length=1, description="Source model: HF hub name or local directory.")
+    tokenizer: Optional[str] = InputPath(None, description="Source tokenizer; unset means the source model's.")
+    mlm_head: Optional[str] = InputPath(
         None,
         description="Masked LM (HF dir or hub name, same architecture) whose MLM head init copies when source.model "
         "has none (a sentence-embedding model); unset: such a head is made from run.seed, the same for every method.",
@@ -139,7 +166,7 @@ class SourceConfig(Section):
 
 
 class CorpusConfig(Section):
-    path: Optional[str] = Field(
+    path: Optional[str] = InputPath(
         None, description="Corpus location: a directory (format dir or glot500_local); unused for format hub."
     )
     format: Literal["dir", "glot500_local", "hub"] = Field(
@@ -330,8 +357,8 @@ class PretrainConfig(LaunchConfig):
     method: str = Field(
         "hyperofa", min_length=1, description="Init method whose model to train: <run.dir>/init/<method>/model."
     )
-    model: Optional[str] = Field(None, description="Train this HF masked-LM directory instead of the init output.")
-    shards: Optional[str] = Field(None, description="Prepare output to read instead of <run.dir>/prepare.")
+    model: Optional[str] = InputPath(None, description="Train this HF masked-LM directory instead of the init output.")
+    shards: Optional[str] = InputPath(None, description="Prepare output to read instead of <run.dir>/prepare.")
     embeddings: Literal["auto", "factorised", "full"] = Field(
         "auto",
         description="Train the word embeddings as F_t P (factorised, the method's setting: V k + k D parameters) or as "
@@ -340,7 +367,7 @@ class PretrainConfig(LaunchConfig):
     zero: Literal["zero1", "zero2", "zero2-offload", "zero3", "zero3-offload"] = Field(
         "zero2", description="DeepSpeed template in ds_configs/ (ZeRO stage and offload)."
     )
-    ds_config: Optional[str] = Field(None, description="Own DeepSpeed JSON template instead of ds_configs/<zero>.json.")
+    ds_config: Optional[str] = InputPath(None, description="Own DeepSpeed JSON template instead of ds_configs/<zero>.json.")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="auto: bf16 on GPU (fp16 where bf16 is unsupported), fp32 on CPU."
     )
@@ -460,7 +487,7 @@ class TaggingEvalConfig(Section):
 
 
 class EvaluateConfig(Section):
-    model: Optional[str] = Field(
+    model: Optional[str] = InputPath(
         None, description="HF model directory, or a run stage such as init/hyperofa (its model/ under run.dir)."
     )
     name: Optional[str] = Execution(
@@ -470,10 +497,10 @@ class EvaluateConfig(Section):
         list(EVAL_TASKS), min_length=1,
         description="Tasks to run: srt, srb, pos, ner, mlm (masked LMs); bpb (causal LMs); fertility (any).",
     )
-    data_dir: Optional[str] = Field(
+    data_dir: Optional[str] = InputPath(
         None, description="Benchmark data: srt/ (or tatoeba/), srb/ (bible/), pos/ (udpos/), ner/ (panx/) inside."
     )
-    heldout_dir: Optional[str] = Field(None, description="Held-out shards for mlm; unset: <run.dir>/prepare.")
+    heldout_dir: Optional[str] = InputPath(None, description="Held-out shards for mlm; unset: <run.dir>/prepare.")
     output: Optional[str] = Execution(
         None, description="Results JSON path; unset: <run.dir>/evaluate/<name>/results.json."
     )
@@ -501,7 +528,7 @@ class EvaluateConfig(Section):
     heldout_sentences: int = Field(
         1000, ge=1, description="bpb and fertility: the first N held-out sentences per language, rebuilt whole."
     )
-    heldout_tokenizer: Optional[str] = Field(
+    heldout_tokenizer: Optional[str] = InputPath(
         None, description="bpb and fertility: the tokenizer that made the held-out shards (to read their text); unset: "
         "the model's, tokenizer.path or <run.dir>/tokenizer, whichever prepare recorded.",
     )
@@ -550,7 +577,7 @@ class CompareConfig(Section):
 
 
 class VectorsTrainConfig(Section):
-    corpus: Optional[str] = Field(
+    corpus: Optional[str] = InputPath(
         None, description="Parallel corpus directory (<iso>[_Script].txt[.gz], line i aligned); unset: corpus.path."
     )
     dim: int = Field(100, ge=2, description="Dimension of the trained word vectors.")
@@ -571,7 +598,7 @@ class VectorsTrainConfig(Section):
 
 
 class VectorsConfig(Section):
-    path: Optional[str] = Field(
+    path: Optional[str] = InputPath(
         None,
         description="Word vectors: ColexNet+ .wv, gensim .kv, word2vec .vec/.bin; unset: <run.dir>/vectors/vectors.kv.",
     )
@@ -751,8 +778,9 @@ class Config(Section):
         return self.model_dump(mode="json")
 
     def fingerprint(self, *sections: str) -> dict[str, Any]:
-        """The result-changing keys of the named sections (execution-only keys left out): what a stage's inputs
-        digest holds of the config, so "what changes the result" is decided once, here, in the schema."""
+        """The result-changing keys of the named sections (execution-only keys and the locations of inputs left
+        out): what a stage's inputs digest holds of the config, so "what changes the result" is decided once, here,
+        in the schema."""
         return {name: _result_values(getattr(self, name)) for name in sections}
 
     def with_changes(self, changes: dict[str, Any]) -> "Config":
@@ -766,7 +794,7 @@ class Config(Section):
 def _result_values(section: BaseModel) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, field in type(section).model_fields.items():
-        if is_execution(field):
+        if is_execution(field) or is_input_path(field):
             continue
         value = getattr(section, name)
         out[name] = _result_values(value) if isinstance(value, BaseModel) else section.model_dump(
@@ -808,7 +836,11 @@ def yaml_load(text: str, where: str) -> Any:
     if root is None:
         return None
     _reject_duplicate_keys(root, [], where)
-    return yaml.load(text, Loader=ConfigLoader)
+    try:
+        return yaml.load(text, Loader=ConfigLoader)
+    except yaml.YAMLError as exc:  # a tag the safe loader does not construct (`!env X`, `!!python/name:...`)
+        problem = getattr(exc, "problem", None) or exc.__class__.__name__
+        raise HyperofaError(f"{where}: not valid YAML ({problem})") from None
 
 
 def _reject_duplicate_keys(node: yaml.Node, path: list[str], where: str) -> None:

@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from .config import Config
 from .errors import HyperofaError
@@ -123,14 +123,36 @@ def _metric(results: dict[str, Any], task: str, metric: str) -> Optional[float]:
     return None if value is None else round(float(value), 4)
 
 
-def _results(config: Config, name: str) -> dict[str, Any]:
-    return results_format.find_results(config.run_dir, name) or {}
+def _results(config: Config, method: str, source: str) -> dict[str, Any]:
+    """The evaluation the pipeline runs of `source/method`, only when it is up to date for the current model and
+    data: a table never shows the numbers of a model that has been rebuilt since (`pipeline.evaluate=false`)."""
+    from .evaluate.stage import current_results
+
+    if source == "pretrain" and not trained_from_current_init(config, method):
+        return {}
+    step = 0 if source == "init" else config.pretrain.steps
+    return current_results(_evaluate(config, method, source, step).config) or {}
 
 
-def results_table(config: Config) -> list[dict[str, Any]]:
+def trained_from_current_init(config: Config, method: str) -> bool:
+    """pretrain/<method> is complete and was trained from the init model now on disk (with `pipeline.pretrain=false`
+    an init rebuilt since leaves the old pretrained model in place)."""
+    from .formats.models import model_fingerprint
+    from .formats.rundir import portable
+
+    manifest = pretrain_stage(config.run_dir, method).manifest()
+    start = init_format.model_dir(config.run_dir, method)
+    if manifest is None or not start.is_dir():
+        return False
+    recorded = (manifest.get("inputs") or {}).get("model")
+    return recorded == portable(model_fingerprint(start), config.run_dir)
+
+
+def results_table(config: Config, read: Callable[[Config, str, str], dict[str, Any]] = _results) -> list[dict[str, Any]]:
     """One row per method, in the columns of the model kind: MLM loss for masked LMs, bits per byte (averaged over
-    the evaluated languages) for causal LMs."""
-    results = {m: (_results(config, f"init-{m}"), _results(config, f"pretrain-{m}")) for m in config.pipeline.methods}
+    the evaluated languages) for causal LMs; n/a where no evaluation matches the current model. `read(config,
+    method, "init" | "pretrain")` gives an evaluation's results ({} when there is none)."""
+    results = {m: (read(config, m, "init"), read(config, m, "pretrain")) for m in config.pipeline.methods}
     causal = any("bpb" in step0 or "bpb" in final for step0, final in results.values())
     task, metric, suffix = ("bpb", "bpb", "bpb") if causal else ("mlm", "loss", "mlm_loss")
     rows = []
@@ -180,7 +202,8 @@ def print_summary(config: Config, rows: list[dict[str, Any]], seconds: float) ->
     print(f"results:        {run_dir / 'results' / 'summary.md'} (and .csv; per-task JSON in {run_dir / results_format.STAGE})")
     for method in config.pipeline.methods:
         final = pretrain_format.model_dir(run_dir, method)
-        print(f"model {method:9s} {final if final.is_dir() else init_format.model_dir(run_dir, method)}")
+        current = final.is_dir() and trained_from_current_init(config, method)
+        print(f"model {method:9s} {final if current else init_format.model_dir(run_dir, method)}")
     if config.tracking.enabled and config.pipeline.compare:
         from .compare.stage import output_dir_of
 

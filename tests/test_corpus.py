@@ -11,6 +11,7 @@ from hyperofa_dist.formats.corpus import (
     plan_units,
     read_unit,
     read_unit_sentences,
+    sample_text,
 )
 from hyperofa_dist.errors import HyperofaError
 
@@ -77,6 +78,39 @@ def test_normalisation_and_invalid_utf8(tmp_path):
     assert sentences == ["good line", "\ufffd\ufffd bad", "last"]
     assert (stats.lines, stats.empty, stats.invalid_utf8) == (5, 2, 1)
     assert list(iter_sentences(discover(CorpusConfig(path=str(tmp_path)))[0], limit=2)) == ["good line", "\ufffd\ufffd bad"]
+
+
+@pytest.mark.parametrize("chunk_bytes", [64, 1 << 20])
+def test_cr_and_crlf_end_lines_in_every_text_reader_and_are_counted(tmp_path, chunk_bytes):
+    """Issue 24: a file of `\r`-ended lines, or one mixing ends, was read as far fewer sentences, silently."""
+    from hyperofa_dist.evaluate.retrieval import read_lines_exact
+    from hyperofa_dist.runtime.preflight import count_lines
+
+    words = [f"sentence number {i}" for i in range(30)]
+    ends = ["\n", "\r", "\r\n"]
+    text = "".join(w + ends[i % 3] for i, w in enumerate(words)) + "no end at all"
+    (tmp_path / "eng_Latn.txt").write_bytes(text.encode())
+    (tmp_path / "deu_Latn.txt.gz").write_bytes(gzip.compress(text.encode()))
+    expected = [*words, "no end at all"]
+    for source in discover(CorpusConfig(path=str(tmp_path))):
+        units = plan_units([source], chunk_bytes)
+        read = [read_unit_sentences(u) for u in units]
+        assert [s for sentences, _ in read for s in sentences] == expected, source.lang
+        assert sum(stats.lines for _, stats in read) == 31
+        assert sum(stats.cr_line_ends for _, stats in read) == 20  # 10 lone \r, 10 \r\n
+        assert list(iter_sentences(source)) == expected
+        assert count_lines(source.files[0]) == 31
+    assert read_lines_exact(tmp_path / "eng_Latn.txt") == expected
+    assert sample_text(tmp_path / "eng_Latn.txt").lines == 31
+
+
+def test_line_ends_cut_between_blocks_count_once():
+    from hyperofa_dist.formats.text import count_line_ends, split_lines
+
+    assert count_line_ends([b"a\r", b"\nb\r", b"c"]) == (3, 2)
+    assert count_line_ends([b"a\n", b"", b"b"]) == (2, 0)
+    assert count_line_ends([b""]) == (0, 0)
+    assert split_lines("a\u2028b\x0cc\r\n") == ["a\u2028b\x0cc"]  # only \n, \r\n and \r end a line
 
 
 def test_glot500_local_layout_parquet_and_jsonl(tmp_path):

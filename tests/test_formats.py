@@ -185,10 +185,14 @@ def test_truncated_model_weights_stop_evaluate(shard_world, tmp_path, capsys):
 # --- evaluation results (read by the pipeline's summary) ---------------------------------------------------------
 
 
-def test_truncated_results_are_one_line(tmp_path):
+def test_results_are_read_only_when_their_manifest_matches_the_inputs(tmp_path):
+    results = {"mlm": {"average": {"loss": 1.0}}}
     stage = results_format.stage_of(tmp_path, "init-random")
-    path = results_format.write_results(stage.path / results_format.RESULTS, {"mlm": {"average": {"loss": 1.0}}})
-    truncate(path)
-    with pytest.raises(HyperofaError, match=f"{path}: evaluation results is not valid JSON"):
-        results_format.find_results(tmp_path, "init-random")
-    assert results_format.find_results(tmp_path, "absent") is None
+    stage.begin("x")
+    path = results_format.write_results(stage.path / results_format.RESULTS, results)
+    made = stage.write_manifest(config={}, inputs={"model": "a"}, outputs=[results_format.RESULTS])
+    assert results_format.find_results(tmp_path, "init-random", made["inputs_digest"]) == results
+    assert results_format.find_results(tmp_path, "init-random", "another model") is None
+    assert results_format.find_results(tmp_path, "absent", made["inputs_digest"]) is None
+    truncate(path)  # damaged: not the file the manifest lists, so not read as current
+    assert results_format.find_results(tmp_path, "init-random", made["inputs_digest"]) is None

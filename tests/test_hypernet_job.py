@@ -4,6 +4,7 @@ rank, checkpoints without the word table, MLflow stage run under the command's p
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import torch
 
 from hyperofa_dist.formats.rundir import Stage
 from hyperofa_dist.config import load_config
+from hyperofa_dist.errors import HyperofaError
 from hyperofa_dist.hypernet.stage import run as run_hypernet_stage
 from hyperofa_dist.tracking import NullTracker
 
@@ -143,3 +145,30 @@ def test_rerun_with_same_inputs_is_a_no_op(runs, capsys):
     assert run_hypernet_stage(load_config(None, runs["whole_args"]), NullTracker()) == 0
     assert "up to date" in capsys.readouterr().err
     assert manifest.stat().st_mtime_ns == before
+
+
+def test_a_relative_copy_of_the_run_under_a_new_name_is_up_to_date(runs, tmp_path, monkeypatch, capsys):
+    """Issue 24: inputs are recorded by content, so a copy spelled relative to another working directory is the
+    same run (the stage checks its fingerprint and launches nothing)."""
+    whole = runs["whole"].run_dir
+    shutil.copytree(whole, tmp_path / "copy")
+    monkeypatch.chdir(tmp_path)
+    args = [arg.replace(str(whole), "copy") for arg in runs["whole_args"]]
+    assert any(arg == "run.dir=copy" for arg in args)
+    capsys.readouterr()
+    assert run_hypernet_stage(load_config(None, args), NullTracker()) == 0
+    assert capsys.readouterr().err.strip() == f"hyperofa hypernet: up to date ({tmp_path}/copy/hypernet/manifest.json)"
+
+
+def test_a_diverging_run_stops_with_one_line_and_writes_no_manifest(tmp_path, hypernet_kit):
+    """Issue 24: lr=inf is refused by the config; a finite lr that still diverges (here 1e30) gave NaN predictions
+    and a manifest. The job now stops on the first non-finite epoch loss, like pretrain."""
+    m = hypernet_kit.mapping(tmp_path / "run", n_words=2000)
+    config = hypernet_kit.config(m, "hypernet.lr=1e30", "hypernet.epochs=2", "hypernet.ranks_per_node=1")
+    with pytest.raises(HyperofaError, match=r"^hypernet train loss became (nan|inf|-inf) in epoch 0 \(lr 1e\+30\); "
+                       r"stopped without saving, no checkpoint had been written yet: lower hypernet.lr"):
+        run_hypernet_stage(config, NullTracker())
+    out = m.run_dir / "hypernet"
+    assert not (out / "manifest.json").exists()
+    assert not (out / "predicted_coordinates.npy").exists() and not (out / "model.pt").exists()
+    assert json.loads((out / "failure.json").read_text())["reason"] == "non-finite loss"

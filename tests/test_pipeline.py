@@ -274,6 +274,35 @@ def test_a_moved_run_dir_finds_every_stage_up_to_date(world, tmp_path):
         shutil.copytree(moved, run_dir)
 
 
+def test_a_relative_run_dir_copied_under_a_new_name_is_up_to_date_for_every_stage(world, tmp_path):
+    """Issue 24: inputs are recorded by content, not by path string. The module's run was made with absolute paths;
+    its copy is named relative to another working directory, and so is every input (the source model, corpus and
+    data are at other paths too). Then, with `pipeline.evaluate=false`, an init rebuilt for another setting must not
+    show the old evaluations or name the model pretrained from the old init."""
+    run_dir, paths = world
+    shutil.copytree(run_dir, tmp_path / "copy")
+    extra = ("tracking.enabled=false", "pipeline.methods=[ofa]", "pipeline.compare=false",
+             "pretrain.steps=40", "pretrain.save_every=5", "pretrain.eval_every=40")
+    cmd = pipeline_cmd(Path("copy"), type(paths)(Path("copy") / "world"), *extra)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    said = [line for line in out.stderr.splitlines() if line.startswith("hyperofa ") and ": " in line]
+    for stage in ("tokenizer", "prepare", "vectors", "mapping", "init", "evaluate", "pretrain"):
+        assert any(line.startswith(f"hyperofa {stage}: up to date") for line in said), (stage, said)
+    assert not any("rebuilding" in line or "launching" in line for line in said), said
+    row = next(line for line in out.stdout.splitlines() if line.startswith("| ofa |"))
+    assert "n/a" not in row, out.stdout  # every evaluation of the copy is current
+    assert f"model ofa       {tmp_path / 'copy' / 'pretrain' / 'ofa' / 'model'}" in out.stdout
+
+    again = subprocess.run([*cmd, "pipeline.evaluate=false", "pipeline.pretrain=false", "init.temperature=0.2"],
+                           capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert not any(line.startswith("hyperofa init: up to date") for line in again.stderr.splitlines())
+    row = next(line for line in again.stdout.splitlines() if line.startswith("| ofa |"))
+    assert row == "| ofa | n/a | n/a | n/a | n/a |", again.stdout
+    assert f"model ofa       {tmp_path / 'copy' / 'init' / 'ofa' / 'model'}" in again.stdout
+
+
 def test_unreachable_mlflow_server_fails_before_any_work(tmp_path):
     cmd = [sys.executable, "-m", "hyperofa_dist.cli", "pipeline", "--config", str(DEMO_CONFIG), f"run.dir={tmp_path / 'r'}",
            "tracking.tracking_uri=http://127.0.0.1:9", "corpus.path=/nonexistent"]

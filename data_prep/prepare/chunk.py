@@ -137,6 +137,7 @@ def process_chunk(
         "lines": line_stats.lines,
         "empty": line_stats.empty,
         "invalid_utf8": line_stats.invalid_utf8,
+        "cr_line_ends": line_stats.cr_line_ends,
         "sentences": n_sentences,
         "train_unique": int(np.count_nonzero(multiplicity)),
         "encoded_tokens": int(flat.size),

@@ -29,6 +29,7 @@ from hyperofa_dist.formats.corpus import HELDOUT, LanguageSource, Unit, discover
 from hyperofa_dist.formats.files import digest, sha256_file
 from hyperofa_dist.formats.rundir import Stage
 from hyperofa_dist.formats.shards import SPLITS, STAGE
+from hyperofa_dist.formats.text import LINE_ENDS
 from hyperofa_dist.formats.tokenizer import (
     backend_json,
     frame_ids,
@@ -47,7 +48,7 @@ from .packing import RULES, Specials
 from .sampling import ChunkPlan, all_heldout_plan, needs_corpus_counts, plan_chunks
 
 SPLIT_STATS = ("sentences", "tokens", "tokens_in_blocks", "tokens_lost", "blocks", "padded_blocks", "shards")
-READ_STATS = ("lines", "empty", "invalid_utf8", "sentences", "train_unique", "encoded_tokens")
+READ_STATS = ("lines", "empty", "invalid_utf8", "cr_line_ends", "sentences", "train_unique", "encoded_tokens")
 RETRIES_KEY = "prepare.max_retries"
 
 
@@ -236,6 +237,7 @@ def run(config: Config, tracker) -> int:
     inputs = {
         "config": config.fingerprint("prepare", "corpus", "run"),
         "packing": RULES,
+        "line_ends": LINE_ENDS,  # a corpus read with another rule gave other sentences
         "tokenizer": tokenizer_fingerprint(tokenizer_dir),
         "corpus": corpus_fingerprint(sources, config.corpus.path),
     }
@@ -360,6 +362,10 @@ def run(config: Config, tracker) -> int:
         if no_heldout:
             run_.set_tags({"hyperofa.languages_without_heldout": ",".join(sorted(no_heldout))})
         shell.say(heldout_summary(per_lang, no_heldout, skipped))
+        crlf = {lang: stats["cr_line_ends"] for lang, stats in per_lang.items() if stats["cr_line_ends"]}
+        if crlf:
+            shell.say(f"{totals['cr_line_ends']} lines ended in \\r or \\r\\n, read as line ends: "
+                      + ", ".join(f"{lang} {n}" for lang, n in sorted(crlf.items())))
         shell.say(
             f"{totals['train_blocks']} train and {totals['heldout_blocks']} held-out blocks of "
             f"{prep.block_size} tokens from {len(languages) - len(skipped)} languages in {wall_s:.1f}s -> {shell.path}"

@@ -20,6 +20,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from ..errors import HyperofaError
+from ..formats.text import split_lines
 from .languages import resolve
 
 KS = (1, 5, 10)
@@ -79,10 +80,7 @@ def read_lines_exact(path: Path) -> list[str]:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise HyperofaError(f"{path}: not UTF-8 text (byte {exc.start})") from None
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    return [line.rstrip("\r") for line in lines]
+    return split_lines(text)
 
 
 def read_pair(pair: PairFiles, max_sentences: Optional[int] = None) -> tuple[list[str], list[str]]:

@@ -37,7 +37,7 @@ from ..formats.shards import first_blocks, heldout_shards, prepare_dir, shards_b
 from ..formats.tokenizer import ignored_settings, load_tokenizer
 from ..runtime import preflight
 from ..runtime.device import resolve_device
-from ..runtime.stage import StageShell
+from ..runtime.stage import StageShell, inputs_digest
 from ..tracking import METHOD_TAG, STEP_TAG
 from . import mlm, retrieval, tagging
 from .languages import resolve
@@ -186,9 +186,9 @@ def _source_tokenizer_identity(config: Config) -> dict[str, Any]:
 
     where = config.source.tokenizer or config.source.model
     key = "source.tokenizer" if config.source.tokenizer else "source.model"
-    local = Path(where).is_dir()
-    return {"tokenizer": where,
-            **({"files": tokenizer_fingerprint(tokenizer_dir(where, config.run_dir, key))} if local else {})}
+    if not Path(where).is_dir():
+        return {"tokenizer": where}
+    return {"files": tokenizer_fingerprint(tokenizer_dir(where, config.run_dir, key))}
 
 
 def _heldout_languages(config: Config, task: str) -> tuple[dict[str, str], dict[str, list[Path]], dict[str, str]]:
@@ -352,6 +352,19 @@ def evaluate_model(
     return results, skipped, extra
 
 
+def current_results(config: Config) -> Optional[dict[str, Any]]:
+    """The results of the evaluation this config describes, when its stage is complete for the current inputs (the
+    model's content, the data, the settings); None when the model does not exist or the results are of other
+    inputs. Nothing is evaluated."""
+    try:
+        model_dir = resolve_model_dir(config.evaluate.model, config.run_dir)
+        name = config.evaluate.name or default_name(model_dir, config.run_dir)
+        expected = inputs_digest(config, _inputs(config, model_dir))
+    except HyperofaError:
+        return None
+    return out_format.find_results(config.run_dir, name, expected)
+
+
 def run(config: Config, tracker: Any) -> int:
     ev = config.evaluate
     model_dir = resolve_model_dir(ev.model, config.run_dir)
@@ -366,6 +379,8 @@ def run(config: Config, tracker: Any) -> int:
     inputs = _inputs(config, model_dir)
     results_path = stage.path / out_format.RESULTS
     output = Path(ev.output).resolve() if ev.output else results_path
+    if output != results_path:
+        preflight.output_file(output, "evaluate.output")
     tags = {STEP_TAG: ev.step, "evaluate.name": name, "evaluate.model": str(model_dir)}
     if method:
         tags[METHOD_TAG] = method

@@ -28,6 +28,7 @@ import numpy as np
 
 from ..errors import HyperofaError
 from ..formats.models import load_model
+from ..formats.text import split_lines
 from .languages import resolve
 
 IGNORE = -100
@@ -90,7 +91,7 @@ def read_token_label(path: Path, missing_label: str) -> list[Sentence]:
 
 def _lines(path: Path) -> list[str]:
     try:
-        return [line.rstrip("\r") for line in path.read_text(encoding="utf-8").split("\n")]
+        return split_lines(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as exc:
         raise HyperofaError(f"{path}: not UTF-8 text (byte {exc.start})") from None
 

@@ -36,6 +36,7 @@ from typing import Any, Iterable, Iterator, Optional
 from ..config import LANG_CODE, CorpusConfig
 from ..langcodes import standard_code
 from ..errors import HyperofaError
+from .text import cr_line_ends, split_lines
 
 TEXT_SUFFIXES = (".txt", ".txt.gz")
 TABLE_SUFFIXES = (".parquet", ".jsonl", ".json", ".jsonl.gz", ".json.gz")
@@ -85,11 +86,13 @@ class LineStats:
     lines: int = 0
     empty: int = 0
     invalid_utf8: int = 0
+    cr_line_ends: int = 0  # lines of text files ended by `\r` or `\r\n` (formats/text.py)
 
     def add(self, other: "LineStats") -> None:
         self.lines += other.lines
         self.empty += other.empty
         self.invalid_utf8 += other.invalid_utf8
+        self.cr_line_ends += other.cr_line_ends
 
 
 def _lang_of(name: str, suffixes: Iterable[str]) -> Optional[str]:
@@ -491,15 +494,19 @@ def _json_text(raw: bytes, path: str, column: str) -> str:
 ROWS_PER_READ = 8192  # rows decoded to Python at a time: bounds a task's transient memory inside a row group
 
 
-def read_unit(unit: Unit) -> Iterator[bytes | str]:
-    """The raw lines of one unit, without newlines (bytes for text files, str for tables; a null row is '')."""
+def read_unit(unit: Unit, stats: Optional[LineStats] = None) -> Iterator[bytes | str]:
+    """The raw lines of one unit, without their ends (bytes for text files, str for tables; a null row is '');
+    text lines end as formats/text.py says, and those ended by `\r` are counted into `stats`."""
     if unit.kind in ("bytes", "json_bytes"):
-        lines = _range_bytes(unit).split(b"\n")
-        if lines and lines[-1] == b"":
-            lines.pop()
+        data = _range_bytes(unit)
         if unit.kind == "bytes":
-            yield from lines
+            if stats is not None:
+                stats.cr_line_ends += cr_line_ends(data)
+            yield from split_lines(data)
         else:
+            lines = data.split(b"\n")
+            if lines and lines[-1] == b"":
+                lines.pop()
             yield from (_json_text(line, unit.path, unit.column) if line.strip() else "" for line in lines)
     elif unit.kind in ("lines", "json_lines"):
         try:
@@ -508,10 +515,12 @@ def read_unit(unit: Unit) -> Iterator[bytes | str]:
                     if i >= unit.end:
                         break
                     if i >= unit.start:
-                        line = raw.rstrip(b"\n")
                         if unit.kind == "lines":
-                            yield line
+                            if stats is not None:
+                                stats.cr_line_ends += cr_line_ends(raw)
+                            yield from split_lines(raw)
                         else:
+                            line = raw.rstrip(b"\n")
                             yield _json_text(line, unit.path, unit.column) if line.strip() else ""
         except (OSError, EOFError) as exc:
             raise HyperofaError(f"{unit.path}: corrupt gzip file ({exc})") from None
@@ -552,9 +561,12 @@ def _clean_text_lines(data: bytes, form: str) -> Optional[list[str]]:
         return None
     if form != "none" and not text.isascii() and not unicodedata.is_normalized(form, text):
         return None
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
+    if "\r" in text:
+        lines = split_lines(text)
+    else:  # the common case, without the regular expression
+        lines = text.split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()
     return [line.strip() for line in lines]
 
 
@@ -579,14 +591,16 @@ def read_unit_sentences(unit: Unit, form: str = "NFC", keep_empty: bool = False)
     an empty line or row stays as '' (one entry per row: a table unit's plan is over its rows)."""
     stats = LineStats()
     if unit.kind == "bytes":
-        lines = _clean_text_lines(_range_bytes(unit), form)
+        data = _range_bytes(unit)
+        lines = _clean_text_lines(data, form)
         if lines is not None:
             stats.lines = len(lines)
+            stats.cr_line_ends = cr_line_ends(data)
             out = lines if keep_empty else [line for line in lines if line]
             stats.empty = len(lines) - (len(out) if not keep_empty else sum(1 for line in lines if line))
             return out, stats
     out = []
-    for raw in read_unit(unit):
+    for raw in read_unit(unit, stats):
         stats.lines += 1
         text, invalid = normalize_line(raw, form)
         stats.invalid_utf8 += invalid
@@ -652,7 +666,7 @@ def sample_text(path: str | Path, budget: int = SAMPLE_BYTES, column: str = "tex
                         piece = piece.partition(b"\n")[2]  # from the first whole line on
                     parts.append(piece.rpartition(b"\n")[0] if b"\n" in piece else piece)
                 data = b"\n".join(parts)
-        return TextSample(path, data.decode("utf-8", errors="replace"), data.count(b"\n") + 1, len(data), size)
+        return TextSample(path, data.decode("utf-8", errors="replace"), len(split_lines(data)), len(data), size)
     if path.name.endswith(".txt.gz"):
         try:
             with open(path, "rb") as raw, gzip.open(raw, "rb") as handle:
@@ -662,7 +676,7 @@ def sample_text(path: str | Path, budget: int = SAMPLE_BYTES, column: str = "tex
         except (OSError, EOFError) as exc:
             raise HyperofaError(f"{path}: corrupt gzip file ({exc})") from None
         total = len(data) if whole else int(len(data) * path.stat().st_size / max(consumed, 1))
-        return TextSample(path, data.decode("utf-8", errors="replace"), data.count(b"\n") + 1, len(data), total)
+        return TextSample(path, data.decode("utf-8", errors="replace"), len(split_lines(data)), len(data), total)
     return _table_sample(path, budget, column)
 
 

@@ -14,6 +14,7 @@ checkpoints they leave.
         rng_rank<r>.pt            each rank's RNG states (hypernet), so a resumed run repeats the uninterrupted one
     logs/rank<r>.log              each rank's output (stdout and stderr), appended per launch (runtime/rank.py)
     logs/rank<r>.exit.json        how the rank's process ended in the last launch: exit status or signal, time
+    failure.json                  why the job stopped itself (a non-finite loss), for the stage's one-line error
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ CLIENT_INFO = "hyperofa.json"
 RUN_ID = "run_id"  # the job-file key of the MLflow run rank 0 logs into
 LOGS = "logs"
 PROVENANCE = "provenance"
+FAILURE = "failure.json"
 
 
 def write_job(out: Path, job: dict[str, Any]) -> Path:
@@ -56,6 +58,15 @@ def previous_run_id(out: Path) -> Optional[str]:
         return read_job(path).get(RUN_ID) or None
     except HyperofaError:  # a damaged job file only means: start a fresh run
         return None
+
+
+def write_failure(out: Path, reason: str, message: str) -> Path:
+    return atomic_write_json(out / FAILURE, {"reason": reason, "message": message})
+
+
+def read_failure(out: Path) -> Optional[str]:
+    path = out / FAILURE
+    return read_json(path, "failure report")["message"] if path.is_file() else None
 
 
 def checkpoint_dir(out: Path) -> Path:

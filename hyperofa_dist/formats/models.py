@@ -18,7 +18,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator, Optional
 
 from ..errors import HyperofaError
 from .files import fingerprint_dir, sha256_file, tmp_name
@@ -327,20 +327,21 @@ def model_fingerprint(path: Path) -> dict[str, Any]:
 
 
 def source_identity(config: Any) -> dict[str, Any]:
-    """The source model's identity for manifests: its name and, when local, the hashes of its files."""
-    out: dict[str, Any] = {"model": config.source.model, "tokenizer": config.source.tokenizer}
-    for key, where in (("model_files", config.source.model), ("tokenizer_files", config.source.tokenizer)):
-        if where and Path(where).is_dir():
-            out[key] = fingerprint_dir(where, MODEL_FILES if key == "model_files" else None)
+    """The source model's identity for manifests: `model_identity` of source.model and, when set, of
+    source.tokenizer (all of its directory's files)."""
+    out = model_identity(config.source.model)
+    if config.source.tokenizer:
+        out["tokenizer"] = model_identity(config.source.tokenizer, None)
     return out
 
 
-def model_identity(where: str) -> dict[str, Any]:
-    """A model's identity for manifests: its name and, when it is a local directory, the hashes of its files."""
-    out: dict[str, Any] = {"model": where}
+def model_identity(where: str, names: Optional[Iterable[str]] = MODEL_FILES) -> dict[str, Any]:
+    """A model's identity for manifests: the hashes of its files when it is a local directory (not its path, so the
+    same model elsewhere or spelled otherwise is the same input), its hub name otherwise. `names`: the files that
+    count (None: every file of the directory)."""
     if Path(where).is_dir():
-        out["model_files"] = fingerprint_dir(where, MODEL_FILES)
-    return out
+        return {"model_files": fingerprint_dir(where, names)}
+    return {"model": where}
 
 
 def check_tokenizer_beside(model_config: Any, tokenizer: Any, texts: list[str], where: str) -> None:

@@ -22,6 +22,7 @@ from typing import Any, Iterator, Optional
 
 from .files import atomic_write_bytes, atomic_write_json, read_json, write_error
 from .init import FACTORS  # noqa: F401 - a factorised pretrain output holds the same two files
+from .jobdir import FAILURE, read_failure, write_failure  # noqa: F401 - a job's own stop, shared with the hypernet
 from .rundir import Stage
 
 STAGE = "pretrain"
@@ -29,7 +30,6 @@ MODEL = "model"
 TRAIN_LOG = "train_log.jsonl"
 EVAL_LOG = "eval_log.jsonl"
 PROBE = "probe.pt"
-FAILURE = "failure.json"
 TRAINABLE_ROWS = "trainable_rows.pt"
 RANKS = "ranks"
 AUDIT = "audit"
@@ -84,15 +84,6 @@ def truncate_log(path: Path, last_step: int) -> None:
     kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= last_step]
     if len(kept) != len(lines):
         atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode("utf-8"))
-
-
-def write_failure(out: Path, reason: str, message: str) -> Path:
-    return atomic_write_json(out / FAILURE, {"reason": reason, "message": message})
-
-
-def read_failure(out: Path) -> Optional[str]:
-    path = out / FAILURE
-    return read_json(path, "failure report")["message"] if path.is_file() else None
 
 
 def write_parameter_counts(out: Path, counts: dict[str, int]) -> Path:

@@ -1,5 +1,6 @@
 """The evaluate stage's output, `<run.dir>/evaluate/<name>/results.json`: `{task: {lang: {metric: value},
-"average": {metric: value}}}`, read back by the pipeline's summary table."""
+"average": {metric: value}}}`, read back by the pipeline's summary table when its manifest matches the current
+inputs."""
 
 from __future__ import annotations
 
@@ -25,7 +26,9 @@ def read_results(path: Path) -> dict[str, Any]:
     return read_json(path, "evaluation results")
 
 
-def find_results(run_dir: str | Path, name: str) -> Optional[dict[str, Any]]:
-    """The results of a finished evaluation of this run directory, or None when it has not run."""
-    path = stage_of(run_dir, name).path / RESULTS
-    return read_results(path) if path.is_file() else None
+def find_results(run_dir: str | Path, name: str, inputs_digest: str) -> Optional[dict[str, Any]]:
+    """The results of the evaluation `name` of this run directory when it is complete for these inputs (its
+    manifest records `inputs_digest` and results.json is the file it lists), else None: results of another model
+    (an init rebuilt since, with `pipeline.evaluate=false`) or damaged ones are never read as current."""
+    stage = stage_of(run_dir, name)
+    return read_results(stage.path / RESULTS) if stage.is_complete(inputs_digest) else None

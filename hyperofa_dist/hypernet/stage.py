@@ -15,7 +15,9 @@ from typing import Any
 from ..config import Config
 from ..errors import HyperofaError
 from ..formats import hypernet as out_format
-from ..formats.jobdir import DS_CONFIG, RUN_ID, checkpoint_dir, has_checkpoint, latest_tag, previous_run_id, write_job
+from ..formats.jobdir import (
+    DS_CONFIG, FAILURE, RUN_ID, checkpoint_dir, has_checkpoint, latest_tag, previous_run_id, read_failure, write_job,
+)
 from ..formats.mapping import SPLIT, load_mapping
 from ..formats.vectors import configured_vectors_path
 from ..runtime.device import job_device_type, resolve_precision
@@ -86,6 +88,7 @@ def run(config: Config, tracker: Any) -> int:
             for stale in (ckpt, stage.path / out_format.AUDIT):
                 shutil.rmtree(stale, ignore_errors=True)
             (stage.path / out_format.TRAIN_STATE).unlink(missing_ok=True)
+        (stage.path / FAILURE).unlink(missing_ok=True)
 
         out_format.write_model_spec(stage.path, model_spec(hp, word_dim=mapping.word_dim, k=mapping.k))
         job = write_job(stage.path, job_spec(config, stage.path, ds_config, shell.run.run_id, provenance))
@@ -94,6 +97,9 @@ def run(config: Config, tracker: Any) -> int:
         cmd = launch_command(hp, job, TARGET, extra=("--resume",) if hp.resume else ())
         shell.say(f"launching {world} ranks: {' '.join(cmd)}")
         done = run_launcher(cmd)
+        failure = read_failure(stage.path)
+        if failure:  # the job's own stop (a non-finite loss): its one line, not the launcher's status
+            raise HyperofaError(failure)
         if done.returncode != 0:
             raise HyperofaError(f"hypernet training job failed (launcher exit {done.returncode}); see the ranks' output above")
         state = out_format.read_train_state(stage.path)

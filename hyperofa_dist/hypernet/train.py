@@ -9,11 +9,13 @@ length-grouped batches (loop.train_epoch), then validation (loss and mean cosine
 Checkpoints are written by all ranks every `checkpoint_every` epochs with client state (epoch, metric history, best
 loss); each rank also stores its RNG states next to them, so a resumed run reproduces an uninterrupted one. Rank 0
 keeps the best model by validation loss (weights only, no word table), logs per-epoch metrics to MLflow, and at the
-end predicts the new tokens' coordinates (predict.py).
+end predicts the new tokens' coordinates (predict.py). A non-finite epoch loss (all-reduced, so every rank agrees)
+stops the job before it saves or predicts anything, as pretrain's guard does: `failure.json` and `NAN_EXIT`.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import shutil
 import sys
@@ -25,9 +27,9 @@ import torch
 
 from ..errors import HyperofaError
 from ..formats import hypernet as out_format
-from ..formats.jobdir import DS_CONFIG, latest_tag, require_rng, rng_path
+from ..formats.jobdir import DS_CONFIG, latest_tag, require_rng, rng_path, write_failure
 from ..formats.mapping import SPLIT, Mapping, load_mapping
-from ..runtime.job import JobContext, job_main
+from ..runtime.job import NAN_EXIT, JobContext, job_main
 from ..runtime.seeds import mix_seed
 from . import loop
 from .data import AugmentSpec, ContextRule, TokenSet, WordTable, rank_batches
@@ -213,6 +215,9 @@ class HypernetJob(JobContext):
             sums, val = self.all_sum(sums), self.all_sum(val)
             row = {"epoch": epoch, "lr": lr, **loop.means(sums, loop.TRAIN_KEYS, "train_"),
                    **loop.means(val, loop.EVAL_KEYS, "val_")}
+            diverged = [key for key in ("train_loss", "val_loss") if not math.isfinite(row[key])]
+            if diverged:  # sums are all-reduced: every rank stops here, before anything of this epoch is saved
+                return {"finished": False, "failure": self.non_finite(diverged[0], row[diverged[0]], epoch, lr)}
             history.append(row)
             if hp.data_audit:
                 from ..formats.files import save_npy
@@ -249,6 +254,12 @@ class HypernetJob(JobContext):
         return {"finished": finished, "last_epoch": epoch, "best_epoch": best_epoch, "best_val_loss": best_loss,
                 "stopped_early": stopped_early, "epochs_run": len(history)}
 
+    def non_finite(self, key: str, value: float, epoch: int, lr: float) -> str:
+        last = latest_tag(self.ckpt_dir)
+        kept = f"the last checkpoint is {self.ckpt_dir / last}" if last else "no checkpoint had been written yet"
+        return (f"hypernet {key.replace('_', ' ')} became {value} in epoch {epoch} (lr {lr:g}); stopped without "
+                f"saving, {kept}: lower hypernet.lr or check the mapping's word vectors")
+
     def predict(self, tracker: Any) -> dict[str, Any]:
         from .models import model_from_spec
         from .predict import predict_all
@@ -276,6 +287,11 @@ def run(job: dict[str, Any], args: Any) -> int:
         if worker.rank == 0:
             stage_run.log_artifact(worker.out / DS_CONFIG)
         result = worker.train(stage_run)
+        if "failure" in result:
+            if worker.rank == 0:
+                write_failure(worker.out, "non-finite loss", result["failure"])
+            worker.say(result["failure"])
+            return NAN_EXIT
         worker.barrier()
         if result["finished"] and worker.rank == 0:
             result["test"] = worker.predict(stage_run)

@@ -174,6 +174,7 @@ def run(config: Config, tracker: Any) -> int:
     target_dir = target_tokenizer_dir(config)
     inputs: dict[str, Any] = {
         **config.fingerprint("init", "source"),
+        "source": source_identity(config),  # by content: the same model at another path is the same input
         "seed": init_seed(config),
         "target_tokenizer": tokenizer_fingerprint(target_dir),
         "mapping": mapping_stage(run_dir).require().get("outputs"),
@@ -212,7 +213,7 @@ def run(config: Config, tracker: Any) -> int:
             source_tok, target_tok, f"target tokenizer {target_dir}", kind
         )
         hidden = source_model.get_input_embeddings().embedding_dim
-        mapping.require_source(source_identity(config), len(source_tok), hidden, 2 if source.untied else 1)
+        mapping.require_source(inputs["source"], len(source_tok), hidden, 2 if source.untied else 1)
         mapping.require_target(len(target_tok), inputs["target_tokenizer"])
         copy_t, copy_s = merge_copy_pairs(mapping.overlap_target, mapping.overlap_source, special_t, special_s)
         predicted_ids: Optional[np.ndarray] = None

@@ -36,6 +36,7 @@ from ..formats.files import free_bytes, sha256_file
 from ..formats.models import CONFIG, read_model_config, weight_parameters
 from ..formats.rundir import MANIFEST
 from ..formats.shards import index_shard
+from ..formats.text import count_line_ends, split_lines
 from ..formats.tokenizer import TOKENIZER_JSON, load_tokenizer
 
 # --- the run directory -----------------------------------------------------------------------------------------
@@ -97,6 +98,14 @@ def writable(path: Path, key: str) -> None:
         raise HyperofaError(f"{path}: not writable{where}: {exc.strerror or exc.__class__.__name__} ({key})") from None
 
 
+def output_file(path: Path, key: str) -> None:
+    """`path` can be written as a file: it is not a directory, and its nearest existing parent is a writable
+    directory (not a file), checked before the work whose result it will hold."""
+    if path.is_dir():
+        raise HyperofaError(f"{path}: is a directory; {key} names the file to write")
+    writable(path.parent, key)
+
+
 # --- free space ------------------------------------------------------------------------------------------------
 
 
@@ -152,7 +161,9 @@ def prepare_bytes(samples: dict[str, list[TextSample]], tokenizer: Any, config: 
         for sample in per_file:
             if sample.sample_bytes == 0:
                 continue
-            sentences = [line for line in sample.text.split("\n") if line.strip()]
+            sentences = [line for line in split_lines(sample.text) if line.strip()]
+            if not sentences:  # whitespace only: prepare skips the language, as it does an empty file
+                continue
             # Every stride-th sentence, about ESTIMATE_BYTES of the sample: the ratio of tokens to bytes needs no
             # more, and on a corpus of a few hundred MB tokenizing whole samples would be a tenth of the stage.
             sentences = sentences[:: max(1, sample.sample_bytes // ESTIMATE_BYTES)]
@@ -258,6 +269,32 @@ def tokenizer_fits(path: Path, size: int, rows: int, key: str) -> None:
         )
 
 
+def source_rows_fit(tokens: int, rows: int, kind: str) -> bool:
+    """The method's rule for a source model: a masked LM has one embedding row per token; a causal LM may have
+    more rows than tokens (Qwen2 rounds its matrix up), rows that belong to no token."""
+    from ..formats.models import CAUSAL
+
+    return rows == tokens or (kind == CAUSAL and rows > tokens)
+
+
+def source_vocabulary(config: Any, tokenizer: Any) -> None:
+    """The source tokenizer belongs to the source model (`source_rows_fit`), read from a local model's
+    config.json: checked by the tokenizer stage, before it builds a target tokenizer on a tokenizer the mapping
+    would later refuse."""
+    from ..formats.models import model_kind_of
+
+    where = Path(config.source.model)
+    if not (where / CONFIG).is_file():  # a hub name, or a tokenizer alone: mapping loads the model and checks it
+        return
+    rows = read_model_config(where).get("vocab_size")
+    if isinstance(rows, int) and not source_rows_fit(len(tokenizer), rows, model_kind_of(where)):
+        key = "source.tokenizer" if config.source.tokenizer else "source.model"
+        raise HyperofaError(
+            f"source tokenizer has {len(tokenizer)} tokens but the model {config.source.model} has {rows} embedding "
+            f"rows; they must be the same ({key})"
+        )
+
+
 # --- shards ----------------------------------------------------------------------------------------------------
 
 
@@ -310,17 +347,15 @@ def shards(paths: Iterable[str | Path], prepare_dir: Optional[Path], *, verify: 
 
 
 def count_lines(path: Path) -> int:
-    """Lines of a text file (`.gz` read through gzip); a last line without a newline counts."""
+    """Lines of a text file (`.gz` read through gzip), ended as formats/text.py says; a last line without an end
+    counts."""
     opener = gzip.open if path.name.endswith(".gz") else open
-    lines, last = 0, b"\n"
     try:
         with opener(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                lines += block.count(b"\n")
-                last = block[-1:]
+            lines, _ = count_line_ends(iter(lambda: handle.read(1 << 20), b""))
     except (OSError, EOFError) as exc:
         raise HyperofaError(f"{path}: cannot read ({exc})") from None
-    return lines + (last != b"\n")
+    return lines
 
 
 def parallel_corpus(files: Sequence[tuple[str, Path]], prefix_aligned: bool) -> dict[str, int]:

@@ -5,9 +5,10 @@ on the machine) when `ray.address` is unset, and joins that cluster when it is s
 `head:6379`). Workers get `TOKENIZERS_PARALLELISM=false`: one Rust tokenizer thread per single-CPU task, so
 tasks never oversubscribe cores nor hit the tokenizers fork warning. It shuts down only what it started.
 
-`run_tasks` submits one single-CPU task per call with Ray's retries for dead workers, shows a progress bar,
-and turns the first failure into one line (a task's own `HyperofaError` keeps its message; a worker that kept
-dying past the retries names the config key that sets them), cancelling every task still pending.
+`run_tasks` submits one single-CPU task per call, spread over the cluster's nodes (Ray's SPREAD strategy), with
+Ray's retries for dead workers, shows a progress bar, and turns the first failure into one line (a task's own
+`HyperofaError` keeps its message; a worker that kept dying past the retries names the config key that sets
+them), cancelling every task still pending.
 """
 
 from __future__ import annotations
@@ -74,7 +75,10 @@ def run_tasks(
     import ray
     from tqdm import tqdm
 
-    remote = ray.remote(num_cpus=1, max_retries=max_retries, num_returns=num_returns)(fn)
+    # SPREAD: Ray's default packs tasks by load and locality, so a lightly loaded cluster can run a whole stage on
+    # the driver's node; the preparation stages are CPU-bound and want every node.
+    remote = ray.remote(num_cpus=1, max_retries=max_retries, num_returns=num_returns,
+                        scheduling_strategy="SPREAD")(fn)
     refs = [remote.remote(*args) for args in calls]
     heads = [r[0] if num_returns > 1 else r for r in refs]
     index = {ref: i for i, ref in enumerate(heads)}

@@ -25,8 +25,10 @@ from __future__ import annotations
 import contextlib
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
+from ..errors import HyperofaError
 from ..formats.files import digest
 from ..formats.rundir import Stage, portable
 from ..formats.tokenizer import take_conversions
@@ -35,6 +37,11 @@ from ..formats.tokenizer import take_conversions
 def say(command: str, text: str) -> None:
     """A progress or result line of a stage, on stderr (stdout carries only results: tables, bench JSON)."""
     print(f"hyperofa {command}: {text}", file=sys.stderr, flush=True)
+
+
+def inputs_digest(config: Any, inputs: dict[str, Any]) -> str:
+    """The digest a stage's manifest records for these inputs (paths inside the run directory made portable)."""
+    return digest(portable(inputs, config.run_dir))
 
 
 @dataclass
@@ -76,6 +83,7 @@ class StageShell:
         from ..tracking import NullTracker
 
         shell = cls(config, name, stage, portable(inputs, config.run_dir))
+        _refuse_non_directory(stage.path, name)
         with stage.lock(name) as lock:
             if lock.note:
                 shell.say(lock.note)
@@ -121,3 +129,13 @@ class StageShell:
         if extra and "outputs" in extra:  # hashed by whoever wrote them (prepare's tasks): remember them as verified
             self.stage.remember_hashes(self.manifest["outputs"])
         return self.manifest
+
+
+def _refuse_non_directory(path: Path, name: str) -> None:
+    """The stage directory, or its nearest existing parent, is a directory: a file there (`<run.dir>/mapping`
+    written by hand, a stray download) would fail the stage only when it writes, after all its work."""
+    for where in (path, *path.parents):
+        if where.is_dir():
+            return
+        if where.exists() or where.is_symlink():
+            raise HyperofaError(f"{where}: exists and is not a directory; stage {name} writes {path} (move it away)")

@@ -50,6 +50,7 @@ def run(config: Config, tracker: Any) -> int:
     sources = discover(config.corpus)
     preflight.corpus_text(sources, config.corpus.max_noise_share)
     source = source_tokenizer(config)
+    preflight.source_vocabulary(config, source)
     if config.tokenizer.mode == "extend":
         check_ids_kept(source, config.source.tokenizer or config.source.model)
     elif config.tokenizer.model_type == "bpe":
