@@ -495,7 +495,8 @@ class VectorsTrainConfig(Section):
 class VectorsConfig(Section):
     path: Optional[str] = Field(
         None,
-        description="Word vectors: ColexNet+ .wv, gensim .kv, word2vec .vec/.bin; unset: <run.dir>/vectors/vectors.kv.",
+        description="Word vectors: ColexNet+ .wv, gensim .kv (read without running pickled code), word2vec .vec/.bin, "
+        "or .npy + .npy.keys.json; unset: <run.dir>/vectors/vectors.npy.",
     )
     languages: Optional[list[str]] = Field(
         None, description="Keep only words of these 3-letter key languages (iso of iso:word); unset keeps all."
