@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import HyperofaError
+from .formats.rundir import path_name_problem
 
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
 DEMO_CONFIG = PACKAGED_CONFIGS / "demo.yaml"
@@ -84,6 +85,14 @@ def check_tracking_uri(uri: str) -> str:
         f"scheme {scheme!r} is not an MLflow tracking store (use a path, file:, sqlite:///, postgresql://, "
         "mysql://, mssql://, http(s):// or databricks)"
     )
+
+
+def _path_name(value: Optional[str]) -> Optional[str]:
+    """A key whose value becomes a directory name under run.dir: refused at config time unless it stays there."""
+    problem = path_name_problem(value) if value is not None else ""
+    if problem:
+        raise ValueError(problem)
+    return value
 
 
 class TrackingConfig(Section):
@@ -268,6 +277,7 @@ class PretrainConfig(LaunchConfig):
     method: str = Field(
         "hyperofa", min_length=1, description="Init method whose model to train: <run.dir>/init/<method>/model."
     )
+    _method_stays_inside = field_validator("method")(_path_name)
     model: Optional[str] = Field(None, description="Train this HF masked-LM directory instead of the init output.")
     shards: Optional[str] = Field(None, description="Prepare output to read instead of <run.dir>/prepare.")
     embeddings: Literal["auto", "factorised", "full"] = Field(
@@ -453,6 +463,8 @@ class EvaluateConfig(Section):
         if len(set(value)) != len(value):
             raise ValueError("lists a task twice")
         return value
+
+    _name_stays_inside = field_validator("name")(_path_name)
 
 
 class CompareConfig(Section):
