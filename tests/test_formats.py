@@ -122,7 +122,7 @@ def test_truncated_word_vectors_stop_mapping(xlmr, trained_vectors, tmp_path, ca
     shutil.copytree(trained_vectors.parent, broken, ignore=shutil.ignore_patterns(MANIFEST))
     truncate(broken / trained_vectors.name)
     argv = ["mapping", *xlmr.overrides(f"vectors.path={broken / trained_vectors.name}", "mapping.num_primitives=8")]
-    fails_in_one_line(capsys, argv, str(broken / trained_vectors.name), "corrupt or truncated")
+    fails_in_one_line(capsys, argv, str(broken / trained_vectors.name), "truncated")
 
 
 # --- shards (read by pretrain and evaluate) --------------------------------------------------------------------

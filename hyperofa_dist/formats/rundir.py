@@ -306,8 +306,14 @@ class StageLock:
         for _ in range(20):
             try:
                 parent.mkdir(parents=True, exist_ok=True)
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                # Never through a symbolic link: the name is predictable, and a planted link would have us
+                # truncate and write whatever file it points to.
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
             except OSError as exc:
+                if os.path.islink(self.path):
+                    raise HyperofaError(
+                        f"{self.path}: the stage lock is a symbolic link, which is never followed; remove it"
+                    ) from None
                 raise HyperofaError(
                     f"{self.path}: cannot create the stage lock ({exc.strerror}); is the run directory writable?"
                 ) from None

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import random
+import shlex
 import signal
 import socket
 import subprocess
@@ -96,6 +97,32 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def remote_shell_arguments(cmd: list[str]) -> list[str]:
+    """`cmd` as a pdsh launch must be given it. DeepSpeed's pdsh runner joins the working directory (`cd <cwd>;`),
+    the interpreter and the job's arguments into one remote shell command, quoting none of them (an argument
+    with a space only goes into double quotes, where `$` and backticks still run). The job's arguments (the job
+    file's path) are quoted here so the remote shell reads them back unchanged; the working directory and the
+    interpreter, which DeepSpeed writes itself, must need no quoting, or the launch is refused in one line."""
+    if "--launcher" not in cmd or cmd[cmd.index("--launcher") + 1] != "pdsh":
+        return cmd
+    for what, value in (("working directory", os.path.abspath(".")), ("python interpreter", sys.executable)):
+        if shlex.quote(value) != value:
+            raise HyperofaError(
+                f"{value}: DeepSpeed's pdsh launcher passes the {what} unquoted through a remote shell; use one whose "
+                "path has only letters, digits and @%+=:,./- (a pdsh launch from here would run parts of it as commands)"
+            )
+    start = cmd.index("--module") + 1
+    return cmd[:start] + [_pdsh_quoted(arg) for arg in cmd[start:]]
+
+
+def _pdsh_quoted(arg: str) -> str:
+    if " " not in arg:
+        return shlex.quote(arg)
+    # DeepSpeed puts an argument with a space into double quotes itself (escaping `"`): escape what stays
+    # special there.
+    return arg.replace("\\", "\\\\").replace("$", "\\$").replace("`", "\\`")
+
+
 def _ephemeral_low() -> int:
     try:
         return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
@@ -152,6 +179,7 @@ def run_launcher(cmd: list[str], capture: bool = False) -> LaunchResult:
 
     A SIGINT/SIGTERM to us is passed to the launch's process group; once the group has ended (or been killed
     GRACE_S later) the shared memory is removed and `Interrupted` is raised."""
+    launched = remote_shell_arguments(cmd)
     env = dict(os.environ)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env[DRIVER_ENV] = driver_env(identity())  # the supervisors stop their ranks once this process is gone
@@ -165,7 +193,7 @@ def run_launcher(cmd: list[str], capture: bool = False) -> LaunchResult:
     received: list[int] = []
     killer: list[threading.Timer] = []
     proc = subprocess.Popen(
-        cmd, env=env, text=capture, start_new_session=True,
+        launched, env=env, text=capture, start_new_session=True,
         stdout=subprocess.PIPE if capture else 2,  # fd 2, so it also works under a replaced sys.stderr
         stderr=subprocess.STDOUT if capture else None,
     )
