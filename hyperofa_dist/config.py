@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import HyperofaError
+from .errors import HyperofaError, redact
 from .formats.rundir import path_name_problem
 
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
@@ -635,8 +635,9 @@ class Config(Section):
         return Path(self.run.dir).resolve()
 
     def effective(self) -> dict[str, Any]:
-        """The config as plain JSON-able data, defaults filled in: what manifests store."""
-        return self.model_dump(mode="json")
+        """The config as plain JSON-able data, defaults filled in, credentials in URIs redacted: what manifests,
+        job files and MLflow params store (a job's ranks get the real tracking URI from the environment)."""
+        return redact(self.model_dump(mode="json"))
 
     def fingerprint(self, *sections: str) -> dict[str, Any]:
         """The result-changing keys of the named sections (execution-only keys left out): what a stage's inputs
@@ -645,7 +646,7 @@ class Config(Section):
 
     def with_changes(self, changes: dict[str, Any]) -> "Config":
         """The config with dotted keys replaced (`{"init.method": "ofa"}`), validated like overrides."""
-        tree = self.effective()
+        tree = self.model_dump(mode="json")
         for key, value in changes.items():
             _apply(tree, key.split("."), value, f"change {key}")
         return build_config(tree)

@@ -130,3 +130,149 @@ def test_a_symlink_planted_under_a_temporary_or_lock_name_is_never_written_throu
     journal = Journal.create(tmp_path / "run" / "tracking", "store")  # predictable name: O_EXCL refuses a planted one
     journal.close()
     assert victim.read_text() == "precious"
+
+
+# --- credentials in the tracking URI ------------------------------------------------------------------------
+
+
+def test_credentials_are_redacted_from_config_copies_and_errors(tmp_path):
+    from hyperofa_dist.config import load_config
+    from hyperofa_dist.errors import redact
+
+    secret = "s3cr3t-Pw"
+    uri = f"http://alice:{secret}@127.0.0.1:1"
+    config = load_config(None, [f"tracking.tracking_uri={uri}", f"run.dir={tmp_path}"])
+    assert config.tracking.tracking_uri == uri  # the real one, for this process to connect with
+    assert config.effective()["tracking"]["tracking_uri"] == "http://***@127.0.0.1:1"
+    assert config.with_changes({"evaluate.step": 3}).tracking.tracking_uri == uri
+    with pytest.raises(HyperofaError) as caught:
+        load_config(None, [f"tracking.tracking_uri=bogus://alice:{secret}@host"])
+    assert secret not in str(caught.value) and "bogus://***@host" in str(caught.value)
+    assert redact({"a": [f"x https://t0ken@h/p?token={secret}&n=1"]}) == {"a": ["x https://***@h/p?token=***&n=1"]}
+    # Every one-line error redacts what it echoes (an unreachable store's message names the URI).
+    assert str(HyperofaError(f"MLflow tracking store {uri} is unreachable")) == (
+        "MLflow tracking store http://***@127.0.0.1:1 is unreachable")
+
+
+def test_a_job_rank_gets_the_real_uri_from_the_environment_never_from_the_job_file(tmp_path, monkeypatch):
+    from hyperofa_dist.config import build_config, load_config
+    from hyperofa_dist.tracking import SECRET_URI_ENV, make_tracker, tracking_uri_of
+
+    uri = "http://alice:pw@127.0.0.1:1"
+    monkeypatch.delenv(SECRET_URI_ENV, raising=False)
+    driver = load_config(None, [f"tracking.tracking_uri={uri}", f"run.dir={tmp_path}"])
+    job_config = build_config(driver.effective())  # what a rank reads from job.json
+    with pytest.raises(HyperofaError, match=f"credentials are redacted here and {SECRET_URI_ENV}"):
+        tracking_uri_of(job_config)
+    make_tracker(driver, rank=0, connect=False)  # the driver's tracker leaves the real URI for the ranks it launches
+    assert os.environ[SECRET_URI_ENV] == uri and tracking_uri_of(job_config) == uri
+    monkeypatch.setenv(SECRET_URI_ENV, "http://alice:pw@10.0.0.1:1")  # another store's
+    with pytest.raises(HyperofaError, match="credentials are redacted"):
+        tracking_uri_of(job_config)
+
+
+class _AuthProxy:
+    """A reverse proxy in front of a real `mlflow server` (which has no authentication of its own here): it
+    answers 401 to any request without the expected basic-auth credentials, and counts the ones it forwards."""
+
+    def __init__(self, upstream: str, user: str, password: str):
+        import base64
+        import http.server
+        import threading
+        import urllib.request
+
+        expected = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+        proxy = self
+        self.forwarded = self.refused = 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _relay(self):
+                if self.headers.get("Authorization") != expected:
+                    proxy.refused += 1
+                    self.send_response(401)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                request = urllib.request.Request(upstream + self.path, data=body or None, method=self.command,
+                                                 headers={"Content-Type": self.headers.get("Content-Type", "")})
+                try:
+                    with urllib.request.urlopen(request, timeout=60) as answer:
+                        status, data, kind = answer.status, answer.read(), answer.headers.get("Content-Type")
+                except urllib.error.HTTPError as error:
+                    status, data, kind = error.code, error.read(), error.headers.get("Content-Type")
+                proxy.forwarded += 1
+                self.send_response(status)
+                self.send_header("Content-Type", kind or "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PATCH = do_DELETE = do_PUT = _relay
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.mark.slow
+def test_credentials_in_the_tracking_uri_reach_the_store_and_appear_nowhere_else(tmp_path, small_corpus, capfd,
+                                                                                   monkeypatch):
+    """A real MLflow server behind a proxy that demands the URI's credentials: the stage logs through it, and the
+    password is in no file of the run directory, no MLflow param or tag, and not in the command's output."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from mlflow.tracking import MlflowClient
+
+    with __import__("socket").socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "art")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        upstream = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{upstream}/health", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, "mlflow server did not start"
+                time.sleep(0.5)
+        secret = "pw-7f3a9c"
+        proxy = _AuthProxy(upstream, "alice", secret)
+        run_dir = tmp_path / "run"
+        for name in ("MLFLOW_TRACKING_URI", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"):  # set by the tracker
+            monkeypatch.setenv(name, "")
+            monkeypatch.delenv(name)
+        argv = ["vectors", "train", f"run.dir={run_dir}",
+                f"vectors.train.corpus={small_corpus}", "vectors.train.prefix_aligned=true", "vectors.train.dim=8",
+                "vectors.train.epochs=1", "tracking.experiment=secret",
+                f"tracking.tracking_uri=http://alice:{secret}@127.0.0.1:{proxy.port}"]
+        capfd.readouterr()
+        assert cli.main(argv) == 0
+        output = capfd.readouterr()
+        assert proxy.forwarded > 0 and proxy.refused == 0  # every write carried the credentials
+        assert secret not in output.out + output.err and "vectors" in output.err
+        leaked = [p for p in run_dir.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+        assert leaked == [] and (run_dir / "vectors" / "manifest.json").is_file()
+        client = MlflowClient(upstream)
+        runs = client.search_runs([client.get_experiment_by_name("secret").experiment_id])
+        assert len(runs) == 2  # the command's parent run and the stage's run
+        for run in runs:
+            values = [*run.data.params.values(), *run.data.tags.values()]
+            assert not any(secret in str(v) for v in values)
+            assert run.data.params["tracking.tracking_uri"] == f"http://***@127.0.0.1:{proxy.port}"
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
