@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The preparation stages (tokenizer, prepare) are Ray jobs: submit them to a running Ray cluster.
-#   ray start --head --dashboard-host 0.0.0.0           # on the head node; `ray start --address head:6379` on workers
-#   launch/prepare_ray_submit.sh my.yaml http://head:8265
+#   ray start --head                                    # on the head node; `ray start --address head:6379` on workers
+#   ssh -N -L 8265:127.0.0.1:8265 head &                # the job API runs any code it is sent: keep it on loopback
+#   launch/prepare_ray_submit.sh my.yaml http://127.0.0.1:8265      (launch/README.md: exposing it needs auth)
 # The run directory must be on storage every Ray worker can read and write (shared filesystem).
 set -euo pipefail
 CONFIG=${1:?config yaml}
