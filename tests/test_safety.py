@@ -3,6 +3,7 @@ tracking URI, symbolic links planted under the names the system writes, crafted 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -276,3 +277,85 @@ def test_credentials_in_the_tracking_uri_reach_the_store_and_appear_nowhere_else
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+# --- crafted checkpoints: refused before anything of them is unpickled ------------------------------------------
+
+
+class _Marker:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _payload(path: Path, marker: Path) -> None:
+    import torch
+
+    torch.save({"module": {}, "trap": _Marker(marker)}, path)
+
+
+@pytest.fixture
+def saved_checkpoint(tmp_path, small_corpus, pretrain_kit):
+    """A pretrain stage directory whose checkpoint was written as the job writes one (client info, DeepSpeed's
+    model-states file, the sha256 list, then `latest`), and the model and shards to resume it with."""
+    import torch
+
+    from hyperofa_dist.formats.jobdir import write_checkpoint_hashes, write_client_info, write_latest
+
+    tok, model = pretrain_kit.tokenizer_and_model(tmp_path, small_corpus)
+    prepare = pretrain_kit.quick_prepare(tmp_path / "prepare", small_corpus, tok, languages=2, lines=60)
+    ckpt = tmp_path / "run" / "pretrain" / "hyperofa" / "checkpoints"
+    write_client_info(ckpt, "step00000002", {"step": 2, "world_size": 2})
+    torch.save({"module": {"w": torch.zeros(2)}}, ckpt / "step00000002" / "mp_rank_00_model_states.pt")
+    write_checkpoint_hashes(ckpt, "step00000002")
+    write_latest(ckpt, "step00000002")
+    argv = ["pretrain", f"run.dir={tmp_path / 'run'}", f"pretrain.model={model}", f"pretrain.shards={prepare}",
+            "pretrain.resume=true", "pretrain.allow_config_change=true", "tracking.enabled=false"]
+    return ckpt / "step00000002", argv
+
+
+@pytest.mark.parametrize("how", ["replaced", "added"])
+def test_a_crafted_checkpoint_file_is_refused_before_a_resume_loads_anything(saved_checkpoint, tmp_path, capsys,
+                                                                              how):
+    import torch
+
+    tag, argv = saved_checkpoint
+    marker = tmp_path / "payload-ran"
+    name = "mp_rank_00_model_states.pt" if how == "replaced" else "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    _payload(tag / name, marker)
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "[WARNING] [real_accelerator" not in line]
+    expected = "differs from the sha256 recorded" if how == "replaced" else "not one of the files written"
+    assert len(err) == 1 and err[0].startswith(f"hyperofa pretrain: error: {tag / name}: resume refused: {expected}")
+    assert not marker.exists() and not (tag.parents[1] / "job.json").exists()  # nothing launched
+    with contextlib.suppress(Exception):
+        torch.load(tag / name, weights_only=False)  # the payload is live: an unrestricted load runs it
+    assert marker.exists()
+
+
+def test_every_torch_load_of_a_resume_is_weights_only_even_where_deepspeed_asks_otherwise(tmp_path):
+    import torch
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    from hyperofa_dist.runtime.job import weights_only_loads
+
+    genuine = tmp_path / "optim_states.pt"
+    torch.save({"loss_scaler": DynamicLossScaler(init_scale=2**16, scale_window=1000, min_scale=1, delayed_shift=2,
+                                                         consecutive_hysteresis=False), "zero_stage": ZeroStageEnum(2),
+                "state": {"exp_avg": torch.ones(3)}, "ds_version": "0.19.8"}, genuine)
+    crafted = tmp_path / "model_states.pt"
+    marker = tmp_path / "payload-ran"
+    _payload(crafted, marker)
+    with weights_only_loads(tmp_path):
+        state = torch.load(genuine, weights_only=False)  # as DeepSpeed's TorchCheckpointEngine calls it
+    assert state["zero_stage"] == 2 and torch.equal(state["state"]["exp_avg"], torch.ones(3))
+    with pytest.raises(HyperofaError) as caught:
+        with weights_only_loads(tmp_path):
+            torch.load(crafted, weights_only=False)
+    assert "resume refused: a checkpoint file holds objects other than tensors" in str(caught.value)
+    assert "\n" not in str(caught.value) and not marker.exists()
+    assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ
