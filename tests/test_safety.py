@@ -359,3 +359,33 @@ def test_every_torch_load_of_a_resume_is_weights_only_even_where_deepspeed_asks_
     assert "resume refused: a checkpoint file holds objects other than tensors" in str(caught.value)
     assert "\n" not in str(caught.value) and not marker.exists()
     assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ
+
+
+# --- local launches rendezvous on loopback -------------------------------------------------------------------
+
+
+def test_a_local_launch_hosts_its_rendezvous_store_on_loopback_only(monkeypatch):
+    import socket
+
+    import torch.distributed as dist
+
+    from hyperofa_dist.runtime.launch import free_port, loopback_rendezvous
+
+    port = free_port()
+    with loopback_rendezvous(port) as env:
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.setenv("MASTER_PORT", str(port))
+        store, rank, world = next(dist.rendezvous("env://", rank=1, world_size=2))  # as a rank's init does
+        store.set("k", "v")
+        assert (rank, world, store.get("k")) == (1, 2, b"v")
+        import subprocess
+
+        found = subprocess.run(["hostname", "-I"], capture_output=True, text=True).stdout.split()
+        outside = [a for a in found if "." in a and not a.startswith("127.")]
+        for address in outside:  # the machine's other addresses: nothing listens there
+            with socket.socket() as probe:
+                probe.settimeout(2)
+                assert probe.connect_ex((address, port)) != 0, address
+    with socket.socket() as probe:  # and the store is gone with the launch
+        assert probe.connect_ex(("127.0.0.1", port)) != 0

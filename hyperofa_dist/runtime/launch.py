@@ -1,8 +1,9 @@
 """The `deepspeed` launcher for both DeepSpeed jobs (hypernet, pretrain): command, hostfile, environment, clean-up.
 
 One node: N local ranks (`--num_gpus N`, which the runner also uses as the process count on a CPU-only machine;
-gloo there, NCCL on GPUs) on a free rendezvous port. Many nodes: `--hostfile`, `--num_nodes`, `--launcher`
-(launcher flags go before the module, DeepSpeed #662). The MLflow run rank 0 logs into travels in the job file,
+gloo there, NCCL on GPUs) on a free rendezvous port, whose store this process hosts on 127.0.0.1 only (torch's
+rank 0 would listen on every interface), with gloo's and NCCL's sockets on loopback too. Many nodes: `--hostfile`, `--num_nodes`, `--launcher`
+(launcher flags go before the module, DeepSpeed #662); pdsh gets the job's arguments quoted for its remote shell. The MLflow run rank 0 logs into travels in the job file,
 which every rank reads, local or remote.
 
 Every rank runs under its supervisor (runtime/rank.py), which logs it, records how it ended and stops it when the
@@ -15,6 +16,7 @@ segments of dead launches from /dev/shm and ends by removing its own (runtime/sh
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shlex
@@ -25,7 +27,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from ..errors import HyperofaError
 from ..formats.jobdir import clear_exit_records, read_exit_records
@@ -139,6 +141,35 @@ def _bindable(port: int) -> bool:
     return True
 
 
+LOOPBACK = "127.0.0.1"
+
+
+@contextlib.contextmanager
+def loopback_rendezvous(port: int) -> Iterator[dict[str, str]]:
+    """For a local launch: rank 0's rendezvous store, hosted here on 127.0.0.1:`port` only, and the environment
+    that makes every rank a client of it and keeps gloo's and NCCL's sockets on loopback too. Left to itself,
+    torch's rank 0 would host the store on all interfaces, open to any host that can reach the port."""
+    import datetime
+
+    import torch.distributed as dist
+
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((LOOPBACK, port))
+        listener.listen(256)
+        store = dist.TCPStore(LOOPBACK, port, None, True, timeout=datetime.timedelta(minutes=30),
+                              wait_for_workers=False, master_listen_fd=listener.fileno())
+    except (OSError, RuntimeError) as exc:
+        listener.close()
+        raise HyperofaError(f"cannot host the rendezvous store on {LOOPBACK}:{port} ({exc}); set another master_port") from None
+    listener.detach()  # the store owns the socket now, and closes it when it goes
+    try:
+        yield {"TORCHELASTIC_USE_AGENT_STORE": "True", "MASTER_ADDR": LOOPBACK}
+    finally:
+        del store
+
+
 def launch_command(
     launch: Any, job_file: Path, target: LaunchTarget, *, ranks: Optional[int] = None, extra: tuple[str, ...] = (),
     node_rank: int = 0,
@@ -186,7 +217,11 @@ def run_launcher(cmd: list[str], capture: bool = False) -> LaunchResult:
     local = "--hostfile" not in cmd
     job_dir = Path(cmd[cmd.index("--job") + 1]).parent
     clear_exit_records(job_dir)
+    rendezvous = contextlib.ExitStack()  # a local launch's store, hosted by this process until the launch ends
     if local:
+        env.update(rendezvous.enter_context(loopback_rendezvous(int(cmd[cmd.index("--master_port") + 1]))))
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # the ranks' own connections: loopback, as the store
+        env.setdefault("NCCL_SOCKET_IFNAME", "lo")
         removed, freed = remove_orphan_segments()
         if removed:
             _say(f"removed {removed} shared-memory segments of killed launches from /dev/shm ({freed / 2**20:.0f} MiB)")
@@ -219,6 +254,7 @@ def run_launcher(cmd: list[str], capture: bool = False) -> LaunchResult:
             proc.wait()
         if local:
             remove_shm_buffers(cmd[cmd.index("--master_port") + 1])
+        rendezvous.close()
     failure = None
     if proc.returncode != 0 or received:
         failure = describe_rank_failure(read_exit_records(job_dir), _local_ranks(cmd) if local else None)
