@@ -389,3 +389,12 @@ def test_a_local_launch_hosts_its_rendezvous_store_on_loopback_only(monkeypatch)
                 assert probe.connect_ex((address, port)) != 0, address
     with socket.socket() as probe:  # and the store is gone with the launch
         assert probe.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_compare_output_named_after_an_experiment_stays_under_compare(tmp_path):
+    from hyperofa_dist.compare.stage import output_dir_of
+    from hyperofa_dist.config import load_config
+
+    for experiment in ("..", ".", "../../x", "a/../.."):
+        out = output_dir_of(load_config(None, [f"run.dir={tmp_path}", f"compare.experiment={experiment}"]))
+        assert out.parent == tmp_path.resolve() / "compare" and out.name not in ("", ".", ".."), (experiment, out)
