@@ -15,7 +15,8 @@ from urllib.parse import urlparse
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import HyperofaError
+from .errors import HyperofaError, redact
+from .formats.rundir import path_name_problem
 from .langcodes import script_problem
 
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
@@ -113,6 +114,14 @@ def check_tracking_uri(uri: str) -> str:
         f"scheme {scheme!r} is not an MLflow tracking store (use a path, file:, sqlite:///, postgresql://, "
         "mysql://, mssql://, http(s):// or databricks)"
     )
+
+
+def _path_name(value: Optional[str]) -> Optional[str]:
+    """A key whose value becomes a directory name under run.dir: refused at config time unless it stays there."""
+    problem = path_name_problem(value) if value is not None else ""
+    if problem:
+        raise ValueError(problem)
+    return value
 
 
 class TrackingConfig(Section):
@@ -357,6 +366,7 @@ class PretrainConfig(LaunchConfig):
     method: str = Field(
         "hyperofa", min_length=1, description="Init method whose model to train: <run.dir>/init/<method>/model."
     )
+    _method_stays_inside = field_validator("method")(_path_name)
     model: Optional[str] = InputPath(None, description="Train this HF masked-LM directory instead of the init output.")
     shards: Optional[str] = InputPath(None, description="Prepare output to read instead of <run.dir>/prepare.")
     embeddings: Literal["auto", "factorised", "full"] = Field(
@@ -559,6 +569,8 @@ class EvaluateConfig(Section):
             raise ValueError("lists a task twice")
         return value
 
+    _name_stays_inside = field_validator("name")(_path_name)
+
 
 class CompareConfig(Section):
     experiment: Optional[str] = Field(None, description="MLflow experiment to compare; unset: tracking.experiment.")
@@ -600,7 +612,8 @@ class VectorsTrainConfig(Section):
 class VectorsConfig(Section):
     path: Optional[str] = InputPath(
         None,
-        description="Word vectors: ColexNet+ .wv, gensim .kv, word2vec .vec/.bin; unset: <run.dir>/vectors/vectors.kv.",
+        description="Word vectors: ColexNet+ .wv, gensim .kv (read without running pickled code), word2vec .vec/.bin, "
+        "or .npy + .npy.keys.json; unset: <run.dir>/vectors/vectors.npy.",
     )
     languages: Optional[list[str]] = Field(
         None, description="Keep only words of these 3-letter key languages (iso of iso:word); unset keeps all."
@@ -774,8 +787,9 @@ class Config(Section):
         return Path(self.run.dir).resolve()
 
     def effective(self) -> dict[str, Any]:
-        """The config as plain JSON-able data, defaults filled in: what manifests store."""
-        return self.model_dump(mode="json")
+        """The config as plain JSON-able data, defaults filled in, credentials in URIs redacted: what manifests,
+        job files and MLflow params store (a job's ranks get the real tracking URI from the environment)."""
+        return redact(self.model_dump(mode="json"))
 
     def fingerprint(self, *sections: str) -> dict[str, Any]:
         """The result-changing keys of the named sections (execution-only keys and the locations of inputs left
@@ -785,7 +799,7 @@ class Config(Section):
 
     def with_changes(self, changes: dict[str, Any]) -> "Config":
         """The config with dotted keys replaced (`{"init.method": "ofa"}`), validated like overrides."""
-        tree = self.effective()
+        tree = self.model_dump(mode="json")
         for key, value in changes.items():
             _apply(tree, key.split("."), value, f"change {key}")
         return build_config(tree)

@@ -192,10 +192,12 @@ def write_results(config: Config, rows: list[dict[str, Any]]) -> None:
 
 
 def print_summary(config: Config, rows: list[dict[str, Any]], seconds: float) -> None:
+    from .errors import redact
     from .tracking import default_tracking_uri
 
     run_dir = config.run_dir
     uri = config.tracking.tracking_uri or default_tracking_uri(run_dir) if config.tracking.enabled else "(tracking disabled)"
+    uri = redact(uri)
     print(markdown(rows))
     print()
     print(f"finished in {seconds:.0f}s")

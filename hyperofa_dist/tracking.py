@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 from .config import Config, flatten
-from .errors import HyperofaError
+from .errors import HyperofaError, is_redacted, redact
 from .formats import journal as journal_format
 
 # Tags every tool of the system reads (compare, tests, docs/MLFLOW.md).
@@ -159,6 +159,8 @@ class MlflowTracker(NullTracker):
     ):
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+        if redact(tracking_uri) != tracking_uri:  # MLflow prints run links with the URI's credentials in them
+            os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
         from mlflow.tracking import MlflowClient
 
         self.tracking_uri = tracking_uri
@@ -425,7 +427,7 @@ def _now_ms() -> int:
 
 
 def _warn(text: str) -> None:
-    print(f"hyperofa tracking: {text}", file=sys.stderr, flush=True)
+    print(f"hyperofa tracking: {redact(text)}", file=sys.stderr, flush=True)
 
 
 class Outbox:
@@ -441,7 +443,7 @@ class Outbox:
         self.journal: Optional[journal_format.Journal] = None
         if journal_dir is not None:
             try:
-                self.journal = journal_format.Journal.create(journal_dir, uri)
+                self.journal = journal_format.Journal.create(journal_dir, redact(uri))
             except OSError as exc:
                 _warn(f"cannot write a tracking journal in {journal_dir} ({exc}); an outage may lose metrics")
         self._queue: deque[dict[str, Any]] = deque()
@@ -727,7 +729,7 @@ def replay_journals(client: Any, directory: Path, uri: str, log_models: str) -> 
     refuses is dropped with a warning. Returns the writes delivered."""
     delivered = 0
     for journal in journal_format.claimable(directory):
-        if journal.store is not None and journal.store != uri:
+        if journal.store is not None and journal.store != redact(uri):
             _warn(f"{journal.path} holds writes for the tracking store {journal.store}, not {uri}: not replayed here")
             continue
         seen: dict[tuple[str, str], set] = {}
@@ -808,8 +810,24 @@ def numeric_metrics(tree: dict[str, Any]) -> dict[str, float]:
     }
 
 
+# A job's ranks read the tracking URI from here when the job file holds it redacted (credentials are never written
+# into the run directory); pdsh and ssh launchers forward MLFLOW_* variables to remote ranks.
+SECRET_URI_ENV = "MLFLOW_TRACKING_URI"
+
+
 def tracking_uri_of(config: Config) -> str:
-    return config.tracking.tracking_uri or default_tracking_uri(config.run_dir)
+    """The tracking URI to connect to. A configured URI with credentials is the real one (this process read it
+    from the user); one whose credentials were redacted (a job file) is completed from SECRET_URI_ENV."""
+    uri = config.tracking.tracking_uri or default_tracking_uri(config.run_dir)
+    if not is_redacted(uri):
+        return uri
+    real = os.environ.get(SECRET_URI_ENV)
+    if real is None or redact(real) != uri:
+        raise HyperofaError(
+            f"tracking.tracking_uri {uri}: its credentials are redacted here and {SECRET_URI_ENV} does not hold the "
+            "real URI; the command that launched this job sets it, so launch through hyperofa or set it yourself"
+        )
+    return real
 
 
 def make_tracker(config: Config, rank: Optional[int] = None, *, connect: bool = True) -> NullTracker:
@@ -823,6 +841,8 @@ def make_tracker(config: Config, rank: Optional[int] = None, *, connect: bool = 
         return NullTracker()
     run_dir = config.run_dir
     uri = tracking_uri_of(config)
+    if redact(uri) != uri:
+        os.environ[SECRET_URI_ENV] = uri  # for the ranks of the jobs this process launches (job.json holds it redacted)
     artifact_root = None
     if uri.startswith("sqlite:///"):  # artifacts beside the database (MLflow's default is ./mlruns in the cwd)
         db = Path(uri[len("sqlite:///") :])

@@ -72,8 +72,10 @@ def trained_vectors(tmp_path_factory, small_corpus) -> Path:
     run_dir = tmp_path_factory.mktemp("vectors_run")
     argv = ["vectors", "train", f"run.dir={run_dir}", f"vectors.train.corpus={small_corpus}", "tracking.enabled=false",
             "vectors.train.dim=48", "vectors.train.epochs=10", "vectors.train.alpha=0.25", "vectors.train.prefix_aligned=true"]
+    from hyperofa_dist.formats.vectors import trained_vectors_path
+
     assert cli.main(argv) == 0
-    return run_dir / "vectors" / "vectors.kv"
+    return trained_vectors_path(run_dir)
 
 
 # --- small helpers ----------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from hyperofa_dist.formats import init as init_format
 from hyperofa_dist.formats import mapping as mapping_format
 from hyperofa_dist.formats import results as results_format
 from hyperofa_dist.formats.files import load_npy, load_npz, save_npy, save_npz
-from hyperofa_dist.formats.jobdir import CHECKPOINTS, CLIENT_INFO, LATEST
+from hyperofa_dist.formats.jobdir import CHECKPOINTS, CLIENT_INFO, LATEST, write_checkpoint_hashes
 from hyperofa_dist.formats.rundir import MANIFEST
 from hyperofa_dist.formats.tokenizer import TOKENIZER_JSON
 
@@ -122,7 +122,7 @@ def test_truncated_word_vectors_stop_mapping(xlmr, trained_vectors, tmp_path, ca
     shutil.copytree(trained_vectors.parent, broken, ignore=shutil.ignore_patterns(MANIFEST))
     truncate(broken / trained_vectors.name)
     argv = ["mapping", *xlmr.overrides(f"vectors.path={broken / trained_vectors.name}", "mapping.num_primitives=8")]
-    fails_in_one_line(capsys, argv, str(broken / trained_vectors.name), "corrupt or truncated")
+    fails_in_one_line(capsys, argv, str(broken / trained_vectors.name), "truncated")
 
 
 # --- shards (read by pretrain and evaluate) --------------------------------------------------------------------
@@ -166,6 +166,7 @@ def test_damaged_checkpoint_info_stops_a_resume(shard_world, tmp_path, capsys):
     (ckpt / "step00000002").mkdir(parents=True)
     (ckpt / LATEST).write_text("step00000002")
     (ckpt / "step00000002" / CLIENT_INFO).write_text('{"step": 2, "world_')
+    write_checkpoint_hashes(ckpt, "step00000002")  # written as saved: the info itself is what is damaged
     argv = ["pretrain", f"run.dir={tmp_path / 'run'}", f"pretrain.model={model}", f"pretrain.shards={prepare}",
             "pretrain.resume=true", "tracking.enabled=false"]
     fails_in_one_line(capsys, argv, str(ckpt / "step00000002" / CLIENT_INFO), "not valid JSON")

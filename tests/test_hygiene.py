@@ -22,7 +22,7 @@ import pytest
 from hyperofa_dist.config import load_config
 from hyperofa_dist.errors import HyperofaError
 from hyperofa_dist.formats import rundir
-from hyperofa_dist.formats.jobdir import CLIENT_INFO, exit_record_path, rank_log
+from hyperofa_dist.formats.jobdir import CLIENT_INFO, exit_record_path, rank_log, write_checkpoint_hashes
 from hyperofa_dist.formats.rundir import Stage
 from hyperofa_dist.runtime import job as job_runtime
 from hyperofa_dist.runtime.launch import describe_rank_failure
@@ -271,6 +271,7 @@ def fake_checkpoint(ckpt: Path, tag: str, provenance, step: int = 4) -> None:
     (ckpt / tag).mkdir(parents=True)
     info = {"step": step, "world_size": 2, **({"provenance": provenance} if provenance is not None else {})}
     (ckpt / tag / CLIENT_INFO).write_text(json.dumps(info))
+    write_checkpoint_hashes(ckpt, tag)
 
 
 def fingerprint(*overrides: str) -> dict:

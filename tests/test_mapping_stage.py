@@ -139,7 +139,7 @@ def test_a_truncated_output_rebuilds_the_stage_and_a_moved_run_dir_stays_up_to_d
                                                                                     trained_vectors, tmp_path, capfd):
     import shutil
 
-    vectors = tmp_path / "run" / "vectors.kv"  # inside the run dir, as the demo's trained vectors are
+    vectors = tmp_path / "run" / trained_vectors.name  # inside the run dir, as the demo's trained vectors are
     vectors.parent.mkdir()
     for companion in trained_vectors.parent.glob(trained_vectors.name + "*"):
         shutil.copy2(companion, vectors.parent / companion.name)
@@ -158,7 +158,7 @@ def test_a_truncated_output_rebuilds_the_stage_and_a_moved_run_dir_stays_up_to_d
     assert (out / "postings_target.npz").read_bytes() == good
 
     shutil.move(tmp_path / "run", tmp_path / "moved")
-    moved = _config(tmp_path / "moved", models["xlmr"], target_dir, tmp_path / "moved" / "vectors.kv")
+    moved = _config(tmp_path / "moved", models["xlmr"], target_dir, tmp_path / "moved" / trained_vectors.name)
     capfd.readouterr()
     assert run_mapping_stage(moved, NullTracker()) == 0
     assert f"hyperofa mapping: up to date ({tmp_path / 'moved' / 'mapping' / 'manifest.json'})" in capfd.readouterr().err

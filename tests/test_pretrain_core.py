@@ -14,6 +14,7 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 from hyperofa_dist.config import load_config
 from hyperofa_dist.errors import HyperofaError
+from hyperofa_dist.formats.jobdir import write_checkpoint_hashes
 from hyperofa_dist.formats.shards import load_shardset
 from hyperofa_dist.pretrain import data as D
 from hyperofa_dist.pretrain.mlm import IGNORE, masked_lm_loss
@@ -206,6 +207,7 @@ def test_resume_errors_before_launch(quick_world, tmp_path):
     (ckpt / "step00000004").mkdir(parents=True)
     (ckpt / "latest").write_text("step00000004")
     (ckpt / "step00000004" / "hyperofa.json").write_text(json.dumps({"world_size": 4, "step": 4}))
+    write_checkpoint_hashes(ckpt, "step00000004")
     with pytest.raises(HyperofaError, match="step00000004: records no fingerprint of the settings"):
         run_pretrain_stage(_config(quick_world, tmp_path, "pretrain.resume=true"), NullTracker())
     with pytest.raises(HyperofaError, match="written by 4 ranks, this launch has 2; set pretrain.universal=true"):

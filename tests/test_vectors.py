@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from collections import Counter
@@ -13,7 +14,7 @@ from gensim.models import KeyedVectors
 from hyperofa_dist import cli, synthetic
 from hyperofa_dist.errors import HyperofaError
 from hyperofa_dist.formats.mapping import write_word_vectors
-from hyperofa_dist.formats.vectors import load_word_vectors, parse_key, save_keyed_vectors
+from hyperofa_dist.formats.vectors import keys_path, load_word_vectors, parse_key, save_word_vectors, trained_vectors_path
 
 COLEX_KEYS = ["otq:$ndöhi$", "deu:haus", "water", "fra:$la maison", "eng:ab$", "$x"]
 BAD_KEYS = ["ab:cd", "DEU:haus", "deu:a:b", "eng:$", "x\ny", "deu: ", "1234:five"]
@@ -39,7 +40,7 @@ def test_gensim_kv_with_colexnet_keys_skips_unexpected_ones_with_examples(tmp_pa
     keys = COLEX_KEYS[:3] + BAD_KEYS + COLEX_KEYS[3:]
     kv = make_kv(keys)
     path = tmp_path / "colex.wv"
-    save_keyed_vectors(kv, path)
+    kv.save(str(path))
     with caplog.at_level(logging.WARNING, logger="hyperofa.vectors"):
         words = load_word_vectors(path)
     assert words.keys == COLEX_KEYS
@@ -104,25 +105,25 @@ def test_bad_vector_files_give_one_line_errors(tmp_path):
     kv.save(str(split), separately=["vectors"])
     npy = tmp_path / "split.kv.vectors.npy"
     npy.write_bytes(npy.read_bytes()[:-40])
-    _error(split, "corrupt or truncated")
+    _error(split, "split.kv.vectors.npy: array vectors of split.kv is truncated")
 
     bad = tmp_path / "bad.kv"
-    save_keyed_vectors(make_kv(BAD_KEYS), bad)
+    make_kv(BAD_KEYS).save(str(bad))
     _error(bad, "none of its 7 keys is a usable word")
     _error(_saved(tmp_path), "of languages", languages=["zzz"])
 
 
 def _saved(tmp_path):
     path = tmp_path / "ok.kv"
-    save_keyed_vectors(make_kv(["deu:haus"]), path)
+    make_kv(["deu:haus"]).save(str(path))
     return path
 
 
 def test_non_finite_vector_is_reported_by_key(tmp_path):
     kv = make_kv(["deu:a", "deu:b"])
     kv.vectors[1, 2] = np.nan
-    path = tmp_path / "nan.kv"
-    save_keyed_vectors(kv, path)
+    path = tmp_path / "nan.npy"
+    save_word_vectors(path, kv.index_to_key, kv.vectors)
     with pytest.raises(HyperofaError, match="'deu:b' is not finite"):
         words = load_word_vectors(path)
         write_word_vectors(tmp_path / "m.npy", len(words), words.dim, [words.matrix()], words.keys, path)
@@ -134,8 +135,10 @@ def _counts(path):
 
 
 def test_trained_vectors_put_translations_next_to_each_other(trained_vectors, small_corpus, world):
-    kv = KeyedVectors.load(str(trained_vectors))
-    assert all(len(k) > 4 and k[3] == ":" for k in kv.index_to_key)  # iso:word keys only, no sentence ids
+    kv = KeyedVectors(48)
+    words = load_word_vectors(trained_vectors)
+    kv.add_vectors(words.keys, words.matrix())
+    assert words.skipped == 0 and all(len(k) > 4 and k[3] == ":" for k in kv.index_to_key)  # iso:word keys only, no sentence ids
     files = {p.name.split(".")[0]: p for p in small_corpus.iterdir()}
     for a, b in [("qaa_Latn", "qab_Cyrl"), ("qaa_Latn", "qac_Latn"), ("qab_Cyrl", "qad_Grek")]:
         ca, cb = _counts(files[a]), _counts(files[b])
@@ -157,8 +160,9 @@ def test_vectors_train_is_reproducible_and_a_rerun_is_a_no_op(trained_vectors, s
     argv = ["vectors", "train", f"run.dir={tmp_path}", f"vectors.train.corpus={small_corpus}", "tracking.enabled=false",
             "vectors.train.dim=48", "vectors.train.epochs=10", "vectors.train.alpha=0.25", "vectors.train.prefix_aligned=true"]
     assert cli.main(argv) == 0
-    ours = tmp_path / "vectors" / "vectors.kv"
+    ours = trained_vectors_path(tmp_path)
     assert ours.read_bytes() == trained_vectors.read_bytes()
+    assert keys_path(ours).read_bytes() == keys_path(trained_vectors).read_bytes()
     # The progress bar, on stderr: one step per epoch with that epoch's words/s.
     captured = capsys.readouterr()
     bars = [part for part in captured.err.split("\r") if part.startswith("vectors train:")]
@@ -176,3 +180,92 @@ def test_vectors_train_rejects_a_non_parallel_layout(tmp_path, capsys):
     (tmp_path / "c" / "deu.txt").write_text("a b\n")
     assert cli.main(["vectors", "train", f"run.dir={tmp_path}/r", f"vectors.train.corpus={tmp_path}/c", "tracking.enabled=false"]) == 2
     assert "english.txt: not a parallel-corpus file name" in capsys.readouterr().err
+
+
+# --- no code from data: gensim pickles through the restricted unpickler, our own vectors without pickle ----------
+
+
+class _Payload:
+    """Unpickling this runs `open(marker, 'w')`: what a crafted vector file would do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _crafted_files(tmp_path, marker):
+    """Vector files whose loading would write `marker`: a bare payload, one inside a genuine KeyedVectors'
+    state, and a genuine pickle whose separately stored array is itself a pickle (object dtype)."""
+    import pickle
+
+    bare = tmp_path / "bare.kv"
+    bare.write_bytes(pickle.dumps(_Payload(marker), protocol=4))
+    kv = make_kv(["deu:haus", "eng:house"])
+    kv.lifecycle_events = None
+    kv.expandos = {"count": _Payload(marker)}
+    inside = tmp_path / "vectors.wv"
+    kv.save(str(inside))
+    array = tmp_path / "apart.kv"
+    genuine = make_kv(["deu:haus", "eng:house"])
+    genuine.save(str(array), separately=["vectors"])
+    np.save(tmp_path / "apart.kv.vectors.npy", np.array([_Payload(marker)], dtype=object), allow_pickle=True)
+    return {"bare": bare, "inside": inside, "array": array}
+
+
+def test_a_crafted_gensim_file_is_refused_in_one_line_and_runs_nothing(tmp_path):
+    marker = tmp_path / "payload-ran"
+    for what, path in _crafted_files(tmp_path, marker).items():
+        with pytest.raises(HyperofaError) as caught:
+            load_word_vectors(path)
+        message = str(caught.value)
+        assert "\n" not in message and str(path.name) in message, (what, message)
+        assert ("refused: the pickle names io.open" in message) or "not a .npy array" in message, (what, message)
+        assert not marker.exists(), what
+    # The payloads are live: gensim's own loader runs them.
+    from gensim.utils import SaveLoad
+
+    with contextlib.suppress(Exception):
+        SaveLoad.load(str(tmp_path / "vectors.wv"))
+    assert marker.exists()
+
+
+def _sentences(n=400, seed=0):
+    rng = np.random.default_rng(seed)
+    words = [f"deu:w{i}" for i in range(60)]
+    return [[words[j] for j in rng.integers(0, len(words), 8)] for _ in range(n)]
+
+
+@pytest.mark.parametrize("how", ["inline", "separately", "model"])
+def test_a_genuine_gensim_save_loads_with_identical_vectors(tmp_path, how):
+    from gensim.models import Word2Vec
+
+    model = Word2Vec(_sentences(), vector_size=12, min_count=1, workers=1, seed=3, epochs=2)
+    path = tmp_path / ("m.wv" if how == "model" else "v.kv")
+    if how == "model":
+        model.save(str(path), separately=["syn1neg"])  # a whole model, one array apart
+    else:
+        model.wv.save(str(path), **({"separately": ["vectors"]} if how == "separately" else {}))
+    reference = KeyedVectors.load(str(path)) if how != "model" else Word2Vec.load(str(path)).wv
+    words = load_word_vectors(path)
+    assert words.keys == list(reference.index_to_key) and words.skipped == 0
+    np.testing.assert_array_equal(words.matrix(), reference.vectors)
+    if how == "separately":
+        assert isinstance(words.table, np.memmap)
+
+
+def test_own_vectors_round_trip_without_pickle_and_give_the_same_bytes(tmp_path):
+    keys = ["deu:haus", "eng:house", "x\ny", "fra:$la maison"]
+    table = np.random.default_rng(1).normal(size=(4, 5)).astype(np.float32)
+    first = save_word_vectors(tmp_path / "a" / "vectors.npy", keys, table)
+    second = save_word_vectors(tmp_path / "b" / "vectors.npy", keys, table)
+    assert [p.read_bytes() for p in first] == [p.read_bytes() for p in second]
+    words = load_word_vectors(first[-1])
+    assert words.keys == ["deu:haus", "eng:house", "fra:$la maison"] and words.skipped == 1
+    assert isinstance(words.table, np.memmap)
+    np.testing.assert_array_equal(words.matrix(), table[[0, 1, 3]])
+    keys_path(first[-1]).write_text('{"not": "a list"}')
+    _error(first[-1], "not a JSON list of keys")
+    keys_path(first[-1]).unlink()
+    _error(first[-1], "keys of the word-vector matrix vectors.npy not found")

@@ -25,7 +25,7 @@ from ..formats.hypernet import read_test_metrics
 from ..formats.hypernet import stage_of as hypernet_stage
 from ..formats.init import stage_of as init_stage
 from ..formats.mapping import load_mapping
-from ..formats.vectors import TRAINED_NAME, load_word_vectors, save_keyed_vectors, trained_vectors_path
+from ..formats.vectors import TRAINED_NAME, load_word_vectors, save_word_vectors, trained_vectors_path
 from ..registry import command
 from ..synthetic.demo import WorldSpec, build_world
 from ..tracking import NullTracker
@@ -36,13 +36,9 @@ RULES = ("first", "sample")
 
 def grouped_by_language(source: Path, out: Path) -> Path:
     """The vectors of `source` with their keys sorted by language (stable within a language)."""
-    from gensim.models import KeyedVectors
-
     words = load_word_vectors(source)
     order = np.argsort(np.asarray([k[:3] for k in words.keys]), kind="stable")
-    kv = KeyedVectors(vector_size=words.dim)
-    kv.add_vectors([words.keys[i] for i in order], words.matrix()[order])
-    save_keyed_vectors(kv, out)
+    save_word_vectors(out, [words.keys[i] for i in order], words.matrix()[order])
     return out
 
 

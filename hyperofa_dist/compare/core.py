@@ -268,7 +268,10 @@ def title(metric: str, objective: str = "MLM") -> str:
 
 
 def file_stem(metric: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", metric)
+    """A name safe as one file or directory name: never '.', '..' or empty (an experiment named '..' must not
+    put the comparison outside compare/)."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", metric)
+    return stem if stem.strip(".") else stem.replace(".", "_") or "_"
 
 
 # --- rendering -----------------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ its validating reader (which turns a missing, truncated or foreign file into one
     corpus      the user's corpus (three layouts) as units of work
     tokenizer   HF tokenizer directories; the one tokenizer loader (also for Ray workers)
     shards      prepare's webdataset shards and their listing
-    vectors     word-vector files (ColexNet+ .wv, gensim .kv, word2vec)
+    vectors     word-vector files (ColexNet+ .wv, gensim .kv without running pickled code, word2vec, own .npy)
     mapping     the mapping stage's postings, factors, split and word table
     hypernet    the hypernetwork's weights, predictions and test metrics
     jobdir      a DeepSpeed job's job file and checkpoints

@@ -83,6 +83,18 @@ def tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
 
 
+def create_new(path: str | Path, mode: int = 0o644, *, debris: bool = True) -> int:
+    """A file descriptor of a new regular file at `path`, opened for writing. Never follows a symbolic link nor
+    opens a file someone else made: names like ours are predictable, so a link planted under one in a shared
+    run directory must not redirect the write. With `debris`, what lies under the name (a temporary file of a
+    dead process that had our pid) is removed first; a link or file there (or back in between) is refused
+    (EEXIST)."""
+    path = Path(path)
+    if debris and os.path.lexists(path):
+        os.unlink(path)  # removes a link itself, never what it points to
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+
+
 # Write failures that are the filesystem's state, not a bug: one line naming the file, not a traceback.
 WRITE_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
                 errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "not permitted"}
@@ -125,7 +137,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     tmp = tmp_name(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as handle:
+        with os.fdopen(create_new(tmp), "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
@@ -184,6 +196,7 @@ def npy_writer(path: str | Path, dtype: Any, shape: tuple[int, ...]) -> Iterator
     tmp = tmp_name(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        os.close(create_new(tmp))  # ours, a regular file: open_memmap below opens it by name
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
         # Reserve the blocks now: a memory map that runs out of disk later kills the process with SIGBUS.
         with open(tmp, "r+b") as handle:

@@ -7,11 +7,14 @@ checkpoints they leave.
     ds_config.json                the filled DeepSpeed config alone, for the reader
     checkpoints/latest            the tag of the newest complete checkpoint (DeepSpeed writes it last)
     checkpoints/<tag>/            DeepSpeed's files, plus
+        hyperofa.sha256.json      {file: sha256} of every file of the tag, written once all ranks have saved and
+                                  before `latest` names the tag; a resume checks it before anything is unpickled
         hyperofa.json             our client state (step or epoch, world size, seed) and its provenance: the
                                   fingerprint of every result-changing key it was trained with, and the changes
                                   a resume was allowed to make (runtime/job.py); written before DeepSpeed writes
                                   `latest`, so every tag `latest` names has one
-        rng_rank<r>.pt            each rank's RNG states (hypernet), so a resumed run repeats the uninterrupted one
+        rng_rank<r>.npz           each rank's RNG states (hypernet) as plain arrays, no pickle, so a resumed run
+                                  repeats the uninterrupted one
     logs/rank<r>.log              each rank's output (stdout and stderr), appended per launch (runtime/rank.py)
     logs/rank<r>.exit.json        how the rank's process ended in the last launch: exit status or signal, time
     failure.json                  why the job stopped itself (a non-finite loss), for the stage's one-line error
@@ -24,14 +27,17 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
+
 from ..errors import HyperofaError
-from .files import atomic_write_bytes, atomic_write_json, read_json
+from .files import atomic_write_bytes, atomic_write_json, load_npz, read_json, save_npz, sha256_file
 
 JOB = "job.json"
 DS_CONFIG = "ds_config.json"
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 CLIENT_INFO = "hyperofa.json"
+CHECKPOINT_HASHES = "hyperofa.sha256.json"
 RUN_ID = "run_id"  # the job-file key of the MLflow run rank 0 logs into
 LOGS = "logs"
 PROVENANCE = "provenance"
@@ -99,14 +105,61 @@ def read_client_info(ckpt_dir: Path, tag: str) -> Optional[dict[str, Any]]:
 
 
 def rng_path(ckpt_dir: Path, tag: str, rank: int) -> Path:
-    return ckpt_dir / tag / f"rng_rank{rank}.pt"
+    return ckpt_dir / tag / f"rng_rank{rank}.npz"
 
 
-def require_rng(ckpt_dir: Path, tag: str, rank: int) -> Path:
+def write_rng(ckpt_dir: Path, tag: str, rank: int, state: dict[str, np.ndarray]) -> Path:
+    """A rank's RNG states as named arrays (written without pickles: a resume must not run code from a file)."""
+    return save_npz(rng_path(ckpt_dir, tag, rank), **state)
+
+
+def read_rng(ckpt_dir: Path, tag: str, rank: int, names: tuple[str, ...]) -> dict[str, np.ndarray]:
     path = rng_path(ckpt_dir, tag, rank)
     if not path.is_file():
         raise HyperofaError(f"{path}: RNG state of rank {rank} missing from the checkpoint")
-    return path
+    return load_npz(path, names, what=f"RNG state of rank {rank}")
+
+
+def _checkpoint_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.name != CHECKPOINT_HASHES and (p.is_file() or p.is_symlink()))
+
+
+def write_checkpoint_hashes(ckpt_dir: Path, tag: str) -> Path:
+    """Rank 0, once every rank has written its part of `tag`: the sha256 of each of its files."""
+    root = ckpt_dir / tag
+    return atomic_write_json(root / CHECKPOINT_HASHES,
+                             {p.relative_to(root).as_posix(): sha256_file(p) for p in _checkpoint_files(root)})
+
+
+def verify_checkpoint(ckpt_dir: Path, tag: str) -> None:
+    """Before a resume reads checkpoint `tag`: every file is the one written at save time (its sha256 as
+    recorded), none is missing, none was added, none is a link. DeepSpeed's files are pickles, which run code
+    when loaded, so a checkpoint that does not match is refused in one line before anything of it is read."""
+    root = ckpt_dir / tag
+    record = root / CHECKPOINT_HASHES
+    if not record.is_file():
+        raise HyperofaError(
+            f"{root}: resume refused: the checkpoint has no {CHECKPOINT_HASHES} (not written by this version of "
+            "hyperofa), so its pickled files cannot be checked before they are loaded; remove the checkpoints "
+            "directory to start over"
+        )
+    listed = read_json(record, "checkpoint file list")
+    if not isinstance(listed, dict) or not all(isinstance(v, str) for v in listed.values()):
+        raise HyperofaError(f"{record}: not a {{file: sha256}} list")
+    present = {p.relative_to(root).as_posix(): p for p in _checkpoint_files(root)}
+    for name, path in present.items():
+        if path.is_symlink() or name not in listed:
+            what = "a symbolic link" if path.is_symlink() else "not one of the files written with the checkpoint"
+            raise HyperofaError(f"{path}: resume refused: {what} (nothing of the checkpoint was loaded)")
+    for name, expected in sorted(listed.items()):
+        path = root / name
+        if name not in present:
+            raise HyperofaError(f"{path}: resume refused: missing from the checkpoint")
+        if sha256_file(path) != expected:
+            raise HyperofaError(
+                f"{path}: resume refused: differs from the sha256 recorded when the checkpoint was saved (nothing "
+                "of the checkpoint was loaded)"
+            )
 
 
 def read_provenance(ckpt_dir: Path, tag: str) -> Optional[dict[str, Any]]:

@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from .files import create_new
+
 DIRECTORY = "tracking"
 PREFIX = "journal-"
 SUFFIX = ".jsonl"
@@ -78,7 +80,7 @@ class Journal:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         name = f"{PREFIX}{socket.gethostname()}-{os.getpid()}-{int(time.time() * 1000)}-{next(_serial)}{SUFFIX}"
-        handle = open(directory / name, "a", encoding="utf-8")
+        handle = os.fdopen(create_new(directory / name, debris=False), "a", encoding="utf-8")  # never through a planted link
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         journal = cls(directory / name, handle, 1, store)
         if store is not None:

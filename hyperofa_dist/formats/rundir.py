@@ -60,10 +60,27 @@ def portable(obj: Any, run_dir: str | Path) -> Any:
     return convert(obj)
 
 
+def path_name_problem(name: str, parts: bool = False) -> str:
+    """Why `name` cannot name a directory below the run directory ('' when it can): one plain directory name
+    (or, with `parts`, several joined by '/'), none of them empty, '.', '..', or holding NUL or a control
+    character, so that what a stage writes and deletes stays inside its own directory."""
+    if not isinstance(name, str):
+        return "must be a string"
+    for part in name.split("/") if parts else [name]:
+        if part in ("", ".", "..") or "/" in part or any(ord(c) < 32 or c == "\x7f" for c in part):
+            return "must be one directory name inside the run directory (no '/', '.', '..' or control characters)"
+        if len(part.encode("utf-8")) > 255:
+            return "is longer than a directory name may be (255 bytes)"
+    return ""
+
+
 class Stage:
     """One stage's directory under the run directory, and its manifest."""
 
     def __init__(self, run_dir: str | Path, name: str):
+        problem = path_name_problem(name, parts=True)
+        if problem:
+            raise HyperofaError(f"{run_dir}: stage directory name {name!r} {problem}")
         self.run_dir = Path(run_dir)
         self.name = name
         self.path = self.run_dir / name
@@ -194,6 +211,27 @@ class Stage:
         if self.path.exists():
             shutil.rmtree(self.path)
 
+    def clear(self, names: Iterable[str]) -> None:
+        """Delete the named entries of the stage directory (files or folders), and nothing outside it: the
+        directory must lie where its name says (not a symbolic link out of the run directory), and a link among
+        the entries is removed itself, never what it points to."""
+        if not self.path.exists():
+            return
+        inside = os.path.realpath(self.run_dir)
+        if self.path.is_symlink() or not os.path.realpath(self.path).startswith(inside + os.sep):
+            raise HyperofaError(
+                f"{self.path}: refusing to delete in a stage directory that leaves {self.run_dir} (a symbolic link?)"
+            )
+        for name in names:
+            problem = path_name_problem(name)
+            if problem:
+                raise HyperofaError(f"{self.path}: entry name {name!r} {problem}")
+            target = self.path / name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            else:
+                target.unlink(missing_ok=True)
+
 
 # --- verified outputs: a hash per (size, mtime) --------------------------------------------------------------
 
@@ -268,8 +306,14 @@ class StageLock:
         for _ in range(20):
             try:
                 parent.mkdir(parents=True, exist_ok=True)
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                # Never through a symbolic link: the name is predictable, and a planted link would have us
+                # truncate and write whatever file it points to.
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
             except OSError as exc:
+                if os.path.islink(self.path):
+                    raise HyperofaError(
+                        f"{self.path}: the stage lock is a symbolic link, which is never followed; remove it"
+                    ) from None
                 raise HyperofaError(
                     f"{self.path}: cannot create the stage lock ({exc.strerror}); is the run directory writable?"
                 ) from None

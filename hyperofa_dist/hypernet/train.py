@@ -27,9 +27,9 @@ import torch
 
 from ..errors import HyperofaError
 from ..formats import hypernet as out_format
-from ..formats.jobdir import DS_CONFIG, latest_tag, require_rng, rng_path, write_failure
+from ..formats.jobdir import DS_CONFIG, latest_tag, read_rng, write_failure, write_rng
 from ..formats.mapping import SPLIT, Mapping, load_mapping
-from ..runtime.job import NAN_EXIT, JobContext, job_main
+from ..runtime.job import NAN_EXIT, JobContext, job_main, weights_only_loads
 from ..runtime.seeds import mix_seed
 from . import loop
 from .data import AugmentSpec, ContextRule, TokenSet, WordTable, rank_batches
@@ -50,19 +50,32 @@ def loss_spec(hp: Any) -> loop.LossSpec:
     return loop.LossSpec(lam=hp.loss_lambda, temperature=hp.temperature)
 
 
-def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+RNG_ARRAYS = ("torch", "numpy_keys", "numpy_rest", "python", "cuda")
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def rng_state() -> dict[str, np.ndarray]:
+    """This process's RNG states as plain arrays (what `jobdir.write_rng` stores; no pickle)."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, mt, python_gauss = random.getstate()
+    cuda = [s.numpy() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []
+    return {
+        "torch": torch.get_rng_state().numpy(),
+        "numpy_keys": np.asarray(keys, dtype=np.uint32),
+        "numpy_rest": np.asarray([pos, has_gauss, gauss], dtype=np.float64),
+        # Python's Mersenne Twister: 624 words and a position, then its cached gauss (NaN: none).
+        "python": np.asarray([version, *mt, np.nan if python_gauss is None else python_gauss], dtype=np.float64),
+        "cuda": np.stack(cuda) if cuda else np.zeros((0, 0), dtype=np.uint8),
+    }
+
+
+def set_rng_state(state: dict[str, np.ndarray]) -> None:
+    torch.set_rng_state(torch.from_numpy(np.ascontiguousarray(state["torch"], dtype=np.uint8)))
+    pos, has_gauss, gauss = state["numpy_rest"].tolist()
+    np.random.set_state(("MT19937", state["numpy_keys"], int(pos), int(has_gauss), float(gauss)))
+    python = state["python"].tolist()
+    random.setstate((int(python[0]), tuple(int(x) for x in python[1:-1]), None if np.isnan(python[-1]) else python[-1]))
+    if len(state["cuda"]) and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.from_numpy(np.ascontiguousarray(s)) for s in state["cuda"]])
 
 
 def training_split(mapping: Mapping) -> tuple[dict[str, np.ndarray], dict[str, int]]:
@@ -137,7 +150,7 @@ class HypernetJob(JobContext):
     def save_checkpoint(self, epoch: int, client: dict[str, Any]) -> None:
         tag = f"epoch{epoch:05d}"
         (self.ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
-        out_format.save_torch(rng_path(self.ckpt_dir, tag, self.rank), rng_state())
+        write_rng(self.ckpt_dir, tag, self.rank, rng_state())
         self.write_checkpoint_info(tag, {"epoch": epoch, "world_size": self.world, "seed": self.seed})
         self.barrier()  # every rank's RNG file exists before `latest` can point at the tag
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client, save_latest=False)
@@ -148,15 +161,15 @@ class HypernetJob(JobContext):
                 shutil.rmtree(old, ignore_errors=True)
 
     def load_checkpoint(self) -> dict[str, Any]:
-        path, client = self.engine.load_checkpoint(str(self.ckpt_dir))
+        with weights_only_loads(self.ckpt_dir):
+            path, client = self.engine.load_checkpoint(str(self.ckpt_dir))
         if path is None or client is None:
             raise HyperofaError(f"{self.ckpt_dir}: no checkpoint to resume from (hypernet.resume=true)")
         if client.get("world_size") != self.world:
             raise HyperofaError(
                 f"{self.ckpt_dir}: written by {client.get('world_size')} ranks, this job has {self.world}; resume with the same count"
             )
-        rng_file = require_rng(self.ckpt_dir, latest_tag(self.ckpt_dir), self.rank)
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        set_rng_state(read_rng(self.ckpt_dir, latest_tag(self.ckpt_dir), self.rank, RNG_ARRAYS))
         return client
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:

@@ -24,7 +24,6 @@ causal-LM directory. Their embeddings train full-rank (the factorised form is th
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Optional
 
@@ -304,11 +303,9 @@ def run(config: Config, tracker: Any) -> int:
         run_ = shell.run
         shell.begin()
         if not p.resume:
-            for name in (*out_format.JOB_OUTPUTS, *out_format.FACTORS):
-                (out / name).unlink(missing_ok=True)
-            for sub in (out_format.RANKS, out_format.AUDIT, out_format.MODEL):
-                shutil.rmtree(out / sub, ignore_errors=True)
-        (out / out_format.FAILURE).unlink(missing_ok=True)
+            stage.clear((*out_format.JOB_OUTPUTS, *out_format.FACTORS, out_format.RANKS, out_format.AUDIT,
+                         out_format.MODEL))
+        stage.clear((out_format.FAILURE,))
         rows_file = trainable_rows_file(config, model_dir, out)
         job = {
             "config": config.effective(),

@@ -28,7 +28,7 @@ from ..formats import pretrain as out_format
 from ..formats.files import disk_full, free_bytes
 from ..formats.shards import ShardSet
 from ..runtime.faults import Hooks, hooks_from_env
-from ..runtime.job import NAN_EXIT, JobContext, job_main
+from ..runtime.job import NAN_EXIT, JobContext, job_main, weights_only_loads
 from ..runtime.seeds import mix_seed
 from . import data as data_mod
 from .causal import Frame, HeadTransform, block_layout, causal_lm_loss, head_transform, hf_labels, output_head
@@ -176,9 +176,10 @@ class PretrainJob(JobContext):
 
     def resume(self) -> None:
         tag = self.spec.get("resume_tag")
-        path, client = self.engine.load_checkpoint(
-            str(self.ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
-        )
+        with weights_only_loads(self.ckpt_dir):
+            path, client = self.engine.load_checkpoint(
+                str(self.ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
+            )
         if path is None:
             raise HyperofaError(f"{self.ckpt_dir}: no checkpoint to resume from (pretrain.resume=true)")
         self.step = int(client["step"])

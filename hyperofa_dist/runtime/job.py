@@ -24,11 +24,12 @@ the checkpoint's step in the job (and so in every later checkpoint), the manifes
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
@@ -36,7 +37,8 @@ from ..config import Config, build_config, flatten
 from ..errors import HyperofaError
 from ..formats.files import digest
 from ..formats.jobdir import (
-    PROVENANCE, RUN_ID, checkpoint_dir, read_client_info, read_job, write_client_info, write_latest,
+    PROVENANCE, RUN_ID, checkpoint_dir, read_client_info, read_job, verify_checkpoint, write_checkpoint_hashes,
+    write_client_info, write_latest,
 )
 from ..formats.rundir import portable
 from ..tracking import make_tracker
@@ -103,9 +105,11 @@ class JobContext:
 
     def commit_checkpoint(self, tag: str) -> None:
         """After `engine.save_checkpoint(..., save_latest=False)` on every rank: once all ranks are past it (their
-        files of `tag` written), rank 0 points `latest` at the tag; then every rank continues."""
+        files of `tag` written), rank 0 records the sha256 of every file of the tag and points `latest` at it;
+        then every rank continues."""
         self.barrier()
         if self.rank == 0:
+            write_checkpoint_hashes(self.ckpt_dir, tag)  # what a resume verifies before it unpickles anything
             write_latest(self.ckpt_dir, tag)
         self.barrier()
 
@@ -152,6 +156,60 @@ def job_main(
         return exc.exit_code
 
 
+# --- loading checkpoints without running code from them -------------------------------------------------------
+
+# DeepSpeed's checkpoint files are pickles. Beside tensors and plain data they hold these few DeepSpeed objects (a
+# loss scaler, the ZeRO stage enum, parameter fragment addresses); torch's weights-only unpickler admits exactly
+# these and refuses anything else.
+DEEPSPEED_CHECKPOINT_GLOBALS = (
+    ("deepspeed.runtime.fp16.loss_scaler", ("LossScaler", "DynamicLossScaler")),
+    ("deepspeed.runtime.zero.config", ("ZeroStageEnum",)),
+    ("deepspeed.utils.tensor_fragment", ("fragment_address",)),
+)
+FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+
+
+def _deepspeed_globals() -> list[Any]:
+    import importlib
+
+    found = []
+    for module, names in DEEPSPEED_CHECKPOINT_GLOBALS:
+        try:
+            loaded = importlib.import_module(module)
+        except ImportError:  # another DeepSpeed layout: those objects cannot be in its checkpoints either
+            continue
+        found += [getattr(loaded, name) for name in names if hasattr(loaded, name)]
+    return found
+
+
+@contextlib.contextmanager
+def weights_only_loads(where: Path) -> Iterator[None]:
+    """Every `torch.load` inside (DeepSpeed's own, which pass `weights_only=False`, included) runs torch's
+    weights-only unpickler (`TORCH_FORCE_WEIGHTS_ONLY_LOAD`), admitting tensors, plain data and the DeepSpeed
+    objects above: a checkpoint file that names anything else is refused in one line and nothing of it runs."""
+    import pickle
+
+    import torch
+
+    previous = os.environ.get(FORCE_WEIGHTS_ONLY)
+    os.environ[FORCE_WEIGHTS_ONLY] = "1"
+    try:
+        with torch.serialization.safe_globals(_deepspeed_globals()):
+            yield
+    except pickle.UnpicklingError as exc:
+        detail = next((line.strip() for line in str(exc).splitlines() if "GLOBAL" in line or "Unsupported" in line),
+                      str(exc).strip().splitlines()[0] if str(exc).strip() else "")
+        raise HyperofaError(
+            f"{where}: resume refused: a checkpoint file holds objects other than tensors and plain data, which "
+            f"loading would run ({detail[:160]})"
+        ) from None
+    finally:
+        if previous is None:
+            os.environ.pop(FORCE_WEIGHTS_ONLY, None)
+        else:
+            os.environ[FORCE_WEIGHTS_ONLY] = previous
+
+
 # --- resume provenance -----------------------------------------------------------------------------------------
 
 
@@ -181,9 +239,10 @@ def describe_changes(changes: dict[str, list[Any]]) -> str:
 
 def check_resume(ckpt_dir: Path, tag: str, fingerprint: dict[str, Any], *, allow: bool, allow_key: str,
                  position: str = "step") -> dict[str, Any]:
-    """The provenance the resumed job records in its checkpoints, after comparing checkpoint `tag`'s fingerprint
-    with this run's: a difference is one line naming each changed key, unless `allow` (then it is recorded as a
+    """The provenance the resumed job records in its checkpoints, after verifying checkpoint `tag`'s files against
+    the sha256 recorded at save time and comparing its fingerprint with this run's: a difference is one line naming each changed key, unless `allow` (then it is recorded as a
     change at the checkpoint's `position`, its step or epoch)."""
+    verify_checkpoint(ckpt_dir, tag)  # before anything of it is read, here or by the ranks
     info = read_client_info(ckpt_dir, tag) or {}
     recorded = info.get(PROVENANCE)
     at = info.get(position)

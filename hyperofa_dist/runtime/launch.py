@@ -1,9 +1,12 @@
 """The `deepspeed` launcher for both DeepSpeed jobs (hypernet, pretrain): command, hostfile, environment, clean-up.
 
 One node: N local ranks (`--num_gpus N`, which the runner also uses as the process count on a CPU-only machine;
-gloo there, NCCL on GPUs) on a free rendezvous port; GPUs picked by `include`/`exclude` or the user's
-CUDA_VISIBLE_DEVICES are named with `--include localhost:...` (`--num_gpus` would put the ranks on GPUs 0..N-1). Many nodes: `--hostfile`, `--num_nodes`, `--launcher`
-(launcher flags go before the module, DeepSpeed #662). The MLflow run rank 0 logs into travels in the job file,
+gloo there, NCCL on GPUs) on a free rendezvous port, whose store this process hosts on 127.0.0.1 only (torch's
+rank 0 would listen on every interface), with gloo's and NCCL's sockets on loopback too; GPUs picked by
+`include`/`exclude` or the user's CUDA_VISIBLE_DEVICES are named with `--include localhost:...` (`--num_gpus` would
+put the ranks on GPUs 0..N-1). Many nodes: `--hostfile`, `--num_nodes`, `--launcher` (launcher flags go before the
+module, DeepSpeed #662); pdsh gets the job's arguments quoted for its remote shell. The MLflow run rank 0 logs into
+travels in the job file,
 which every rank reads, local or remote.
 
 Every rank runs under its supervisor (runtime/rank.py), which logs it, records how it ended and stops it when the
@@ -16,8 +19,10 @@ segments of dead launches from /dev/shm and ends by removing its own (runtime/sh
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import shlex
 import signal
 import socket
 import subprocess
@@ -25,7 +30,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from ..errors import HyperofaError
 from ..formats.jobdir import clear_exit_records, read_exit_records
@@ -176,6 +181,32 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def remote_shell_arguments(cmd: list[str]) -> list[str]:
+    """`cmd` as a pdsh launch must be given it. DeepSpeed's pdsh runner joins the working directory (`cd <cwd>;`),
+    the interpreter and the job's arguments into one remote shell command, quoting none of them (an argument
+    with a space only goes into double quotes, where `$` and backticks still run). The job's arguments (the job
+    file's path) are quoted here so the remote shell reads them back unchanged; the working directory and the
+    interpreter, which DeepSpeed writes itself, must need no quoting, or the launch is refused in one line."""
+    if "--launcher" not in cmd or cmd[cmd.index("--launcher") + 1] != "pdsh":
+        return cmd
+    for what, value in (("working directory", os.path.abspath(".")), ("python interpreter", sys.executable)):
+        if shlex.quote(value) != value:
+            raise HyperofaError(
+                f"{value}: DeepSpeed's pdsh launcher passes the {what} unquoted through a remote shell; use one whose "
+                "path has only letters, digits and @%+=:,./- (a pdsh launch from here would run parts of it as commands)"
+            )
+    start = cmd.index("--module") + 1
+    return cmd[:start] + [_pdsh_quoted(arg) for arg in cmd[start:]]
+
+
+def _pdsh_quoted(arg: str) -> str:
+    if " " not in arg:
+        return shlex.quote(arg)
+    # DeepSpeed puts an argument with a space into double quotes itself (escaping `"`): escape what stays
+    # special there.
+    return arg.replace("\\", "\\\\").replace("$", "\\$").replace("`", "\\`")
+
+
 def _ephemeral_low() -> int:
     try:
         return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
@@ -190,6 +221,35 @@ def _bindable(port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+LOOPBACK = "127.0.0.1"
+
+
+@contextlib.contextmanager
+def loopback_rendezvous(port: int) -> Iterator[dict[str, str]]:
+    """For a local launch: rank 0's rendezvous store, hosted here on 127.0.0.1:`port` only, and the environment
+    that makes every rank a client of it and keeps gloo's and NCCL's sockets on loopback too. Left to itself,
+    torch's rank 0 would host the store on all interfaces, open to any host that can reach the port."""
+    import datetime
+
+    import torch.distributed as dist
+
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((LOOPBACK, port))
+        listener.listen(256)
+        store = dist.TCPStore(LOOPBACK, port, None, True, timeout=datetime.timedelta(minutes=30),
+                              wait_for_workers=False, master_listen_fd=listener.fileno())
+    except (OSError, RuntimeError) as exc:
+        listener.close()
+        raise HyperofaError(f"cannot host the rendezvous store on {LOOPBACK}:{port} ({exc}); set another master_port") from None
+    listener.detach()  # the store owns the socket now, and closes it when it goes
+    try:
+        yield {"TORCHELASTIC_USE_AGENT_STORE": "True", "MASTER_ADDR": LOOPBACK}
+    finally:
+        del store
 
 
 def launch_command(
@@ -238,6 +298,7 @@ def run_launcher(cmd: list[str], capture: bool = False) -> LaunchResult:
 
     A SIGINT/SIGTERM to us is passed to the launch's process group; once the group has ended (or been killed
     GRACE_S later) the shared memory is removed and `Interrupted` is raised."""
+    launched = remote_shell_arguments(cmd)
     env = dict(os.environ)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env[DRIVER_ENV] = driver_env(identity())  # the supervisors stop their ranks once this process is gone
@@ -246,14 +307,18 @@ def run_launcher(cmd: list[str], capture: bool = False) -> LaunchResult:
         env.pop(VISIBLE_DEVICES, None)
     job_dir = Path(cmd[cmd.index("--job") + 1]).parent
     clear_exit_records(job_dir)
+    rendezvous = contextlib.ExitStack()  # a local launch's store, hosted by this process until the launch ends
     if local:
+        env.update(rendezvous.enter_context(loopback_rendezvous(int(cmd[cmd.index("--master_port") + 1]))))
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # the ranks' own connections: loopback, as the store
+        env.setdefault("NCCL_SOCKET_IFNAME", "lo")
         removed, freed = remove_orphan_segments()
         if removed:
             _say(f"removed {removed} shared-memory segments of killed launches from /dev/shm ({freed / 2**20:.0f} MiB)")
     received: list[int] = []
     killer: list[threading.Timer] = []
     proc = subprocess.Popen(
-        cmd, env=env, text=capture, start_new_session=True,
+        launched, env=env, text=capture, start_new_session=True,
         stdout=subprocess.PIPE if capture else 2,  # fd 2, so it also works under a replaced sys.stderr
         stderr=subprocess.STDOUT if capture else None,
     )
@@ -279,6 +344,7 @@ def run_launcher(cmd: list[str], capture: bool = False) -> LaunchResult:
             proc.wait()
         if local:
             remove_shm_buffers(cmd[cmd.index("--master_port") + 1])
+        rendezvous.close()
     failure = None
     if proc.returncode != 0 or received:
         failure = describe_rank_failure(read_exit_records(job_dir), _local_ranks(cmd) if local else None)

@@ -57,7 +57,9 @@ def run(config: Config, tracker: Any) -> int:
         refuse_train_bpe(source, "source.tokenizer" if config.source.tokenizer else "source.model")
     config.run_dir.mkdir(parents=True, exist_ok=True)
     build = config.run_dir / f".{STAGE}.build-{socket.gethostname()}-{os.getpid()}"
-    if build.exists():
+    if build.is_symlink():  # a predictable name: a link planted there goes, never what it points to
+        build.unlink()
+    elif build.exists():
         shutil.rmtree(build)
     build.mkdir()
     try:

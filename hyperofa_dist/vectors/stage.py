@@ -10,7 +10,7 @@ from ..config import Config
 from ..errors import HyperofaError
 from ..formats.files import sha256_file
 from ..formats.rundir import Stage
-from ..formats.vectors import STAGE, save_keyed_vectors, trained_vectors_path
+from ..formats.vectors import STAGE, save_word_vectors, trained_vectors_path
 from ..runtime import preflight
 from ..runtime.stage import StageShell
 from .train import corpus_languages, train_vectors
@@ -47,7 +47,7 @@ def run(config: Config, tracker: Any) -> int:
             lowercase=settings.lowercase,
         )
         path = trained_vectors_path(config.run_dir)
-        written = save_keyed_vectors(kv, path)
+        written = save_word_vectors(path, list(kv.index_to_key), kv.vectors)
         per_lang: dict[str, int] = {}
         for word in kv.index_to_key:
             per_lang[word[:3]] = per_lang.get(word[:3], 0) + 1
