@@ -17,6 +17,7 @@ from hyperofa_dist.errors import HyperofaError
 from hyperofa_dist.formats.corpus import HELDOUT, Unit, read_unit_sentences
 from hyperofa_dist.formats.files import atomic_write_json
 from hyperofa_dist.formats.shards import SPLITS, build_shards, write_shard
+from hyperofa_dist.formats.tokenizer import worker_backend
 
 from .packing import Specials, flatten_ids, pack_sentences
 from .sampling import ChunkPlan, all_heldout_plan, kept_order, select_sentences, unbudgeted_plan
@@ -200,3 +201,17 @@ def process_chunk(
     return record
 
 
+# --- the Ray tasks (here, not in the stage: a worker imports only this module's light dependencies) -----------------
+
+
+def count_sentences(units: list[Unit], normalization: str) -> list[int]:
+    return [count_unit(unit, normalization) for unit in units]
+
+
+def prepare_chunks(jobs: list[ChunkJob], settings: Settings, tokenizer_json: str) -> list[dict[str, Any]]:
+    tokenizer = worker_backend(tokenizer_json)
+    writes = BackgroundWrites()
+    try:
+        return [process_chunk(job, settings, tokenizer, writes) for job in jobs]
+    finally:
+        writes.close()  # every chunk's shards and record are on disk before the task reports them

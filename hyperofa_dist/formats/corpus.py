@@ -31,10 +31,12 @@ import sys
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional
 
-from ..config import LANG_CODE, CorpusConfig
 from ..errors import HyperofaError
+
+if TYPE_CHECKING:  # Ray workers import this module to read units; the config's pydantic models are the driver's
+    from ..config import CorpusConfig
 
 TEXT_SUFFIXES = (".txt", ".txt.gz")
 TABLE_SUFFIXES = (".parquet", ".jsonl", ".json", ".jsonl.gz", ".json.gz")
@@ -107,6 +109,8 @@ def say(message: str) -> None:
 
 def discover(corpus: CorpusConfig) -> list[LanguageSource]:
     """The corpus's languages, sorted; fatal errors name the offending path."""
+    from ..config import LANG_CODE
+
     if corpus.format == "hub":
         return _discover_hub(corpus)
     if corpus.path is None:
@@ -249,6 +253,8 @@ def _discover_hub(corpus: CorpusConfig) -> list[LanguageSource]:
 
 def hub_sources(corpus: CorpusConfig, sha: str, paths: Iterable[str]) -> list[LanguageSource]:
     """The languages of a hub dataset from its file list at commit `sha` (`<lang>/<split>/<file>`)."""
+    from ..config import LANG_CODE
+
     by_lang: dict[str, dict[str, list[str]]] = {}
     for path in sorted(paths):
         parts = path.split("/")
