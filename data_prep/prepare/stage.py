@@ -37,13 +37,12 @@ from hyperofa_dist.formats.tokenizer import (
     load_tokenizer,
     target_tokenizer_dir,
     tokenizer_fingerprint,
-    worker_backend,
 )
 from hyperofa_dist.runtime import preflight
 from hyperofa_dist.runtime.ray import ray_session, run_tasks
 from hyperofa_dist.runtime.stage import StageShell
 
-from .chunk import RECORDS, BackgroundWrites, ChunkJob, Settings, count_unit, process_chunk, record_path
+from .chunk import RECORDS, ChunkJob, Settings, count_sentences, prepare_chunks, record_path
 from .packing import RULES, Specials
 from .sampling import ChunkPlan, all_heldout_plan, needs_corpus_counts, plan_chunks
 
@@ -52,20 +51,7 @@ READ_STATS = ("lines", "empty", "invalid_utf8", "cr_line_ends", "sentences", "tr
 RETRIES_KEY = "prepare.max_retries"
 
 
-# --- the Ray tasks -------------------------------------------------------------------------------------------
-
-
-def count_sentences(units: list[Unit], normalization: str) -> list[int]:
-    return [count_unit(unit, normalization) for unit in units]
-
-
-def prepare_chunks(jobs: list[ChunkJob], settings: Settings, tokenizer_json: str) -> list[dict[str, Any]]:
-    tokenizer = worker_backend(tokenizer_json)
-    writes = BackgroundWrites()
-    try:
-        return [process_chunk(job, settings, tokenizer, writes) for job in jobs]
-    finally:
-        writes.close()  # every chunk's shards and record are on disk before the task reports them
+# --- grouping units into Ray tasks ------------------------------------------------------------------------------
 
 
 def group_units(units: list[Unit], chunk_bytes: int) -> list[list[Unit]]:

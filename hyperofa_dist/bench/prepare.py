@@ -3,7 +3,8 @@
 Baseline: the target tokenizer's batched encoder (`encode_batch_fast`, one thread) on the corpus's normalised
 sentences, already in memory: the most this stage could do per core if reading, normalising, sampling,
 packing and writing cost nothing. Then the whole stage (read, normalise, count, sample, tokenize, pack,
-write shards and manifest) with a local Ray of 1 and of 2 CPUs; Ray's start-up is timed apart and excluded.
+write shards and manifest) with a local Ray of 1 and of 2 CPUs; Ray's start-up (booting the workers, and each
+worker's one-time import of the stage's task module) is timed apart and excluded.
 Every sentence is kept once (no temperature budget), so both sides encode exactly the same text.
 """
 
@@ -29,6 +30,8 @@ from ..runtime.ray import ray_session, wait_for_workers
 from ..tracking import NullTracker
 
 MIN_CORPUS_BYTES = 20 * 2**20
+# The module of prepare's Ray tasks: each worker imports it once, before the timing (start-up, like Ray's own).
+TASK_MODULE = "data_prep.prepare.chunk"
 MIN_TASKS = 24  # per run, so two workers stay busy to the end and a slow last task cannot dominate
 
 
@@ -71,7 +74,7 @@ def timed_prepare(config: Config) -> dict[str, Any]:
     """The prepare stage itself (through the registry, as the CLI runs it) inside a Ray whose start is timed apart."""
     started = time.perf_counter()
     with ray_session(config):
-        wait_for_workers(config.ray.num_cpus)
+        wait_for_workers(config.ray.num_cpus, imports=(TASK_MODULE,))
         startup = time.perf_counter() - started
         began = time.perf_counter()
         command("prepare").load()(config, NullTracker())

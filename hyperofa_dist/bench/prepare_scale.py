@@ -28,6 +28,7 @@ from ..formats.shards import STAGE
 from ..registry import command
 from ..runtime.ray import ray_session, wait_for_workers
 from ..tracking import NullTracker
+from .prepare import TASK_MODULE
 
 SCALES = (1, 4, 16)
 BASE_BYTES = 8 << 20  # text of the 1x language
@@ -88,7 +89,7 @@ def _config(config: Config, run_dir: Path, corpus: Path, tokenizer: Path, chunk_
 def measure(config: Config) -> dict[str, Any]:
     workers = config.ray.num_cpus
     with ray_session(config):
-        wait_for_workers(workers)
+        wait_for_workers(workers, imports=(TASK_MODULE,))
         started = time.perf_counter()
         command("prepare").load()(config, NullTracker())
         seconds = time.perf_counter() - started

@@ -31,12 +31,14 @@ import sys
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional
 
-from ..config import LANG_CODE, CorpusConfig
 from ..langcodes import standard_code
 from ..errors import HyperofaError
 from .text import cr_line_ends, split_lines
+
+if TYPE_CHECKING:  # Ray workers import this module to read units; the config's pydantic models are the driver's
+    from ..config import CorpusConfig
 
 TEXT_SUFFIXES = (".txt", ".txt.gz")
 TABLE_SUFFIXES = (".parquet", ".jsonl", ".json", ".jsonl.gz", ".json.gz")
@@ -111,6 +113,8 @@ def say(message: str) -> None:
 
 def discover(corpus: CorpusConfig) -> list[LanguageSource]:
     """The corpus's languages, sorted; fatal errors name the offending path."""
+    from ..config import LANG_CODE
+
     if corpus.format == "hub":
         return _discover_hub(corpus)
     if corpus.path is None:
@@ -254,6 +258,8 @@ def _discover_hub(corpus: CorpusConfig) -> list[LanguageSource]:
 
 def hub_sources(corpus: CorpusConfig, sha: str, paths: Iterable[str]) -> list[LanguageSource]:
     """The languages of a hub dataset from its file list at commit `sha` (`<lang>/<split>/<file>`)."""
+    from ..config import LANG_CODE
+
     by_lang: dict[str, dict[str, list[str]]] = {}
     folder_of: dict[str, str] = {}  # Glot500-c's own folder name (jpn_Japn) of a standard code (jpn_Jpan)
     for path in sorted(paths):

@@ -114,23 +114,26 @@ def _task_error(exc: Exception, desc: str, retries_key: str) -> Exception:
     return exc
 
 
-def _pid() -> int:
+def _pid(imports: Sequence[str] = ()) -> int:
+    import importlib
     import time
 
+    for module in imports:
+        importlib.import_module(module)
     time.sleep(0.05)  # long enough that one worker cannot take every task of a round
     return os.getpid()
 
 
-def wait_for_workers(workers: int, rounds: int = 20) -> None:
-    """Block until `workers` Ray worker processes have run a task.
+def wait_for_workers(workers: int, rounds: int = 20, imports: Sequence[str] = ()) -> None:
+    """Block until `workers` Ray worker processes have run a task (that imported `imports`).
 
-    `ray.init` returns before its worker processes are up; benchmarks count that boot as Ray's start-up, not
-    as the stage's work."""
+    `ray.init` returns before its worker processes are up; benchmarks count that boot, and a worker's one-time
+    import of a stage's task module, as Ray's start-up, not as the stage's work."""
     import ray
 
     task = ray.remote(num_cpus=1)(_pid)
     seen: set[int] = set()
     for _ in range(rounds):
-        seen.update(ray.get([task.remote() for _ in range(workers)]))
+        seen.update(ray.get([task.remote(tuple(imports)) for _ in range(workers)]))
         if len(seen) >= workers:
             return
