@@ -340,7 +340,7 @@ class InitConfig(Section):
     method: Literal["hyperofa", "ofa", "random", "mean"] = Field(
         "hyperofa",
         description="How non-copied tokens get coordinates: hypernetwork predictions or OFA (covered tokens), random, "
-        "or mean: the mean of the source pieces of the token's string (BPE and Unigram sources).",
+        "or mean: the mean of the source pieces of the token's string (BPE, Unigram and WordPiece sources).",
     )
     top_k: int = Field(10, ge=1, description="OFA: source neighbours combined per new token.")
     ofa_weighting: Literal["spellings", "unique"] = Field(

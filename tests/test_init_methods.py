@@ -1,0 +1,117 @@
+"""Every init method on a BERT-family (WordPiece) source, and the mean of WordPiece pieces."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from hyperofa_dist import synthetic
+from hyperofa_dist.cli import main as cli_main
+from hyperofa_dist.formats import init as init_format
+from hyperofa_dist.formats.mapping import load_mapping
+from hyperofa_dist.init import assemble as asm
+from hyperofa_dist.init.mean import wordpiece_split
+
+METHODS = ("random", "ofa", "hyperofa", "mean")
+
+
+def test_wordpiece_split_continues_a_word_for_continuation_tokens():
+    vocab = {"[UNK]": 0, "a": 1, "ab": 2, "abc": 3, "##a": 4, "##ab": 5, "##c": 6, "c": 7, "##b": 8}
+    split = wordpiece_split(vocab, 0)
+    assert split("abc") == [3]  # longest match first
+    assert split("abca") == [3, 4]  # after the first piece every piece is a continuation piece
+    assert split("##abc") == [5, 6]  # a continuation token: `##ab`, not the word-initial `abc`
+    assert split("##cab") == [6, 5]
+    assert split("##a") == [4] and split("a") == [1]
+    assert split("abx") == [0] and split("##x") == [0]  # a character no piece covers: the unknown token
+    assert wordpiece_split(vocab, 0, max_chars=3)("abca") == [0]  # over max_input_chars_per_word, as WordPiece
+
+
+def test_wordpiece_split_of_a_word_is_the_source_models_own(source_tokenizers, small_corpus):
+    from transformers import AutoTokenizer
+
+    from hyperofa_dist.init.mean import piece_splitter
+
+    tok = AutoTokenizer.from_pretrained(str(source_tokenizers["bert"]))
+    split = piece_splitter(tok, tok)
+    model = tok.backend_tokenizer.model
+    words = sorted({w for line in synthetic.read_lines(small_corpus / "qab_Cyrl.txt.gz", 100) for w in line.split()}
+                   | {w for line in synthetic.read_lines(small_corpus / "qaa_Latn.txt", 100) for w in line.split()})
+    checked = 0
+    for word in words:
+        word = tok.backend_tokenizer.normalizer.normalize_str(word)
+        if not word.isalpha():
+            continue
+        assert split(word) == [t.id for t in model.tokenize(word)], word
+        checked += 1
+    assert checked > 100
+
+
+def hyperofa_predictions(run_dir, seed: int = 0) -> int:
+    """The hypernet stage's predictions for `run_dir`'s mapping, made by its own inference code with a seeded,
+    untrained BiLSTM (training is the hypernet stage's business and is tested there)."""
+    from hyperofa_dist.formats import hypernet as fmt
+    from hyperofa_dist.hypernet.data import WordTable
+    from hyperofa_dist.hypernet.models import build_model
+    from hyperofa_dist.hypernet.predict import predict_all
+
+    mapping = load_mapping(run_dir)
+    torch.manual_seed(seed)
+    model = build_model("bilstm", word_dim=mapping.word_dim, k=mapping.k, num_layers=1, hidden_size=16,
+                        num_heads=1, dropout=0.0)
+    stage = fmt.stage_of(run_dir)
+    stage.begin("test")
+    metrics = predict_all(
+        model, WordTable(mapping.word_vectors_path), source=mapping.source_postings, target=mapping.target_postings,
+        coordinates=np.asarray(mapping.source_coordinates), copied=mapping.overlap_target,
+        test_ids=mapping.split["test"], out_dir=stage.path, batch_size=64, cap=32, device=torch.device("cpu"),
+    )
+    stage.write_manifest(config={}, inputs={"test": seed},
+                         outputs=[fmt.PREDICTED_IDS, fmt.PREDICTED_ROWS, fmt.TEST_IDS, fmt.TEST_ROWS])
+    return metrics["predicted_count"]
+
+
+def test_all_four_methods_run_on_a_bert_source(init_worlds, prepare_format, small_corpus, tmp_path, one_thread):
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    w = init_worlds.fresh_run(init_worlds.get("bert", k=8), tmp_path / "run")
+    tok = AutoTokenizer.from_pretrained(str(w.target_tokenizer))
+    source_tok = AutoTokenizer.from_pretrained(str(w.source_model))
+    langs = ("qac_Latn", "qad_Grek")
+    blocks = {lang: {"heldout": prepare_format.framed_blocks(tok, synthetic.read_lines(small_corpus / f"{lang}.txt", 80),
+                                                             32)[:4]} for lang in langs}
+    prepare_format.write(w.run_dir / "prepare", blocks, w.target_tokenizer, 32)
+    assert hyperofa_predictions(w.run_dir) > 50
+    code = {"ofa": asm.OFA, "hyperofa": asm.HYPEROFA, "mean": asm.MEAN, "random": asm.RANDOM}
+    mapping = load_mapping(w.run_dir)
+    for method in METHODS:
+        assert cli_main(["init", *w.overrides(f"init.method={method}", "init.heldout_blocks=4")]) == 0, method
+        out = init_format.model_dir(w.run_dir, method)
+        model = AutoModelForMaskedLM.from_pretrained(str(out)).eval()
+        assert model.config.model_type == "bert" and model.config.vocab_size == len(tok)
+        provenance = np.load(out.parent / init_format.PROVENANCE)
+        assert (provenance == code[method]).sum() > 50, method
+        quality = json.loads((out.parent / init_format.QUALITY).read_text())
+        loss = quality["new_token_mlm"]["loss"]
+        assert set(loss) == {*langs, "average"} and all(np.isfinite(v) for v in loss.values())
+
+    # mean: word-initial and continuation tokens alike are the mean of the source's pieces for them
+    coordinates = np.load(w.run_dir / "init" / "mean" / init_format.COORDINATES)
+    provenance = np.load(w.run_dir / "init" / "mean" / init_format.PROVENANCE)
+    means = np.flatnonzero(provenance == asm.MEAN)
+    strings = tok.convert_ids_to_tokens([int(i) for i in means])
+    continuation = [i for i, s in zip(means, strings) if s.startswith("##")]
+    initial = [i for i, s in zip(means, strings) if not s.startswith("##")]
+    assert len(continuation) > 20 and len(initial) > 20
+    source_vocab = source_tok.get_vocab()
+    for token_id in continuation[::7] + initial[::7]:
+        text = tok.convert_ids_to_tokens(int(token_id))
+        pieces = wordpiece_split(source_vocab, source_tok.unk_token_id)(text)
+        names = source_tok.convert_ids_to_tokens(pieces)
+        assert "".join(n.removeprefix("##") for n in names) == text.removeprefix("##")
+        assert all(n.startswith("##") for n in names[1:])
+        assert names[0].startswith("##") == text.startswith("##")
+        np.testing.assert_allclose(coordinates[token_id], mapping.source_coordinates[pieces].mean(0), atol=1e-6)
