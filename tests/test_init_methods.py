@@ -1,4 +1,5 @@
-"""Every init method on a BERT-family (WordPiece) source, and the mean of WordPiece pieces."""
+"""Every init method on a BERT-family (WordPiece) source, the mean of WordPiece pieces, and the row statistics of
+the expanded embeddings (quality.json, manifest, MLflow)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ from hyperofa_dist import synthetic
 from hyperofa_dist.cli import main as cli_main
 from hyperofa_dist.formats import init as init_format
 from hyperofa_dist.formats.mapping import load_mapping
+from hyperofa_dist.formats.rundir import Stage
 from hyperofa_dist.init import assemble as asm
 from hyperofa_dist.init.mean import wordpiece_split
+from hyperofa_dist.init.rows import row_metrics, row_statistics
 
 METHODS = ("random", "ofa", "hyperofa", "mean")
 
@@ -97,6 +100,8 @@ def test_all_four_methods_run_on_a_bert_source(init_worlds, prepare_format, smal
         quality = json.loads((out.parent / init_format.QUALITY).read_text())
         loss = quality["new_token_mlm"]["loss"]
         assert set(loss) == {*langs, "average"} and all(np.isfinite(v) for v in loss.values())
+        assert {"copy", "new", method} <= set(quality["rows"])
+        assert quality["rows"]["new"]["rows"] == int((provenance != asm.COPY).sum())
 
     # mean: word-initial and continuation tokens alike are the mean of the source's pieces for them
     coordinates = np.load(w.run_dir / "init" / "mean" / init_format.COORDINATES)
@@ -115,3 +120,51 @@ def test_all_four_methods_run_on_a_bert_source(init_worlds, prepare_format, smal
         assert all(n.startswith("##") for n in names[1:])
         assert names[0].startswith("##") == text.startswith("##")
         np.testing.assert_allclose(coordinates[token_id], mapping.source_coordinates[pieces].mean(0), atol=1e-6)
+
+
+# --- row statistics --------------------------------------------------------------------------------------------
+
+
+def test_row_statistics_of_a_hand_built_example():
+    # P scales the first coordinate by 2: E rows are copy (1, 0), (0, 2); hyperofa (3, 0) twice; random (0, -1).
+    primitives = np.array([[2.0, 0.0], [0.0, 1.0]], dtype=np.float32)
+    coordinates = np.array([[0.5, 0], [1.5, 0], [0, -1], [0, 2], [1.5, 0]], dtype=np.float32)
+    provenance = np.array([asm.COPY, asm.HYPEROFA, asm.RANDOM, asm.COPY, asm.HYPEROFA], dtype=np.uint8)
+    for chunk in (2, 100):  # chunk boundaries do not change the sums
+        stats = row_statistics(coordinates, primitives, provenance, chunk=chunk)
+        assert list(stats) == ["copy", "new", "hyperofa", "random"]
+        copy, new, hyper, rand = stats["copy"], stats["new"], stats["hyperofa"], stats["random"]
+        assert copy == pytest.approx({"rows": 2, "norm_mean": 1.5, "norm_sd": 0.5, "mean_norm": np.sqrt(1.25),
+                                      "mean_share": 0.5})
+        assert hyper == pytest.approx({"rows": 2, "norm_mean": 3.0, "norm_sd": 0.0, "mean_norm": 3.0,
+                                       "mean_share": 1.0, "cosine_to_copy_mean": 1 / np.sqrt(5)})
+        assert rand == pytest.approx({"rows": 1, "norm_mean": 1.0, "norm_sd": 0.0, "mean_norm": 1.0,
+                                      "mean_share": 1.0, "cosine_to_copy_mean": -2 / np.sqrt(5)})
+        # new: (3, 0), (3, 0), (0, -1): norms 3, 3, 1; mean row (2, -1/3)
+        assert new == pytest.approx({"rows": 3, "norm_mean": 7 / 3, "norm_sd": np.sqrt(8) / 3,
+                                     "mean_norm": np.sqrt(37) / 3, "mean_share": 37 / 57,
+                                     "cosine_to_copy_mean": (2 / 3) / (np.sqrt(37) / 3 * np.sqrt(1.25))})
+    metrics = row_metrics(stats)
+    assert metrics["rows/new/mean_norm"] == pytest.approx(np.sqrt(37) / 3) and metrics["rows/copy/rows"] == 2
+    assert "rows/copy/cosine_to_copy_mean" not in metrics
+
+
+def test_init_writes_row_statistics_to_quality_manifest_and_mlflow(init_worlds, tmp_path, one_thread, capsys):
+    from mlflow.tracking import MlflowClient
+
+    w = init_worlds.fresh_run(init_worlds.get("xlmr", k=8), tmp_path / "run")
+    assert cli_main(["init", *w.overrides("init.method=random", "tracking.enabled=true")]) == 0
+    out = w.run_dir / "init" / "random"
+    expected = row_statistics(np.load(out / init_format.COORDINATES), np.load(out / init_format.PRIMITIVES),
+                              np.load(out / init_format.PROVENANCE))
+    assert set(expected) == {"copy", "new", "random"}
+    flat = row_metrics(expected)
+    assert row_metrics(json.loads((out / init_format.QUALITY).read_text())["rows"]) == pytest.approx(flat)
+    assert row_metrics(Stage(w.run_dir, "init/random").require()["rows"]) == pytest.approx(flat)
+    client = MlflowClient(tracking_uri=f"sqlite:///{w.run_dir / 'mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name("hyperofa").experiment_id],
+                             filter_string="attributes.run_name = 'init/random'")[0]
+    for name, value in flat.items():
+        assert run.data.metrics[name] == pytest.approx(value)
+    new = expected["new"]
+    assert f"new rows: norm {new['norm_mean']:.3g} ± {new['norm_sd']:.3g}" in capsys.readouterr().err
