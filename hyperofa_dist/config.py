@@ -558,6 +558,16 @@ class HypernetConfig(LaunchConfig):
     augment_threshold: int = Field(4, ge=0, description="Only lists longer than this are sub-sampled.")
     augment_min_fraction: float = Field(0.5, gt=0.0, le=1.0, description="Smallest kept share of a sub-sampled list.")
     group_factor: int = Field(40, ge=1, description="Batches per length-sorted group of the sampler.")
+    shuffle_words: bool = Field(
+        False,
+        description="Read every training word list in a fresh seeded order each epoch (the report's shuffle); false: "
+        "ascending word index, except the augmented half (a random subset in random order).",
+    )
+    select_every: int = Field(
+        1, ge=1,
+        description="The best model (lowest validation loss) is chosen among the models after every N-th epoch and "
+        "the last (the reference: 20); 1: every epoch.",
+    )
     checkpoint_every: int = Execution(10, ge=1, description="Checkpoint (all ranks) every N epochs, and at the end.")
     keep_checkpoints: int = Execution(2, ge=1, description="Newest checkpoints kept.")
     early_stopping_patience: Optional[int] = Field(

@@ -134,6 +134,42 @@ def test_a_long_list_keeps_a_fixed_sample_spread_over_the_whole_list():
     np.testing.assert_array_equal(trained.words[0].numpy(), batch.words[0].numpy())
 
 
+def test_shuffle_words_reads_every_training_list_in_a_fresh_seeded_order():
+    """hypernet.shuffle_words: a list that is not sub-sampled is read in a random order (the same words), another
+    order under another (seed, epoch, rank) generator; off, it is read in ascending word index."""
+    words = np.arange(100, 130)
+    short = np.arange(3)  # too short to be sub-sampled: still shuffled
+    shuffled = AugmentSpec(prob=0.0, shuffle=True)
+    a = augment(words, np.random.default_rng(1), shuffled, 256)
+    assert sorted(a) == list(words) and not np.array_equal(a, words)
+    np.testing.assert_array_equal(augment(words, np.random.default_rng(1), shuffled, 256), a)  # seeded
+    assert not np.array_equal(augment(words, np.random.default_rng(2), shuffled, 256), a)
+    assert sorted(augment(short, np.random.default_rng(3), shuffled, 256)) == [0, 1, 2]
+    orders = {tuple(augment(short, np.random.default_rng(s), shuffled, 256)) for s in range(40)}
+    assert len(orders) == 6  # every order of three words occurs
+    np.testing.assert_array_equal(augment(words, np.random.default_rng(1), AugmentSpec(prob=0.0), 256), words)
+    # capped lists: the fixed context (seeded sample), shuffled
+    fixed = context_words(np.arange(1000), 8, 5, ContextRule("sample", 0, "source"))
+    out = augment(np.arange(1000), np.random.default_rng(0), shuffled, 8, fixed)
+    assert sorted(out) == list(fixed) and not np.array_equal(out, fixed)
+
+
+def test_shuffle_words_and_select_every_reach_the_training_job(tmp_path, hypernet_kit):
+    from hyperofa_dist.hypernet.train import augment_spec
+
+    m = hypernet_kit.mapping(tmp_path)
+    assert augment_spec(hypernet_kit.config(m).hypernet).shuffle is False
+    assert augment_spec(hypernet_kit.config(m, "hypernet.shuffle_words=true").hypernet).shuffle is True
+    assert hypernet_kit.config(m).hypernet.select_every == 1
+
+
+def test_best_model_candidates_every_n_epochs_and_the_last():
+    assert [e for e in range(100) if loop.selects(e, 20, 100)] == [19, 39, 59, 79, 99]
+    assert [e for e in range(50) if loop.selects(e, 20, 50)] == [19, 39, 49]  # the last epoch always counts
+    assert [e for e in range(5) if loop.selects(e, 1, 5)] == [0, 1, 2, 3, 4]
+    assert [e for e in range(5) if loop.selects(e, 20, 5)] == [4]
+
+
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_rank_batches_partition_the_epoch(world):
     rng = np.random.default_rng(0)
