@@ -363,6 +363,11 @@ class InitConfig(Section):
         None, ge=1, description="Pad the model's vocabulary rows to a multiple of this (e.g. 64); unset: no padding."
     )
     seed: Optional[int] = Field(None, ge=0, description="Seed of the random rows; unset means run.seed.")
+    recentre: bool = Field(
+        False,
+        description="Shift the method's predicted rows (hyperofa, ofa, mean) in coordinate space so that their mean "
+        "is the copied rows' mean; their spread is kept.",
+    )
 
 
 EVAL_TASKS = ("srt", "srb", "pos", "ner", "mlm")  # the default: a masked LM's tasks

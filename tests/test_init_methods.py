@@ -168,3 +168,44 @@ def test_init_writes_row_statistics_to_quality_manifest_and_mlflow(init_worlds, 
         assert run.data.metrics[name] == pytest.approx(value)
     new = expected["new"]
     assert f"new rows: norm {new['norm_mean']:.3g} ± {new['norm_sd']:.3g}" in capsys.readouterr().err
+
+
+# --- init.recentre ---------------------------------------------------------------------------------------------
+
+
+def test_recentre_moves_the_predicted_rows_mean_onto_the_copied_rows_mean():
+    coordinates = np.array([[1, 1], [3, 1], [10, 0], [12, 4], [5, 5]], dtype=np.float32)
+    provenance = np.array([asm.COPY, asm.COPY, asm.OFA, asm.OFA, asm.RANDOM], dtype=np.uint8)
+    shift = asm.recentre(coordinates, provenance, asm.OFA)
+    np.testing.assert_allclose(shift, [-9, -1])  # copied mean (2, 1) minus OFA mean (11, 2)
+    np.testing.assert_allclose(coordinates, [[1, 1], [3, 1], [1, -1], [3, 3], [5, 5]])  # others untouched
+    assert not asm.recentre(coordinates, provenance, asm.HYPEROFA).any()  # no such rows: nothing moves
+
+
+def test_init_recentre_shifts_only_the_predicted_rows(init_worlds, tmp_path, one_thread):
+    from hyperofa_dist.hypernet.predict import tokens_to_predict
+
+    w = init_worlds.fresh_run(init_worlds.get("xlmr", k=8), tmp_path / "run")
+    mapping = load_mapping(w.run_dir)
+    ids = tokens_to_predict(mapping.target_postings, mapping.overlap_target)
+    rows = np.random.default_rng(0).standard_normal((len(ids), w.k)).astype(np.float32) * 0.05 + 0.2
+    init_worlds.write_hypernet(w.run_dir, ids, rows)
+    plain, moved = init_worlds.fresh_run(w, tmp_path / "plain"), w
+    init_worlds.write_hypernet(plain.run_dir, ids, rows)
+    assert cli_main(["init", *plain.overrides("init.method=hyperofa")]) == 0
+    assert cli_main(["init", *moved.overrides("init.method=hyperofa", "init.recentre=true")]) == 0
+    (a, pa), (b, pb) = ((np.load(r.run_dir / "init/hyperofa" / init_format.COORDINATES),
+                         np.load(r.run_dir / "init/hyperofa" / init_format.PROVENANCE)) for r in (plain, moved))
+    np.testing.assert_array_equal(pa, pb)
+    predicted, copied = pa == asm.HYPEROFA, pa == asm.COPY
+    np.testing.assert_array_equal(a[~predicted], b[~predicted])
+    shift = b[predicted] - a[predicted]
+    np.testing.assert_allclose(shift, np.broadcast_to(shift[0], shift.shape), atol=1e-6)  # one shift for all
+    np.testing.assert_allclose(b[predicted].mean(0), b[copied].mean(0), atol=1e-6)
+    stats = {name: json.loads((r.run_dir / "init/hyperofa" / init_format.QUALITY).read_text())["rows"]
+             for name, r in (("plain", plain), ("moved", moved))}
+    assert stats["plain"]["hyperofa"]["cosine_to_copy_mean"] < 0.9
+    assert stats["moved"]["hyperofa"]["cosine_to_copy_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert stats["moved"]["hyperofa"]["mean_norm"] == pytest.approx(stats["moved"]["copy"]["mean_norm"], rel=1e-4)
+    manifest = Stage(moved.run_dir, "init/hyperofa").require()
+    assert manifest["recentre_shift_norm"] == pytest.approx(float(np.linalg.norm(shift[0])), rel=1e-5)

@@ -267,6 +267,9 @@ def run(config: Config, tracker: Any) -> int:
             std,
             init_seed(config),
         )
+        shift = None
+        if config.init.recentre and method in asm.PREDICTED:
+            shift = asm.recentre(assembly.coordinates, assembly.provenance, asm.PREDICTED[method])
         embeddings = asm.full_embeddings(assembly.coordinates, mapping.primitives)
         assemble_s = time.perf_counter() - t1
 
@@ -323,6 +326,7 @@ def run(config: Config, tracker: Any) -> int:
                 "heldout_cosine": quality,
                 f"{loss_name}_loss": new_tokens.get("loss", {}),
                 "rows": rows,
+                **({"recentre_shift_norm": float(np.linalg.norm(shift))} if shift is not None else {}),
                 **ignored_settings({"source": config.source.tokenizer or config.source.model, "target": target_dir},
                                    shell.say),
             },
