@@ -1,8 +1,9 @@
 """`hyperofa bench variants`: the cheapest candidate fixes for HyperOFA's new rows (issue: its rows lose to OFA's at
 the new tokens' positions), judged at step 0 by the init stage's new-token MLM loss, so no continued pretraining.
 
-On the demo's generated world (built once) and for each of three run seeds: the demo's tokenizer, prepare, vectors
-and mapping stages, then
+On the demo's generated world (built once), or on `--corpus DIR` (a line-aligned corpus, `<iso>_<Script>.txt`) with
+the source model the overrides name (`source.model=...`: the real-text check, docs/METHOD.md §3.10), and for each
+of three run seeds: the demo config's tokenizer, prepare, vectors and mapping stages (overrides apply), then
 
     random                          the baseline every method must beat
     ofa, ofa+recentre               OFA, and OFA with its rows re-centred on the copied rows' mean (init.recentre)
@@ -62,13 +63,18 @@ def run(config: Any, args: Any) -> int:
     root = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="hyperofa-bench-variants-"))
     overrides = list(getattr(args, "overrides", []))
     base = load_config(DEMO_CONFIG, [*overrides, "tracking.enabled=false"])
-    world = build_world(root / "world", WorldSpec(seed=0, block_size=base.prepare.block_size))
+    corpus = getattr(args, "corpus", None)
+    if corpus:
+        corpus_dir, source_model = Path(corpus).resolve(), base.source.model
+    else:
+        world = build_world(root / "world", WorldSpec(seed=0, block_size=base.prepare.block_size))
+        corpus_dir, source_model = world.corpus, str(world.source_model)
     per_seed: dict[str, dict[str, list[float]]] = {name: {} for name in VARIANTS}
     try:
         for seed in SEEDS:
             run_dir = root / f"seed{seed}"
-            common = [f"run.dir={run_dir}", f"run.seed={seed}", f"source.model={world.source_model}",
-                      f"corpus.path={world.corpus}", *overrides, "tracking.enabled=false"]
+            common = [f"run.dir={run_dir}", f"run.seed={seed}", f"source.model={source_model}",
+                      f"corpus.path={corpus_dir}", *overrides, "tracking.enabled=false"]
             seed_config = load_config(DEMO_CONFIG, common)
             for name in ("tokenizer", "prepare", "vectors", "mapping"):
                 command(name).load()(seed_config, NullTracker())
@@ -95,6 +101,7 @@ def run(config: Any, args: Any) -> int:
                                                per_seed[parent]["new_token_mlm_loss"])))
         for variant, (_, _, _, parent) in VARIANTS.items() if parent is not None
     }
-    print(json.dumps({"bench": "variants", "seeds": list(SEEDS), "per_seed": per_seed, "mean": means,
+    print(json.dumps({"bench": "variants", "corpus": str(corpus_dir) if corpus else "generated", "source": source_model,
+                      "seeds": list(SEEDS), "per_seed": per_seed, "mean": means,
                       "seeds_with_lower_new_token_loss_than_the_unmodified_variant": wins}))
     return 0
