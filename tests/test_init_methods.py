@@ -84,8 +84,8 @@ def test_all_four_methods_run_on_a_bert_source(init_worlds, prepare_format, smal
     tok = AutoTokenizer.from_pretrained(str(w.target_tokenizer))
     source_tok = AutoTokenizer.from_pretrained(str(w.source_model))
     langs = ("qac_Latn", "qad_Grek")
-    blocks = {lang: {"heldout": prepare_format.framed_blocks(tok, synthetic.read_lines(small_corpus / f"{lang}.txt", 80),
-                                                             32)[:4]} for lang in langs}
+    lines = {lang: synthetic.read_lines(small_corpus / f"{lang}.txt", 80) for lang in langs}
+    blocks = {lang: {"heldout": prepare_format.framed_blocks(tok, lines[lang], 32)[:4]} for lang in langs}
     prepare_format.write(w.run_dir / "prepare", blocks, w.target_tokenizer, 32)
     assert hyperofa_predictions(w.run_dir) > 50
     code = {"ofa": asm.OFA, "hyperofa": asm.HYPEROFA, "mean": asm.MEAN, "random": asm.RANDOM}

@@ -43,7 +43,8 @@ INIT_STAGE = "init"
 # The init stage's step-0 diagnostics that the summary shows per series (init/rows.py names the row statistics).
 INIT_SUMMARY = (
     "new_token_mlm_loss", "new_token_causal_loss",
-    *(f"rows/{group}/{stat}" for group in ("new", "copy") for stat in ("norm_mean", "norm_sd", "mean_norm", "mean_share")),
+    *(f"rows/{group}/{stat}" for group in ("new", "copy")
+      for stat in ("norm_mean", "norm_sd", "mean_norm", "mean_share")),
     "rows/new/cosine_to_copy_mean",
 )
 

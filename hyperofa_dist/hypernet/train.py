@@ -8,8 +8,8 @@ table once, builds the model, and drives a raw `deepspeed.initialize` engine: pe
 length-grouped batches (loop.train_epoch), then validation (loss and mean cosine) all-reduced over ranks.
 Checkpoints are written by all ranks every `checkpoint_every` epochs with client state (epoch, metric history, best
 loss); each rank also stores its RNG states next to them, so a resumed run reproduces an uninterrupted one. Rank 0
-keeps the best model by validation loss (weights only, no word table; a candidate every `select_every` epochs), logs per-epoch metrics to MLflow, and at the
-end predicts the new tokens' coordinates (predict.py).
+keeps the best model by validation loss (weights only, no word table; a candidate every `select_every` epochs and
+the last), logs per-epoch metrics to MLflow, and at the end predicts the new tokens' coordinates (predict.py).
 """
 
 from __future__ import annotations
@@ -221,7 +221,8 @@ class HypernetJob(JobContext):
                 save_npy(out_format.audit_path(self.out, epoch, self.rank),
                          np.concatenate(audit) if audit else np.zeros(0, np.int64))
 
-            improved = loop.selects(epoch, hp.select_every, hp.epochs) and (best_loss is None or row["val_loss"] < best_loss)
+            candidate = loop.selects(epoch, hp.select_every, hp.epochs)
+            improved = candidate and (best_loss is None or row["val_loss"] < best_loss)
             state = self.full_state_dict() if improved else None  # `improved` agrees on all ranks
             if improved:
                 best_loss, best_epoch, since_best = row["val_loss"], epoch, 0
