@@ -446,7 +446,7 @@ class InitConfig(Section):
     method: Literal["hyperofa", "ofa", "random", "mean"] = Field(
         "hyperofa",
         description="How non-copied tokens get coordinates: hypernetwork predictions or OFA (covered tokens), random, "
-        "or mean: the mean of the source pieces of the token's string (BPE and Unigram sources).",
+        "or mean: the mean of the source pieces of the token's string (BPE, Unigram and WordPiece sources).",
     )
     top_k: int = Field(10, ge=1, description="OFA: source neighbours combined per new token.")
     ofa_weighting: Literal["spellings", "unique"] = Field(
@@ -469,6 +469,11 @@ class InitConfig(Section):
         None, ge=1, description="Pad the model's vocabulary rows to a multiple of this (e.g. 64); unset: no padding."
     )
     seed: Optional[int] = Field(None, ge=0, description="Seed of the random rows; unset means run.seed.")
+    recentre: bool = Field(
+        False,
+        description="Shift the method's predicted rows (hyperofa, ofa, mean) in coordinate space so that their mean "
+        "is the copied rows' mean; their spread is kept.",
+    )
 
 
 EVAL_TASKS = ("srt", "srb", "pos", "ner", "mlm")  # the default: a masked LM's tasks
@@ -676,6 +681,16 @@ class HypernetConfig(LaunchConfig):
     augment_threshold: int = Field(4, ge=0, description="Only lists longer than this are sub-sampled.")
     augment_min_fraction: float = Field(0.5, gt=0.0, le=1.0, description="Smallest kept share of a sub-sampled list.")
     group_factor: int = Field(40, ge=1, description="Batches per length-sorted group of the sampler.")
+    shuffle_words: bool = Field(
+        False,
+        description="Read every training word list in a fresh seeded order each epoch (the report's shuffle); false: "
+        "ascending word index, except the augmented half (a random subset in random order).",
+    )
+    select_every: int = Field(
+        1, ge=1,
+        description="The best model (lowest validation loss) is chosen among the models after every N-th epoch and "
+        "the last (the reference: 20); 1: every epoch.",
+    )
     checkpoint_every: int = Execution(10, ge=1, description="Checkpoint (all ranks) every N epochs, and at the end.")
     keep_checkpoints: int = Execution(2, ge=1, description="Newest checkpoints kept.")
     early_stopping_patience: Optional[int] = Field(

@@ -128,6 +128,10 @@ BENCHES: tuple[Command, ...] = (
         "hyperofa_dist.bench.context:run",
     ),
     Command(
+        "variants", "step-0 new-token loss of OFA/HyperOFA variants: re-centred rows, shuffled word order (3 seeds)",
+        "hyperofa_dist.bench.variants:run",
+    ),
+    Command(
         "untied", "untied causal LM: one factorisation of [E_in | E_out] and one hypernetwork vs two (held-out cosine)",
         "hyperofa_dist.bench.untied:run",
     ),

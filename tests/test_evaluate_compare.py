@@ -217,3 +217,38 @@ def test_compare_bad_input(store, capsys, args, message):
 def test_compare_without_store_is_an_error(tmp_path, capsys):
     code = main(["compare", f"run.dir={tmp_path}", "tracking.enabled=false"])
     assert code == 2 and "no MLflow store to compare" in capsys.readouterr().err
+
+
+def test_summary_shows_the_init_stage_diagnostics_per_method(tmp_path):
+    """Init runs (new-token loss and row statistics, logged once) take part and give each series `<metric>@0`
+    columns; compare's patterns need not name them."""
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    log_pipeline(tmp_path / "k100", uri, "init-cmp", methods=("hyperofa", "random"))
+    config = load_config(None, [f"run.dir={tmp_path / 'k100'}", f"tracking.tracking_uri={uri}",
+                                "tracking.experiment=init-cmp"])
+    tracker = make_tracker(config)
+    logged = {"hyperofa": {"new_token_mlm_loss": 11.37, "rows/new/norm_mean": 0.38, "rows/new/mean_norm": 0.217,
+                           "rows/new/cosine_to_copy_mean": 0.12, "rows/copy/norm_mean": 0.82, "heldout_cosine": 0.1},
+              "mean": {"new_token_mlm_loss": 11.0, "rows/new/norm_mean": 0.5}}
+    with tracker.session("pipeline"):
+        for method, metrics in logged.items():
+            with tracker.stage(f"init/{method}", config, tags={METHOD_TAG: method}) as run:
+                run.log_metrics(metrics)
+    runs, _ = load_runs(open_store(uri), PATTERNS, "init-cmp")
+    assert {r.name for r in runs} >= {"init/hyperofa", "init/mean"}
+    result = core.compare(runs, PATTERNS)
+    assert result.init_metrics == ["new_token_mlm_loss", "rows/new/norm_mean", "rows/new/mean_norm",
+                                   "rows/copy/norm_mean", "rows/new/cosine_to_copy_mean"]
+    columns = core.summary_columns(result)
+    assert columns[-5:] == [f"{m}@0" for m in result.init_metrics]
+    summary = {r["method"]: r for r in result.summary}
+    assert set(summary) == {"hyperofa", "mean", "random"}
+    assert {m: summary["hyperofa"][f"{m}@0"] for m in result.init_metrics} == pytest.approx(
+        {m: v for m, v in logged["hyperofa"].items() if m != "heldout_cosine"})
+    assert summary["mean"]["new_token_mlm_loss@0"] == 11.0 and summary["mean"]["rows/new/mean_norm@0"] is None
+    assert summary["random"]["new_token_mlm_loss@0"] is None  # a series without an init run
+    assert summary["hyperofa"]["srt.average.top10@final"] == 9.1  # the pretraining/evaluation columns as before
+    assert "heldout_cosine@0" not in columns  # only the listed diagnostics
+    written = write(result, tmp_path / "out")
+    header = (written.output_dir / "summary.md").read_text().splitlines()[0]
+    assert header.endswith("| rows/copy/norm_mean@0 | rows/new/cosine_to_copy_mean@0 |")

@@ -28,6 +28,24 @@ def test_bilstm_has_the_reports_parameter_count():
     assert trainable_parameters(BiLSTMHypernet(200, 400, num_layers=2, hidden_size=1600)) == 87_412_400
 
 
+@pytest.mark.parametrize("config, parameters, temperature", [("xlmr-glot500", 210_343_600, 0.25),
+                                                             ("roberta-glot500", 22_125_900, 0.5)])
+def test_packaged_configs_train_the_reports_hypernetworks(config, parameters, temperature):
+    """Table 1: HN-X-400 (4 x 1600) for XLM-R k = 400, HN-R-100 (2 x 800) for RoBERTa k = 100; the report's
+    temperatures; RoBERTa's networks converged at epochs 370-470, so training runs past them."""
+    from hyperofa_dist.config import PACKAGED_CONFIGS, load_config
+
+    cfg = load_config(PACKAGED_CONFIGS / f"{config}.yaml", [])
+    hp = cfg.hypernet
+    with torch.device("meta"):  # counted without allocating 840 MB
+        model = build_model(hp.model, word_dim=200, k=cfg.mapping.num_primitives, num_layers=hp.num_layers,
+                            hidden_size=hp.hidden_size, num_heads=hp.num_heads, dropout=hp.dropout)
+    assert trainable_parameters(model) == parameters
+    assert hp.temperature == temperature and hp.dropout == 0.4 and hp.lr == 1e-4 and hp.batch_size == 256
+    if config == "roberta-glot500":
+        assert hp.epochs > 470 and hp.early_stopping_patience is None
+
+
 def test_setformer_matches_table_4_size():
     assert trainable_parameters(SetFormerHypernet(200, 100, num_layers=28, num_heads=10)) == 22_615_700
 
@@ -132,6 +150,42 @@ def test_a_long_list_keeps_a_fixed_sample_spread_over_the_whole_list():
     never = AugmentSpec(prob=0.0)
     trained = tokens.batch(np.array([0]), 8, np.random.default_rng(0), never)
     np.testing.assert_array_equal(trained.words[0].numpy(), batch.words[0].numpy())
+
+
+def test_shuffle_words_reads_every_training_list_in_a_fresh_seeded_order():
+    """hypernet.shuffle_words: a list that is not sub-sampled is read in a random order (the same words), another
+    order under another (seed, epoch, rank) generator; off, it is read in ascending word index."""
+    words = np.arange(100, 130)
+    short = np.arange(3)  # too short to be sub-sampled: still shuffled
+    shuffled = AugmentSpec(prob=0.0, shuffle=True)
+    a = augment(words, np.random.default_rng(1), shuffled, 256)
+    assert sorted(a) == list(words) and not np.array_equal(a, words)
+    np.testing.assert_array_equal(augment(words, np.random.default_rng(1), shuffled, 256), a)  # seeded
+    assert not np.array_equal(augment(words, np.random.default_rng(2), shuffled, 256), a)
+    assert sorted(augment(short, np.random.default_rng(3), shuffled, 256)) == [0, 1, 2]
+    orders = {tuple(augment(short, np.random.default_rng(s), shuffled, 256)) for s in range(40)}
+    assert len(orders) == 6  # every order of three words occurs
+    np.testing.assert_array_equal(augment(words, np.random.default_rng(1), AugmentSpec(prob=0.0), 256), words)
+    # capped lists: the fixed context (seeded sample), shuffled
+    fixed = context_words(np.arange(1000), 8, 5, ContextRule("sample", 0, "source"))
+    out = augment(np.arange(1000), np.random.default_rng(0), shuffled, 8, fixed)
+    assert sorted(out) == list(fixed) and not np.array_equal(out, fixed)
+
+
+def test_shuffle_words_and_select_every_reach_the_training_job(tmp_path, hypernet_kit):
+    from hyperofa_dist.hypernet.train import augment_spec
+
+    m = hypernet_kit.mapping(tmp_path)
+    assert augment_spec(hypernet_kit.config(m).hypernet).shuffle is False
+    assert augment_spec(hypernet_kit.config(m, "hypernet.shuffle_words=true").hypernet).shuffle is True
+    assert hypernet_kit.config(m).hypernet.select_every == 1
+
+
+def test_best_model_candidates_every_n_epochs_and_the_last():
+    assert [e for e in range(100) if loop.selects(e, 20, 100)] == [19, 39, 59, 79, 99]
+    assert [e for e in range(50) if loop.selects(e, 20, 50)] == [19, 39, 49]  # the last epoch always counts
+    assert [e for e in range(5) if loop.selects(e, 1, 5)] == [0, 1, 2, 3, 4]
+    assert [e for e in range(5) if loop.selects(e, 20, 5)] == [4]
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])

@@ -22,6 +22,7 @@ from hyperofa_dist.tracking import NullTracker
 pytestmark = pytest.mark.slow
 
 EPOCHS, STOP_AFTER = 4, 1
+SELECT_EVERY = 3  # best-model candidates: epochs 2 and 3 (the last)
 # A word table far larger than the model, so that a copy of it in a checkpoint could not go unnoticed.
 SIZES = dict(n_words=40000, word_dim=16)
 
@@ -42,7 +43,8 @@ def runs(tmp_path_factory, hypernet_kit):
     root = tmp_path_factory.mktemp("hypernet_job")
     whole = hypernet_kit.mapping(root / "whole", **SIZES)
     split = hypernet_kit.mapping(root / "split", **SIZES)
-    common = (f"hypernet.epochs={EPOCHS}", "hypernet.ranks_per_node=2", "tracking.enabled=true")
+    common = (f"hypernet.epochs={EPOCHS}", "hypernet.ranks_per_node=2", "tracking.enabled=true",
+              f"hypernet.select_every={SELECT_EVERY}", "hypernet.shuffle_words=true")
     whole_args = small_overrides(whole, *common, "hypernet.data_audit=true")
     hyperofa("hypernet", *whole_args)
     stopped = hyperofa("hypernet", *small_overrides(split, *common, f"hypernet.stop_after_epoch={STOP_AFTER}"))
@@ -82,6 +84,17 @@ def test_stopped_then_resumed_run_matches_uninterrupted_run(runs):
             assert abs(a[key] - b[key]) <= 1e-5, (a["epoch"], key, a[key], b[key])
     w, r = (np.load(run.run_dir / "hypernet" / "predicted_coordinates.npy") for run in (runs["whole"], runs["split"]))
     assert np.allclose(w, r, atol=1e-5)
+
+
+def test_best_model_is_the_lowest_validation_loss_among_the_candidate_epochs(runs):
+    from hyperofa_dist.formats.hypernet import read_train_state
+
+    for name in ("whole", "split"):  # the resumed run selects as the uninterrupted one
+        run_dir = runs[name].run_dir
+        candidates = [r for r in metrics(run_dir) if r["epoch"] in (2, 3)]
+        best = min(candidates, key=lambda r: r["val_loss"])
+        state = read_train_state(run_dir / "hypernet")
+        assert (state["best_epoch"], state["best_val_loss"]) == (best["epoch"], best["val_loss"])
 
 
 def test_ranks_see_disjoint_samples_each_epoch(runs):

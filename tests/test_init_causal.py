@@ -225,12 +225,6 @@ def test_factorised_training_is_refused_for_a_causal_lm_and_auto_means_full(init
         plan_factorised(model_dir, "factorised", "pretrain.embeddings")
 
 
-def test_mean_is_refused_for_a_wordpiece_source_in_one_line(init_worlds, tmp_path, capsys):
-    w = init_worlds.fresh_run(init_worlds.get("bert"), tmp_path / "run")
-    one_line(capsys, "init", run_init(w, "mean"), "init.method=mean", "WordPiece source (BERT)")
-    assert not (w.run_dir / "init").exists()
-
-
 def test_mean_for_a_unigram_masked_lm_averages_the_pieces_and_keeps_unknown_ones_random(init_worlds, tmp_path,
                                                                                         capsys):
     w = init_worlds.fresh_run(init_worlds.get("xlmr", k=8), tmp_path / "run")

@@ -16,7 +16,9 @@ Tables:
   loss has a value, with the training loss at that step when it was logged there;
 - summary (wide): one row per series: its final evaluated step, each evaluation metric at step 0 and at its last
   step side by side, the final training loss, and the steps the series needed to reach the final training loss of
-  random (same pipeline): the first logged step whose training loss is at or below it.
+  random (same pipeline): the first logged step whose training loss is at or below it; then, when the compared runs
+  include init runs, the init stage's step-0 diagnostics (`INIT_SUMMARY`: the new-token loss and the statistics of
+  the new and copied embedding rows, docs/METHOD.md §1.13), `<metric>@0` each.
 """
 
 from __future__ import annotations
@@ -37,6 +39,14 @@ ENDED_BADLY = ("FAILED", "KILLED")  # MLflow run statuses of jobs that did not f
 BASELINE = "random"
 HELDOUT_LANGUAGE = re.compile(r"^eval/(?P<lang>[^/]+)/loss$")  # pretrain job: held-out loss per language
 STEPS_TO_BASELINE = f"steps_to_{BASELINE}_final_loss"
+INIT_STAGE = "init"
+# The init stage's step-0 diagnostics that the summary shows per series (init/rows.py names the row statistics).
+INIT_SUMMARY = (
+    "new_token_mlm_loss", "new_token_causal_loss",
+    *(f"rows/{group}/{stat}" for group in ("new", "copy")
+      for stat in ("norm_mean", "norm_sd", "mean_norm", "mean_share")),
+    "rows/new/cosine_to_copy_mean",
+)
 
 Points = list[tuple[int, float]]
 
@@ -65,6 +75,7 @@ class Comparison:
     table: list[dict[str, Any]]
     summary: list[dict[str, Any]]
     figures: dict[str, Figure] = field(default_factory=dict)  # file name -> figure
+    init_metrics: list[str] = field(default_factory=list)  # INIT_SUMMARY metrics the init runs have: summary columns
 
 
 # --- which runs, which series ----------------------------------------------------------------------------------
@@ -75,8 +86,13 @@ def matches(name: str, patterns: Sequence[str]) -> bool:
 
 
 def wanted(patterns: Sequence[str]) -> Callable[[str], bool]:
-    """The metrics whose histories a comparison reads: the matched ones and the per-language held-out losses."""
-    return lambda key: matches(key, patterns) or bool(HELDOUT_LANGUAGE.match(key))
+    """The metrics whose histories a comparison reads: the matched ones, the per-language held-out losses and the
+    init stage's diagnostics."""
+    return lambda key: matches(key, patterns) or bool(HELDOUT_LANGUAGE.match(key)) or key in INIT_SUMMARY
+
+
+def is_init_run(run: RunRecord) -> bool:
+    return run.tags.get(STAGE_TAG) == INIT_STAGE and any(k in INIT_SUMMARY for k in run.metrics)
 
 
 def run_method(run: RunRecord) -> str:
@@ -95,14 +111,15 @@ def run_method(run: RunRecord) -> str:
 
 
 def select_runs(runs: Sequence[RunRecord], patterns: Sequence[str]) -> tuple[list[RunRecord], list[RunRecord]]:
-    """(runs that take part, runs left out). A run takes part when it has a metric matching `patterns`, did not end
+    """(runs that take part, runs left out). A run takes part when it has a metric matching `patterns` (or is an init
+    run with a diagnostic of `INIT_SUMMARY`), did not end
     FAILED or KILLED, and is the latest of the runs sharing its pipeline, name and evaluation name; command (parent)
     runs never do. A failed or killed job's partial curve is left out: the resumed job continues its run (which then
     ends FINISHED), and a job started afresh has a run of its own."""
     candidates, left_out = [], []
     for run in runs:
         if (COMMAND_TAG not in run.tags and run.status not in ENDED_BADLY
-                and any(matches(k, patterns) for k in run.metrics)):
+                and (any(matches(k, patterns) for k in run.metrics) or is_init_run(run))):
             candidates.append(run)
         else:
             left_out.append(run)
@@ -219,6 +236,23 @@ def build_tables(
     return table, summary
 
 
+def init_columns(runs: Sequence[RunRecord], metrics: Sequence[str]) -> list[str]:
+    """The INIT_SUMMARY metrics some compared init run has (and no pattern column already shows)."""
+    present = {k for r in runs if is_init_run(r) for k in r.history}
+    return [m for m in INIT_SUMMARY if m in present and m not in metrics]
+
+
+def add_init_columns(summary: list[dict[str, Any]], runs: Sequence[RunRecord], series: dict[str, Series],
+                     columns: Sequence[str]) -> list[dict[str, Any]]:
+    """Each summary row gets its series' init diagnostics as `<metric>@0` (the latest init run's value)."""
+    inits = [r for r in runs if is_init_run(r)]
+    for metric in columns:
+        values = {(s.method, s.pipeline_name): points[-1][1] for s, points in curves(inits, series, metric).items()}
+        for row in summary:
+            row[f"{metric}@0"] = values.get((row["method"], row["pipeline"]))
+    return summary
+
+
 def compare(
     runs: Sequence[RunRecord], patterns: Sequence[str], loss_metric: str = "train/loss"
 ) -> Comparison:
@@ -226,6 +260,8 @@ def compare(
     series = series_of(runs)
     metrics = metric_columns(runs, patterns, loss_metric)
     table, summary = build_tables(runs, series, metrics, loss_metric)
+    init_metrics = init_columns(runs, metrics)
+    add_init_columns(summary, runs, series, init_metrics)
     figures: dict[str, Figure] = {}
     objective = objective_name(runs)
     loss = _by_label(curves(runs, series, loss_metric))
@@ -240,7 +276,7 @@ def compare(
         lines = _by_label(curves(runs, series, metric))
         figures[f"{file_stem(metric)}.png"] = Figure(title(metric, objective), metric, {"": lines})
     return Comparison(list(runs), sorted(set(series.values()), key=lambda s: s.label), loss_metric, metrics, table,
-                      summary, figures)
+                      summary, figures, init_metrics)
 
 
 def objective_name(runs: Sequence[RunRecord]) -> str:
@@ -308,7 +344,7 @@ def summary_columns(result: Comparison) -> list[str]:
     cols = ["method", "pipeline", "final_step"]
     for m in result.metrics:
         cols += [f"{m}@0", f"{m}@final"]
-    return cols + [f"{result.loss_metric}@final", STEPS_TO_BASELINE]
+    return cols + [f"{result.loss_metric}@final", STEPS_TO_BASELINE, *(f"{m}@0" for m in result.init_metrics)]
 
 
 def styles(series: Sequence[Series]) -> dict[str, dict[str, Any]]:

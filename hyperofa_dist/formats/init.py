@@ -4,7 +4,9 @@
     P.npy                    the primitives P [k, D] (the source's, reused): E_t = F_t P
     provenance.npy           uint8 [V_t]: 0 copy, 1 hyperofa, 2 ofa, 3 random, 4 mean (`init.assemble.PROVENANCE_NAMES`)
     provenance_counts.json   those counts overall, per word language and per script
-    quality.json             held-out coordinate cosine of each method on the hypernetwork's test split
+    quality.json             `heldout_cosine` (each method's coordinate cosine on the hypernetwork's test split),
+                             `test_tokens`, `new_token_mlm` or `new_token_causal` (step-0 loss per language and
+                             positions), `rows` (statistics of the rows of F_t P per provenance group, init/rows.py)
     model/                   stock HF masked or causal LM + the target tokenizer (AutoModelForMaskedLM or
                              AutoModelForCausalLM loads it)
     manifest.json

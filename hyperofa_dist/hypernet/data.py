@@ -3,7 +3,8 @@
 - `WordTable`: the frozen word-vector table, memory-mapped once per rank; rows are gathered per batch, so the
   table is never a parameter, never on the optimizer, never in a checkpoint.
 - `augment`: with probability `prob`, a list longer than `threshold` is replaced by a random 50-100 % subset in
-  random order, then capped (256). The generator is seeded per (seed, epoch, rank).
+  random order, then capped (256); with `shuffle` every other list is read in a fresh random order too (the
+  report's per-epoch shuffle), else in ascending word index. The generator is seeded per (seed, epoch, rank).
 - `context_words`: which words a list longer than the cap keeps when it is not augmented (validation, test,
   prediction, and the other half of training): a seeded sample fixed per token, the same in every split and
   epoch, spread over the whole list (`hypernet.context=sample`); `first` keeps the lowest word indices, which for a
@@ -37,6 +38,7 @@ class AugmentSpec:
     threshold: int = 4
     min_fraction: float = 0.5
     max_fraction: float = 1.0
+    shuffle: bool = False  # read every training list in a fresh order each epoch (hypernet.shuffle_words)
 
 
 class WordTable:
@@ -103,12 +105,13 @@ def augment(
     words: np.ndarray, rng: np.random.Generator, spec: AugmentSpec, cap: int, fixed: Optional[np.ndarray] = None
 ) -> np.ndarray:
     """A random 50-100 % subset in random order (with probability `prob`, lists longer than `threshold`), capped;
-    otherwise `fixed` (the token's context) or the first `cap` words."""
+    otherwise `fixed` (the token's context) or the first `cap` words, in a random order with `spec.shuffle`."""
     if rng.random() < spec.prob and len(words) > spec.threshold:
         fraction = rng.uniform(spec.min_fraction, spec.max_fraction)
         n = max(1, int(len(words) * fraction))
         return words[rng.permutation(len(words))[:n]][:cap]
-    return words[:cap] if fixed is None else fixed
+    kept = words[:cap] if fixed is None else fixed
+    return kept[rng.permutation(len(kept))] if spec.shuffle else kept
 
 
 def collate(token_ids: np.ndarray, word_lists: Sequence[np.ndarray], targets: np.ndarray) -> Batch:

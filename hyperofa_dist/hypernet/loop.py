@@ -36,6 +36,13 @@ def lr_at(epoch: int, lr: float, decay: float, every: int) -> float:
     return lr * decay ** (epoch // every)
 
 
+def selects(epoch: int, every: int, epochs: int) -> bool:
+    """Whether the model after `epoch` (0-based) may become the kept best model: every `every`-th epoch (the
+    reference's checkpoint callback looked every 20: epochs 19, 39, ...) and the last, so that a run shorter than
+    `every` still keeps one."""
+    return (epoch + 1) % every == 0 or epoch == epochs - 1
+
+
 def batch_loss(
     forward: Forward,
     table: WordTable,

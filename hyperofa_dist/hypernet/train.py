@@ -8,9 +8,10 @@ table once, builds the model, and drives a raw `deepspeed.initialize` engine: pe
 length-grouped batches (loop.train_epoch), then validation (loss and mean cosine) all-reduced over ranks.
 Checkpoints are written by all ranks every `checkpoint_every` epochs with client state (epoch, metric history, best
 loss); each rank also stores its RNG states next to them, so a resumed run reproduces an uninterrupted one. Rank 0
-keeps the best model by validation loss (weights only, no word table), logs per-epoch metrics to MLflow, and at the
-end predicts the new tokens' coordinates (predict.py). A non-finite epoch loss (all-reduced, so every rank agrees)
-stops the job before it saves or predicts anything, as pretrain's guard does: `failure.json` and `NAN_EXIT`.
+keeps the best model by validation loss (weights only, no word table; a candidate every `select_every` epochs and
+the last), logs per-epoch metrics to MLflow, and at the end predicts the new tokens' coordinates (predict.py). A
+non-finite epoch loss (all-reduced, so every rank agrees) stops the job before it saves or predicts anything, as
+pretrain's guard does: `failure.json` and `NAN_EXIT`.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ COMMAND = "hypernet"
 
 
 def augment_spec(hp: Any) -> AugmentSpec:
-    return AugmentSpec(prob=hp.augment_prob, threshold=hp.augment_threshold, min_fraction=hp.augment_min_fraction)
+    return AugmentSpec(prob=hp.augment_prob, threshold=hp.augment_threshold, min_fraction=hp.augment_min_fraction,
+                       shuffle=hp.shuffle_words)
 
 
 def context_rule(hp: Any, seed: int, side: str) -> ContextRule:
@@ -238,7 +240,8 @@ class HypernetJob(JobContext):
                 save_npy(out_format.audit_path(self.out, epoch, self.rank),
                          np.concatenate(audit) if audit else np.zeros(0, np.int64))
 
-            improved = best_loss is None or row["val_loss"] < best_loss
+            candidate = loop.selects(epoch, hp.select_every, hp.epochs)
+            improved = candidate and (best_loss is None or row["val_loss"] < best_loss)
             state = self.full_state_dict() if improved else None  # `improved` agrees on all ranks
             if improved:
                 best_loss, best_epoch, since_best = row["val_loss"], epoch, 0
@@ -252,7 +255,8 @@ class HypernetJob(JobContext):
                     {**{k: v for k, v in row.items() if k != "epoch"}, "epoch_seconds": seconds,
                      "train_samples_per_s": sums[-1] / max(seconds, 1e-9)}, step=epoch,
                 )
-            stopped_early = hp.early_stopping_patience is not None and since_best >= hp.early_stopping_patience
+            stopped_early = (hp.early_stopping_patience is not None and best_epoch is not None
+                             and since_best >= hp.early_stopping_patience)
             last = epoch == hp.epochs - 1 or stopped_early
             stop_here = hp.stop_after_epoch is not None and epoch >= hp.stop_after_epoch and not last
             if last or stop_here or (epoch + 1) % hp.checkpoint_every == 0:

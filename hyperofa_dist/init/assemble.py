@@ -82,6 +82,18 @@ def assemble_coordinates(
     return Assembly(coordinates, provenance, overridden)
 
 
+def recentre(coordinates: np.ndarray, provenance: np.ndarray, kind: int) -> np.ndarray:
+    """Shift the rows of provenance `kind` (in place, in coordinate space) so that their mean is the copied rows'
+    mean (`init.recentre`, docs/METHOD.md §1.14); their spread around it is kept. Returns the shift applied."""
+    rows, copied = provenance == kind, provenance == COPY
+    if not rows.any() or not copied.any():
+        return np.zeros(coordinates.shape[1], dtype=np.float32)
+    shift = (np.asarray(coordinates[copied], dtype=np.float64).mean(0)
+             - np.asarray(coordinates[rows], dtype=np.float64).mean(0)).astype(np.float32)
+    coordinates[rows] += shift
+    return shift
+
+
 def _check_ids(ids: np.ndarray, size: int, what: str) -> None:
     if len(ids) and (ids.min() < 0 or ids.max() >= size):
         bad = int(ids[(ids < 0) | (ids >= size)][0])

@@ -49,6 +49,8 @@ from .head import HeadReport, complete_head
 from .mean import piece_means
 from .ofa import ofa_for_tokens
 from .random import column_stats, random_rows
+from .rows import describe as describe_rows
+from .rows import row_metrics, row_statistics
 
 def init_seed(config: Config) -> int:
     return config.init.seed if config.init.seed is not None else config.run.seed
@@ -267,6 +269,9 @@ def run(config: Config, tracker: Any) -> int:
             std,
             init_seed(config),
         )
+        shift = None
+        if config.init.recentre and method in asm.PREDICTED:
+            shift = asm.recentre(assembly.coordinates, assembly.provenance, asm.PREDICTED[method])
         embeddings = asm.full_embeddings(assembly.coordinates, mapping.primitives)
         assemble_s = time.perf_counter() - t1
 
@@ -285,6 +290,7 @@ def run(config: Config, tracker: Any) -> int:
         check_tokenizer_beside(model.config, target_tok, probe_texts(target_tok, len(source_tok)),
                                f"target tokenizer {target_dir}")
         counts = _count_groups(mapping, assembly.provenance)
+        rows = row_statistics(assembly.coordinates, mapping.primitives, assembly.provenance)
         quality = heldout_quality(mapping, config, mean, std, progress)
         new_tokens = new_token_loss(config, model, target_tok, inputs["target_tokenizer"], assembly.provenance, kind)
         loss_name = "new_token_causal" if kind == CAUSAL else "new_token_mlm"
@@ -292,7 +298,8 @@ def run(config: Config, tracker: Any) -> int:
         shell.begin()
         outputs = out_format.write_arrays(
             stage.path, assembly.coordinates, mapping.primitives, assembly.provenance, counts,
-            {"heldout_cosine": quality, "test_tokens": len(mapping.split["test"]), loss_name: new_tokens},
+            {"heldout_cosine": quality, "test_tokens": len(mapping.split["test"]), loss_name: new_tokens,
+             "rows": rows},
         )
         model_dir = save_model_dir(model, target_tok, stage.path / out_format.MODEL)
         languages, data = corpus_facts(config)
@@ -327,6 +334,8 @@ def run(config: Config, tracker: Any) -> int:
                 "special_tokens": roles,
                 "heldout_cosine": quality,
                 f"{loss_name}_loss": new_tokens.get("loss", {}),
+                "rows": rows,
+                **({"recentre_shift_norm": float(np.linalg.norm(shift))} if shift is not None else {}),
                 **ignored_settings({"source": config.source.tokenizer or config.source.model, "target": target_dir},
                                    shell.say),
             },
@@ -343,6 +352,7 @@ def run(config: Config, tracker: Any) -> int:
             metrics["heldout_cosine"] = quality[method]
         for lang, value in new_tokens.get("loss", {}).items():
             metrics[f"{loss_name}_loss" if lang == "average" else f"{loss_name}_loss/{lang}"] = value
+        metrics.update(row_metrics(rows))
         metrics.update({"seconds/load": load_s, "seconds/assemble": assemble_s, "seconds/export": export_s})
         t.log_metrics(metrics)
         t.set_tags({"init.family": info.family, "init.kind": kind, "init.mlm_head": head.origin})
@@ -355,5 +365,6 @@ def run(config: Config, tracker: Any) -> int:
     shell.say(
         f"{method}: {overall} -> {model_dir}" + (f"; held-out cosine {quality}" if quality else "")
         + (f"; new-token {objective} loss {new_loss:.4f}" if new_loss is not None else "")
+        + (f"; {describe_rows(rows)}" if describe_rows(rows) else "")
     )
     return 0
