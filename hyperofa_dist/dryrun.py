@@ -219,9 +219,19 @@ def _parameters(path: Path) -> int:
 
 
 def _source_tokenizer(config: Config) -> Any:
-    from .formats.tokenizer import source_tokenizer
+    key = "source.tokenizer" if config.source.tokenizer else "source.model"
+    return read_tokenizer(config.source.tokenizer or config.source.model, key)
 
-    return source_tokenizer(config)
+
+def read_tokenizer(name: str, key: str) -> Any:
+    """The tokenizer a stage will load, read without writing: a SentencePiece-only directory (Glot500's published
+    tokenizer) is converted by the first stage that loads it, so here it is read through transformers' own class
+    for it, the vocabulary and special tokens the conversion keeps (`read_sentencepiece`)."""
+    from .formats.tokenizer import load_tokenizer, read_sentencepiece, sentencepiece_only
+
+    if sentencepiece_only(name):
+        return read_sentencepiece(Path(name), key)[4]
+    return load_tokenizer(name, key)
 
 
 def source_tokenizer_fits(config: Config, source: SourceFacts, size: int) -> None:
@@ -247,17 +257,22 @@ def target_tokenizer(config: Config, findings: Findings, source_tok: Any) -> Opt
         findings.inputs.append(("target tokenizer", f"built by the tokenizer stage ({config.tokenizer.mode}): "
                                 f"at most {size} tokens"))
         return size
-    from .formats.tokenizer import load_tokenizer, target_tokenizer_dir
+    from .formats.tokenizer import CONVERTED, sentencepiece_only, target_tokenizer_dir
 
-    where = findings.check(target_tokenizer_dir, config)
-    target = findings.check(load_tokenizer, where, "tokenizer.path") if where else None
+    where = Path(config.tokenizer.path).expanduser().resolve()
+    spm = sentencepiece_only(where)
+    if not spm and findings.check(target_tokenizer_dir, config) is None:  # (writes nothing for such a folder)
+        return None
+    target = findings.check(read_tokenizer, str(where), "tokenizer.path")
     if target is None:
         return None
     shared = ""
     if source_tok is not None:
         share = findings.check(shared_pieces, target, source_tok, where)
         shared = f"; {share:.0%} of the source's pieces are in it (copied)" if share is not None else ""
-    findings.inputs.append(("target tokenizer", f"{where}: {len(target)} tokens{shared}"))
+    converted = (f"; SentencePiece only, converted once into {config.run_dir / CONVERTED}/ by the first stage "
+                 "that loads it" if spm else "")
+    findings.inputs.append(("target tokenizer", f"{where}: {len(target)} tokens{shared}{converted}"))
     return len(target)
 
 
@@ -379,11 +394,9 @@ def _pretrain_ds_config(config: Config) -> None:
 
 def _target_or_source_tokenizer(config: Config) -> Any:
     """The tokenizer prepare will use, or the source's while the pipeline has still to build it."""
-    from .formats.tokenizer import load_tokenizer, source_tokenizer, target_tokenizer_dir
-
     if config.tokenizer.path is not None:
-        return load_tokenizer(target_tokenizer_dir(config))
-    return source_tokenizer(config)
+        return read_tokenizer(str(Path(config.tokenizer.path).expanduser()), "tokenizer.path")
+    return _source_tokenizer(config)
 
 
 def _tokenizer_bytes(config: Config, source_tok: Any) -> Optional[int]:

@@ -1,19 +1,23 @@
-"""`hyperofa pipeline --dry-run`: every packaged config passes on generated stand-ins of its inputs; bad inputs are
-all named at once, one line each, exit 2, and nothing is written."""
+"""`hyperofa pipeline --dry-run`: every packaged config passes on generated stand-ins of its inputs, laid out as the
+real ones are published (Glot500-c's two local layouts, Glot500's SentencePiece-only tokenizer); bad inputs are all
+named at once, one line each, exit 2, and nothing is written."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
+import pyarrow.parquet as pq
 import pytest
 
 from hyperofa_dist.config import PACKAGED_CONFIGS, load_config
 from hyperofa_dist.dryrun import dry_run
 from hyperofa_dist.pretrain.stage import batch_plan
 from hyperofa_dist.runtime.launch import planned_world_size
+from hyperofa_dist.formats.tokenizer import TOKENIZER_JSON, sentencepiece_only
 from hyperofa_dist.synthetic.standins import build_standins
-from hyperofa_dist.synthetic.world import read_lines, train_source_tokenizer
+from hyperofa_dist.synthetic.sentencepiece import train_sentencepiece_folder
 
 # The source family each packaged config names (a new packaged config must be added here, and so gets checked).
 FAMILIES = {"demo": "xlmr", "demo-causal": "llama", "xlmr-glot500": "xlmr", "roberta-glot500": "roberta",
@@ -24,13 +28,29 @@ def test_every_packaged_config_is_covered():
     assert {p.stem for p in PACKAGED_CONFIGS.glob("*.yaml")} == set(FAMILIES)
 
 
-@pytest.mark.parametrize("name", sorted(FAMILIES))
-def test_packaged_config_passes_the_dry_run_on_standins(name, tmp_path, capsys):
+# Each packaged config on each local layout of its corpus: the Glot500-c configs on both published layouts (they
+# name the hub; a user with a local copy sets corpus.format=glot500_local), the demo configs on their .txt corpus.
+CASES = [(name, layout) for name in sorted(FAMILIES)
+         for layout in (("dir",) if name.startswith("demo") else ("arrow", "parquet"))]
+
+
+@pytest.mark.parametrize("name,layout", CASES)
+def test_packaged_config_passes_the_dry_run_on_standins(name, layout, tmp_path, capsys):
     path = PACKAGED_CONFIGS / f"{name}.yaml"
-    overrides = build_standins(tmp_path, load_config(path), FAMILIES[name])
+    overrides = build_standins(tmp_path, load_config(path), FAMILIES[name], layout=layout)
     assert all(key.split("=")[0] in ("source.model", "corpus.path", "corpus.format", "run.dir", "tokenizer.path",
                                      "vectors.path", "evaluate.data_dir") for key in overrides)
     config = load_config(path, overrides)
+    assert config.corpus.format == ("dir" if layout == "dir" else "glot500_local")
+    if layout != "dir":  # as published: split folders, Glot500-c's own jpn_Japn, partial-train in the conversion
+        japanese = tmp_path / "corpus" / "jpn_Japn"
+        assert japanese.is_dir() if "jpn_Jpan" in (config.corpus.languages or []) else True
+        english = sorted(p.name for p in (tmp_path / "corpus" / "eng_Latn").iterdir())
+        assert english == (["dev", "partial-train", "test"] if layout == "parquet" else ["dev", "test", "train"])
+    if config.tokenizer.path is not None:  # Glot500's tokenizer as published
+        assert sentencepiece_only(config.tokenizer.path)
+        assert not (tmp_path / "target_tokenizer" / TOKENIZER_JSON).exists()
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     assert dry_run(config) == 0
     out = capsys.readouterr().out
     world = planned_world_size(config.pretrain, "pretrain")
@@ -41,15 +61,21 @@ def test_packaged_config_passes_the_dry_run_on_standins(name, tmp_path, capsys):
         assert f"pretrain/{method}" in out and f"-> init/{method}/" in out and f"evaluate/{method}@0" in out
     if config.corpus.languages:
         assert f"{len(config.corpus.languages)} languages" in out
-    assert not config.run_dir.exists()  # nothing written
+    if config.tokenizer.path is not None:  # its pieces read (it belongs with the source), its conversion planned
+        assert "of the source's pieces are in it (copied); SentencePiece only, converted once" in out
+    assert not config.run_dir.exists()  # nothing written, not even the tokenizer's conversion
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
 
 def test_dry_run_names_every_problem_at_once_and_writes_nothing(tmp_path):
     path = PACKAGED_CONFIGS / "xlmr-glot500.yaml"
-    overrides = build_standins(tmp_path, load_config(path), "xlmr")
-    # a tokenizer made for another model (a Greek-only WordPiece), evaluation data that is not there, and a language
-    # code the corpus does not have (Korean as kor_Kore; the corpus has kor_Hang)
-    other = train_source_tokenizer("bert", read_lines(tmp_path / "corpus" / "ell_Grek.txt"), 300, tmp_path / "other")
+    overrides = build_standins(tmp_path, load_config(path), "xlmr", layout="parquet")
+    # a tokenizer made for another model (a Greek-only mT5-style SentencePiece folder, published without
+    # tokenizer.json as Glot500's is), evaluation data that is not there, and a language code the corpus does not
+    # have (Korean as kor_Kore; the corpus has kor_Hang)
+    greek = [line for part in sorted((tmp_path / "corpus" / "ell_Grek" / "train").glob("*.parquet"))
+             for line in pq.read_table(part, columns=["text"]).column("text").to_pylist()]
+    other = train_sentencepiece_folder(greek, tmp_path / "other", "unigram", vocab_size=300, family="t5")
     languages = [code.replace("kor_Hang", "kor_Kore") for code in load_config(path).corpus.languages]
     bad = [*overrides, f"tokenizer.path={other}", f"evaluate.data_dir={tmp_path / 'no-eval'}",
            f"corpus.languages=[{', '.join(languages)}]"]
@@ -59,6 +85,8 @@ def test_dry_run_names_every_problem_at_once_and_writes_nothing(tmp_path):
     assert out.returncode == 2 and out.stdout == "", out.stderr[-2000:]
     assert len(errors) == 4 and errors[-1].endswith("3 problem(s); nothing was run or written"), errors
     assert "requested language(s) not found: kor_Kore" in errors[0]
-    assert f"{other}: the target tokenizer has 0.0% of the source tokenizer's pieces" in errors[1]
+    assert re.search(rf"{re.escape(str(other))}: the target tokenizer has \d\.\d% of the source tokenizer's pieces "
+                     r".* it belongs to another model than source.model \(tokenizer.path\)", errors[1]), errors[1]
     assert f"{tmp_path / 'no-eval'}: evaluate.data_dir not found (tasks srt, srb, pos, ner)" in errors[2]
     assert not (tmp_path / "run").exists() and not list(tmp_path.glob("mlflow*"))
+    assert sentencepiece_only(other)  # read, not converted
