@@ -4,10 +4,12 @@ named at once, one line each, exit 2, and nothing is written."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -90,3 +92,52 @@ def test_dry_run_names_every_problem_at_once_and_writes_nothing(tmp_path):
     assert f"{tmp_path / 'no-eval'}: evaluate.data_dir not found (tasks srt, srb, pos, ner)" in errors[2]
     assert not (tmp_path / "run").exists() and not list(tmp_path.glob("mlflow*"))
     assert sentencepiece_only(other)  # read, not converted
+
+
+# CPU sizes for the packaged XLM-R config: a tiny model (hidden 64, k 32), small blocks and shards, two Ray CPUs.
+CPU_SIZES = ["mapping.num_primitives=32", "mapping.words_per_task=2000", "ray.num_cpus=2", "prepare.block_size=64",
+             "prepare.blocks_per_sample=8", "prepare.samples_per_shard=16", "prepare.chunk_bytes=65536",
+             "prepare.sampling.cap_per_language=100000", "tracking.enabled=false"]
+
+
+@pytest.mark.slow
+def test_packaged_config_prepares_and_maps_the_published_standins(tmp_path, capsys):
+    """xlmr-glot500.yaml as a user with local copies runs it: Glot500-c's parquet conversion (partial-train, dev
+    held out, jpn_Japn) and Glot500's SentencePiece-only tokenizer, through the dry run, prepare and mapping."""
+    from data_prep.mapping.stage import run as run_mapping
+    from data_prep.prepare.stage import run as run_prepare
+    from hyperofa_dist.formats.shards import read_shard
+    from hyperofa_dist.runtime.ray import ray_session
+    from hyperofa_dist.tracking import NullTracker
+
+    path = PACKAGED_CONFIGS / "xlmr-glot500.yaml"
+    sizes = [*CPU_SIZES, "corpus.heldout_split=dev"]
+    overrides = build_standins(tmp_path, load_config(path, sizes), "xlmr", layout="parquet")
+    config = load_config(path, [*sizes, *overrides])
+    assert dry_run(config) == 0 and not config.run_dir.exists()
+    capsys.readouterr()
+    with ray_session(config):
+        assert run_prepare(config, NullTracker()) == 0
+        assert run_mapping(config, NullTracker()) == 0
+
+    prepare = json.loads((config.run_dir / "prepare" / "manifest.json").read_text())
+    conversion = prepare["tokenizer_conversions"]["tokenizer.path"]
+    assert conversion["identical"] and conversion["source"] == str(tmp_path / "target_tokenizer")
+    assert not (tmp_path / "target_tokenizer" / TOKENIZER_JSON).exists()  # converted in the run directory only
+    corpus = prepare["inputs"]["corpus"]
+    assert sorted(corpus) == sorted(config.corpus.languages)
+    assert set(corpus["eng_Latn"]) == {f"eng_Latn/{split}/000{i}.parquet" for split in ("partial-train", "dev")
+                                       for i in (0, 1)}
+    assert all(name.startswith("jpn_Japn/train/") for name in corpus["jpn_Jpan"])
+    languages = prepare["counts"]["languages"]
+    held = {lang for lang, stats in languages.items() if stats["heldout_blocks"]}
+    assert held == {"eng_Latn", "tur_Latn", "ell_Grek"}  # the stand-in's languages with a dev split
+    assert all(languages[lang]["sentences"] > 0 and languages[lang]["train_blocks"] > 0 for lang in corpus)
+    vocab = conversion["vocab_size"]
+    shards = sorted((config.run_dir / "prepare" / "train").rglob("*.tar"))
+    ids = np.concatenate([sample.blocks.ravel() for shard in shards for sample in read_shard(shard)])
+    assert 0 < ids.max() < vocab and len(np.unique(ids)) > vocab // 4  # the target tokenizer's ids, many of them
+
+    mapping = json.loads((config.run_dir / "mapping" / "manifest.json").read_text())["counts"]
+    assert (mapping["V_t"], mapping["D"], mapping["k"]) == (vocab, 64, 32)
+    assert mapping["overlap_pairs"] > 0 and mapping["n_words"] > 0
