@@ -28,6 +28,7 @@ T = TypeVar("T")
 MIN_SHARED_PIECES = 0.10  # a target tokenizer sharing fewer of the source's pieces was made for another model
 ESTIMATE_TASKS = {"mlm", "bpb", "fertility"}  # tasks that read the held-out shards, i.e. the corpus's languages
 DATA_TASKS = ("srt", "srb", "pos", "ner")  # tasks that read evaluate.data_dir
+LAYER_TASKS = {"srt", "srb"}  # tasks that read the hidden states of evaluate.layer
 
 
 @dataclass
@@ -61,6 +62,7 @@ class SourceFacts:
     hidden: int
     parameters: int
     untied: bool
+    layers: int  # transformer layers (evaluate.layer indexes their outputs)
 
 
 def dry_run(config: Config) -> int:
@@ -206,7 +208,8 @@ def source_model(config: Config, findings: Findings) -> Optional[SourceFacts]:
     if parameters is None:
         return None
     untied = kind == "causal" and not cfg.get("tie_word_embeddings", False)
-    facts_ = SourceFacts(path, kind, int(cfg["vocab_size"]), int(cfg.get("hidden_size") or 0), parameters, untied)
+    facts_ = SourceFacts(path, kind, int(cfg["vocab_size"]), int(cfg.get("hidden_size") or 0), parameters, untied,
+                         int(cfg.get("num_hidden_layers") or 0))
     findings.inputs.append(("source model", f"{path}: {cfg.get('model_type')}, {kind} LM, {facts_.rows} embedding rows, "
                             f"hidden {facts_.hidden}, {parameters / 1e6:.1f}M parameters"))
     return facts_
@@ -326,6 +329,10 @@ def evaluation(config: Config, findings: Findings, source: Optional[SourceFacts]
     ev = config.evaluate
     if source is not None and source.path is not None:
         findings.check(check_tasks, ev.tasks, source.kind, source.path)
+    if source is not None and source.layers and LAYER_TASKS & set(ev.tasks):  # expanded models keep the layers
+        from .evaluate.model import hidden_state_index
+
+        findings.check(hidden_state_index, ev.layer, source.layers, source.path)
     needs_data = [t for t in ev.tasks if t in DATA_TASKS]
     if needs_data and not ev.data_dir:
         findings.problem(f"evaluate.data_dir is unset but tasks {', '.join(needs_data)} need benchmark files; the "

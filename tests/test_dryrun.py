@@ -94,6 +94,20 @@ def test_dry_run_names_every_problem_at_once_and_writes_nothing(tmp_path):
     assert sentencepiece_only(other)  # read, not converted
 
 
+def test_dry_run_refuses_a_retrieval_layer_the_source_does_not_have(tmp_path, capsys):
+    path = PACKAGED_CONFIGS / "roberta-glot500.yaml"
+    overrides = build_standins(tmp_path, load_config(path), "roberta", layout="arrow")
+    layers = json.loads((tmp_path / "source_model" / "config.json").read_text())["num_hidden_layers"]
+    assert layers == load_config(path).evaluate.layer  # the stand-in reaches the packaged layer, no further
+    capsys.readouterr()
+    assert dry_run(load_config(path, [*overrides, f"evaluate.layer={layers + 1}"])) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("hyperofa pipeline --dry-run")]
+    assert errors[0].endswith(f"error: evaluate.layer={layers + 1} but {tmp_path / 'source_model'} has {layers} "
+                              f"layers; use 0..{layers} (0 = embeddings) or a negative index such as -1 for the last "
+                              "layer"), errors
+    assert errors[-1].endswith("1 problem(s); nothing was run or written")
+
+
 # CPU sizes for the packaged XLM-R config: a tiny model (hidden 64, k 32), small blocks and shards, two Ray CPUs.
 CPU_SIZES = ["mapping.num_primitives=32", "mapping.words_per_task=2000", "ray.num_cpus=2", "prepare.block_size=64",
              "prepare.blocks_per_sample=8", "prepare.samples_per_shard=16", "prepare.chunk_bytes=65536",

@@ -8,7 +8,8 @@ real ones are published.
   and `test`; rows carry extra columns beside `text`. `layout="dir"`: one `<lang_Script>.txt` per language
   (line-aligned), the demo configs' own layout. A script the generator has no alphabet for is written in Latin
   letters: the checks read codes and text, not scripts;
-- `source_model/`: a tiny model of the source's family whose hidden size fits `mapping.num_primitives`;
+- `source_model/`: a tiny model of the source's family whose hidden size fits `mapping.num_primitives` and whose
+  layers reach `evaluate.layer`;
 - `target_tokenizer/` (when the config sets `tokenizer.path`): a SentencePiece-only folder as `cis-lmu/glot500-base`
   publishes its tokenizer (`sentencepiece.bpe.model`, `tokenizer_config.json`, `special_tokens_map.json`, no
   `tokenizer.json`), learned from every language, so it shares most of the source's pieces;
@@ -81,7 +82,8 @@ def build_standins(root: Path, config: Any, family: str, *, layout: Optional[str
     source_tok = train_source_tokenizer(SOURCE_TOKENIZER[family], texts[english], 400, root / "source_tokenizer")
     hidden = max(64, config.mapping.num_primitives)  # k must not exceed the source's hidden size
     heads = 4 if hidden % 4 == 0 else 1
-    model = make_tiny_model(family, source_tok, root / "source_model", hidden_size=hidden, num_layers=1,
+    layers = max(1, config.evaluate.layer)  # retrieval reads the output of evaluate.layer: the model must have it
+    model = make_tiny_model(family, source_tok, root / "source_model", hidden_size=hidden, num_layers=layers,
                             num_heads=heads, seed=seed, max_position=max(130, config.prepare.block_size))
     overrides = [f"source.model={model}", f"corpus.path={root / 'corpus'}",
                  f"corpus.format={'dir' if layout == 'dir' else 'glot500_local'}", f"run.dir={root / 'run'}"]
