@@ -108,6 +108,19 @@ def test_dry_run_refuses_a_retrieval_layer_the_source_does_not_have(tmp_path, ca
     assert errors[-1].endswith("1 problem(s); nothing was run or written")
 
 
+def test_tokenizer_stage_builds_nothing_when_the_config_names_the_target(tmp_path, capsys):
+    """xlmr-glot500.yaml names Glot500's tokenizer; `hyperofa tokenizer` (which the pipeline leaves out for it) would
+    otherwise extend XLM-R by 150,000 pieces that no stage reads."""
+    from hyperofa_dist.tokenizer.stage import run as run_tokenizer
+    from hyperofa_dist.tracking import NullTracker
+
+    config = load_config(PACKAGED_CONFIGS / "xlmr-glot500.yaml", [f"run.dir={tmp_path / 'run'}"])
+    assert run_tokenizer(config, NullTracker()) == 0
+    assert capsys.readouterr().err.startswith("hyperofa tokenizer: nothing to build: tokenizer.path is set "
+                                              "(models/glot500-base)")
+    assert not (tmp_path / "run").exists()
+
+
 # CPU sizes for the packaged XLM-R config: a tiny model (hidden 64, k 32), small blocks and shards, two Ray CPUs.
 CPU_SIZES = ["mapping.num_primitives=32", "mapping.words_per_task=2000", "ray.num_cpus=2", "prepare.block_size=64",
              "prepare.blocks_per_sample=8", "prepare.samples_per_shard=16", "prepare.chunk_bytes=65536",
