@@ -28,6 +28,7 @@ T = TypeVar("T")
 MIN_SHARED_PIECES = 0.10  # a target tokenizer sharing fewer of the source's pieces was made for another model
 ESTIMATE_TASKS = {"mlm", "bpb", "fertility"}  # tasks that read the held-out shards, i.e. the corpus's languages
 DATA_TASKS = ("srt", "srb", "pos", "ner")  # tasks that read evaluate.data_dir
+LAYER_TASKS = {"srt", "srb"}  # tasks that read the hidden states of evaluate.layer
 
 
 @dataclass
@@ -61,6 +62,7 @@ class SourceFacts:
     hidden: int
     parameters: int
     untied: bool
+    layers: int  # transformer layers (evaluate.layer indexes their outputs)
 
 
 def dry_run(config: Config) -> int:
@@ -206,7 +208,8 @@ def source_model(config: Config, findings: Findings) -> Optional[SourceFacts]:
     if parameters is None:
         return None
     untied = kind == "causal" and not cfg.get("tie_word_embeddings", False)
-    facts_ = SourceFacts(path, kind, int(cfg["vocab_size"]), int(cfg.get("hidden_size") or 0), parameters, untied)
+    facts_ = SourceFacts(path, kind, int(cfg["vocab_size"]), int(cfg.get("hidden_size") or 0), parameters, untied,
+                         int(cfg.get("num_hidden_layers") or 0))
     findings.inputs.append(("source model", f"{path}: {cfg.get('model_type')}, {kind} LM, {facts_.rows} embedding rows, "
                             f"hidden {facts_.hidden}, {parameters / 1e6:.1f}M parameters"))
     return facts_
@@ -219,9 +222,19 @@ def _parameters(path: Path) -> int:
 
 
 def _source_tokenizer(config: Config) -> Any:
-    from .formats.tokenizer import source_tokenizer
+    key = "source.tokenizer" if config.source.tokenizer else "source.model"
+    return read_tokenizer(config.source.tokenizer or config.source.model, key)
 
-    return source_tokenizer(config)
+
+def read_tokenizer(name: str, key: str) -> Any:
+    """The tokenizer a stage will load, read without writing: a SentencePiece-only directory (Glot500's published
+    tokenizer) is converted by the first stage that loads it, so here it is read through transformers' own class
+    for it, the vocabulary and special tokens the conversion keeps (`read_sentencepiece`)."""
+    from .formats.tokenizer import load_tokenizer, read_sentencepiece, sentencepiece_only
+
+    if sentencepiece_only(name):
+        return read_sentencepiece(Path(name), key)[4]
+    return load_tokenizer(name, key)
 
 
 def source_tokenizer_fits(config: Config, source: SourceFacts, size: int) -> None:
@@ -247,17 +260,22 @@ def target_tokenizer(config: Config, findings: Findings, source_tok: Any) -> Opt
         findings.inputs.append(("target tokenizer", f"built by the tokenizer stage ({config.tokenizer.mode}): "
                                 f"at most {size} tokens"))
         return size
-    from .formats.tokenizer import load_tokenizer, target_tokenizer_dir
+    from .formats.tokenizer import CONVERTED, sentencepiece_only, target_tokenizer_dir
 
-    where = findings.check(target_tokenizer_dir, config)
-    target = findings.check(load_tokenizer, where, "tokenizer.path") if where else None
+    where = Path(config.tokenizer.path).expanduser().resolve()
+    spm = sentencepiece_only(where)
+    if not spm and findings.check(target_tokenizer_dir, config) is None:  # (writes nothing for such a folder)
+        return None
+    target = findings.check(read_tokenizer, str(where), "tokenizer.path")
     if target is None:
         return None
     shared = ""
     if source_tok is not None:
         share = findings.check(shared_pieces, target, source_tok, where)
         shared = f"; {share:.0%} of the source's pieces are in it (copied)" if share is not None else ""
-    findings.inputs.append(("target tokenizer", f"{where}: {len(target)} tokens{shared}"))
+    converted = (f"; SentencePiece only, converted once into {config.run_dir / CONVERTED}/ by the first stage "
+                 "that loads it" if spm else "")
+    findings.inputs.append(("target tokenizer", f"{where}: {len(target)} tokens{shared}{converted}"))
     return len(target)
 
 
@@ -311,6 +329,10 @@ def evaluation(config: Config, findings: Findings, source: Optional[SourceFacts]
     ev = config.evaluate
     if source is not None and source.path is not None:
         findings.check(check_tasks, ev.tasks, source.kind, source.path)
+    if source is not None and source.layers and LAYER_TASKS & set(ev.tasks):  # expanded models keep the layers
+        from .evaluate.model import hidden_state_index
+
+        findings.check(hidden_state_index, ev.layer, source.layers, source.path)
     needs_data = [t for t in ev.tasks if t in DATA_TASKS]
     if needs_data and not ev.data_dir:
         findings.problem(f"evaluate.data_dir is unset but tasks {', '.join(needs_data)} need benchmark files; the "
@@ -379,11 +401,9 @@ def _pretrain_ds_config(config: Config) -> None:
 
 def _target_or_source_tokenizer(config: Config) -> Any:
     """The tokenizer prepare will use, or the source's while the pipeline has still to build it."""
-    from .formats.tokenizer import load_tokenizer, source_tokenizer, target_tokenizer_dir
-
     if config.tokenizer.path is not None:
-        return load_tokenizer(target_tokenizer_dir(config))
-    return source_tokenizer(config)
+        return read_tokenizer(str(Path(config.tokenizer.path).expanduser()), "tokenizer.path")
+    return _source_tokenizer(config)
 
 
 def _tokenizer_bytes(config: Config, source_tok: Any) -> Optional[int]:

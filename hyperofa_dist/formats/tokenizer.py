@@ -194,31 +194,14 @@ def convert_sentencepiece(path: Path, out: Path, key: str = "") -> dict[str, Any
     import sentencepiece
     import tokenizers
     import transformers
-    from sentencepiece import sentencepiece_model_pb2
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import SpmConverter
 
     where = f" ({key})" if key else ""
-    model_file = next(path / name for name in SENTENCEPIECE_FILES if (path / name).is_file())
-    try:
-        proto = sentencepiece_model_pb2.ModelProto.FromString(model_file.read_bytes())
-        processor = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
-    except Exception as exc:  # protobuf and sentencepiece raise their own types for a damaged file
-        raise HyperofaError(f"{model_file}: not a SentencePiece model{where} ({exc.__class__.__name__})") from None
-    kind = {1: "unigram", 2: "bpe"}.get(proto.trainer_spec.model_type)
-    if kind is None:
-        raise HyperofaError(f"{model_file}: SentencePiece model type {proto.trainer_spec.model_type} is neither "
-                            f"Unigram nor BPE; it cannot be converted{where}")
+    model_file, proto, processor, kind, family = read_sentencepiece(path, key)
     config = json.loads((path / TOKENIZER_CONFIG).read_text(encoding="utf-8"))
-    family = _load_family(path, where)
     layout = family.get_vocab()
     pieces = [piece.piece for piece in proto.pieces]
-    missing = [piece for piece in pieces if piece not in layout]
-    if missing or sorted(layout.values()) != list(range(len(layout))):
-        problem = f"lacks the piece {missing[0]!r}" if missing else "has gaps in its ids"
-        raise HyperofaError(f"{path}: the vocabulary {type(family).__name__} builds from {model_file.name} {problem}; "
-                            f"it cannot be converted{where}")
-
     native_vocab: Any = ([(piece.piece, piece.score) for piece in proto.pieces] if kind == "unigram"
                          else {piece: i for i, piece in enumerate(pieces)})
     native = SpmConverter.build_tokenizer_from_spm_proto(proto, native_vocab, legacy=bool(config.get("legacy", True)))
@@ -265,6 +248,39 @@ def convert_sentencepiece(path: Path, out: Path, key: str = "") -> dict[str, Any
         "versions": {"transformers": transformers.__version__, "tokenizers": tokenizers.__version__,
                      "sentencepiece": sentencepiece.__version__},
     }
+
+
+def read_sentencepiece(path: Path, key: str = "") -> tuple[Path, Any, Any, str, Any]:
+    """What a SentencePiece-only directory holds, read and checked without writing anything: (model file, its
+    proto, a SentencePiece processor, "unigram" or "bpe", the tokenizer transformers' own class builds from the
+    directory). The family's vocabulary must hold every piece of the model at gap-free ids (the layout the
+    conversion keeps). The dry run reads a target tokenizer's pieces through this, before any conversion."""
+    import sentencepiece
+    from sentencepiece import sentencepiece_model_pb2
+
+    where = f" ({key})" if key else ""
+    path = Path(path).expanduser()
+    if not (path / TOKENIZER_CONFIG).is_file():
+        raise HyperofaError(f"{path}: a SentencePiece tokenizer needs its {TOKENIZER_CONFIG} (the family and its "
+                            f"special tokens){where}")
+    model_file = next(path / name for name in SENTENCEPIECE_FILES if (path / name).is_file())
+    try:
+        proto = sentencepiece_model_pb2.ModelProto.FromString(model_file.read_bytes())
+        processor = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+    except Exception as exc:  # protobuf and sentencepiece raise their own types for a damaged file
+        raise HyperofaError(f"{model_file}: not a SentencePiece model{where} ({exc.__class__.__name__})") from None
+    kind = {1: "unigram", 2: "bpe"}.get(proto.trainer_spec.model_type)
+    if kind is None:
+        raise HyperofaError(f"{model_file}: SentencePiece model type {proto.trainer_spec.model_type} is neither "
+                            f"Unigram nor BPE; it cannot be converted{where}")
+    family = _load_family(path, where)
+    layout = family.get_vocab()
+    missing = [piece.piece for piece in proto.pieces if piece.piece not in layout]
+    if missing or sorted(layout.values()) != list(range(len(layout))):
+        problem = f"lacks the piece {missing[0]!r}" if missing else "has gaps in its ids"
+        raise HyperofaError(f"{path}: the vocabulary {type(family).__name__} builds from {model_file.name} {problem}; "
+                            f"it cannot be converted{where}")
+    return model_file, proto, processor, kind, family
 
 
 SPECIAL_ROLES = ("bos", "eos", "unk", "sep", "pad", "cls", "mask")

@@ -3,7 +3,8 @@
 The stage shell around `build` and `learn`: load the source tokenizer (`source.tokenizer`, else `source.model`),
 read the first `tokenizer.sentences_per_language` sentences of every corpus language, extend or train, save
 into `<run_dir>/tokenizer/` (built in a sibling temporary directory, checked, then renamed into place), write
-the manifest last and log counts and per-language fertility to MLflow.
+the manifest last and log counts and per-language fertility to MLflow. With `tokenizer.path` set there is
+nothing to build (that tokenizer is the target): the stage says so and builds nothing.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from ..formats.corpus import discover
 from ..formats.rundir import Stage
 from ..formats.tokenizer import STAGE, file_settings, source_tokenizer
 from ..runtime import preflight
-from ..runtime.stage import StageShell
+from ..runtime.stage import StageShell, say
 from .build import (
     build_target,
     check_ids_kept,
@@ -47,6 +48,12 @@ def _swap_into_place(built: Path, final: Path) -> None:
 
 
 def run(config: Config, tracker: Any) -> int:
+    if config.tokenizer.path is not None:
+        # The given tokenizer (Glot500's, in the packaged configs) is the target every later stage reads; one built
+        # here would be read by none (the pipeline leaves this stage out for it) and can take hours on a real corpus.
+        say(STAGE, f"nothing to build: tokenizer.path is set ({config.tokenizer.path}), every later stage reads that "
+                   "tokenizer; unset it to build one here")
+        return 0
     sources = discover(config.corpus)
     preflight.corpus_text(sources, config.corpus.max_noise_share)
     source = source_tokenizer(config)
