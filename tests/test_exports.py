@@ -44,10 +44,11 @@ print(json.dumps({"version": transformers.__version__, "models": report}))
 
 
 @pytest.fixture(scope="session")
-def transformers_4(request) -> Path:
+def transformers_4(request, tmp_path_factory) -> Path:
     """A folder holding transformers 4.57 and the hub and tokenizers versions it accepts (`pip install --target`,
     no dependencies), made once per checkout in the pytest cache; put first on PYTHONPATH it shadows the venv's."""
-    root = Path(request.config.cache.mkdir("transformers-4.57"))
+    cache = getattr(request.config, "cache", None)  # absent under `-p no:cacheprovider`: install per session
+    root = Path(cache.mkdir("transformers-4.57")) if cache is not None else tmp_path_factory.mktemp("transformers-4.57")
     site = root / "site"
     if not (site / "transformers" / "__init__.py").is_file():
         tmp = root / f"site.tmp-{os.getpid()}"
