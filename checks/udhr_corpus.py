@@ -1,5 +1,5 @@
 """Build a line-aligned multilingual corpus from the Universal Declaration of Human Rights (NLTK's `udhr2` corpus)
-for the real-text check of docs/METHOD.md §3.10. Nothing here is downloaded: point it at an unpacked `udhr2/`
+for the real-text check of docs/METHOD.md §3.11. Nothing here is downloaded: point it at an unpacked `udhr2/`
 folder (the `packages/corpora/udhr2.zip` of the public nltk_data repository).
 
     python checks/udhr_corpus.py UDHR2_DIR OUT_DIR [--min-units 40]
