@@ -94,6 +94,31 @@ def recentre(coordinates: np.ndarray, provenance: np.ndarray, kind: int) -> np.n
     return shift
 
 
+def method_coordinates(
+    vocab_size: int,
+    source_coordinates: np.ndarray,
+    copy_t: np.ndarray,
+    copy_s: np.ndarray,
+    predicted_ids: np.ndarray,
+    predicted_rows: Optional[np.ndarray],
+    method: str,
+    random_mean: np.ndarray,
+    random_std: np.ndarray,
+    seed: int,
+    recentre_rows: bool,
+) -> tuple[Assembly, Optional[np.ndarray]]:
+    """F_t of one init method (`assemble_coordinates`, then `init.recentre` of the method's predicted rows) and the
+    shift applied (None without re-centring): what the init stage writes and what `tune hypernet` scores."""
+    assembly = assemble_coordinates(
+        vocab_size, source_coordinates, copy_t, copy_s, predicted_ids, predicted_rows,
+        method if method != "random" else None, random_mean, random_std, seed,
+    )
+    shift = None
+    if recentre_rows and method in PREDICTED:
+        shift = recentre(assembly.coordinates, assembly.provenance, PREDICTED[method])
+    return assembly, shift
+
+
 def _check_ids(ids: np.ndarray, size: int, what: str) -> None:
     if len(ids) and (ids.min() < 0 or ids.max() >= size):
         bad = int(ids[(ids < 0) | (ids >= size)][0])

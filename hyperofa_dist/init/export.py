@@ -207,6 +207,31 @@ def _require_tied(model: Any) -> None:
         raise RuntimeError("expanded model: decoder weight is not tied to the word embeddings")
 
 
+def build_expanded_any(
+    source_model: Any,
+    source_tokenizer: Any,
+    target_tokenizer: Any,
+    embeddings: np.ndarray,
+    copy_t: np.ndarray,
+    copy_s: np.ndarray,
+    pad_to_multiple_of: Optional[int],
+    *,
+    causal: bool,
+    untied: bool,
+) -> tuple[Any, Any]:
+    """The expanded model of either kind from init's full embeddings: a causal LM's input rows are the first
+    `hidden` columns, an untied one's output rows the columns after them."""
+    if not causal:
+        return build_expanded_model(
+            source_model, source_tokenizer, target_tokenizer, embeddings, copy_t, copy_s, pad_to_multiple_of
+        )
+    hidden = source_model.get_input_embeddings().embedding_dim
+    return build_expanded_causal_model(
+        source_model, target_tokenizer, embeddings[:, :hidden], embeddings[:, hidden:] if untied else None,
+        copy_t, copy_s, pad_to_multiple_of,
+    )
+
+
 # Config keys naming a special token id, rewritten to the target id of the same token.
 _ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 

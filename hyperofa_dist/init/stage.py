@@ -44,7 +44,7 @@ from ..runtime.device import resolve_device
 from ..runtime.stage import StageShell
 from ..tracking import METHOD_TAG, STAGE_TAG, STEP_TAG, registered_model_name
 from . import assemble as asm
-from .export import build_expanded_causal_model, build_expanded_model, merge_copy_pairs, special_token_pairs
+from .export import build_expanded_any, merge_copy_pairs, special_token_pairs
 from .head import HeadReport, complete_head
 from .mean import piece_means
 from .ofa import ofa_for_tokens
@@ -257,35 +257,18 @@ def run(config: Config, tracker: Any) -> int:
                 progress=progress,
                 **_ofa_settings(config),
             )
-        assembly = asm.assemble_coordinates(
-            len(target_tok),
-            mapping.source_coordinates,
-            copy_t,
-            copy_s,
-            predicted_ids,
-            predicted_rows,
-            method if method != "random" else None,
-            mean,
-            std,
-            init_seed(config),
+        assembly, shift = asm.method_coordinates(
+            len(target_tok), mapping.source_coordinates, copy_t, copy_s, predicted_ids, predicted_rows, method, mean,
+            std, init_seed(config), config.init.recentre,
         )
-        shift = None
-        if config.init.recentre and method in asm.PREDICTED:
-            shift = asm.recentre(assembly.coordinates, assembly.provenance, asm.PREDICTED[method])
         embeddings = asm.full_embeddings(assembly.coordinates, mapping.primitives)
         assemble_s = time.perf_counter() - t1
 
         t2 = time.perf_counter()
-        if kind == CAUSAL:
-            output_rows = embeddings[:, hidden:] if source.untied else None
-            model, info = build_expanded_causal_model(
-                source_model, target_tok, embeddings[:, :hidden], output_rows, copy_t, copy_s,
-                config.init.pad_to_multiple_of,
-            )
-        else:
-            model, info = build_expanded_model(
-                source_model, source_tok, target_tok, embeddings, copy_t, copy_s, config.init.pad_to_multiple_of
-            )
+        model, info = build_expanded_any(
+            source_model, source_tok, target_tok, embeddings, copy_t, copy_s, config.init.pad_to_multiple_of,
+            causal=kind == CAUSAL, untied=source.untied,
+        )
         del embeddings
         check_tokenizer_beside(model.config, target_tok, probe_texts(target_tok, len(source_tok)),
                                f"target tokenizer {target_dir}")

@@ -29,7 +29,7 @@ from ..hypernet.models import build_model
 from ..hypernet.predict import predict_rows, tokens_to_predict
 from ..hypernet.train import augment_spec, context_rule, loss_spec, training_split
 from ..init import assemble as asm
-from ..init.export import build_expanded_causal_model, build_expanded_model, merge_copy_pairs, special_token_pairs
+from ..init.export import build_expanded_any, merge_copy_pairs, special_token_pairs
 from ..init.head import complete_head
 from ..init.random import column_stats
 from ..init.stage import init_seed, new_token_loss
@@ -93,20 +93,16 @@ def hyperofa_loss(ws: Workspace, hp: Any, model: torch.nn.Module) -> dict[str, A
                       context_rule(hp, config.run.seed, "target"))
     rows = predict_rows(model, ws.table, target, batch_size=hp.predict_batch_size, cap=hp.max_context,
                         device=ws.device)
-    assembly = asm.assemble_coordinates(
+    assembly, _ = asm.method_coordinates(
         len(ws.target_tok), mapping.source_coordinates, ws.copy_t, ws.copy_s, ws.new_ids, rows, "hyperofa",
-        ws.mean, ws.std, init_seed(config),
+        ws.mean, ws.std, init_seed(config), config.init.recentre,
     )
     embeddings = asm.full_embeddings(assembly.coordinates, mapping.primitives)
-    source, hidden = ws.source, ws.source.model.get_input_embeddings().embedding_dim
-    if source.kind == CAUSAL:
-        expanded, _ = build_expanded_causal_model(
-            source.model, ws.target_tok, embeddings[:, :hidden], embeddings[:, hidden:] if source.untied else None,
-            ws.copy_t, ws.copy_s, config.init.pad_to_multiple_of,
-        )
-    else:
-        expanded, _ = build_expanded_model(source.model, source.tokenizer, ws.target_tok, embeddings, ws.copy_t,
-                                           ws.copy_s, config.init.pad_to_multiple_of)
+    source = ws.source
+    expanded, _ = build_expanded_any(
+        source.model, source.tokenizer, ws.target_tok, embeddings, ws.copy_t, ws.copy_s,
+        config.init.pad_to_multiple_of, causal=source.kind == CAUSAL, untied=source.untied,
+    )
     return new_token_loss(config, expanded, ws.target_tok, ws.target_fingerprint, assembly.provenance, source.kind)
 
 
