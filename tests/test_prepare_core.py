@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import tarfile
 
 import numpy as np
@@ -20,7 +21,8 @@ from data_prep.prepare.sampling import (
     temperature_budgets,
     unbudgeted_plan,
 )
-from hyperofa_dist.formats.shards import build_shards, read_shard, shard_name, write_shard
+from hyperofa_dist.formats.files import sync_files
+from hyperofa_dist.formats.shards import build_shards, read_shard, shard_name, tar_bytes, write_shard
 from hyperofa_dist.formats.corpus import Unit
 
 SPECIALS = Specials(cls=0, sep=2)
@@ -215,6 +217,42 @@ def test_shards_are_deterministic_tars_with_fixed_headers(tmp_path):
     assert samples[-1][2].shape == (1, 8) and samples[-1][2].dtype == np.uint32
     assert not write_shard(paths[0], first[0].data, keep_existing=True)  # present, right size: untouched
     assert list(build_shards(blocks[:0], "aaa_Latn", 3, 2, 2)) == []
+
+
+def _tarfile_archive(members):
+    """The archive Python's tarfile writes for the members with the shard headers' fixed fields."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = (
+                len(data), 0, 0o444, 0, 0, "", "")
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def test_the_shard_writer_gives_tarfiles_bytes_for_every_name_and_size():
+    rng = np.random.default_rng(0)
+    names = ["a", "aaa_Latn-00003-00000001.input_ids.npy", "x" * 99, "y" * 100, "dir/name.txt",
+             "dir/" + "z" * 99, "qaa_Grek/é.lang.txt"]  # the last two go through tarfile itself (prefix split, not ASCII)
+    sizes = [0, 1, 511, 512, 513, 10_240, 12_345]
+    for trial in range(40):
+        members = [(str(rng.choice(names)), rng.integers(0, 256, int(rng.choice(sizes)), dtype=np.uint8).tobytes())
+                   for _ in range(int(rng.integers(0, 12)))]
+        assert tar_bytes(members) == _tarfile_archive(members), members
+    assert len(tar_bytes([])) == tarfile.RECORDSIZE  # an empty archive is one record of zeros, as tarfile's
+    assert tar_bytes([]) == _tarfile_archive([])
+
+
+def test_shards_written_without_fsync_are_made_durable_together(tmp_path):
+    paths = [tmp_path / "train" / f"s{i}.tar" for i in range(5)]
+    for path in paths:
+        assert write_shard(path, b"x" * 1000, keep_existing=False, durable=False)
+    assert sync_files(paths) == 5
+    assert all(p.read_bytes() == b"x" * 1000 for p in paths)
+    paths[2].unlink()  # a shard a task reported but that is not there: the stage must not name it in a manifest
+    with pytest.raises(FileNotFoundError):
+        sync_files(paths)
 
 
 def test_group_units_groups_small_units_and_puts_large_groups_first():

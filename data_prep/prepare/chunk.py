@@ -2,7 +2,9 @@
 
 `process_chunk` writes the chunk's shards and, last, its record `chunks/{lang}-{chunk:05d}.json` (counts, plan and
 shard hashes): a chunk counts as finished only once all of its shards are in place, and a retried task rewrites
-identical bytes. The record format is private to this stage; later stages read the manifest.
+identical bytes. Tasks write without fsync (one fsync after another was a tenth of the stage); the stage makes every
+shard and record durable at once before its manifest names them, and a resumed stage checks each record's shards
+(size and sha256), so what a crash lost in between is written again. The record format is private to this stage; later stages read the manifest.
 """
 
 from __future__ import annotations
@@ -200,9 +202,9 @@ def process_chunk(
 
     def write() -> None:
         for path, data in files:
-            write_shard(path, data, job.keep_existing)
+            write_shard(path, data, job.keep_existing, durable=False)
         # The record goes last: a chunk counts as finished only once all of its shards are in place.
-        atomic_write_json(record_path(stage_dir, unit.lang, unit.chunk), record)
+        atomic_write_json(record_path(stage_dir, unit.lang, unit.chunk), record, durable=False)
 
     if writes is None:
         write()

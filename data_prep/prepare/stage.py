@@ -26,7 +26,7 @@ from typing import Any, Iterable, Optional
 
 from hyperofa_dist.config import Config
 from hyperofa_dist.formats.corpus import HELDOUT, LanguageSource, Unit, discover, plan_units
-from hyperofa_dist.formats.files import digest, sha256_file
+from hyperofa_dist.formats.files import digest, sha256_file, sync_files
 from hyperofa_dist.formats.rundir import Stage
 from hyperofa_dist.formats.shards import SPLITS, STAGE
 from hyperofa_dist.formats.text import LINE_ENDS
@@ -300,6 +300,7 @@ def run(config: Config, tracker) -> int:
             record_path(shell.path, r["lang"], r["chunk"]).relative_to(shell.path).as_posix() for r in records
         }
         _remove_strays(shell.path, keep)
+        sync_files(shell.path / path for path in sorted(keep))  # tasks wrote without fsync; durable before the manifest
 
         per_lang = aggregate(records, languages)
         totals = {key: sum(stats[key] for stats in per_lang.values()) for key in next(iter(per_lang.values()))}
