@@ -137,8 +137,12 @@ def process_chunk(
         heldout, train_order = heldout[present[heldout]], train_order[present[train_order]]
         multiplicity = np.where(present, multiplicity, 0)
         n_sentences -= line_stats.empty
-    needed = np.union1d(np.flatnonzero(multiplicity), heldout)
-    flat, offsets = encode(tokenizer, [sentences[i] for i in needed], settings.batch_size)
+    wanted = multiplicity != 0
+    wanted[heldout] = True
+    needed = np.flatnonzero(wanted)  # sorted, as the searchsorted below needs
+    chosen = sentences if needed.size == len(sentences) else [sentences[i] for i in needed]
+    flat, offsets = encode(tokenizer, chosen, settings.batch_size)
+    del chosen
     del sentences  # the text is the largest thing a task holds; packing needs only the ids
     orders = {
         "train": np.searchsorted(needed, train_order),
