@@ -146,3 +146,21 @@ def test_inputs_named_by_location_are_identified_by_content(tmp_path, monkeypatc
     (second / "model.safetensors").write_bytes(b"other weights")
     assert model_identity(str(second)) != model_identity(str(first))
     assert load_config(None, ["corpus.format=hub"]).fingerprint("corpus") != configs[0].fingerprint("corpus")
+
+
+def test_a_module_entry_point_turns_a_bad_input_into_one_line_and_exit_2(capsys):
+    """`python -m hyperofa_dist.bench.sweep` (and pretrain/export.py) print a HyperofaError as one line, exit 2."""
+    from hyperofa_dist.bench import sweep
+    from hyperofa_dist.errors import exit_status
+
+    assert sweep.main(["--dry-run", "pretrain.no_such_key=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("pretrain-sweep: error: ") and "pretrain.no_such_key" in err[0], err
+
+    def bad() -> None:
+        raise HyperofaError("x.bin: truncated")
+
+    assert exit_status("export", bad) == 2 and capsys.readouterr().err == "export: error: x.bin: truncated\n"
+    assert exit_status("export", lambda: None) == 0
+    with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
+        exit_status("export", lambda: 1 / 0)
