@@ -18,9 +18,10 @@ from hyperofa_dist import cli
 from hyperofa_dist.config import load_config
 from hyperofa_dist.errors import HyperofaError
 from hyperofa_dist.formats.corpus import sample_text
+from hyperofa_dist.formats.files import output_file
 from hyperofa_dist.formats.rundir import MANIFEST, Stage
+from hyperofa_dist.formats.shards import prepare_bytes
 from hyperofa_dist.formats.tokenizer import load_tokenizer
-from hyperofa_dist.runtime import preflight
 from hyperofa_dist.runtime.stage import StageShell
 from hyperofa_dist.tracking import NullTracker
 
@@ -85,11 +86,11 @@ def test_a_file_where_a_stage_directory_belongs_is_refused_before_the_stage_runs
 def test_an_output_file_that_cannot_be_written_is_refused_first(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(HyperofaError, match=f"{tmp_path}: is a directory; evaluate.output names the file to write"):
-        preflight.output_file(tmp_path, "evaluate.output")
+        output_file(tmp_path, "evaluate.output")
     with pytest.raises(HyperofaError, match=f"{tmp_path / 'file'}: not a directory.*evaluate.output"):
-        preflight.output_file(tmp_path / "file" / "results.json", "evaluate.output")
-    preflight.output_file(tmp_path / "new" / "results.json", "evaluate.output")  # a new directory is fine
-    preflight.output_file(tmp_path / "file", "evaluate.output")  # and so is replacing a file
+        output_file(tmp_path / "file" / "results.json", "evaluate.output")
+    output_file(tmp_path / "new" / "results.json", "evaluate.output")  # a new directory is fine
+    output_file(tmp_path / "file", "evaluate.output")  # and so is replacing a file
 
 
 def test_a_whitespace_only_corpus_file_counts_as_empty_in_the_size_estimate(tmp_path, source_tokenizers):
@@ -101,9 +102,9 @@ def test_a_whitespace_only_corpus_file_counts_as_empty_in_the_size_estimate(tmp_
     tokenizer = load_tokenizer(source_tokenizers["xlmr"])
     config = load_config(None, [])
     samples = {p.stem: [sample_text(p)] for p in sorted(tmp_path.glob("*.txt"))}
-    alone = preflight.prepare_bytes({"qac_Latn": samples["qac_Latn"]}, tokenizer, config)
+    alone = prepare_bytes({"qac_Latn": samples["qac_Latn"]}, tokenizer, config)
     assert alone > 0
-    assert preflight.prepare_bytes(samples, tokenizer, config) == alone
+    assert prepare_bytes(samples, tokenizer, config) == alone
 
 
 def test_tokenizer_stage_refuses_a_source_tokenizer_that_is_not_the_models(

@@ -112,3 +112,22 @@ def numeric_metrics(tree: dict[str, Any]) -> dict[str, float]:
         for key, value in flatten(tree).items()
         if isinstance(value, numbers.Number) and not isinstance(value, complex)
     }
+
+
+def tracking_store_dir(config: Any) -> Optional[Path]:
+    """The local directory MLflow writes (the sqlite file's, or a file store), or None for a server/no tracking."""
+    if not config.tracking.enabled:
+        return None
+    uri = config.tracking.tracking_uri
+    if uri is None:
+        return config.run_dir
+    if uri.startswith("sqlite:///"):
+        # sqlite:///relative.db, sqlite:////absolute.db (SQLAlchemy's spelling), maybe with ?options
+        return Path(uri[len("sqlite:///") :].split("?", 1)[0]).absolute().parent
+    if uri.startswith("file:"):
+        from urllib.parse import unquote, urlparse
+
+        return Path(unquote(urlparse(uri).path)).absolute()
+    if "://" not in uri and uri != "databricks":
+        return Path(uri).absolute()
+    return None
