@@ -78,16 +78,43 @@ def _leaf_keys(model, prefix="", inherited=False):
             yield f"{prefix}{name}", execution
 
 
-def test_readme_reference_lists_every_key_and_marks_the_execution_only_ones():
+def test_config_reference_lists_every_key_and_marks_the_execution_only_ones():
     import re
-    from pathlib import Path
 
     from hyperofa_dist.config import Config
+    from hyperofa_dist.configdoc import render
 
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    section = text[text.index("## Config reference"):]
-    rows = {m.group(1): m.group(2).startswith("†") for m in re.finditer(r"^\| `([a-z_.0-9]+)` \| .*? \| (.*) \|$", section, re.M)}
+    row = re.compile(r"^\| `([a-z_.0-9]+)` \| .*? \| `.*?` \| (execution|input path|) \| .+ \|$", re.M)
+    rows = {m.group(1): m.group(2) == "execution" for m in row.finditer(render())}
     assert rows == dict(_leaf_keys(Config()))
+    assert "| `run.seed` | int (≥ 0) | `0` |  | " in render()
+    assert "| `tracking.log_models` | one of: link, copy, none | `link` | execution | " in render()
+
+
+def test_docs_config_md_is_generated_from_the_current_schema():
+    from pathlib import Path
+
+    from hyperofa_dist.configdoc import REGENERATE, render
+
+    path = Path(__file__).resolve().parents[1] / "docs" / "CONFIG.md"
+    assert path.read_text(encoding="utf-8") == render(), f"docs/CONFIG.md is stale: run `{REGENERATE}` and commit it"
+
+
+def test_docs_config_command_writes_the_reference_and_check_refuses_a_stale_one(tmp_path, capsys):
+    from hyperofa_dist import cli
+    from hyperofa_dist.configdoc import render
+
+    out = tmp_path / "CONFIG.md"
+    assert cli.main(["docs", "config", "--check", "--output", str(out)]) == 2
+    assert f"{out}: missing; run `hyperofa docs config`" in capsys.readouterr().err
+    assert cli.main(["docs", "config", "--output", str(out)]) == 0
+    assert out.read_text(encoding="utf-8") == render()
+    assert cli.main(["docs", "config", "--check", "--output", str(out)]) == 0
+    out.write_text(render().replace("Global seed", "The seed"), encoding="utf-8")
+    assert cli.main(["docs", "config", "--check", "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"hyperofa docs: error: {out}: stale (the config schema changed); run `hyperofa docs config` "
+                       "and commit the file")
 
 
 def test_fingerprint_leaves_out_execution_only_keys_and_keeps_the_rest():
