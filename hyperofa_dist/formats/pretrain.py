@@ -22,7 +22,8 @@ from typing import Any, Iterator, Optional
 
 from .files import atomic_write_bytes, atomic_write_json, read_json, write_error
 from .init import FACTORS  # noqa: F401 - a factorised pretrain output holds the same two files
-from .jobdir import FAILURE, checkpoint_bytes, read_failure, write_failure  # noqa: F401 - a job's own stop, shared with the hypernet
+from .jobdir import checkpoint_bytes
+from .jobdir import FAILURE, read_failure, write_failure  # noqa: F401 - a job's own stop, shared with the hypernet
 from .rundir import Stage
 
 STAGE = "pretrain"

@@ -42,8 +42,8 @@ from .store import RunRecord, RunStore, open_store
 from .tracker import MlflowTracker, NullTracker, make_tracker
 
 __all__ = [
-    "COMMAND_TAG", "METHOD_TAG", "MODEL_ARTIFACT", "MODEL_DIR_TAG", "MODEL_VERSION_TAG", "OBJECTIVE_TAG", "OUTAGE_METRIC",
-    "PIPELINE_TAG", "RESUMED_TAG", "REUSED_TAG", "RUN_DIR_TAG", "SECRET_URI_ENV", "STAGE_TAG", "STEP_TAG",
+    "COMMAND_TAG", "METHOD_TAG", "MODEL_ARTIFACT", "MODEL_DIR_TAG", "MODEL_VERSION_TAG", "OBJECTIVE_TAG",
+    "OUTAGE_METRIC", "PIPELINE_TAG", "RESUMED_TAG", "REUSED_TAG", "RUN_DIR_TAG", "SECRET_URI_ENV", "STAGE_TAG", "STEP_TAG",
     "MlflowTracker", "NullTracker", "Outbox", "RunRecord", "RunStore", "apply_writes", "default_tracking_uri",
     "global_rank", "link_tree", "make_tracker", "numeric_metrics", "open_store", "pipeline_id", "refused",
     "registered_model_name", "replay_journals", "tracking_uri_of",
