@@ -63,30 +63,23 @@ def test_flatten_for_mlflow_params():
     assert all(not isinstance(v, dict) for v in flat.values())
 
 
-def _leaf_keys(model, prefix="", inherited=False):
-    """(dotted key, execution-only) for every leaf of the config tree."""
-    from pydantic import BaseModel
-
-    from hyperofa_dist.config import is_execution
-
-    for name, field in type(model).model_fields.items():
-        value = getattr(model, name)
-        execution = inherited or is_execution(field)
-        if isinstance(value, BaseModel):
-            yield from _leaf_keys(value, f"{prefix}{name}.", execution)
-        else:
-            yield f"{prefix}{name}", execution
-
-
 def test_config_reference_lists_every_key_and_marks_the_execution_only_ones():
+    """One row per leaf key; `execution` exactly on the keys Config.fingerprint leaves out (input paths aside)."""
     import re
 
-    from hyperofa_dist.config import Config
-    from hyperofa_dist.configdoc import render
+    from hyperofa_dist.config import Config, flatten, is_input_path
+    from hyperofa_dist.configdoc import leaves, render
 
     row = re.compile(r"^\| `([a-z_.0-9]+)` \| .*? \| `.*?` \| (execution|input path|) \| .+ \|$", re.M)
-    rows = {m.group(1): m.group(2) == "execution" for m in row.finditer(render())}
-    assert rows == dict(_leaf_keys(Config()))
+    rows = {m.group(1): m.group(2) for m in row.finditer(render())}
+    config = Config()
+    result_keys = flatten(config.fingerprint(*type(config).model_fields))
+    expected = {}
+    for key, info, _, _ in leaves(config):
+        kept = key in result_keys or any(k.startswith(f"{key}.") for k in result_keys)
+        expected[key] = "input path" if is_input_path(info) else ("" if kept else "execution")
+    assert rows == expected
+    assert len(rows) > 200 and {"run.dir", "pretrain.bench.vocab_size"} <= {k for k, v in rows.items() if v}
     assert "| `run.seed` | int (≥ 0) | `0` |  | " in render()
     assert "| `tracking.log_models` | one of: link, copy, none | `link` | execution | " in render()
 
