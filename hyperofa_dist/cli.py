@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                           description="generated documentation")
     docs.add_argument("action", choices=("config",), help="what to generate")
     docs.add_argument("--check", action="store_true", help="compare the file with the schema instead; exit 2 if stale")
-    docs.add_argument("--output", default=None, help="the file (default: docs/CONFIG.md in this directory)")
+    docs.add_argument("--output", default=None, help="the file (default: docs/CONFIG.md of the source tree)")
     benches = sub.add_parser("bench", help="benchmarks that print one JSON line", description="benchmarks")
     bench_sub = benches.add_subparsers(dest="bench", metavar="<bench>")
     for entry in BENCHES:

@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from .config import Config, is_execution, is_input_path
 from .errors import HyperofaError
 
-CONFIG_DOC = Path("docs") / "CONFIG.md"  # relative to the source tree's top
+CONFIG_DOC = Path(__file__).resolve().parents[1] / "docs" / "CONFIG.md"  # in the source tree (a checkout)
 REGENERATE = "hyperofa docs config"
 
 HEADER = """\
@@ -118,6 +118,8 @@ def write_or_check(path: Path, check: bool) -> int:
         return 0
     from .formats.files import atomic_write_bytes
 
+    if not path.parent.is_dir():  # an installed wheel has no docs/ beside the package
+        raise HyperofaError(f"{path.parent}: no such directory to write {path.name} into; pass --output FILE")
     atomic_write_bytes(path, text.encode("utf-8"))
     print(f"wrote {path} ({text.count(chr(10))} lines)")
     return 0
