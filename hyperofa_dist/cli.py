@@ -29,7 +29,7 @@ def _flag_overrides(entry: Command, args: argparse.Namespace) -> list[str]:
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", "-c", help="YAML config file (see README: config reference)")
+    parser.add_argument("--config", "-c", help="YAML config file (keys: docs/CONFIG.md)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. run.seed=3")
 
 
@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
             parser_.add_argument("--hostfile", help="DeepSpeed hostfile (`host slots=N` lines) for a multi-node job")
             parser_.add_argument("--num_nodes", type=int, help="use this many nodes of the hostfile")
             parser_.add_argument("--launcher", help="multi-node launcher: pdsh, openmpi, mvapich, slurm, mpich, impi, nossh")
+    docs = sub.add_parser("docs", help="generated documentation: `docs config` writes docs/CONFIG.md from the schema",
+                          description="generated documentation")
+    docs.add_argument("action", choices=("config",), help="what to generate")
+    docs.add_argument("--check", action="store_true", help="compare the file with the schema instead; exit 2 if stale")
+    docs.add_argument("--output", default=None, help="the file (default: docs/CONFIG.md of the source tree)")
     benches = sub.add_parser("bench", help="benchmarks that print one JSON line", description="benchmarks")
     bench_sub = benches.add_subparsers(dest="bench", metavar="<bench>")
     for entry in BENCHES:
@@ -81,6 +86,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    if args.command == "docs":  # no config, no run directory, no MLflow
+        from pathlib import Path
+
+        from .configdoc import CONFIG_DOC, write_or_check
+        from .errors import exit_status
+
+        return exit_status("hyperofa docs", lambda: write_or_check(Path(args.output or CONFIG_DOC), args.check))
     from .runtime.process import raise_on_termination
 
     raise_on_termination()  # SIGTERM unwinds like Ctrl-C: MLflow runs end, locks and shared memory are released

@@ -72,7 +72,7 @@ class RunConfig(Section):
     verify_inputs: bool = Execution(
         False,
         description="Preflight reads input files in full (each prepare shard's sha256 against the prepare "
-        "manifest) instead of checking their sizes and indexes only.",
+        "manifest: pretrain, evaluate mlm) instead of checking their sizes and indexes only.",
     )
 
     @field_validator("dir")
@@ -127,16 +127,20 @@ def _path_name(value: Optional[str]) -> Optional[str]:
 class TrackingConfig(Section):
     enabled: bool = Execution(True, description="Log to MLflow; false gives a no-op tracker.")
     tracking_uri: Optional[str] = Execution(
-        None, description="MLflow tracking URI; unset means sqlite:///<run.dir>/mlflow.db."
+        None, description="MLflow tracking URI; unset means sqlite:///<run.dir>/mlflow.db. The scheme must be one "
+        "MLflow accepts: a path, file:, sqlite:///, postgresql://, mysql://, mssql://, http(s)://host, databricks, "
+        "or a registered plugin."
     )
     experiment: str = Execution("hyperofa", min_length=1, description="MLflow experiment name.")
     log_models: Literal["link", "copy", "none"] = Execution(
         "link",
-        description="Exported models as run artifacts + registered versions: link (hard links into a local store, "
-        "no second copy; uploads to a server), copy (always a copy), none (only a hyperofa.model_dir tag).",
+        description="Exported models as run artifacts + registered versions <experiment>-<method>: link (hard "
+        "links into a local store, no second copy; uploads to a server), copy (always a copy), none (only a "
+        "hyperofa.model_dir tag).",
     )
     retry_seconds: float = Execution(
-        30.0, gt=0, description="Longest wait between two attempts to reach an unreachable store (back-off from 1 s)."
+        30.0, gt=0, description="Longest wait between two attempts to reach an unreachable store "
+        "(exponential back-off from 1 s); training never waits for the store."
     )
     buffer_size: int = Execution(
         10000, ge=1, description="Tracking writes held in memory while the store is unreachable; more wait in the "
@@ -364,7 +368,8 @@ class LaunchConfig(Section):
 
 class PretrainConfig(LaunchConfig):
     method: str = Field(
-        "hyperofa", min_length=1, description="Init method whose model to train: <run.dir>/init/<method>/model."
+        "hyperofa", min_length=1, description="Init method whose model to train: <run.dir>/init/<method>/model; "
+        "it also names the output, <run.dir>/pretrain/<method>/."
     )
     _method_stays_inside = field_validator("method")(_path_name)
     model: Optional[str] = InputPath(None, description="Train this HF masked-LM directory instead of the init output.")
@@ -377,7 +382,8 @@ class PretrainConfig(LaunchConfig):
     zero: Literal["zero1", "zero2", "zero2-offload", "zero3", "zero3-offload"] = Field(
         "zero2", description="DeepSpeed template in ds_configs/ (ZeRO stage and offload)."
     )
-    ds_config: Optional[str] = InputPath(None, description="Own DeepSpeed JSON template instead of ds_configs/<zero>.json.")
+    ds_config: Optional[str] = InputPath(None, description="Own DeepSpeed JSON template instead of ds_configs/<zero>.json; "
+                                       "the values filled from the config are written \"auto\" in it.")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="auto: bf16 on GPU (fp16 where bf16 is unsupported), fp32 on CPU."
     )
@@ -389,7 +395,8 @@ class PretrainConfig(LaunchConfig):
     )
     global_batch_size: Optional[int] = Field(
         None, ge=1, description="Sequences (blocks) per optimizer step over all ranks; the accumulation is derived from "
-        "the ranks of the launch, so a config is the same run on any cluster. Must divide by ranks x micro_batch_size.",
+        "the ranks of the launch, so a config is the same run on any cluster. Must divide by ranks x micro_batch_size; "
+        "a grad_accum set beside it must agree.",
     )
     lr: float = Field(5e-5, gt=0.0, description="Peak learning rate (AdamW).")
     betas: list[float] = Field([0.9, 0.999], min_length=2, max_length=2, description="AdamW betas.")
@@ -427,7 +434,8 @@ class PretrainConfig(LaunchConfig):
     )
     resume: bool = Execution(False, description="Continue from the latest checkpoint in <stage>/checkpoints.")
     allow_config_change: bool = Execution(
-        False, description="Resume even when result-changing keys differ from the checkpoint's (recorded as a change)."
+        False, description="Resume even when result-changing keys differ from the checkpoint's; the change and "
+        "where it happened go into the manifest (config_changes) and MLflow."
     )
     universal: bool = Execution(
         False, description="Resume through a universal checkpoint (converted once): needed when the rank count changes."
@@ -517,12 +525,13 @@ class EvaluateConfig(Section):
     )
     heldout_dir: Optional[str] = InputPath(None, description="Held-out shards for mlm; unset: <run.dir>/prepare.")
     output: Optional[str] = Execution(
-        None, description="Results JSON path; unset: <run.dir>/evaluate/<name>/results.json."
+        None, description="Results JSON path (--output); unset: <run.dir>/evaluate/<name>/results.json."
     )
     languages: Optional[list[str]] = Field(
         None,
         description="Languages to evaluate as lang_Script codes (deu_Latn), mapped to each benchmark's own codes "
-        "(Tatoeba's deu); a benchmark's own code works too; unset: every language found.",
+        "(Tatoeba's deu); a benchmark's own code works too; unset: every language found (requested but absent "
+        "ones are listed).",
     )
     english: str = Field("eng_Latn", min_length=1, description="Code of English (query side, tagging train/dev).")
     layer: int = Field(
@@ -639,7 +648,8 @@ class VectorsConfig(Section):
 
 class MappingConfig(Section):
     num_primitives: int = Field(
-        100, ge=1, description="k: SVD rank of the source embeddings (coordinates F_s, primitives P); k = D: none."
+        100, ge=1, description="k: SVD rank of the source embeddings (coordinates F_s, primitives P), 1..D; k = D: "
+        "none; an untied causal LM factorises [E_in | E_out], so up to 2D."
     )
     split: list[float] = Field(
         [0.97, 0.025, 0.005], min_length=3, max_length=3, description="train/val/test shares of covered source tokens."
@@ -698,7 +708,8 @@ class HypernetConfig(LaunchConfig):
     )
     resume: bool = Execution(False, description="Continue from the latest checkpoint in <run.dir>/hypernet/checkpoints.")
     allow_config_change: bool = Execution(
-        False, description="Resume even when result-changing keys differ from the checkpoint's (recorded as a change)."
+        False, description="Resume even when result-changing keys differ from the checkpoint's; the change and "
+        "where it happened go into the manifest (config_changes) and MLflow."
     )
     stop_after_epoch: Optional[int] = Execution(
         None, ge=0, description="End this invocation after that epoch (0-based) and its checkpoint; resume later."
@@ -728,10 +739,12 @@ TUNE_SPACE: dict[str, list[Any]] = {
 
 
 class TuneConfig(Section):
-    trials: int = Field(12, ge=1, description="Hypernetwork settings tried by `tune hypernet` (sampled from space).")
+    trials: int = Field(12, ge=1, description="Hypernetwork settings tried by `tune hypernet` (sampled from space; "
+                                          "distinct while the space has unseen combinations).")
     space: dict[str, list[Any]] = Field(
         default_factory=lambda: {key: list(values) for key, values in TUNE_SPACE.items()},
-        description="Search space: hypernet key -> list of choices; each trial draws one choice per key (seeded).",
+        description="Search space: result-changing hypernet key -> list of choices; each trial draws one choice "
+        "per key (seeded). Not epochs: that is tune.epochs.",
     )
     epochs: int = Field(
         20, ge=1, description="Epochs a trial trains at most (hypernet.epochs of every trial and of the winner)."
@@ -765,7 +778,7 @@ class TuneConfig(Section):
 
 class PipelineConfig(Section):
     methods: list[Literal["hyperofa", "ofa", "random", "mean"]] = Field(
-        ["random", "ofa", "hyperofa"], min_length=1, description="Init methods to build, train and compare."
+        ["random", "ofa", "hyperofa"], min_length=1, description="Init methods to build, train and compare (mean too)."
     )
     pretrain: bool = Field(True, description="Continue pretraining each method's model (pretrain.* keys).")
     evaluate: bool = Field(True, description="Evaluate each model right after init (step 0) and after pretraining.")

@@ -1,13 +1,13 @@
 """`hyperofa pipeline --dry-run`: the whole run resolved and checked before anything runs, and nothing written.
 
 The plan is the pipeline's own (`pipeline.plan`: the same steps, the same per-step config variants). For it every
-input is resolved and checked with the checks the stages make themselves (`runtime/preflight.py`, the format
-readers, the launch and DeepSpeed config builders), each in isolation, so one bad input does not hide the next:
-the corpus and its language codes, the source model and its tokenizer, the target tokenizer (and that it belongs
-with the source: it shares the source's pieces), the word vectors, the evaluation data of every task, the ranks
-and the optimizer step of both DeepSpeed jobs, and the disk each stage will fill against the free space. What a
-check needs from an earlier stage's output (the prepare shards, the mapping, the init models) does not exist yet
-and is estimated from the inputs instead.
+input is resolved and checked with the checks the stages make themselves (the preflight checks, beside their formats
+and listed in `runtime/preflight.py`; the format readers, the launch and DeepSpeed config builders), each in
+isolation, so one bad input does not hide the next: the corpus and its language codes, the source model and its
+tokenizer, the target tokenizer (and that it belongs with the source: it shares the source's pieces), the word
+vectors, the evaluation data of every task, the ranks and the optimizer step of both DeepSpeed jobs, and the disk
+each stage will fill against the free space. What a check needs from an earlier stage's output (the prepare shards,
+the mapping, the init models) does not exist yet and is estimated from the inputs instead.
 
 Every problem is one line; all of them are printed and the exit status is 2. Without problems the plan goes to
 stdout: resources, inputs, then one line per step with where it writes and about how much.
@@ -90,11 +90,12 @@ def plan_steps(config: Config, findings: Findings) -> list[tuple[str, Path, Opti
     from .formats.shards import STAGE as PREPARE
     from .formats.tokenizer import STAGE as TOKENIZER
     from .formats.vectors import STAGE as VECTORS
+    from .formats.files import free_space, used_bytes, writable
     from .formats.mapping import STAGE as MAPPING
-    from .runtime import preflight
+    from .formats.shards import prepare_bytes
 
     run_dir = config.run_dir
-    findings.check(preflight.writable, run_dir, "run.dir")
+    findings.check(writable, run_dir, "run.dir")
     sources, samples = corpus(config, findings)
     source = source_model(config, findings)
     source_tok = findings.check(_source_tokenizer, config)
@@ -125,7 +126,7 @@ def plan_steps(config: Config, findings: Findings) -> list[tuple[str, Path, Opti
         elif name == "prepare":
             where = Stage(run_dir, PREPARE).path
             tokenizer = findings.check(_target_or_source_tokenizer, config) if samples else None
-            estimate = preflight.prepare_bytes(samples, tokenizer, config) if samples and tokenizer else None
+            estimate = prepare_bytes(samples, tokenizer, config) if samples and tokenizer else None
         elif name == "vectors":
             where = Stage(run_dir, VECTORS).path
         elif name == "mapping":
@@ -140,7 +141,7 @@ def plan_steps(config: Config, findings: Findings) -> list[tuple[str, Path, Opti
         elif name == "pretrain":
             where = pretrain_format.stage_of(run_dir, step.config.pretrain.method).path
             world = findings.check(_pretrain_world, step.config)
-            estimate = preflight.pretrain_bytes(target_params, step.config, world) if target_params and world else None
+            estimate = pretrain_format.pretrain_bytes(target_params, step.config, world) if target_params and world else None
         elif name == "evaluate":
             where = results_format.stage_of(run_dir, step.config.evaluate.name).path
             estimate = 0
@@ -152,8 +153,8 @@ def plan_steps(config: Config, findings: Findings) -> list[tuple[str, Path, Opti
         steps.append((step.label, where, estimate))
     total = sum(e for _, _, e in steps if e)
     if total:
-        findings.check(preflight.free_space, _existing(run_dir), total, "the whole pipeline (estimated)",
-                       reclaimable=preflight.used_bytes(run_dir))
+        findings.check(free_space, _existing(run_dir), total, "the whole pipeline (estimated)",
+                       reclaimable=used_bytes(run_dir))
     return steps
 
 
@@ -161,9 +162,9 @@ def plan_steps(config: Config, findings: Findings) -> list[tuple[str, Path, Opti
 
 
 def corpus(config: Config, findings: Findings) -> tuple[Optional[list], dict]:
-    from .formats.corpus import discover
+    from .formats.corpus import checked_samples, discover
+    from .formats.files import human
     from .langcodes import script_problem
-    from .runtime import preflight
 
     sources = findings.check(discover, config.corpus)
     if sources is None:
@@ -172,11 +173,11 @@ def corpus(config: Config, findings: Findings) -> tuple[Optional[list], dict]:
         if script_problem(source.lang):
             findings.problem(f"{source.files[0] if source.files else config.corpus.hub_name}: corpus language "
                              f"{script_problem(source.lang)} (rename it, or list the languages in corpus.languages)")
-    samples = findings.check(preflight.corpus_text, sources, config.corpus.max_noise_share) or {}
+    samples = findings.check(checked_samples, sources, config.corpus.max_noise_share) or {}
     size = sum(s.bytes for s in sources)
     where = config.corpus.path if config.corpus.format != "hub" else config.corpus.hub_name
     findings.inputs.append(("corpus", f"{config.corpus.format} {where}: {len(sources)} languages"
-                            + (f", {preflight.human(size)}" if size else "")))
+                            + (f", {human(size)}" if size else "")))
     return sources, samples
 
 
@@ -187,8 +188,7 @@ def _looks_local(name: str) -> bool:
 
 
 def source_model(config: Config, findings: Findings) -> Optional[SourceFacts]:
-    from .formats.models import model_kind, read_model_config
-    from .runtime import preflight
+    from .formats.models import check_model, model_kind, read_model_config
 
     name = config.source.model
     if not _looks_local(name):
@@ -203,7 +203,7 @@ def source_model(config: Config, findings: Findings) -> Optional[SourceFacts]:
     if kind is None:
         return None
     own = config.source.tokenizer is None
-    facts = findings.check(preflight.model, path, "source.model", mask=kind == "masked") if own else None
+    facts = findings.check(check_model, path, "source.model", mask=kind == "masked") if own else None
     parameters = facts.parameters if facts else findings.check(_parameters, path)
     if parameters is None:
         return None
@@ -238,7 +238,7 @@ def read_tokenizer(name: str, key: str) -> Any:
 
 
 def source_tokenizer_fits(config: Config, source: SourceFacts, size: int) -> None:
-    from .runtime.preflight import tokenizer_fits
+    from .formats.models import tokenizer_fits
 
     key = "source.tokenizer" if config.source.tokenizer else "source.model"
     tokenizer_fits(Path(config.source.tokenizer or config.source.model), size, source.rows, key)
@@ -296,13 +296,14 @@ def shared_pieces(target: Any, source: Any, where: Path) -> float:
 
 
 def vectors(config: Config, findings: Findings) -> None:
+    from .formats.files import human
+    from .formats.text import parallel_corpus
     from .formats.vectors import resolve_vectors_path
-    from .runtime import preflight
 
     if config.vectors.path:
         path = findings.check(resolve_vectors_path, config)
         if path is not None:
-            findings.inputs.append(("word vectors", f"{path}: {preflight.human(path.stat().st_size)}"))
+            findings.inputs.append(("word vectors", f"{path}: {human(path.stat().st_size)}"))
         return
     from .vectors.train import corpus_languages
 
@@ -313,7 +314,7 @@ def vectors(config: Config, findings: Findings) -> None:
                          "corpus.path names a parallel corpus")
         return
     files = findings.check(corpus_languages, Path(root))
-    lines = findings.check(preflight.parallel_corpus, files, settings.prefix_aligned) if files else None
+    lines = findings.check(parallel_corpus, files, settings.prefix_aligned) if files else None
     if lines:
         findings.inputs.append(("word vectors", f"trained on the parallel corpus {root}: {len(lines)} files, "
                                 f"{max(lines.values())} lines"))
@@ -427,7 +428,7 @@ def _hypernet_bytes(config: Config, new_rows: Optional[int], world: Optional[int
         import torch
 
         from .hypernet.models import model_from_spec, model_spec, trainable_parameters
-        from .runtime.preflight import checkpoint_bytes
+        from .formats.jobdir import checkpoint_bytes
 
         with torch.device("meta"):
             model = model_from_spec(model_spec(config.hypernet, word_dim=config.vectors.train.dim, k=k))
@@ -449,8 +450,7 @@ def _existing(path: Path) -> Path:
 
 
 def render(config: Config, findings: Findings, steps: list[tuple[str, Path, Optional[int]]]) -> str:
-    from .formats.files import free_bytes
-    from .runtime.preflight import human
+    from .formats.files import free_bytes, human
 
     run_dir = config.run_dir
     lines = [f"plan of `hyperofa pipeline` (nothing was run or written); run.dir {run_dir}", "", "resources:"]

@@ -4,7 +4,8 @@ secrets (credentials in URIs) applied to every message and to every copy of the 
 from __future__ import annotations
 
 import re
-from typing import Any
+import sys
+from typing import Any, Callable
 
 REDACTED = "***"
 # `scheme://user:password@host` (and `scheme://token@host`): the user-info part of any URI.
@@ -42,3 +43,14 @@ class HyperofaError(Exception):
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(redact(str(message))).split()))
+
+
+def exit_status(program: str, action: Callable[[], Any]) -> int:
+    """What a command-line entry point returns: 0 when `action()` returns, 2 with the one line
+    `<program>: error: <message>` on stderr when it raises `HyperofaError` (anything else keeps its traceback)."""
+    try:
+        action()
+    except HyperofaError as exc:
+        print(f"{program}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0

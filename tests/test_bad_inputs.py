@@ -18,9 +18,10 @@ from hyperofa_dist import cli
 from hyperofa_dist.config import load_config
 from hyperofa_dist.errors import HyperofaError
 from hyperofa_dist.formats.corpus import sample_text
+from hyperofa_dist.formats.files import output_file
 from hyperofa_dist.formats.rundir import MANIFEST, Stage
+from hyperofa_dist.formats.shards import prepare_bytes
 from hyperofa_dist.formats.tokenizer import load_tokenizer
-from hyperofa_dist.runtime import preflight
 from hyperofa_dist.runtime.stage import StageShell
 from hyperofa_dist.tracking import NullTracker
 
@@ -85,11 +86,11 @@ def test_a_file_where_a_stage_directory_belongs_is_refused_before_the_stage_runs
 def test_an_output_file_that_cannot_be_written_is_refused_first(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(HyperofaError, match=f"{tmp_path}: is a directory; evaluate.output names the file to write"):
-        preflight.output_file(tmp_path, "evaluate.output")
+        output_file(tmp_path, "evaluate.output")
     with pytest.raises(HyperofaError, match=f"{tmp_path / 'file'}: not a directory.*evaluate.output"):
-        preflight.output_file(tmp_path / "file" / "results.json", "evaluate.output")
-    preflight.output_file(tmp_path / "new" / "results.json", "evaluate.output")  # a new directory is fine
-    preflight.output_file(tmp_path / "file", "evaluate.output")  # and so is replacing a file
+        output_file(tmp_path / "file" / "results.json", "evaluate.output")
+    output_file(tmp_path / "new" / "results.json", "evaluate.output")  # a new directory is fine
+    output_file(tmp_path / "file", "evaluate.output")  # and so is replacing a file
 
 
 def test_a_whitespace_only_corpus_file_counts_as_empty_in_the_size_estimate(tmp_path, source_tokenizers):
@@ -101,9 +102,9 @@ def test_a_whitespace_only_corpus_file_counts_as_empty_in_the_size_estimate(tmp_
     tokenizer = load_tokenizer(source_tokenizers["xlmr"])
     config = load_config(None, [])
     samples = {p.stem: [sample_text(p)] for p in sorted(tmp_path.glob("*.txt"))}
-    alone = preflight.prepare_bytes({"qac_Latn": samples["qac_Latn"]}, tokenizer, config)
+    alone = prepare_bytes({"qac_Latn": samples["qac_Latn"]}, tokenizer, config)
     assert alone > 0
-    assert preflight.prepare_bytes(samples, tokenizer, config) == alone
+    assert prepare_bytes(samples, tokenizer, config) == alone
 
 
 def test_tokenizer_stage_refuses_a_source_tokenizer_that_is_not_the_models(
@@ -146,3 +147,21 @@ def test_inputs_named_by_location_are_identified_by_content(tmp_path, monkeypatc
     (second / "model.safetensors").write_bytes(b"other weights")
     assert model_identity(str(second)) != model_identity(str(first))
     assert load_config(None, ["corpus.format=hub"]).fingerprint("corpus") != configs[0].fingerprint("corpus")
+
+
+def test_a_module_entry_point_turns_a_bad_input_into_one_line_and_exit_2(capsys):
+    """`python -m hyperofa_dist.bench.sweep` (and pretrain/export.py) print a HyperofaError as one line, exit 2."""
+    from hyperofa_dist.bench import sweep
+    from hyperofa_dist.errors import exit_status
+
+    assert sweep.main(["--dry-run", "pretrain.no_such_key=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("pretrain-sweep: error: ") and "pretrain.no_such_key" in err[0], err
+
+    def bad() -> None:
+        raise HyperofaError("x.bin: truncated")
+
+    assert exit_status("export", bad) == 2 and capsys.readouterr().err == "export: error: x.bin: truncated\n"
+    assert exit_status("export", lambda: None) == 0
+    with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
+        exit_status("export", lambda: 1 / 0)

@@ -63,31 +63,51 @@ def test_flatten_for_mlflow_params():
     assert all(not isinstance(v, dict) for v in flat.values())
 
 
-def _leaf_keys(model, prefix="", inherited=False):
-    """(dotted key, execution-only) for every leaf of the config tree."""
-    from pydantic import BaseModel
-
-    from hyperofa_dist.config import is_execution
-
-    for name, field in type(model).model_fields.items():
-        value = getattr(model, name)
-        execution = inherited or is_execution(field)
-        if isinstance(value, BaseModel):
-            yield from _leaf_keys(value, f"{prefix}{name}.", execution)
-        else:
-            yield f"{prefix}{name}", execution
-
-
-def test_readme_reference_lists_every_key_and_marks_the_execution_only_ones():
+def test_config_reference_lists_every_key_and_marks_the_execution_only_ones():
+    """One row per leaf key; `execution` exactly on the keys Config.fingerprint leaves out (input paths aside)."""
     import re
+
+    from hyperofa_dist.config import Config, flatten, is_input_path
+    from hyperofa_dist.configdoc import leaves, render
+
+    row = re.compile(r"^\| `([a-z_.0-9]+)` \| .*? \| `.*?` \| (execution|input path|) \| .+ \|$", re.M)
+    rows = {m.group(1): m.group(2) for m in row.finditer(render())}
+    config = Config()
+    result_keys = flatten(config.fingerprint(*type(config).model_fields))
+    expected = {}
+    for key, info, _, _ in leaves(config):
+        kept = key in result_keys or any(k.startswith(f"{key}.") for k in result_keys)
+        expected[key] = "input path" if is_input_path(info) else ("" if kept else "execution")
+    assert rows == expected
+    assert len(rows) > 200 and {"run.dir", "pretrain.bench.vocab_size"} <= {k for k, v in rows.items() if v}
+    assert "| `run.seed` | int (≥ 0) | `0` |  | " in render()
+    assert "| `tracking.log_models` | one of: link, copy, none | `link` | execution | " in render()
+
+
+def test_docs_config_md_is_generated_from_the_current_schema():
     from pathlib import Path
 
-    from hyperofa_dist.config import Config
+    from hyperofa_dist.configdoc import REGENERATE, render
 
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    section = text[text.index("## Config reference"):]
-    rows = {m.group(1): m.group(2).startswith("†") for m in re.finditer(r"^\| `([a-z_.0-9]+)` \| .*? \| (.*) \|$", section, re.M)}
-    assert rows == dict(_leaf_keys(Config()))
+    path = Path(__file__).resolve().parents[1] / "docs" / "CONFIG.md"
+    assert path.read_text(encoding="utf-8") == render(), f"docs/CONFIG.md is stale: run `{REGENERATE}` and commit it"
+
+
+def test_docs_config_command_writes_the_reference_and_check_refuses_a_stale_one(tmp_path, capsys):
+    from hyperofa_dist import cli
+    from hyperofa_dist.configdoc import render
+
+    out = tmp_path / "CONFIG.md"
+    assert cli.main(["docs", "config", "--check", "--output", str(out)]) == 2
+    assert f"{out}: missing; run `hyperofa docs config`" in capsys.readouterr().err
+    assert cli.main(["docs", "config", "--output", str(out)]) == 0
+    assert out.read_text(encoding="utf-8") == render()
+    assert cli.main(["docs", "config", "--check", "--output", str(out)]) == 0
+    out.write_text(render().replace("Global seed", "The seed"), encoding="utf-8")
+    assert cli.main(["docs", "config", "--check", "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"hyperofa docs: error: {out}: stale (the config schema changed); run `hyperofa docs config` "
+                       "and commit the file")
 
 
 def test_fingerprint_leaves_out_execution_only_keys_and_keeps_the_rest():

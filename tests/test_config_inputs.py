@@ -22,7 +22,7 @@ def run_main(capsys, argv: list[str]) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(argv, code, captured.out, captured.err)
 
 
-# --- case 7: numbers as the README spells them; case 3: duplicate YAML keys ------------------------------------
+# --- case 7: numbers as the docs spell them; case 3: duplicate YAML keys ------------------------------------
 
 
 def test_exponent_floats_parse_on_the_command_line_and_in_yaml_and_ints_stay_ints(tmp_path):

@@ -84,7 +84,7 @@ def test_normalisation_and_invalid_utf8(tmp_path):
 def test_cr_and_crlf_end_lines_in_every_text_reader_and_are_counted(tmp_path, chunk_bytes):
     """Issue 24: a file of `\r`-ended lines, or one mixing ends, was read as far fewer sentences, silently."""
     from hyperofa_dist.evaluate.retrieval import read_lines_exact
-    from hyperofa_dist.runtime.preflight import count_lines
+    from hyperofa_dist.formats.text import count_lines
 
     words = [f"sentence number {i}" for i in range(30)]
     ends = ["\n", "\r", "\r\n"]

@@ -27,7 +27,12 @@ from hyperofa_dist.formats.corpus import LanguageSource, sample_text
 from hyperofa_dist.formats.files import load_npy, load_npz, read_json, save_npy, save_npz
 from hyperofa_dist.formats.rundir import MANIFEST
 from hyperofa_dist.formats.shards import build_shards, index_shard, read_shard
-from hyperofa_dist.runtime import preflight
+from hyperofa_dist.formats import corpus as corpus_format
+from hyperofa_dist.formats import files as files_format
+from hyperofa_dist.formats import models as models_format
+from hyperofa_dist.formats import pretrain as pretrain_format
+from hyperofa_dist.formats import shards as shards_format
+from hyperofa_dist.formats import text as text_format
 
 
 def run_main(capsys, argv: list[str]) -> subprocess.CompletedProcess:
@@ -88,7 +93,7 @@ def models(tmp_path_factory, source_tokenizers, small_corpus):
 
 
 def test_model_preflight_accepts_a_whole_model(models):
-    facts = preflight.model(models["good"], "evaluate.model", mask=True)
+    facts = models_format.check_model(models["good"], "evaluate.model", mask=True)
     assert facts.tokenizer_size == facts.vocab_size == 400
     assert facts.parameters > 0
 
@@ -141,9 +146,9 @@ def test_real_text_in_every_script_is_far_below_the_noise_limit_and_random_bytes
     languages = synthetic.multiscript_languages() + synthetic.default_languages(6)
     world = synthetic.World(languages, n_concepts=500, seed=0)
     paths = synthetic.write_corpus(tmp_path, world, {lang.code: 400 for lang in languages})
-    shares = {lang: preflight.noise_share(sample_text(path).text)[0] for lang, path in paths.items()}
+    shares = {lang: corpus_format.noise_share(sample_text(path).text)[0] for lang, path in paths.items()}
     assert max(shares.values()) < 0.05, shares  # measured 1.5-3.1 % (Latin ... Hangul, Han, emoji lines)
-    share, counted = preflight.noise_share(sample_text(garbage_corpus / "zzz_Latn.txt").text)
+    share, counted = corpus_format.noise_share(sample_text(garbage_corpus / "zzz_Latn.txt").text)
     assert 0.7 < share < 0.8 and counted > 100_000  # measured 74 % on these random bytes
 
 
@@ -159,9 +164,9 @@ def test_prepare_refuses_a_binary_garbage_language_naming_the_file_and_the_share
     assert not (tmp_path / "run" / "prepare").exists()
     # the key moves the limit: at 0.8 the file passes the check (the stage then starts Ray; not run here)
     sources = [LanguageSource("zzz_Latn", "dir", (garbage_corpus / "zzz_Latn.txt",))]
-    assert preflight.corpus_text(sources, 0.8)["zzz_Latn"][0].total_bytes == 200_000
+    assert corpus_format.checked_samples(sources, 0.8)["zzz_Latn"][0].total_bytes == 200_000
     with pytest.raises(HyperofaError, match="zzz_Latn.txt: 74%"):
-        preflight.corpus_text(sources, 0.7)
+        corpus_format.checked_samples(sources, 0.7)
 
 
 def test_tokenizer_stage_refuses_the_garbage_language_too(garbage_corpus, source_tokenizers, tmp_path, capsys,
@@ -179,7 +184,7 @@ def test_samples_spread_over_a_large_file_catch_garbage_after_a_clean_start(tmp_
     path.write_bytes(clean + junk)
     sample = sample_text(path)
     assert sample.total_bytes == len(clean) + len(junk) and sample.sample_bytes <= 1 << 18
-    assert preflight.noise_share(sample.text)[0] > 0.5
+    assert corpus_format.noise_share(sample.text)[0] > 0.5
 
 
 # --- case 3: misaligned parallel corpora ---------------------------------------------------------------------------
@@ -210,7 +215,7 @@ def test_line_counts_of_plain_and_gzip_files(tmp_path):
     (tmp_path / "b.txt").write_bytes(b"x\ny")
     (tmp_path / "c.txt").write_bytes(b"")
     (tmp_path / "d.txt.gz").write_bytes(gzip.compress(b"x\n" * 70000))
-    assert [preflight.count_lines(tmp_path / n) for n in ("a.txt", "b.txt", "c.txt", "d.txt.gz")] == [2, 2, 0, 70000]
+    assert [text_format.count_lines(tmp_path / n) for n in ("a.txt", "b.txt", "c.txt", "d.txt.gz")] == [2, 2, 0, 70000]
 
 
 # --- case 6: damaged .npz/.npy (hypernet and init inputs) -------------------------------------------------------------
@@ -319,20 +324,20 @@ def test_shard_preflight_checks_sizes_blocks_and_with_verify_the_hashes(tmp_path
     record = {"path": "train/qaa_Latn/qaa_Latn-00000-000000.tar", "bytes": len(data), "sha256": sha256_file(shard)}
     listed = {"path": record["path"], "split": "train", "lang": "qaa_Latn", "blocks": 40}
     atomic_write_json(prepare / MANIFEST, {"outputs": [record], "shards": [listed]})
-    assert preflight.shards([shard], prepare, verify=True, block_size=32) == 40
+    assert shards_format.check_shards([shard], prepare, verify=True, block_size=32) == 40
     with pytest.raises(HyperofaError, match="blocks of 32 tokens, expected 64"):
-        preflight.shards([shard], prepare, verify=False, block_size=64)
+        shards_format.check_shards([shard], prepare, verify=False, block_size=64)
     flip_byte(shard, 0.2)  # inside a sample's ids: same size, same headers
-    assert preflight.shards([shard], prepare, verify=False, block_size=32) == 40
+    assert shards_format.check_shards([shard], prepare, verify=False, block_size=32) == 40
     with pytest.raises(HyperofaError, match="sha256 mismatch"):
-        preflight.shards([shard], prepare, verify=True, block_size=32)
+        shards_format.check_shards([shard], prepare, verify=True, block_size=32)
     shard.write_bytes(data + bytes(512))
     with pytest.raises(HyperofaError, match=f"shard has {len(data) + 512} bytes, the prepare manifest records"):
-        preflight.shards([shard], prepare, verify=False, block_size=32)
+        shards_format.check_shards([shard], prepare, verify=False, block_size=32)
     atomic_write_json(prepare / MANIFEST, {"outputs": [], "shards": [{**listed, "blocks": 44}]})
     shard.write_bytes(data)
     with pytest.raises(HyperofaError, match="shard holds 40 blocks, the prepare manifest records 44"):
-        preflight.shards([shard], prepare, verify=False, block_size=32)
+        shards_format.check_shards([shard], prepare, verify=False, block_size=32)
 
 
 def test_truncated_shard_stops_pretrain_before_any_rank_launches(shard_world, tmp_path, capsys, one_line_error):
@@ -411,10 +416,10 @@ def test_prepare_estimate_is_at_least_what_prepare_writes_and_not_much_more(smal
                                ["prepare.block_size=64", "prepare.sampling.total_sentences=9000"])):
         config = load_config(None, [f"run.dir={tmp_path / str(i)}", f"corpus.path={small_corpus}", "ray.num_cpus=1",
                                     f"tokenizer.path={source_tokenizers['xlmr']}", "tracking.enabled=false", *extra])
-        samples = preflight.corpus_text(discover(config.corpus), 0.5)
-        estimate = preflight.prepare_bytes(samples, load_tokenizer(source_tokenizers["xlmr"]), config)
+        samples = corpus_format.checked_samples(discover(config.corpus), 0.5)
+        estimate = shards_format.prepare_bytes(samples, load_tokenizer(source_tokenizers["xlmr"]), config)
         assert run(config, NullTracker()) == 0
-        written = preflight.used_bytes(tmp_path / str(i) / "prepare")
+        written = files_format.used_bytes(tmp_path / str(i) / "prepare")
         assert written < estimate < 1.5 * written, (extra, estimate, written)  # measured 1.09-1.25x
 
 
@@ -423,8 +428,8 @@ def test_pretrain_refuses_to_launch_without_space_for_its_checkpoints(shard_worl
     model, prepare = shard_world
     argv = ["pretrain", f"run.dir={tmp_path / 'run'}", f"pretrain.model={model}", f"pretrain.shards={prepare}",
             "pretrain.steps=4", "pretrain.save_every=2", "pretrain.ranks_per_node=2", "tracking.enabled=false"]
-    facts = preflight.model(model, "pretrain.model")
-    needed = preflight.pretrain_bytes(facts.parameters, load_config(None, argv[1:]), 2)
+    facts = models_format.check_model(model, "pretrain.model")
+    needed = pretrain_format.pretrain_bytes(facts.parameters, load_config(None, argv[1:]), 2)
     assert needed == 2 * (facts.parameters * 16 + 2 * (64 << 10)) + facts.parameters * 4
     with free_space_of(monkeypatch, needed - 1):
         one_line_error(run_main(capsys, argv), "pretrain", "needs about", "every checkpoint")
@@ -487,7 +492,7 @@ def test_prepare_on_a_full_disk_fails_in_one_line_with_nothing_finished(tmp_path
     """The estimate says it fits (an injected free-space figure), the disk does not: the Ray task's ENOSPC becomes
     the stage's one error line. Before: a 45-line traceback ending in OSError, exit 1."""
     with mounted("tmpfs", tmp_path / "run", "96k") as run_dir:
-        monkeypatch.setattr(preflight, "free_bytes", lambda path: 1 << 40)
+        monkeypatch.setattr(files_format, "free_bytes", lambda path: 1 << 40)
         code = cli.main(["prepare", f"corpus.path={small_corpus}", f"tokenizer.path={source_tokenizers['xlmr']}",
                          f"run.dir={run_dir}", "prepare.block_size=32", "ray.num_cpus=1", "tracking.enabled=false"])
         err = capfd.readouterr().err

@@ -308,11 +308,11 @@ def test_packaged_causal_configs_load_and_give_a_deepspeed_config(name, zero, ro
     assert 128_256 + config.tokenizer.new_tokens == rows
     from hyperofa_dist.pretrain.stage import batch_plan
 
-    gpus = 8 if zero == "zero3" else 4  # the README table's nodes
+    gpus = 8 if zero == "zero3" else 4  # the nodes of the table in docs/USAGE.md
     accum, global_batch = batch_plan(config, gpus)
     config = config.with_changes({"pretrain.grad_accum": accum})
     ds = build_ds_config(config, "bf16")
     assert ds["zero_optimization"]["stage"] == int(zero[-1]) and ds["gradient_clipping"] == 1.0
     assert ds["bf16"]["enabled"] is True
     assert ds["gradient_accumulation_steps"] == accum == 256 // (gpus * config.pretrain.micro_batch_size)
-    assert config.pretrain.steps * global_batch * config.prepare.block_size == 2000 * 256 * 2048  # README's table
+    assert config.pretrain.steps * global_batch * config.prepare.block_size == 2000 * 256 * 2048  # docs/USAGE.md's table

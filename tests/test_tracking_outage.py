@@ -1,4 +1,4 @@
-"""A tracking store that goes away cannot stop the work: the buffer, the journal and the replay (tracking.py,
+"""A tracking store that goes away cannot stop the work: the buffer, the journal and the replay (tracking/,
 formats/journal.py) against a real sqlite MLflow store behind a client that fails on demand. The real `mlflow server`
 killed under a pretraining job is tests/test_tracking_drill.py."""
 

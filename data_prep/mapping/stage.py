@@ -23,11 +23,10 @@ from hyperofa_dist.errors import HyperofaError
 from hyperofa_dist.factorize import check_rank, factorize
 from hyperofa_dist.formats.files import fingerprint_path
 from hyperofa_dist.formats.mapping import FORMAT_VERSION, STAGE, STATS, WORD_CHUNK_ROWS, MappingParts, write_mapping
-from hyperofa_dist.formats.models import load_source, source_identity
+from hyperofa_dist.formats.models import load_source, source_identity, source_rows_fit
 from hyperofa_dist.formats.rundir import Stage
 from hyperofa_dist.formats.tokenizer import ignored_settings, load_tokenizer, target_tokenizer_dir, tokenizer_fingerprint
 from hyperofa_dist.formats.vectors import load_word_vectors, resolve_vectors_path
-from hyperofa_dist.runtime import preflight
 from hyperofa_dist.runtime.ray import ray_session
 from hyperofa_dist.runtime.stage import StageShell
 from hyperofa_dist.tracking import numeric_metrics
@@ -52,7 +51,7 @@ def source_embeddings(config: Config):
     kind = source.kind
     del source
     rows = embeddings.shape[0]
-    if not preflight.source_rows_fit(len(tokenizer), rows, kind):
+    if not source_rows_fit(len(tokenizer), rows, kind):
         raise HyperofaError(
             f"source tokenizer has {len(tokenizer)} tokens but the model {config.source.model} has "
             f"{rows} embedding rows; they must be the same (source.tokenizer / source.model)"

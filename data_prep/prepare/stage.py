@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from hyperofa_dist.config import Config
-from hyperofa_dist.formats.corpus import HELDOUT, LanguageSource, Unit, discover, plan_units
-from hyperofa_dist.formats.files import digest, sha256_file, sync_files
+from hyperofa_dist.formats.corpus import HELDOUT, LanguageSource, Unit, checked_samples, discover, plan_units
+from hyperofa_dist.formats.files import digest, free_space, sha256_file, sync_files, used_bytes
 from hyperofa_dist.formats.rundir import Stage
-from hyperofa_dist.formats.shards import SPLITS, STAGE
+from hyperofa_dist.formats.shards import SPLITS, STAGE, prepare_bytes
 from hyperofa_dist.formats.text import LINE_ENDS
 from hyperofa_dist.formats.tokenizer import (
     backend_json,
@@ -38,7 +38,6 @@ from hyperofa_dist.formats.tokenizer import (
     target_tokenizer_dir,
     tokenizer_fingerprint,
 )
-from hyperofa_dist.runtime import preflight
 from hyperofa_dist.runtime.ray import ray_session, run_tasks
 from hyperofa_dist.runtime.stage import StageShell
 
@@ -219,7 +218,7 @@ def run(config: Config, tracker) -> int:
     pad = tokenizer.pad_token_id
     specials = Specials(*frame_ids(tokenizer, tokenizer_dir), pad=int(pad) if pad is not None else None)
     sources = discover(config.corpus)
-    samples = preflight.corpus_text(sources, config.corpus.max_noise_share)
+    samples = checked_samples(sources, config.corpus.max_noise_share)
     inputs = {
         "config": config.fingerprint("prepare", "corpus", "run"),
         "packing": RULES,
@@ -229,9 +228,9 @@ def run(config: Config, tracker) -> int:
     }
     languages = [s.lang for s in sources]
     stage_dir = Stage(config.run_dir, STAGE).path
-    preflight.free_space(
-        stage_dir, preflight.prepare_bytes(samples, tokenizer, config),
-        "prepare's shards (estimated from a sample of the corpus)", reclaimable=preflight.used_bytes(stage_dir),
+    free_space(
+        stage_dir, prepare_bytes(samples, tokenizer, config),
+        "prepare's shards (estimated from a sample of the corpus)", reclaimable=used_bytes(stage_dir),
     )
 
     with StageShell.open(config, tracker, STAGE, Stage(config.run_dir, STAGE), inputs) as shell:

@@ -12,16 +12,14 @@ losses and the time of each are in the line; the losses must agree. Prints one J
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
-import os
-import subprocess
 import sys
 import time
 from typing import Any, Optional
 
 from ..config import Config
+from .fresh import child_main, in_fresh_processes
 
 
 def measure_one(config: Config, chunk: int) -> dict[str, Any]:
@@ -76,20 +74,8 @@ def run(config: Config, args: Any = None) -> int:
     bench, chunk = config.pretrain.bench, config.pretrain.loss_chunk
     if chunk <= 0:
         raise HyperofaError("bench causal-loss: pretrain.loss_chunk must be positive (0 is the full-logits baseline)")
-    runs = {}
     with contextlib.redirect_stdout(sys.stderr):
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as tmp:
-            spec = os.path.join(tmp, "config.json")
-            with open(spec, "w", encoding="utf-8") as handle:
-                json.dump(config.effective(), handle)
-            for name, size in (("full", 0), ("chunked", chunk)):
-                done = subprocess.run([sys.executable, "-m", __name__, "--chunk", str(size), "--config", spec],
-                                      stdout=subprocess.PIPE, text=True)
-                if done.returncode != 0 or not done.stdout.strip():
-                    raise HyperofaError(f"bench causal-loss: the {name} run failed (exit {done.returncode}; see stderr)")
-                runs[name] = json.loads(done.stdout.strip().splitlines()[-1])
+        runs = in_fresh_processes(config, __name__, "chunk", {"full": "0", "chunked": str(chunk)}, "causal-loss")
     full, ours = runs["full"], runs["chunked"]
     result = {
         "vocab_size": bench.loss_vocab_size, "tokens": bench.loss_tokens, "hidden_size": bench.loss_hidden_size,
@@ -106,16 +92,7 @@ def run(config: Config, args: Any = None) -> int:
 
 def _main(argv: Optional[list[str]] = None) -> int:
     """One measurement in a fresh process: `python -m hyperofa_dist.bench.causal_loss --chunk N --config c.json`."""
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--chunk", type=int, required=True, help="tokens per chunk; 0: full logits")
-    parser.add_argument("--config", required=True)
-    args = parser.parse_args(argv)
-    with open(args.config, encoding="utf-8") as handle:
-        config = Config.model_validate(json.load(handle))
-    with contextlib.redirect_stdout(sys.stderr):
-        result = measure_one(config, args.chunk)
-    print(json.dumps(result), flush=True)
-    return 0
+    return child_main(argv, "chunk", measure_one, type=int, help="tokens per chunk; 0: full logits")
 
 
 if __name__ == "__main__":

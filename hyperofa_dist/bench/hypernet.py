@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -46,15 +46,12 @@ PROFILE = (
 STEPS, WARMUP = 40, 5
 
 
-def _baseline(config: Config) -> float:
-    hp = config.hypernet
-    mapping = load_mapping(config.run_dir)
-    table = WordTable(mapping.word_vectors_path)
-    train_ids = training_split(mapping)[0]["train"]
-    tokens = TokenSet(train_ids, mapping.source_postings, np.asarray(mapping.source_coordinates), mapping.k)
-    torch.manual_seed(config.run.seed)
-    model = build_model(hp.model, word_dim=mapping.word_dim, k=mapping.k, num_layers=hp.num_layers,
-                        hidden_size=hp.hidden_size, num_heads=hp.num_heads, dropout=hp.dropout)
+def plain_training(hp: Any, word_dim: int, k: int, seed: int) -> tuple[torch.nn.Module, Any, Callable]:
+    """The single-process baseline: the configured model (weights from `seed`), torch Adam, and the `update`
+    step loop.train_epoch calls with each loss."""
+    torch.manual_seed(seed)
+    model = build_model(hp.model, word_dim=word_dim, k=k, num_layers=hp.num_layers, hidden_size=hp.hidden_size,
+                        num_heads=hp.num_heads, dropout=hp.dropout)
     optimizer = torch.optim.Adam(model.parameters(), lr=hp.lr)
 
     def update(loss: torch.Tensor) -> None:
@@ -62,6 +59,16 @@ def _baseline(config: Config) -> float:
         loss.backward()
         optimizer.step()
 
+    return model, optimizer, update
+
+
+def _baseline(config: Config) -> float:
+    hp = config.hypernet
+    mapping = load_mapping(config.run_dir)
+    table = WordTable(mapping.word_vectors_path)
+    train_ids = training_split(mapping)[0]["train"]
+    tokens = TokenSet(train_ids, mapping.source_postings, np.asarray(mapping.source_coordinates), mapping.k)
+    model, _, update = plain_training(hp, mapping.word_dim, mapping.k, config.run.seed)
     batches: list[np.ndarray] = []
     epoch = 0
     while len(batches) < STEPS + WARMUP:

@@ -26,6 +26,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
@@ -35,6 +36,7 @@ from ..pretrain.mlm import mask_tokens
 from ..pretrain.optim import param_groups
 from ..pretrain.perf import model_flops_per_token, peak_flops
 from ..runtime.device import resolve_precision
+from .fresh import child_main, in_fresh_processes
 
 
 def build_model(bench) -> torch.nn.Module:
@@ -153,18 +155,38 @@ def _peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def measure_one(config: Config, embeddings: str) -> dict[str, Any]:
-    """Our engine on full-rank or factorised embeddings, in this (fresh) process: tokens/s, peak memory, sizes."""
-    import numpy as np
+@dataclass(frozen=True)
+class Setup:
+    """What both measurements share: the device, the precision and the one masked batch."""
 
-    from ..init.factorised import factorise, parameter_counts, zero3_external_parameters
+    device: torch.device
+    device_name: str
+    precision: str
+    batch: int
+    ids: torch.Tensor  # on the CPU
+    labels: torch.Tensor
+    predicted: float  # share of positions the loss scores
+    tokens: int  # positions in all timed steps
 
+
+def setup(config: Config) -> Setup:
     bench = config.pretrain.bench
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda", 0) if on_gpu else torch.device("cpu")
     precision = resolve_precision(config.pretrain.precision, "cuda" if on_gpu else "cpu", "pretrain.precision")
     batch = bench.micro_batch_size or (16 if on_gpu else 3)
     ids, labels = make_batch(bench, batch, config.run.seed)
+    return Setup(device, torch.cuda.get_device_name() if on_gpu else "cpu", precision, batch, ids, labels,
+                 float((labels != -100).float().mean()), batch * bench.seq_len * bench.grad_accum * bench.steps)
+
+
+def measure_one(config: Config, embeddings: str) -> dict[str, Any]:
+    """Our engine on full-rank or factorised embeddings, in this (fresh) process: tokens/s, peak memory, sizes."""
+    import numpy as np
+
+    from ..init.factorised import factorise, parameter_counts, zero3_external_parameters
+
+    bench, run = config.pretrain.bench, setup(config)
     model = build_model(bench)
     if embeddings == "factorised":
         rng = np.random.default_rng(config.run.seed)
@@ -175,39 +197,23 @@ def measure_one(config: Config, embeddings: str) -> dict[str, Any]:
         if config.pretrain.zero.startswith("zero3"):
             zero3_external_parameters(model)
     counts = parameter_counts(model)
-    flops = model_flops_per_token(model, bench.seq_len, float((labels != -100).float().mean()))
-    model = model.to(device)
-    ids, labels = ids.to(device), labels.to(device)
+    flops = model_flops_per_token(model, bench.seq_len, run.predicted)
+    model = model.to(run.device)
     _init_single_process()
-    seconds = ours_seconds(config, model, ids, labels, bench, device, precision)
-    tokens = batch * bench.seq_len * bench.grad_accum * bench.steps
+    seconds = ours_seconds(config, model, run.ids.to(run.device), run.labels.to(run.device), bench, run.device,
+                           run.precision)
     peak = peak_flops(config.pretrain.peak_tflops)
-    out = {"embeddings": embeddings, "tokens_per_s": tokens / seconds, "peak_memory_gib": _peak_memory_gib(device),
-           "micro_batch_size": batch, "precision": precision, **counts,
-           "device": torch.cuda.get_device_name() if on_gpu else "cpu"}
+    out = {"embeddings": embeddings, "tokens_per_s": run.tokens / seconds,
+           "peak_memory_gib": _peak_memory_gib(run.device), "micro_batch_size": run.batch,
+           "precision": run.precision, **counts, "device": run.device_name}
     if peak:
-        out["mfu"] = tokens / seconds * flops / peak
+        out["mfu"] = run.tokens / seconds * flops / peak
     return out
 
 
 def measure_factorised(config: Config) -> dict[str, Any]:
     """Full-rank and factorised runs of our engine, each in a fresh process, compared in one line."""
-    import subprocess
-    import tempfile
-
-    from ..errors import HyperofaError
-
-    runs = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        spec = os.path.join(tmp, "bench_config.json")  # the effective config for the two fresh processes
-        with open(spec, "w", encoding="utf-8") as handle:
-            json.dump(config.effective(), handle)
-        for embeddings in ("full", "factorised"):
-            done = subprocess.run([sys.executable, "-m", __name__, "--one", embeddings, "--config", spec],
-                                  stdout=subprocess.PIPE, text=True)
-            if done.returncode != 0 or not done.stdout.strip():
-                raise HyperofaError(f"bench pretrain: the {embeddings} run failed (exit {done.returncode}; see stderr)")
-            runs[embeddings] = json.loads(done.stdout.strip().splitlines()[-1])
+    runs = in_fresh_processes(config, __name__, "one", {"full": "full", "factorised": "factorised"}, "pretrain")
     bench, full, fact = config.pretrain.bench, runs["full"], runs["factorised"]
     result = {
         "vocab_size": bench.vocab_size, "hidden_size": bench.hidden_size, "num_layers": bench.num_layers,
@@ -229,18 +235,7 @@ def measure_factorised(config: Config) -> dict[str, Any]:
 
 def _main(argv: Optional[list[str]] = None) -> int:
     """One measurement in a fresh process: `python -m hyperofa_dist.bench.pretrain --one full --config c.json`."""
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--one", choices=("full", "factorised"), required=True)
-    parser.add_argument("--config", required=True)
-    args = parser.parse_args(argv)
-    with open(args.config, encoding="utf-8") as handle:
-        config = Config.model_validate(json.load(handle))
-    with contextlib.redirect_stdout(sys.stderr):
-        result = measure_one(config, args.one)
-    print(json.dumps(result), flush=True)
-    return 0
+    return child_main(argv, "one", measure_one, choices=("full", "factorised"))
 
 
 if __name__ == "__main__":
@@ -248,23 +243,17 @@ if __name__ == "__main__":
 
 
 def measure(config: Config) -> dict[str, Any]:
-    bench = config.pretrain.bench
-    on_gpu = torch.cuda.is_available()
-    device = torch.device("cuda", 0) if on_gpu else torch.device("cpu")
-    precision = resolve_precision(config.pretrain.precision, "cuda" if on_gpu else "cpu", "pretrain.precision")
-    batch = bench.micro_batch_size or (16 if on_gpu else 3)
-    ids, labels = make_batch(bench, batch, config.run.seed)
-    predicted = float((labels != -100).float().mean())
-    ids, labels = ids.to(device), labels.to(device)
-    tokens = batch * bench.seq_len * bench.grad_accum * bench.steps
+    bench, run = config.pretrain.bench, setup(config)
+    device, precision, tokens = run.device, run.precision, run.tokens
+    ids, labels = run.ids.to(device), run.labels.to(device)
 
     model = build_model(bench).to(device)
     full_flops = model_flops_per_token(model, bench.seq_len, 1.0)
-    ours_flops = model_flops_per_token(model, bench.seq_len, predicted)
+    ours_flops = model_flops_per_token(model, bench.seq_len, run.predicted)
     base_s = baseline_seconds(model, ids, labels, bench, device, precision)
     model.zero_grad(set_to_none=True)
     gc.collect()
-    if on_gpu:
+    if device.type == "cuda":
         torch.cuda.empty_cache()
     _init_single_process()
     ours_s = ours_seconds(config, model, ids, labels, bench, device, precision)
@@ -275,15 +264,15 @@ def measure(config: Config) -> dict[str, Any]:
         "hidden_size": bench.hidden_size,
         "num_layers": bench.num_layers,
         "seq_len": bench.seq_len,
-        "micro_batch_size": batch,
+        "micro_batch_size": run.batch,
         "grad_accum": bench.grad_accum,
         "zero": config.pretrain.ds_config or config.pretrain.zero,
         "precision": precision,
-        "device": torch.cuda.get_device_name() if on_gpu else "cpu",
+        "device": run.device_name,
         "tokens_per_s": tokens / ours_s,
         "baseline_tokens_per_s": tokens / base_s,
         "speedup": base_s / ours_s,
-        "predicted_share": predicted,
+        "predicted_share": run.predicted,
     }
     if peak:
         result["mfu"] = tokens / ours_s * ours_flops / peak

@@ -322,7 +322,7 @@ def run(config: Any, args: Any = None) -> int:
 def main(argv: Optional[list[str]] = None) -> int:
     """`python -m hyperofa_dist.bench.sweep [--dry-run] [--out DIR] [--only a,b] [key=value ...]`."""
     from ..config import load_config
-    from ..errors import HyperofaError
+    from ..errors import exit_status
 
     parser = argparse.ArgumentParser(description="pretraining step: time per lever and phase, one JSON line each")
     parser.add_argument("--dry-run", action="store_true", help="toy shape: checks the sweep runs, measures nothing")
@@ -330,14 +330,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--only", help="comma-separated configurations to run")
     parser.add_argument("overrides", nargs="*", help="config key=value")
     args = parser.parse_args(argv)
-    try:
-        config = load_config(None, ["tracking.enabled=false", *args.overrides])
-        sweep(config, Path(args.out) if args.out else None, args.dry_run,
-              args.only.split(",") if args.only else None)
-    except HyperofaError as exc:
-        print(f"pretrain-sweep: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status("pretrain-sweep", lambda: sweep(
+        load_config(None, ["tracking.enabled=false", *args.overrides]), Path(args.out) if args.out else None,
+        args.dry_run, args.only.split(",") if args.only else None))
 
 
 if __name__ == "__main__":

@@ -56,23 +56,14 @@ def train_hypernet(mapping: Any, hp: Any, split: dict[str, np.ndarray], targets:
 
     from ..hypernet import loop
     from ..hypernet.data import TokenSet, WordTable, rank_batches
-    from ..hypernet.models import build_model
     from ..hypernet.predict import predict_rows
     from ..hypernet.train import augment_spec, loss_spec
+    from .hypernet import plain_training
 
     k = targets.shape[1]
     table = WordTable(mapping.word_vectors_path)
     sets = {part: TokenSet(ids, mapping.source_postings, targets, k) for part, ids in split.items()}
-    torch.manual_seed(seed)
-    model = build_model(hp.model, word_dim=mapping.word_dim, k=k, num_layers=hp.num_layers,
-                        hidden_size=hp.hidden_size, num_heads=hp.num_heads, dropout=hp.dropout)
-    optimizer = torch.optim.Adam(model.parameters(), lr=hp.lr)
-
-    def update(loss: torch.Tensor) -> None:
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
+    model, optimizer, update = plain_training(hp, mapping.word_dim, k, seed)
     cpu = torch.device("cpu")
     best, best_state = float("inf"), None
     for epoch in range(hp.epochs):

@@ -84,7 +84,7 @@ def run(config: Config, tracker: Any) -> int:
     cmp = config.compare
     experiment = None if cmp.run_ids else (cmp.experiment or config.tracking.experiment)
     output_dir = output_dir_of(config)
-    if not tracker.deliver():  # the runs it reads may still have points in a journal (tracking.py)
+    if not tracker.deliver():  # the runs it reads may still have points in a journal (tracking/delivery.py)
         say("compare", "warning: the tracking store has not received every logged point yet; the comparison may "
             "miss some (they are replayed by the next command)")
     store = open_store(_reading_uri(config))

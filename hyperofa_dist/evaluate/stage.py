@@ -29,13 +29,12 @@ import numpy as np
 from ..config import CAUSAL_TASKS, Config, flatten
 from ..errors import HyperofaError
 from ..formats import results as out_format
-from ..formats.files import sha256_file
+from ..formats.files import output_file, sha256_file
 from ..formats import init as init_format
 from ..formats import pretrain as pretrain_format
-from ..formats.models import load_model, model_fingerprint
-from ..formats.shards import first_blocks, heldout_shards, prepare_dir, shards_by_language
+from ..formats.models import check_model, load_model, model_fingerprint
+from ..formats.shards import check_shards, first_blocks, heldout_shards, prepare_dir, shards_by_language
 from ..formats.tokenizer import ignored_settings, load_tokenizer
-from ..runtime import preflight
 from ..runtime.device import resolve_device
 from ..runtime.stage import StageShell, inputs_digest
 from ..tracking import METHOD_TAG, STEP_TAG
@@ -372,15 +371,15 @@ def run(config: Config, tracker: Any) -> int:
     stage = out_format.stage_of(config.run_dir, name)
     method = ev.init_method or init_format.method_of(model_dir) or pretrain_format.method_of(model_dir)
     check_tasks(ev.tasks, model_kind_of(model_dir), model_dir)  # a causal LM asked for mlm: that, not "no mask token"
-    preflight.model(model_dir, "evaluate.model", mask="mlm" in ev.tasks)
+    check_model(model_dir, "evaluate.model", mask="mlm" in ev.tasks)
     if "mlm" in ev.tasks:
         heldout = _heldout_dir(config)
-        preflight.shards(heldout_shards(heldout), heldout, verify=config.run.verify_inputs, block_size=None)
+        check_shards(heldout_shards(heldout), heldout, verify=config.run.verify_inputs, block_size=None)
     inputs = _inputs(config, model_dir)
     results_path = stage.path / out_format.RESULTS
     output = Path(ev.output).resolve() if ev.output else results_path
     if output != results_path:
-        preflight.output_file(output, "evaluate.output")
+        output_file(output, "evaluate.output")
     tags = {STEP_TAG: ev.step, "evaluate.name": name, "evaluate.model": str(model_dir)}
     if method:
         tags[METHOD_TAG] = method

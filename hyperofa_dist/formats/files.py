@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import socket
+import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
@@ -284,3 +285,54 @@ def load_npz(path: str | Path, names: Iterable[str], *, what: str = "array archi
 def _reason(exc: BaseException) -> str:
     text = str(exc).strip()
     return f"{exc.__class__.__name__}: {text.splitlines()[0][:120]}" if text else exc.__class__.__name__
+
+
+# --- preflight: what a stage checks before it writes -------------------------------------------------------
+
+
+def writable(path: Path, key: str) -> None:
+    """`path` is (or can be created as) a writable directory: a file is created and removed in it, or in its
+    nearest existing parent (permission bits say nothing to root or on a read-only mount; a write does)."""
+    probe = Path(path).absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise HyperofaError(f"{probe}: not a directory, so {path} cannot be created ({key})")
+    try:
+        handle, name = tempfile.mkstemp(prefix=".hyperofa-preflight-", dir=probe)
+        os.close(handle)
+        os.unlink(name)
+    except OSError as exc:
+        where = "" if probe == Path(path).absolute() else f" (its parent {probe})"
+        raise HyperofaError(f"{path}: not writable{where}: {exc.strerror or exc.__class__.__name__} ({key})") from None
+
+
+def output_file(path: Path, key: str) -> None:
+    """`path` can be written as a file: it is not a directory, and its nearest existing parent is a writable
+    directory (not a file), checked before the work whose result it will hold."""
+    if path.is_dir():
+        raise HyperofaError(f"{path}: is a directory; {key} names the file to write")
+    writable(path.parent, key)
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def used_bytes(path: Path) -> int:
+    """Bytes of the files under `path` (what a re-run may overwrite in place)."""
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()) if Path(path).is_dir() else 0
+
+
+def free_space(where: Path, needed: int, what: str, reclaimable: int = 0) -> None:
+    """At least `needed` bytes free (counting `reclaimable` bytes a re-run overwrites) on `where`'s filesystem."""
+    free = free_bytes(where)
+    if free + reclaimable < needed:
+        raise HyperofaError(
+            f"{where}: {what} needs about {human(needed)}, the filesystem has {human(free)} free; free space or "
+            "move run.dir"
+        )

@@ -207,3 +207,9 @@ def read_exit_records(out: Path) -> list[dict[str, Any]]:
         if isinstance(record, dict) and isinstance(record.get("rank"), int):
             records.append(record)
     return records
+
+
+def checkpoint_bytes(parameters: int, world: int) -> int:
+    """One DeepSpeed checkpoint: fp32 master weights and two Adam moments (12 B per parameter) over all ranks,
+    the module's weights (at most 4 B), and a little per rank for RNG states and metadata."""
+    return parameters * 16 + world * (64 << 10)

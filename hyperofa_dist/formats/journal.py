@@ -1,5 +1,6 @@
 """The tracking journal, `<run.dir>/tracking/journal-<host>-<pid>-<ms>-<n>.jsonl`: every write a tracker sends to
-MLflow, on disk before it is sent, so a tracker outage loses nothing (tracking.py sends, retries and replays it).
+MLflow, on disk before it is sent, so a tracker outage loses nothing (tracking/delivery.py sends, retries and
+replays it).
 
 One file per tracker process, held under an exclusive `flock` while that process lives: a file nobody holds belongs
 to a process that ended, and whoever claims it may replay it. Lines, in the order the writes were made:

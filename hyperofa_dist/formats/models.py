@@ -22,7 +22,7 @@ from typing import Any, Iterable, Iterator, Optional
 
 from ..errors import HyperofaError
 from .files import fingerprint_dir, sha256_file, tmp_name
-from .tokenizer import TOKENIZER_JSON, save_tokenizer, tokenizer_fingerprint
+from .tokenizer import TOKENIZER_JSON, load_tokenizer, save_tokenizer, tokenizer_fingerprint
 
 CONFIG = "config.json"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
@@ -391,3 +391,84 @@ def save_model_dir(model: Any, tokenizer: Any, out_dir: str | Path) -> Path:
 def model_files(out_dir: Path) -> list[str]:
     """The files of a saved model directory, relative to its parent (for a stage manifest)."""
     return sorted(f"{out_dir.name}/{p.name}" for p in out_dir.iterdir() if p.is_file())
+
+
+# --- preflight: a model directory a stage will load ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    vocab_size: int  # embedding rows (config.json)
+    tokenizer_size: int
+    parameters: int
+
+
+def check_model(path: Path, key: str, *, mask: bool = False) -> ModelFacts:
+    """A model directory a stage will load on every rank: config, whole weights, a tokenizer that belongs to it.
+
+    The tokenizer may have fewer tokens than the embedding has rows only by padding (a vocabulary rounded up to
+    a multiple such as 64, at most 1 % or 256 rows); a tokenizer with far fewer tokens (a tokenizer built from
+    a tokenizer_config.json alone has only its special tokens) would map every word to <unk> and still give
+    numbers. Special-token ids must be rows of the embedding, and a pad id must be the model's."""
+    path = Path(path)
+    if not (path / CONFIG).is_file():
+        raise HyperofaError(f"{path}: not an HF model directory ({CONFIG} missing) ({key})")
+    config = read_model_config(path)
+    rows = config.get("vocab_size")
+    if not isinstance(rows, int) or rows <= 0:
+        raise HyperofaError(f"{path / CONFIG}: no vocab_size ({key})")
+    parameters = weight_parameters(path)
+    if not (path / TOKENIZER_JSON).is_file():
+        raise HyperofaError(f"{path}: the model directory has no {TOKENIZER_JSON} (its tokenizer is needed) ({key})")
+    tokenizer = load_tokenizer(path, key)
+    size = len(tokenizer)
+    tokenizer_fits(path, size, rows, key)
+    specials = {tok: i for tok, i in zip(tokenizer.all_special_tokens, tokenizer.all_special_ids)}
+    outside = {tok: i for tok, i in specials.items() if i is None or not 0 <= i < rows}
+    if outside:
+        raise HyperofaError(f"{path}: special tokens {outside} have no embedding row (vocab_size {rows}) ({key})")
+    pad = config.get("pad_token_id")
+    if pad is not None and tokenizer.pad_token_id is not None and pad != tokenizer.pad_token_id:
+        raise HyperofaError(
+            f"{path}: the tokenizer's pad id is {tokenizer.pad_token_id}, the model's pad_token_id is {pad} ({key})"
+        )
+    if mask and tokenizer.mask_token_id is None:
+        raise HyperofaError(f"{path}: the tokenizer has no mask token, which masked-LM training needs ({key})")
+    return ModelFacts(rows, size, parameters)
+
+
+def tokenizer_fits(path: Path, size: int, rows: int, key: str) -> None:
+    """A tokenizer of `size` tokens belongs to a model of `rows` embedding rows: never more tokens than rows, and
+    fewer only by padding (a vocabulary rounded up to a multiple such as 64: at most 1 % or 256 rows)."""
+    if size > rows:
+        raise HyperofaError(
+            f"{path}: tokenizer has {size} tokens but the model's input embedding has {rows} rows; the tokenizer "
+            f"does not belong to this model ({key})"
+        )
+    if rows - size > max(256, rows // 100):
+        raise HyperofaError(
+            f"{path}: tokenizer has {size} tokens but the model has {rows} embedding rows; the tokenizer does not "
+            f"belong to this model ({key})"
+        )
+
+
+def source_rows_fit(tokens: int, rows: int, kind: str) -> bool:
+    """The method's rule for a source model: a masked LM has one embedding row per token; a causal LM may have
+    more rows than tokens (Qwen2 rounds its matrix up), rows that belong to no token."""
+    return rows == tokens or (kind == CAUSAL and rows > tokens)
+
+
+def source_vocabulary(config: Any, tokenizer: Any) -> None:
+    """The source tokenizer belongs to the source model (`source_rows_fit`), read from a local model's
+    config.json: checked by the tokenizer stage, before it builds a target tokenizer on a tokenizer the mapping
+    would later refuse."""
+    where = Path(config.source.model)
+    if not (where / CONFIG).is_file():  # a hub name, or a tokenizer alone: mapping loads the model and checks it
+        return
+    rows = read_model_config(where).get("vocab_size")
+    if isinstance(rows, int) and not source_rows_fit(len(tokenizer), rows, model_kind_of(where)):
+        key = "source.tokenizer" if config.source.tokenizer else "source.model"
+        raise HyperofaError(
+            f"source tokenizer has {len(tokenizer)} tokens but the model {config.source.model} has {rows} embedding "
+            f"rows; they must be the same ({key})"
+        )

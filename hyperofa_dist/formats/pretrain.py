@@ -22,6 +22,7 @@ from typing import Any, Iterator, Optional
 
 from .files import atomic_write_bytes, atomic_write_json, read_json, write_error
 from .init import FACTORS  # noqa: F401 - a factorised pretrain output holds the same two files
+from .jobdir import checkpoint_bytes
 from .jobdir import FAILURE, read_failure, write_failure  # noqa: F401 - a job's own stop, shared with the hypernet
 from .rundir import Stage
 
@@ -101,3 +102,10 @@ def write_rank_summary(out: Path, rank: int, summary: dict[str, Any]) -> Path:
 
 def audit_path(out: Path, rank: int) -> Path:
     return out / AUDIT / f"rank{rank}.jsonl"
+
+
+def pretrain_bytes(parameters: int, config: Any, world: int, done_tags: int = 0) -> int:
+    """Estimated bytes pretraining writes: every checkpoint still to come (all are kept) and the exported model."""
+    p = config.pretrain
+    saves = len({*range(p.save_every, p.steps + 1, p.save_every), p.steps})
+    return max(0, saves - done_tags) * checkpoint_bytes(parameters, world) + parameters * 4

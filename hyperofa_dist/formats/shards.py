@@ -29,8 +29,10 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 import numpy as np
 
 from ..errors import HyperofaError
-from .files import atomic_write_bytes, npy_bytes, read_json
+from .corpus import TextSample
+from .files import atomic_write_bytes, npy_bytes, read_json, sha256_file
 from .rundir import MANIFEST, Stage
+from .text import split_lines
 
 STAGE = "prepare"
 SPLITS = ("train", "heldout")
@@ -386,3 +388,114 @@ def shards_by_language(shards: Sequence[str | Path]) -> dict[str, list[Path]]:
         if lang is not None:
             out.setdefault(lang, []).append(shard)
     return out
+
+
+# --- preflight: shards read back, and the bytes prepare will write ------------------------------------------
+
+
+def check_shards(paths: Iterable[str | Path], prepare_dir: Optional[Path], *, verify: bool, block_size: Optional[int]) -> int:
+    """Every shard is the file prepare wrote: the size its manifest records (when `prepare_dir` has one), tar
+    and `.npy` headers that parse with the recorded block count and the expected block width, and with `verify`
+    (run.verify_inputs) the recorded sha256. Returns the blocks found."""
+    records: dict[str, dict[str, Any]] = {}
+    listed: dict[str, dict[str, Any]] = {}
+    if prepare_dir is not None and (prepare_dir / MANIFEST).is_file():
+        manifest = read_json(prepare_dir / MANIFEST, "prepare manifest")
+        records = {r["path"]: r for r in manifest.get("outputs") or [] if isinstance(r, dict) and "path" in r}
+        listed = {s["path"]: s for s in manifest.get("shards") or [] if isinstance(s, dict) and "path" in s}
+    total = 0
+    for path in paths:
+        path = Path(path)
+        relative = path.relative_to(prepare_dir).as_posix() if prepare_dir and path.is_relative_to(prepare_dir) else None
+        record = records.get(relative or "")
+        if record is not None and path.is_file() and path.stat().st_size != record.get("bytes"):
+            raise HyperofaError(
+                f"{path}: shard has {path.stat().st_size} bytes, the prepare manifest records {record.get('bytes')}; "
+                "re-run `hyperofa prepare`"
+            )
+        index = index_shard(path)
+        expected = (listed.get(relative or "") or {}).get("blocks")
+        if expected is not None and int(expected) != index.blocks:
+            raise HyperofaError(
+                f"{path}: shard holds {index.blocks} blocks, the prepare manifest records {expected}; re-run "
+                "`hyperofa prepare`"
+            )
+        if block_size is not None and index.width is not None and index.width != block_size:
+            raise HyperofaError(f"{path}: blocks of {index.width} tokens, expected {block_size}")
+        if verify:
+            if record is None or "sha256" not in record:
+                raise HyperofaError(
+                    f"{path}: no sha256 recorded for this shard in a prepare manifest, so it cannot be verified "
+                    "(run.verify_inputs=true)"
+                )
+            if sha256_file(path) != record["sha256"]:
+                raise HyperofaError(
+                    f"{path}: shard content differs from what prepare wrote (sha256 mismatch); re-run `hyperofa prepare`"
+                )
+        total += index.blocks
+    return total
+
+
+ESTIMATE_BYTES = 1 << 15  # text per corpus file tokenized for prepare's estimate
+
+
+def _token_count(tokenizer: Any, sentences: list[str]) -> int:
+    """Tokens of the sentences without specials, through the Rust backend when there is one (no Python id lists)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return sum(len(e) for e in backend.encode_batch_fast(sentences, add_special_tokens=False))
+    return sum(len(ids) for ids in tokenizer(sentences, add_special_tokens=False)["input_ids"])
+
+
+def prepare_bytes(samples: dict[str, list[TextSample]], tokenizer: Any, config: Any) -> int:
+    """Estimated bytes of prepare's shards, from the corpus samples: tokens per byte of each file (plus a
+    separator per sentence) scaled to the whole file, framed into blocks, packed into samples and shards as
+    `formats.shards` writes them (512-byte tar headers and padding, a .npy header per sample, each shard's end
+    blocks and padding to a 10 KiB tar record, a partial shard per chunk and split), scaled by a sentence budget
+    when one is set (temperature sampling moves sentences between languages, not their total), plus a tenth (a
+    quarter with a budget)."""
+    import math
+    import tarfile
+
+    prep = config.prepare
+    per_lang: dict[str, tuple[float, float, int]] = {}
+    for lang, per_file in samples.items():
+        tokens = lines = 0.0
+        chunks = 0
+        for sample in per_file:
+            if sample.sample_bytes == 0:
+                continue
+            sentences = [line for line in split_lines(sample.text) if line.strip()]
+            if not sentences:  # whitespace only: prepare skips the language, as it does an empty file
+                continue
+            # Every stride-th sentence, about ESTIMATE_BYTES of the sample: the ratio of tokens to bytes needs no
+            # more, and on a corpus of a few hundred MB tokenizing whole samples would be a tenth of the stage.
+            sentences = sentences[:: max(1, sample.sample_bytes // ESTIMATE_BYTES)]
+            used = sum(len(line.encode("utf-8")) + 1 for line in sentences)
+            counted = _token_count(tokenizer, sentences)
+            scale = sample.total_bytes / max(used, 1)
+            tokens += (counted + len(sentences)) * scale
+            lines += len(sentences) * scale
+            chunks += math.ceil(sample.total_bytes / prep.chunk_bytes)
+        per_lang[lang] = (tokens, lines, chunks)
+    budget = prep.sampling.total_sentences
+    all_lines = sum(lines for _, lines, _ in per_lang.values())
+    scale = budget / all_lines if budget is not None and all_lines > 0 else 1.0
+    block = tarfile.BLOCKSIZE
+    ids_bytes = 128 + prep.blocks_per_sample * prep.block_size * 4
+    sample_bytes = 4 * block + math.ceil(ids_bytes / block) * block  # two headers, lang.txt padded, ids padded
+    shard_end = 2 * block + tarfile.RECORDSIZE // 2  # end-of-archive blocks, on average half a record of padding
+    total = 0.0
+    for tokens, _, chunks in per_lang.values():
+        blocks = tokens * scale / (prep.block_size - 2)
+        for heldout, share in ((False, 1 - prep.heldout_fraction), (True, prep.heldout_fraction)):
+            split_blocks = blocks * share
+            if heldout and split_blocks > 0:  # a held-out stream too short for one block still gets a padded one
+                split_blocks = max(split_blocks, chunks)
+            n_samples = math.ceil(split_blocks / prep.blocks_per_sample)
+            n_shards = math.ceil(n_samples / prep.samples_per_shard) + (chunks - 1 if n_samples else 0)
+            total += n_samples * sample_bytes + n_shards * shard_end
+        total += chunks * 4096  # the chunk records
+    # Temperature sampling keeps the sentence total but moves sentences to the small languages, whose sentences may
+    # be longer in tokens (another script, a smaller share of the vocabulary): a budgeted run gets a wider margin.
+    return int(total * (1.25 if budget is not None else 1.1))

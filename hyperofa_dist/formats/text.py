@@ -10,8 +10,12 @@ silently loses lines. Nothing else ends a line: Python's `str.splitlines` also s
 
 from __future__ import annotations
 
+import gzip
 import re
-from typing import TypeVar
+from pathlib import Path
+from typing import Sequence, TypeVar
+
+from ..errors import HyperofaError
 
 Text = TypeVar("Text", str, bytes)
 
@@ -46,3 +50,34 @@ def count_line_ends(blocks) -> tuple[int, int]:
             lines -= 1
         previous = block[-1:]
     return lines + (previous not in (b"", b"\n", b"\r")), cr
+
+
+# --- preflight: line counts ----------------------------------------------------------------------------------
+
+
+def count_lines(path: Path) -> int:
+    """Lines of a text file (`.gz` read through gzip), ended as formats/text.py says; a last line without an end
+    counts."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as handle:
+            lines, _ = count_line_ends(iter(lambda: handle.read(1 << 20), b""))
+    except (OSError, EOFError) as exc:
+        raise HyperofaError(f"{path}: cannot read ({exc})") from None
+    return lines
+
+
+def parallel_corpus(files: Sequence[tuple[str, Path]], prefix_aligned: bool) -> dict[str, int]:
+    """Line i of every file must be translations, so every file has the same number of lines (unless
+    `vectors.train.prefix_aligned` says shorter files are translations of the first lines). Returns the counts."""
+    counts = {path.name: count_lines(path) for _, path in files}
+    if not prefix_aligned and len(set(counts.values())) > 1:
+        short = min(counts, key=lambda n: (counts[n], n))
+        long = max(counts, key=lambda n: (counts[n], n))
+        directory = files[0][1].parent
+        raise HyperofaError(
+            f"{directory}: parallel corpus is misaligned: {short} has {counts[short]} lines, {long} has "
+            f"{counts[long]} (line i of every file must be translations; set vectors.train.prefix_aligned=true if "
+            "shorter files translate the first lines of the longer ones)"
+        )
+    return counts

@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from ..errors import HyperofaError
+from ..errors import HyperofaError, exit_status
 from ..formats.tokenizer import TOKENIZER_CONFIG, portable_config
 
 PREFIX = "model."  # the training wrapper (train.MaskedLMObjective) holds the HF model as `.model`
@@ -123,14 +123,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--model", required=True, help="the model directory training started from (config, tokenizer)")
     parser.add_argument("--tag", default=None, help="checkpoint tag (default: the one `latest` names)")
     args = parser.parse_args(argv)
-    try:
+
+    def export() -> None:
         _, factors = export_hf(args.checkpoint_dir, args.tag, args.model, args.out_dir)
         if factors:
             print(f"export: factorised checkpoint: {', '.join(factors)} written beside {args.out_dir}", file=sys.stderr)
-    except HyperofaError as exc:
-        print(f"export: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+
+    return exit_status("export", export)
 
 
 if __name__ == "__main__":

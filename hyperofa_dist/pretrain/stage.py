@@ -1,6 +1,6 @@
 """`hyperofa pretrain`: check everything that can be checked, launch the DeepSpeed job, export, write the manifest.
 
-Before any process is launched (runtime/preflight.py for the shared checks): the model has whole weights and a
+Before any process is launched (runtime/preflight.py lists the shared checks): the model has whole weights and a
 tokenizer of its size, every shard has its recorded size and parses, the filesystem has room for the
 checkpoints and the export; the prepare shards must have been made with the model's tokenizer (the sha256
 of `tokenizer.json` recorded by prepare against the model directory's), the blocks must fit the model's position
@@ -31,15 +31,14 @@ from ..config import Config
 from ..errors import HyperofaError
 from ..formats import init as init_format
 from ..formats import pretrain as out_format
-from ..formats.files import LOW_SPACE, free_bytes, sha256_file
+from ..formats.files import LOW_SPACE, free_bytes, free_space, human, sha256_file
 from ..formats.jobdir import RUN_ID, checkpoint_dir, latest_tag, previous_run_id, read_client_info, write_job
 from ..formats.modelcard import ModelCard, corpus_facts, write_model_card
-from ..formats.models import model_files, model_fingerprint, read_model_config, require_model_dir
+from ..formats.models import check_model, model_files, model_fingerprint, read_model_config, require_model_dir
 from ..formats.rundir import MANIFEST
-from ..formats.shards import ShardSet, load_shardset
+from ..formats.shards import ShardSet, check_shards, load_shardset
 from ..formats.shards import prepare_dir as default_prepare_dir
 from ..formats.tokenizer import TOKENIZER_JSON, tokenizer_fingerprint
-from ..runtime import preflight
 from ..runtime.device import job_device_type, resolve_precision
 from ..runtime.dsconfig import fill_ds_config, load_template, validate_ds_config
 from ..runtime.job import change_tags, check_resume, fresh_provenance, resume_fingerprint
@@ -226,7 +225,7 @@ def run(config: Config, tracker: Any) -> int:
     model_dir = resolve_model(config)
     objective = objective_of(model_dir)
     # A causal tokenizer has no mask token and needs none: only masked-LM training asks for one.
-    model = preflight.model(model_dir, "pretrain.model" if p.model else "pretrain.method", mask=objective == "masked")
+    model = check_model(model_dir, "pretrain.model" if p.model else "pretrain.method", mask=objective == "masked")
     prepare_dir = Path(p.shards).resolve() if p.shards else default_prepare_dir(config.run_dir)
     shardset = load_shardset(prepare_dir)
     if not shardset.train:
@@ -234,7 +233,7 @@ def run(config: Config, tracker: Any) -> int:
     check_tokenizer_match(shardset, prepare_dir, model_dir)
     block_size = shardset.block_size or config.prepare.block_size
     every_shard = [s for split in (shardset.train, shardset.heldout) for paths in split.values() for s in paths]
-    preflight.shards(every_shard, prepare_dir, verify=config.run.verify_inputs, block_size=block_size)
+    check_shards(every_shard, prepare_dir, verify=config.run.verify_inputs, block_size=block_size)
     model_cfg = read_model_config(model_dir)
     max_pos = int(model_cfg.get("max_position_embeddings", 10**9)) - (
         2 if model_cfg.get("model_type") in ("xlm-roberta", "roberta") else 0
@@ -252,8 +251,8 @@ def run(config: Config, tracker: Any) -> int:
     p = config.pretrain
     if p.resume or latest_tag(checkpoint_dir(stage.path)) is None:  # else: up to date, or refused below
         kept = sum(1 for d in checkpoint_dir(stage.path).glob("step*") if d.is_dir())
-        preflight.free_space(
-            stage.path, preflight.pretrain_bytes(model.parameters, config, world, kept),
+        free_space(
+            stage.path, out_format.pretrain_bytes(model.parameters, config, world, kept),
             f"pretraining ({model.parameters} parameters: every checkpoint and the exported model)",
         )
     precision = resolve_precision(p.precision, job_device_type(), "pretrain.precision")
@@ -345,7 +344,7 @@ def run(config: Config, tracker: Any) -> int:
             last = latest_tag(ckpt_dir)
             kept = f"; the last checkpoint is {ckpt_dir / last} (resume with pretrain.resume=true)" if last else ""
             free = free_bytes(out)
-            full = f": {out} is on a full filesystem ({preflight.human(free)} free)" if free < LOW_SPACE else ""
+            full = f": {out} is on a full filesystem ({human(free)} free)" if free < LOW_SPACE else ""
             raise HyperofaError(f"the training job exited with status {code}{full}{kept}")
 
         from .export import export_hf

@@ -59,7 +59,7 @@ def check_inputs(config: Any) -> None:
     """What the Ray stages read exists before anything is submitted; the run directory is writable from here."""
     from ..formats.tokenizer import target_tokenizer_dir
     from ..formats.vectors import resolve_vectors_path
-    from .preflight import writable
+    from ..formats.files import writable
 
     writable(config.run_dir, "run.dir")
     target_tokenizer_dir(config)  # tokenizer.path, or <run.dir>/tokenizer from `hyperofa tokenizer`

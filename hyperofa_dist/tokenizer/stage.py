@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config
-from ..formats.corpus import discover
+from ..formats.corpus import checked_samples, discover
+from ..formats.models import source_vocabulary
 from ..formats.rundir import Stage
 from ..formats.tokenizer import STAGE, file_settings, source_tokenizer
-from ..runtime import preflight
 from ..runtime.stage import StageShell, say
 from .build import (
     build_target,
@@ -55,9 +55,9 @@ def run(config: Config, tracker: Any) -> int:
                    "tokenizer; unset it to build one here")
         return 0
     sources = discover(config.corpus)
-    preflight.corpus_text(sources, config.corpus.max_noise_share)
+    checked_samples(sources, config.corpus.max_noise_share)
     source = source_tokenizer(config)
-    preflight.source_vocabulary(config, source)
+    source_vocabulary(config, source)
     if config.tokenizer.mode == "extend":
         check_ids_kept(source, config.source.tokenizer or config.source.model)
     elif config.tokenizer.model_type == "bpe":

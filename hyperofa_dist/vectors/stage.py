@@ -10,8 +10,8 @@ from ..config import Config
 from ..errors import HyperofaError
 from ..formats.files import sha256_file
 from ..formats.rundir import Stage
+from ..formats.text import parallel_corpus
 from ..formats.vectors import STAGE, save_word_vectors, trained_vectors_path
-from ..runtime import preflight
 from ..runtime.stage import StageShell
 from .train import corpus_languages, train_vectors
 
@@ -23,7 +23,7 @@ def run(config: Config, tracker: Any) -> int:
     if not (settings.corpus or config.corpus.path):
         raise HyperofaError("vectors train: set vectors.train.corpus (or corpus.path) to a parallel corpus directory")
     files = corpus_languages(corpus_dir)
-    lines = preflight.parallel_corpus(files, settings.prefix_aligned)
+    lines = parallel_corpus(files, settings.prefix_aligned)
     inputs = {
         "corpus": {iso + ":" + path.name: sha256_file(path) for iso, path in files},
         "train": config.fingerprint("vectors")["vectors"]["train"] | {"corpus": None},
