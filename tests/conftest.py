@@ -362,9 +362,9 @@ class InitWorlds:
         from hyperofa_dist.formats.mapping import load_mapping
         from hyperofa_dist.formats.models import load_model, save_model_dir
         from hyperofa_dist.formats.tokenizer import load_tokenizer
-        from hyperofa_dist.init import assemble as asm
-        from hyperofa_dist.init.export import build_expanded_model, merge_copy_pairs, special_token_pairs
-        from hyperofa_dist.init.random import column_stats
+        from hyperofa_dist.method import assemble as asm
+        from hyperofa_dist.models.export import build_expanded_model, merge_copy_pairs, special_token_pairs
+        from hyperofa_dist.method.random import column_stats
 
         source = load_model(w.source_model)
         s_tok, t_tok = load_tokenizer(w.source_model), load_tokenizer(w.target_tokenizer)
@@ -495,7 +495,7 @@ class PretrainKit:
         from hyperofa_dist.factorize import factorize
         from hyperofa_dist.formats import init as init_format
         from hyperofa_dist.formats.models import load_model
-        from hyperofa_dist.init.assemble import full_embeddings
+        from hyperofa_dist.method.assemble import full_embeddings
 
         net = load_model(model)
         factors = factorize(net.get_input_embeddings().weight.detach().numpy(), k)

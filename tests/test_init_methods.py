@@ -14,7 +14,7 @@ from hyperofa_dist.cli import main as cli_main
 from hyperofa_dist.formats import init as init_format
 from hyperofa_dist.formats.mapping import load_mapping
 from hyperofa_dist.formats.rundir import Stage
-from hyperofa_dist.init import assemble as asm
+from hyperofa_dist.method import assemble as asm
 from hyperofa_dist.init.mean import wordpiece_split
 from hyperofa_dist.init.rows import row_metrics, row_statistics
 
@@ -57,9 +57,9 @@ def hyperofa_predictions(run_dir, seed: int = 0) -> int:
     """The hypernet stage's predictions for `run_dir`'s mapping, made by its own inference code with a seeded,
     untrained BiLSTM (training is the hypernet stage's business and is tested there)."""
     from hyperofa_dist.formats import hypernet as fmt
-    from hyperofa_dist.hypernet.data import WordTable
-    from hyperofa_dist.hypernet.models import build_model
-    from hyperofa_dist.hypernet.predict import predict_all
+    from hyperofa_dist.method.hypernet.data import WordTable
+    from hyperofa_dist.method.hypernet.models import build_model
+    from hyperofa_dist.method.hypernet.predict import predict_all
 
     mapping = load_mapping(run_dir)
     torch.manual_seed(seed)
@@ -183,7 +183,7 @@ def test_recentre_moves_the_predicted_rows_mean_onto_the_copied_rows_mean():
 
 
 def test_init_recentre_shifts_only_the_predicted_rows(init_worlds, tmp_path, one_thread):
-    from hyperofa_dist.hypernet.predict import tokens_to_predict
+    from hyperofa_dist.method.hypernet.predict import tokens_to_predict
 
     w = init_worlds.fresh_run(init_worlds.get("xlmr", k=8), tmp_path / "run")
     mapping = load_mapping(w.run_dir)

@@ -39,7 +39,7 @@ from ..runtime import preflight
 from ..runtime.device import resolve_device
 from ..runtime.stage import StageShell, inputs_digest
 from ..tracking import METHOD_TAG, STEP_TAG
-from . import mlm, retrieval, tagging
+from . import retrieval, tagging
 from .languages import resolve
 from .model import check_model_vocabulary, hidden_state_index, resolve_model_dir
 
@@ -206,7 +206,7 @@ def _heldout_languages(config: Config, task: str) -> tuple[dict[str, str], dict[
 def heldout_texts(config: Config, model_dir: Path) -> tuple[dict[str, list[str]], dict[str, str], dict[str, float]]:
     """({requested code: the first evaluate.heldout_sentences held-out lines as text}, {skipped code: why},
     {language-prefixed counts of lossy lines}) for bpb and fertility (evaluate/causal.py)."""
-    from ..pretrain.causal import recorded_frame
+    from ..models.causal import recorded_frame
     from .causal import decode_lines, heldout_lines
 
     _, tokenizer_dir = heldout_tokenizer_dir(config, model_dir)
@@ -284,7 +284,7 @@ def evaluate_model(
                 source = source_tokenizer(config)
                 per_language = {lang: causal_eval.fertility(source, tokenizer, lines) for lang, lines in texts.items()}
         elif task in ("pos", "ner"):
-            from ..init.factorised import plan_factorised
+            from ..models.factorised import plan_factorised
 
             t = ev.tagging
             settings = tagging.TaggingSettings(
@@ -331,7 +331,9 @@ def evaluate_model(
                 raise HyperofaError(f"{_heldout_dir(config)}: no held-out blocks for the requested languages")
             # Masks are seeded by the shards' own code, as in the pretraining job's evaluations; results and
             # skips are reported under the requested code.
-            by_code, unscored = mlm.mlm_loss_per_language(
+            from ..models.mlm import mlm_loss_per_language
+
+            by_code, unscored = mlm_loss_per_language(
                 model,
                 tokenizer,
                 blocks,

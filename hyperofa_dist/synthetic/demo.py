@@ -122,7 +122,7 @@ def pretrain_source_model(tokenizer_dir: Path, texts: list[str], out_dir: Path, 
     import torch
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-    from ..pretrain.mlm import mask_tokens, masked_lm_loss
+    from ..models.mlm import mask_tokens, masked_lm_loss
 
     init_dir = out_dir.parent / "source_model_init"
     synthetic.make_tiny_model(
