@@ -1,20 +1,24 @@
 """Model families and objectives: what every stage needs to know about a model, in one place.
 
-`family` (the record type) and one file per family (`bert`, `roberta`, `decoders`), registered below; the objectives
-`mlm` (masked positions only) and `causal` (chunked next-token), `nexttoken` (the step-0 next-token measure);
-`export` (the expanded model), `head` (a missing MLM head), `factorised` (F_t P embeddings). Stages import this
-package; it imports no stage.
+`family` (the record type) and one file per family (`bert`, `roberta`, `decoders`), registered in
+FAMILY_MODULES; the objectives `mlm` (masked positions only) and `causal` (chunked next-token), `nexttoken` (the
+step-0 next-token measure); `export` (the expanded model), `head` (a missing MLM head), `factorised` (F_t P
+embeddings). Stages import this package; it imports no stage.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any, Optional
 
 from ..errors import HyperofaError
-from . import bert, decoders, roberta
 from .family import CausalFamily, Family, MaskedFamily, TinySizes, config_get
 
-FAMILIES: tuple[Family, ...] = (*bert.FAMILIES, *roberta.FAMILIES, *decoders.FAMILIES)
+# The registry: the modules holding the family records (each a FAMILIES tuple), in lookup order.
+FAMILY_MODULES = ("bert", "roberta", "decoders")
+FAMILIES: tuple[Family, ...] = tuple(
+    family for module in FAMILY_MODULES for family in importlib.import_module(f"{__name__}.{module}").FAMILIES
+)
 
 
 def family_for_type(model_type: Optional[str]) -> Optional[Family]:
