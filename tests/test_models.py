@@ -80,6 +80,17 @@ def test_the_records_names_are_the_models(tiny, name):
     rows = np.array([0, 3, 17])
     np.testing.assert_array_equal(read_word_embeddings(path, rows, family.embedding_suffix),
                                   model.get_input_embeddings().weight.detach().double().numpy()[rows])
+    # the base model as retrieval loads it (no pooling layer) gives the masked LM's hidden states
+    from transformers import AutoModel
+
+    from hyperofa_dist.models import base_model_kwargs
+
+    base = AutoModel.from_pretrained(str(path), **base_model_kwargs(model.config)).eval()
+    assert getattr(base, "pooler", None) is None
+    ids = _batch(tok)
+    with torch.no_grad():
+        torch.testing.assert_close(base(input_ids=ids).last_hidden_state,
+                                   model(input_ids=ids, output_hidden_states=True).hidden_states[-1])
     # the table holds the longest block the pretrain stage allows: max_position_embeddings - offset tokens
     longest = model.config.max_position_embeddings - position_offset(model.config)
     with torch.no_grad():

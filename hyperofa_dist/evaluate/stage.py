@@ -32,9 +32,10 @@ from ..formats import results as out_format
 from ..formats.files import sha256_file
 from ..formats import init as init_format
 from ..formats import pretrain as pretrain_format
-from ..formats.models import load_model, model_fingerprint
+from ..formats.models import load_model, model_fingerprint, read_model_config
 from ..formats.shards import first_blocks, heldout_shards, prepare_dir, shards_by_language
 from ..formats.tokenizer import ignored_settings, load_tokenizer
+from ..models import base_model_kwargs
 from ..runtime import preflight
 from ..runtime.device import resolve_device
 from ..runtime.stage import StageShell, inputs_digest
@@ -243,8 +244,7 @@ def evaluate_model(
         started = time.perf_counter()
         if task in ("srt", "srb"):
             if encoder is None:
-                # A decoder's base model has no pooling layer to leave out.
-                kwargs = {} if causal else {"add_pooling_layer": False}
+                kwargs = base_model_kwargs(read_model_config(model_dir))
                 encoder = load_model(model_dir, "AutoModel", **kwargs).to(device)
                 check_model_vocabulary(tokenizer, encoder, model_dir)
             layer = hidden_state_index(ev.layer, encoder.config.num_hidden_layers, model_dir)

@@ -48,11 +48,18 @@ def position_offset(model_config: Any) -> int:
     return family.position_offset if family is not None else 0
 
 
+def base_model_kwargs(model_config: Any) -> dict[str, Any]:
+    """Keyword arguments that load a model's base (`AutoModel`) for its hidden states: without the pooling layer a
+    BERT-style encoder adds (a decoder, or an encoder without one, has none to leave out)."""
+    family = family_for_type(config_get(model_config, "model_type"))
+    return {"add_pooling_layer": False} if isinstance(family, MaskedFamily) and family.pooler else {}
+
+
 def sep_token_extra(model_type: Optional[str]) -> bool:
     """Whether tagging input ends in two separators for this model type."""
     family = family_for_type(model_type)
     return isinstance(family, MaskedFamily) and family.sep_extra
 
 
-__all__ = ["FAMILIES", "CausalFamily", "Family", "MaskedFamily", "TinySizes", "family_for_type", "family_named",
-           "masked_family", "position_offset", "sep_token_extra"]
+__all__ = ["FAMILIES", "CausalFamily", "Family", "MaskedFamily", "TinySizes", "base_model_kwargs", "family_for_type",
+           "family_named", "masked_family", "position_offset", "sep_token_extra"]

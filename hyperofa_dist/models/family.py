@@ -54,13 +54,15 @@ class MaskedFamily(Family):
     module, `vocab_keys` the vocabulary-sized tensors of the masked LM (rebuilt by the export, never copied),
     `head_modules` the model's attributes that map a hidden state to logits, in order (a sentence-embedding
     checkpoint lacks their weights). `sep_extra`: tagging input ends in two separators (the reference's
-    `sep_token_extra`). `special_id_keys`: config keys naming a special token id, moved with their token."""
+    `sep_token_extra`). `special_id_keys`: config keys naming a special token id, moved with their token.
+    `pooler`: whether its base model has a pooling layer (BERT, RoBERTa: never trained by the MLM objective)."""
 
     embedding: str = ""
     vocab_keys: tuple[str, ...] = ()
     head_modules: tuple[str, ...] = ()
     sep_extra: bool = False
     special_id_keys: tuple[str, ...] = ()
+    pooler: bool = True  # its base model (AutoModel) adds a pooling layer, which hidden-state users leave out
 
     kind = MASKED
 
