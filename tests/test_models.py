@@ -26,7 +26,7 @@ from hyperofa_dist.models import (
 
 MASKED = [f.name for f in FAMILIES if isinstance(f, MaskedFamily)]
 # The generated tokenizer each masked family is tested with (a family without its own: BERT's WordPiece).
-TOKENIZER = {"xlmr": "xlmr", "roberta": "roberta", "bert": "bert"}
+TOKENIZER = {"xlmr": "xlmr", "roberta": "roberta", "bert": "bert", "modernbert": "bert"}
 
 
 def test_every_model_type_has_one_family_and_unknown_ones_are_refused():

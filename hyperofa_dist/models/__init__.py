@@ -15,7 +15,7 @@ from ..errors import HyperofaError
 from .family import CausalFamily, Family, MaskedFamily, TinySizes, config_get
 
 # The registry: the modules holding the family records (each a FAMILIES tuple), in lookup order.
-FAMILY_MODULES = ("bert", "roberta", "decoders")
+FAMILY_MODULES = ("bert", "roberta", "decoders", "modernbert")
 FAMILIES: tuple[Family, ...] = tuple(
     family for module in FAMILY_MODULES for family in importlib.import_module(f"{__name__}.{module}").FAMILIES
 )
