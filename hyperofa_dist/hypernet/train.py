@@ -30,12 +30,12 @@ from ..errors import HyperofaError
 from ..formats import hypernet as out_format
 from ..formats.jobdir import DS_CONFIG, latest_tag, read_rng, write_failure, write_rng
 from ..formats.mapping import load_mapping
-from ..runtime.job import NAN_EXIT, JobContext, job_main, weights_only_loads
-from ..runtime.seeds import mix_seed
 from ..method.hypernet import loop
 from ..method.hypernet.data import TokenSet, WordTable, rank_batches
 from ..method.hypernet.models import build_model, model_spec, trainable_parameters
 from ..method.hypernet.settings import augment_spec, check_batches, context_rule, loss_spec, training_split
+from ..runtime.job import NAN_EXIT, JobContext, job_main, weights_only_loads
+from ..runtime.seeds import mix_seed
 
 COMMAND = "hypernet"
 

@@ -40,16 +40,16 @@ from ..formats.modelcard import ModelCard, corpus_facts, write_model_card
 from ..formats.rundir import Stage
 from ..formats.shards import STAGE as PREPARE_STAGE
 from ..formats.tokenizer import ignored_settings, load_tokenizer, target_tokenizer_dir, tokenizer_fingerprint
+from ..method import assemble as asm
+from ..method.heldout import init_seed, new_token_loss
+from ..method.random import column_stats, random_rows
+from ..models.export import build_expanded_any, merge_copy_pairs, special_token_pairs
+from ..models.head import HeadReport, complete_head
 from ..runtime.device import resolve_device
 from ..runtime.stage import StageShell
 from ..tracking import METHOD_TAG, STAGE_TAG, STEP_TAG, registered_model_name
-from ..method import assemble as asm
-from ..models.export import build_expanded_any, merge_copy_pairs, special_token_pairs
-from ..models.head import HeadReport, complete_head
 from .mean import piece_means
 from .ofa import ofa_for_tokens
-from ..method.heldout import init_seed, new_token_loss
-from ..method.random import column_stats, random_rows
 from .rows import describe as describe_rows
 from .rows import row_metrics, row_statistics
 

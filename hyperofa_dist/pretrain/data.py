@@ -27,8 +27,8 @@ import torch
 
 from ..errors import HyperofaError
 from ..formats.shards import ShardSet, first_blocks, read_shard
-from ..runtime.seeds import HELDOUT, mix_seed
 from ..models.mlm import mask_tokens
+from ..runtime.seeds import HELDOUT, mix_seed
 
 
 @dataclass(frozen=True)

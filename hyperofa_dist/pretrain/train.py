@@ -27,12 +27,12 @@ from ..errors import HyperofaError
 from ..formats import pretrain as out_format
 from ..formats.files import disk_full, free_bytes
 from ..formats.shards import ShardSet
+from ..models.causal import Frame, HeadTransform, block_layout, causal_lm_loss, head_transform, hf_labels, output_head
+from ..models.mlm import masked_lm_loss, sparse_embedding_grad
 from ..runtime.faults import Hooks, hooks_from_env
 from ..runtime.job import NAN_EXIT, JobContext, job_main, weights_only_loads
 from ..runtime.seeds import mix_seed
 from . import data as data_mod
-from ..models.causal import Frame, HeadTransform, block_layout, causal_lm_loss, head_transform, hf_labels, output_head
-from ..models.mlm import masked_lm_loss, sparse_embedding_grad
 from .optim import EmbeddingWarmup, apply_settings, group_settings, lr_at, param_groups
 from .perf import model_flops_per_token, mfu, peak_flops
 

@@ -18,8 +18,8 @@ from typing import Any, Iterator
 
 from ..config import Config
 from ..errors import HyperofaError
-from ..formats.tokenizer import save_tokenizer
 from ..fertility import fertility as sample_fertility
+from ..formats.tokenizer import save_tokenizer
 from . import learn
 
 ROLES = ("bos", "eos", "unk", "sep", "pad", "cls", "mask")

@@ -23,16 +23,16 @@ from ..config import Config
 from ..formats.mapping import Mapping, load_mapping
 from ..formats.models import CAUSAL, Source, load_source
 from ..formats.tokenizer import load_tokenizer, target_tokenizer_dir, tokenizer_fingerprint
+from ..method import assemble as asm
+from ..method.heldout import init_seed, new_token_loss
 from ..method.hypernet import loop
 from ..method.hypernet.data import TokenSet, WordTable, rank_batches
 from ..method.hypernet.models import build_model
 from ..method.hypernet.predict import predict_rows, tokens_to_predict
 from ..method.hypernet.settings import augment_spec, context_rule, loss_spec, training_split
-from ..method import assemble as asm
+from ..method.random import column_stats
 from ..models.export import build_expanded_any, merge_copy_pairs, special_token_pairs
 from ..models.head import complete_head
-from ..method.random import column_stats
-from ..method.heldout import init_seed, new_token_loss
 from ..runtime.seeds import mix_seed
 
 Report = Callable[[dict[str, Any]], None]
