@@ -53,6 +53,7 @@ from .ofa import ofa_for_tokens
 from .rows import describe as describe_rows
 from .rows import row_metrics, row_statistics
 
+
 def _ofa_settings(config: Config) -> dict[str, Any]:
     c = config.init
     return dict(top_k=c.top_k, temperature=c.temperature, chunk_size=c.chunk_size, weighting=c.ofa_weighting,
