@@ -427,7 +427,7 @@ def _hypernet_bytes(config: Config, new_rows: Optional[int], world: Optional[int
     if config.vectors.path is None and world:
         import torch
 
-        from .hypernet.models import model_from_spec, model_spec, trainable_parameters
+        from .method.hypernet.models import model_from_spec, model_spec, trainable_parameters
         from .formats.jobdir import checkpoint_bytes
 
         with torch.device("meta"):

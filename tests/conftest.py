@@ -301,15 +301,19 @@ class InitWorlds:
             self.cache[key] = InitWorld(root / "run", source_model, target, vectors, family, k_used, 32)
         return self.cache[key]
 
-    def get(self, family: str, k: Optional[int] = None, target_vocab: int = 900) -> InitWorld:
-        key = (family, k, target_vocab)
+    def get(self, family: str, k: Optional[int] = None, target_vocab: int = 900,
+            tokenizer: Optional[str] = None) -> InitWorld:
+        """A tiny masked LM of `family` with a `tokenizer`-kind source tokenizer (default: the family's own), a
+        target tokenizer of that kind over every language, and its mapping."""
+        tokenizer = tokenizer or family
+        key = (family, k, target_vocab, tokenizer)
         if key not in self.cache:
             root = self.tmp_path_factory.mktemp(f"init_{family}_{k}")
             source_model = synthetic.make_tiny_model(
-                family, self.source_tokenizers[family], root / "source_model", hidden_size=32
+                family, self.source_tokenizers[tokenizer], root / "source_model", hidden_size=32
             )
             texts = [line for path in sorted(self.corpus.iterdir()) for line in synthetic.read_lines(path, limit=400)]
-            target = synthetic.train_source_tokenizer(family, texts, target_vocab, root / "target_tokenizer")
+            target = synthetic.train_source_tokenizer(tokenizer, texts, target_vocab, root / "target_tokenizer")
             vectors, k_used = write_init_mapping(root / "run", source_model, target, self.world, k=k)
             self.cache[key] = InitWorld(root / "run", source_model, target, vectors, family, k_used, 32)
         return self.cache[key]
@@ -357,14 +361,41 @@ class InitWorlds:
         stage.write_manifest(config={}, inputs={"fixture": True}, outputs=names)
 
     @staticmethod
+    def hyperofa_predictions(run_dir, seed: int = 0) -> int:
+        """The hypernet stage's predictions for `run_dir`'s mapping, made by its own inference code with a seeded,
+        untrained BiLSTM (training is the hypernet stage's business and is tested there)."""
+        import torch
+
+        from hyperofa_dist.formats import hypernet as fmt
+        from hyperofa_dist.formats.mapping import load_mapping
+        from hyperofa_dist.method.hypernet.data import WordTable
+        from hyperofa_dist.method.hypernet.models import build_model
+        from hyperofa_dist.method.hypernet.predict import predict_all
+
+        mapping = load_mapping(run_dir)
+        torch.manual_seed(seed)
+        model = build_model("bilstm", word_dim=mapping.word_dim, k=mapping.k, num_layers=1, hidden_size=16,
+                            num_heads=1, dropout=0.0)
+        stage = fmt.stage_of(run_dir)
+        stage.begin("test")
+        metrics = predict_all(
+            model, WordTable(mapping.word_vectors_path), source=mapping.source_postings, target=mapping.target_postings,
+            coordinates=np.asarray(mapping.source_coordinates), copied=mapping.overlap_target,
+            test_ids=mapping.split["test"], out_dir=stage.path, batch_size=64, cap=32, device=torch.device("cpu"),
+        )
+        stage.write_manifest(config={}, inputs={"test": seed},
+                             outputs=[fmt.PREDICTED_IDS, fmt.PREDICTED_ROWS, fmt.TEST_IDS, fmt.TEST_ROWS])
+        return metrics["predicted_count"]
+
+    @staticmethod
     def export_copy_random(w: InitWorld, out_dir: Path, pad: Optional[int] = None, seed: int = 0) -> Exported:
         """Assemble F_t from copies and random rows only and export the expanded model of `w` into out_dir."""
         from hyperofa_dist.formats.mapping import load_mapping
         from hyperofa_dist.formats.models import load_model, save_model_dir
         from hyperofa_dist.formats.tokenizer import load_tokenizer
-        from hyperofa_dist.init import assemble as asm
-        from hyperofa_dist.init.export import build_expanded_model, merge_copy_pairs, special_token_pairs
-        from hyperofa_dist.init.random import column_stats
+        from hyperofa_dist.method import assemble as asm
+        from hyperofa_dist.models.export import build_expanded_model, merge_copy_pairs, special_token_pairs
+        from hyperofa_dist.method.random import column_stats
 
         source = load_model(w.source_model)
         s_tok, t_tok = load_tokenizer(w.source_model), load_tokenizer(w.target_tokenizer)
@@ -495,7 +526,7 @@ class PretrainKit:
         from hyperofa_dist.factorize import factorize
         from hyperofa_dist.formats import init as init_format
         from hyperofa_dist.formats.models import load_model
-        from hyperofa_dist.init.assemble import full_embeddings
+        from hyperofa_dist.method.assemble import full_embeddings
 
         net = load_model(model)
         factors = factorize(net.get_input_embeddings().weight.detach().numpy(), k)

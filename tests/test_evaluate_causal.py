@@ -18,7 +18,7 @@ from hyperofa_dist.evaluate import causal as C
 from hyperofa_dist.evaluate.retrieval import encode_sentences
 from hyperofa_dist.formats.shards import build_shards, write_shard
 from hyperofa_dist.formats.tokenizer import load_tokenizer
-from hyperofa_dist.pretrain.causal import Frame
+from hyperofa_dist.models.causal import Frame
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 BLOCK = 32

@@ -10,11 +10,11 @@ import torch
 
 from hyperofa_dist import synthetic
 from hyperofa_dist.errors import HyperofaError
-from hyperofa_dist.evaluate import mlm
+from hyperofa_dist.models import mlm
 from hyperofa_dist.formats.models import load_model
 from hyperofa_dist.formats.shards import first_blocks, heldout_shards
 from hyperofa_dist.formats.tokenizer import load_tokenizer
-from hyperofa_dist.pretrain.mlm import mask_tokens
+from hyperofa_dist.models.mlm import mask_tokens
 from hyperofa_dist.runtime.seeds import HELDOUT, mix_seed
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -8,6 +8,7 @@ from hyperofa_dist import synthetic
 from hyperofa_dist.errors import HyperofaError
 from hyperofa_dist.evaluate import tagging
 from hyperofa_dist.formats.tokenizer import load_tokenizer
+from hyperofa_dist.models import sep_token_extra
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -72,8 +73,8 @@ def test_reference_frame_and_budget_253_of_256(tagger_model):
     assert pieces[0].positions == list(range(1, 254))
     single, _ = tagging.to_pieces([sentence], tok, max_length=256, extra_sep=False)
     assert [len(p.positions) for p in single] == [254, 254, 92] and single[0].input_ids[-2] != tok.sep_token_id
-    assert tagging.sep_token_extra("xlm-roberta") and tagging.sep_token_extra("roberta")
-    assert not tagging.sep_token_extra("bert")
+    assert sep_token_extra("xlm-roberta") and sep_token_extra("roberta")
+    assert not sep_token_extra("bert")
 
 
 def test_pieces_are_scored_as_sequences_unless_sentences_are_asked_for():

@@ -8,14 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hyperofa_dist.hypernet import loop
+from hyperofa_dist.method.hypernet import loop
 from hyperofa_dist.formats.mapping import Postings
-from hyperofa_dist.hypernet.data import (
+from hyperofa_dist.method.hypernet.data import (
     PAD, AugmentSpec, ContextRule, TokenSet, WordTable, augment, collate, context_words, eval_rounds, rank_batches,
 )
-from hyperofa_dist.hypernet.loss import hypernet_loss
-from hyperofa_dist.hypernet.models import BiLSTMHypernet, SetFormerHypernet, build_model, trainable_parameters
-from hyperofa_dist.hypernet.predict import predict_rows, split_metrics, tokens_to_predict
+from hyperofa_dist.method.hypernet.loss import hypernet_loss
+from hyperofa_dist.method.hypernet.models import BiLSTMHypernet, SetFormerHypernet, build_model, trainable_parameters
+from hyperofa_dist.method.hypernet.predict import predict_rows, split_metrics, tokens_to_predict
 
 
 
@@ -173,7 +173,7 @@ def test_shuffle_words_reads_every_training_list_in_a_fresh_seeded_order():
 
 
 def test_shuffle_words_and_select_every_reach_the_training_job(tmp_path, hypernet_kit):
-    from hyperofa_dist.hypernet.train import augment_spec
+    from hyperofa_dist.method.hypernet.settings import augment_spec
 
     m = hypernet_kit.mapping(tmp_path)
     assert augment_spec(hypernet_kit.config(m).hypernet).shuffle is False
@@ -264,7 +264,7 @@ def test_prediction_skips_copied_and_uncovered_tokens_and_keeps_token_order():
 
 def _train_plainly(cfg, epochs, scramble_targets=False):
     from hyperofa_dist.formats.mapping import load_mapping
-    from hyperofa_dist.hypernet.train import augment_spec, loss_spec, training_split
+    from hyperofa_dist.method.hypernet.settings import augment_spec, loss_spec, training_split
 
     hp = cfg.hypernet
     mapping = load_mapping(cfg.run_dir)

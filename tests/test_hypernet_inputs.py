@@ -14,7 +14,7 @@ from hyperofa_dist.errors import HyperofaError
 from hyperofa_dist.formats.files import save_npz
 from hyperofa_dist.formats.mapping import SPLIT, load_mapping
 from hyperofa_dist.hypernet.stage import run as run_hypernet_stage
-from hyperofa_dist.hypernet.train import training_split
+from hyperofa_dist.method.hypernet.settings import training_split
 from hyperofa_dist.runtime import dsconfig
 from hyperofa_dist.runtime.device import resolve_precision
 from hyperofa_dist.tracking import NullTracker

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from hyperofa_dist.errors import HyperofaError
-from hyperofa_dist.init import assemble as asm
-from hyperofa_dist.init.random import RANDOM_BLOCK, column_stats, random_rows
+from hyperofa_dist.method import assemble as asm
+from hyperofa_dist.method.random import RANDOM_BLOCK, column_stats, random_rows
 
 
 @pytest.fixture

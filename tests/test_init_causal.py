@@ -13,7 +13,7 @@ from hyperofa_dist import synthetic
 from hyperofa_dist.cli import main as cli_main
 from hyperofa_dist.formats import init as init_format
 from hyperofa_dist.formats.mapping import load_mapping
-from hyperofa_dist.init import assemble as asm
+from hyperofa_dist.method import assemble as asm
 
 
 def run_init(w, method, *extra):
@@ -66,7 +66,7 @@ def stage_rows(run_dir, method):
 
 def test_untied_methods_give_both_matrices_from_one_coordinate_row_and_copies_stay_exact(init_worlds, tmp_path,
                                                                                        one_thread):
-    from hyperofa_dist.hypernet.predict import tokens_to_predict
+    from hyperofa_dist.method.hypernet.predict import tokens_to_predict
 
     base = init_worlds.causal("llama", "llama3", k=16)
     w = init_worlds.fresh_run(base, tmp_path / "run")
@@ -214,7 +214,7 @@ def test_a_causal_lm_given_to_a_masked_lm_only_evaluation_is_one_line(task, need
 
 def test_factorised_training_is_refused_for_a_causal_lm_and_auto_means_full(init_worlds, tmp_path, one_thread):
     from hyperofa_dist.errors import HyperofaError
-    from hyperofa_dist.init.factorised import plan_factorised
+    from hyperofa_dist.models.factorised import plan_factorised
 
     w = init_worlds.fresh_run(init_worlds.causal("llama", "llama3", k=16), tmp_path / "run")
     assert run_init(w, "random") == 0
@@ -264,7 +264,7 @@ def test_model_kind_reads_the_head_from_architectures_and_else_the_model_type():
 
 def test_next_token_loss_skips_a_language_without_new_tokens_and_refuses_foreign_ids(init_worlds):
     from hyperofa_dist.errors import HyperofaError
-    from hyperofa_dist.init.nexttoken import next_token_loss_per_language
+    from hyperofa_dist.models.nexttoken import next_token_loss_per_language
 
     model = AutoModelForCausalLM.from_pretrained(str(init_worlds.causal("llama", "llama3").source_model)).eval()
     rows = model.get_input_embeddings().num_embeddings

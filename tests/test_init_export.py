@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 from hyperofa_dist.errors import HyperofaError
-from hyperofa_dist.init.export import merge_copy_pairs, special_token_pairs
+from hyperofa_dist.models.export import merge_copy_pairs, special_token_pairs
 
 
 def stock(model_dir):
@@ -97,7 +97,7 @@ def test_merge_copy_pairs_special_roles_win():
 
 def test_head_weights_are_only_those_missing_under_every_tied_name(init_worlds):
     from hyperofa_dist.formats.models import load_model
-    from hyperofa_dist.init.head import head_weights
+    from hyperofa_dist.models.head import head_weights
 
     model = load_model(init_worlds.get("xlmr").source_model)
     # lm_head.decoder.bias is lm_head.bias: reported missing under one name only, it was loaded under the other.

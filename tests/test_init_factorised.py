@@ -4,7 +4,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForMaskedLM
 
-from hyperofa_dist.init.factorised import factorise, is_factorised, load_factorised, save_full_rank
+from hyperofa_dist.models.factorised import factorise, is_factorised, load_factorised, save_full_rank
 
 
 def test_factorised_model_matches_full_rank_trains_and_exports(tmp_path, init_worlds):

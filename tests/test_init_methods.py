@@ -7,14 +7,13 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from hyperofa_dist import synthetic
 from hyperofa_dist.cli import main as cli_main
 from hyperofa_dist.formats import init as init_format
 from hyperofa_dist.formats.mapping import load_mapping
 from hyperofa_dist.formats.rundir import Stage
-from hyperofa_dist.init import assemble as asm
+from hyperofa_dist.method import assemble as asm
 from hyperofa_dist.init.mean import wordpiece_split
 from hyperofa_dist.init.rows import row_metrics, row_statistics
 
@@ -53,30 +52,6 @@ def test_wordpiece_split_of_a_word_is_the_source_models_own(source_tokenizers, s
     assert checked > 100
 
 
-def hyperofa_predictions(run_dir, seed: int = 0) -> int:
-    """The hypernet stage's predictions for `run_dir`'s mapping, made by its own inference code with a seeded,
-    untrained BiLSTM (training is the hypernet stage's business and is tested there)."""
-    from hyperofa_dist.formats import hypernet as fmt
-    from hyperofa_dist.hypernet.data import WordTable
-    from hyperofa_dist.hypernet.models import build_model
-    from hyperofa_dist.hypernet.predict import predict_all
-
-    mapping = load_mapping(run_dir)
-    torch.manual_seed(seed)
-    model = build_model("bilstm", word_dim=mapping.word_dim, k=mapping.k, num_layers=1, hidden_size=16,
-                        num_heads=1, dropout=0.0)
-    stage = fmt.stage_of(run_dir)
-    stage.begin("test")
-    metrics = predict_all(
-        model, WordTable(mapping.word_vectors_path), source=mapping.source_postings, target=mapping.target_postings,
-        coordinates=np.asarray(mapping.source_coordinates), copied=mapping.overlap_target,
-        test_ids=mapping.split["test"], out_dir=stage.path, batch_size=64, cap=32, device=torch.device("cpu"),
-    )
-    stage.write_manifest(config={}, inputs={"test": seed},
-                         outputs=[fmt.PREDICTED_IDS, fmt.PREDICTED_ROWS, fmt.TEST_IDS, fmt.TEST_ROWS])
-    return metrics["predicted_count"]
-
-
 def test_all_four_methods_run_on_a_bert_source(init_worlds, prepare_format, small_corpus, tmp_path, one_thread):
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
@@ -87,7 +62,7 @@ def test_all_four_methods_run_on_a_bert_source(init_worlds, prepare_format, smal
     lines = {lang: synthetic.read_lines(small_corpus / f"{lang}.txt", 80) for lang in langs}
     blocks = {lang: {"heldout": prepare_format.framed_blocks(tok, lines[lang], 32)[:4]} for lang in langs}
     prepare_format.write(w.run_dir / "prepare", blocks, w.target_tokenizer, 32)
-    assert hyperofa_predictions(w.run_dir) > 50
+    assert init_worlds.hyperofa_predictions(w.run_dir) > 50
     code = {"ofa": asm.OFA, "hyperofa": asm.HYPEROFA, "mean": asm.MEAN, "random": asm.RANDOM}
     mapping = load_mapping(w.run_dir)
     for method in METHODS:
@@ -183,7 +158,7 @@ def test_recentre_moves_the_predicted_rows_mean_onto_the_copied_rows_mean():
 
 
 def test_init_recentre_shifts_only_the_predicted_rows(init_worlds, tmp_path, one_thread):
-    from hyperofa_dist.hypernet.predict import tokens_to_predict
+    from hyperofa_dist.method.hypernet.predict import tokens_to_predict
 
     w = init_worlds.fresh_run(init_worlds.get("xlmr", k=8), tmp_path / "run")
     mapping = load_mapping(w.run_dir)

@@ -7,7 +7,7 @@ import pytest
 
 from hyperofa_dist.formats.rundir import Stage
 from hyperofa_dist.cli import main
-from hyperofa_dist.init import assemble as asm
+from hyperofa_dist.method import assemble as asm
 from hyperofa_dist.bench.init import BenchScale, run_bench
 
 
@@ -137,7 +137,7 @@ def test_new_token_loss_counts_only_masked_new_tokens_of_held_out_text(xlmr, pre
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
     from hyperofa_dist import synthetic
-    from hyperofa_dist.pretrain.mlm import mask_tokens
+    from hyperofa_dist.models.mlm import mask_tokens
     from hyperofa_dist.runtime.seeds import HELDOUT, mix_seed
 
     tok = AutoTokenizer.from_pretrained(str(xlmr.target_tokenizer))

@@ -14,7 +14,7 @@ from hyperofa_dist.errors import HyperofaError
 from hyperofa_dist.formats.shards import load_shardset
 from hyperofa_dist.formats.tokenizer import load_tokenizer
 from hyperofa_dist.pretrain import data as D
-from hyperofa_dist.pretrain.causal import (
+from hyperofa_dist.models.causal import (
     IGNORE,
     Frame,
     HeadTransform,

@@ -17,7 +17,7 @@ from hyperofa_dist.errors import HyperofaError
 from hyperofa_dist.formats.jobdir import write_checkpoint_hashes
 from hyperofa_dist.formats.shards import load_shardset
 from hyperofa_dist.pretrain import data as D
-from hyperofa_dist.pretrain.mlm import IGNORE, masked_lm_loss
+from hyperofa_dist.models.mlm import IGNORE, masked_lm_loss
 from hyperofa_dist.pretrain.optim import (
     EMBEDDING,
     EmbeddingWarmup,

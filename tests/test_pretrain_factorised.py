@@ -12,14 +12,14 @@ from hyperofa_dist.config import load_config
 from hyperofa_dist.errors import HyperofaError
 from hyperofa_dist.formats import init as init_format
 from hyperofa_dist.formats.models import load_model
-from hyperofa_dist.init.factorised import (
+from hyperofa_dist.models.factorised import (
     factorise,
     full_rank_state,
     load_factorised,
     parameter_counts,
     to_full_rank,
 )
-from hyperofa_dist.pretrain.mlm import IGNORE, mask_tokens, masked_lm_loss, sparse_embedding_grad
+from hyperofa_dist.models.mlm import IGNORE, mask_tokens, masked_lm_loss, sparse_embedding_grad
 from hyperofa_dist.pretrain.optim import DECAY, EMBEDDING, EmbeddingWarmup, param_groups
 from hyperofa_dist.pretrain.perf import body_params, flops_per_token, model_flops_per_token
 from hyperofa_dist.pretrain.stage import embeddings_plan

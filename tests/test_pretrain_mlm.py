@@ -3,7 +3,7 @@ import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 from hyperofa_dist import synthetic
-from hyperofa_dist.pretrain.mlm import IGNORE, full_lm_loss, mask_tokens, masked_lm_loss, sparse_embedding_grad
+from hyperofa_dist.models.mlm import IGNORE, full_lm_loss, mask_tokens, masked_lm_loss, sparse_embedding_grad
 
 
 def test_masking_rates_and_special_tokens_never_masked():

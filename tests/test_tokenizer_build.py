@@ -13,6 +13,7 @@ from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 
 from hyperofa_dist import synthetic
+from hyperofa_dist import fertility
 from hyperofa_dist.tokenizer import learn
 from hyperofa_dist.cli import main as cli_main
 from hyperofa_dist.formats.rundir import HASHES_SUFFIX
@@ -109,11 +110,11 @@ def test_bpe_target_never_splits_a_word_into_more_pieces_than_the_source(backend
     # New merges rank after all source merges: the target segmentation coarsens the source one, word by word.
     source, target = backends["roberta"], extended["roberta"].tokenizer
     for lang, lines in sample.items():
-        s = learn.pieces_per_word(source, lines, None)
-        t = learn.pieces_per_word(target, lines, None)
+        s = fertility.pieces_per_word(source, lines, None)
+        t = fertility.pieces_per_word(target, lines, None)
         assert len(s) == len(t) > 0
         assert (t <= s).all(), lang
-    assert learn.fertility(source, target, sample[SOURCE_LANG]).share_fewer_source == 0.0
+    assert fertility.fertility(source, target, sample[SOURCE_LANG]).share_fewer_source == 0.0
 
 
 def test_wordpiece_appends_new_characters_first_then_learned_pieces(backends, extended):
@@ -131,7 +132,7 @@ def test_wordpiece_appends_new_characters_first_then_learned_pieces(backends, ex
 def test_extend_lowers_fertility_on_new_languages_and_keeps_source_language_text(family, backends, extended, sample):
     source, target = backends[family], extended[family].tokenizer
     for lang, lines in sample.items():
-        report = learn.fertility(source, target, lines)
+        report = fertility.fertility(source, target, lines)
         if lang == SOURCE_LANG:
             # What holds on the source language: the same text comes back, at no worse fertility.
             assert report.fertility_target <= report.fertility_source
@@ -163,8 +164,8 @@ def test_unknown_text_counts_one_piece_per_character_it_replaced(backends):
     bert = backends["bert"]  # trained on Latin script only: a Cyrillic word is one [UNK]
     unk = bert.token_to_id("[UNK]")
     assert bert.encode("жжжж", add_special_tokens=False).ids == [unk]
-    assert learn.pieces_per_word(bert, ["жжжж"], unk).tolist() == [4]
-    assert learn.pieces_per_word(bert, ["жжжж"], None).tolist() == [1]
+    assert fertility.pieces_per_word(bert, ["жжжж"], unk).tolist() == [4]
+    assert fertility.pieces_per_word(bert, ["жжжж"], None).tolist() == [1]
 
 
 # --- train --------------------------------------------------------------------------------------------------

@@ -89,10 +89,10 @@ def test_a_trial_reports_every_epoch_and_scores_its_model_as_init_does(tune_worl
     init stage, handed the same hypernetwork's predictions, reports the same loss."""
     import torch
 
-    from hyperofa_dist.hypernet.data import TokenSet
-    from hyperofa_dist.hypernet.models import build_model
-    from hyperofa_dist.hypernet.predict import predict_rows
-    from hyperofa_dist.hypernet.train import context_rule
+    from hyperofa_dist.method.hypernet.data import TokenSet
+    from hyperofa_dist.method.hypernet.models import build_model
+    from hyperofa_dist.method.hypernet.predict import predict_rows
+    from hyperofa_dist.method.hypernet.settings import context_rule
     from hyperofa_dist.tune import trial as tr
 
     config = load_config(None, tune_world.overrides(*TINY, "hypernet.epochs=2", "hypernet.lr=0.003",

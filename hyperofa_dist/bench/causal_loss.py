@@ -4,7 +4,7 @@ The loss of `tokens` hidden states [T, H] under an output projection [V, H] (Lla
 H = 256 by default: `pretrain.bench.loss_*`), forward and backward, two ways, each in a fresh process so each
 peak is its own:
   baseline  F.cross_entropy over the full [T, V] logits (what the stock HF head computes);
-  ours      pretrain/causal.py's ChunkedLinearCE, `pretrain.loss_chunk` tokens at a time (recomputing backward).
+  ours      models/causal.py's ChunkedLinearCE, `pretrain.loss_chunk` tokens at a time (recomputing backward).
 Peak memory is the growth of the process's peak above what the inputs, weights and their gradients' setup took:
 peak RSS on a CPU, CUDA's peak allocation on a GPU (bf16 weights there, fp32 on a CPU, as the job trains). Both
 losses and the time of each are in the line; the losses must agree. Prints one JSON line.
@@ -26,7 +26,7 @@ def measure_one(config: Config, chunk: int) -> dict[str, Any]:
     """One forward and backward of the loss in this (fresh) process: peak memory above setup, seconds, loss."""
     import torch
 
-    from ..pretrain.causal import IGNORE, linear_cross_entropy
+    from ..models.causal import IGNORE, linear_cross_entropy
     from ..runtime.device import resolve_precision
 
     bench = config.pretrain.bench

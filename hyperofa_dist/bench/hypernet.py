@@ -23,11 +23,12 @@ from ..errors import HyperofaError
 from ..formats.files import atomic_write_json
 from ..formats.jobdir import write_job
 from ..formats.mapping import load_mapping
-from ..hypernet import loop
-from ..hypernet.data import TokenSet, WordTable, rank_batches
-from ..hypernet.models import build_model
 from ..hypernet.stage import build_ds_config, job_spec
-from ..hypernet.train import HypernetJob, augment_spec, loss_spec, training_split
+from ..hypernet.train import HypernetJob
+from ..method.hypernet import loop
+from ..method.hypernet.data import TokenSet, WordTable, rank_batches
+from ..method.hypernet.models import build_model
+from ..method.hypernet.settings import augment_spec, loss_spec, training_split
 from ..runtime.job import job_main
 from ..runtime.launch import LaunchTarget, launch_command, run_launcher
 from ..synthetic.mapping import make_mapping

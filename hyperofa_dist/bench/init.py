@@ -84,9 +84,9 @@ def generate_inputs(root: Path, scale: BenchScale, seed: int = 0) -> None:
 
 def _measured(root: str, settings: dict[str, Any], seed: int, queue: Any) -> None:
     """The measured run, in a fresh process so peak RSS is the assembly's own."""
-    from ..init.assemble import assemble_coordinates, provenance_counts
+    from ..method.assemble import assemble_coordinates, provenance_counts
     from ..init.ofa import ofa_for_tokens
-    from ..init.random import column_stats
+    from ..method.random import column_stats
 
     start = time.perf_counter()
     mapping = load_mapping(root)

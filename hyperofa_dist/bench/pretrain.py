@@ -32,7 +32,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from ..config import Config
-from ..pretrain.mlm import mask_tokens
+from ..models.mlm import mask_tokens
 from ..pretrain.optim import param_groups
 from ..pretrain.perf import model_flops_per_token, peak_flops
 from ..runtime.device import resolve_precision
@@ -184,7 +184,7 @@ def measure_one(config: Config, embeddings: str) -> dict[str, Any]:
     """Our engine on full-rank or factorised embeddings, in this (fresh) process: tokens/s, peak memory, sizes."""
     import numpy as np
 
-    from ..init.factorised import factorise, parameter_counts, zero3_external_parameters
+    from ..models.factorised import factorise, parameter_counts, zero3_external_parameters
 
     bench, run = config.pretrain.bench, setup(config)
     model = build_model(bench)

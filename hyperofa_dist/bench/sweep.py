@@ -152,8 +152,8 @@ def measure(shape: Shape, lever: Lever, base_config: Any, device: torch.device, 
     """One configuration on our engine; returns its JSON record."""
     import deepspeed
 
-    from ..init.factorised import parameter_counts
-    from ..pretrain.mlm import mask_tokens
+    from ..models.factorised import parameter_counts
+    from ..models.mlm import mask_tokens
     from ..pretrain.optim import param_groups
     from ..pretrain.perf import model_flops_per_token, peak_flops
     from ..pretrain.stage import build_ds_config

@@ -44,7 +44,7 @@ PROFILE = ("hypernet.max_context=32", "hypernet.epochs=20")
 
 
 def _mean_cosine(pred: np.ndarray, true: np.ndarray) -> float:
-    from ..init.assemble import mean_cosine
+    from ..method.assemble import mean_cosine
 
     return round(mean_cosine(pred, true), 4)
 
@@ -54,10 +54,10 @@ def train_hypernet(mapping: Any, hp: Any, split: dict[str, np.ndarray], targets:
     with the lowest validation loss kept; its predictions for the test split."""
     import torch
 
-    from ..hypernet import loop
-    from ..hypernet.data import TokenSet, WordTable, rank_batches
-    from ..hypernet.predict import predict_rows
-    from ..hypernet.train import augment_spec, loss_spec
+    from ..method.hypernet import loop
+    from ..method.hypernet.data import TokenSet, WordTable, rank_batches
+    from ..method.hypernet.predict import predict_rows
+    from ..method.hypernet.settings import augment_spec, loss_spec
     from .hypernet import plain_training
 
     k = targets.shape[1]

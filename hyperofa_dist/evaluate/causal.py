@@ -14,7 +14,7 @@ anywhere (data_prep/prepare/packing.py). So the evaluation rebuilds text, not co
    encode back to the same ids (a lossy tokenizer: its bytes are those of the decoded text).
 3. The model's own tokenizer encodes each text; the model reads `[start] ids` (start: bos, else eos) and every
    text token is scored once (the start token is not predicted, no end token is), with the chunked output
-   projection (pretrain/causal.py). bpb = sum of losses / (ln 2 x sum of UTF-8 bytes).
+   projection (models/causal.py). bpb = sum of losses / (ln 2 x sum of UTF-8 bytes).
 
 Why not count bytes in prepare: its shards are ids in blocks, and a per-block byte count is not defined where a
 block boundary cuts a character's byte tokens; decoding a block alone is wrong for the same reason (a partial
@@ -24,7 +24,7 @@ problem, and the same first N held-out lines of a language are the same text wha
 model reads.
 
 Fertility: the same texts under the source tokenizer and the model's (the target): pieces per word, who splits a
-word less, unknown-token rates (tokenizer/learn.py), and tokens per byte.
+word less, unknown-token rates (fertility.py), and tokens per byte.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import numpy as np
 
 from ..errors import HyperofaError
 from ..formats.shards import read_shard
-from ..pretrain.causal import Frame
+from ..models.causal import Frame
 
 CHUNK_OF = re.compile(r"-(?P<chunk>\d{5})-\d{6}\.tar$")  # formats.shards.shard_name: <lang>-<chunk>-<index>.tar
 
@@ -116,7 +116,7 @@ def bits_per_byte(
     texts, each read alone as `[start] text`. A text longer than the model's positions is left out and counted."""
     import torch
 
-    from ..pretrain.causal import IGNORE, body_of, labelled_nll
+    from ..models.causal import IGNORE, body_of, labelled_nll
 
     start = start_token(tokenizer, where)
     limit = int(getattr(model.config, "max_position_embeddings", 0) or 10**9)
@@ -156,7 +156,7 @@ def bits_per_byte(
 def fertility(source: Any, target: Any, texts: list[str]) -> dict[str, float]:
     """Pieces per word of the source and the target tokenizer (HF fast tokenizers) on the same texts, who splits
     a word less, unknown-token rates, and tokens per UTF-8 byte of each."""
-    from ..tokenizer.learn import fertility as word_fertility
+    from ..fertility import fertility as word_fertility
 
     report = word_fertility(source.backend_tokenizer, target.backend_tokenizer, texts)
     n_bytes = sum(len(text.encode("utf-8")) for text in texts)

@@ -32,13 +32,14 @@ from ..formats import results as out_format
 from ..formats.files import output_file, sha256_file
 from ..formats import init as init_format
 from ..formats import pretrain as pretrain_format
-from ..formats.models import check_model, load_model, model_fingerprint
+from ..formats.models import check_model, load_model, model_fingerprint, read_model_config
 from ..formats.shards import check_shards, first_blocks, heldout_shards, prepare_dir, shards_by_language
 from ..formats.tokenizer import ignored_settings, load_tokenizer
+from ..models import base_model_kwargs
 from ..runtime.device import resolve_device
 from ..runtime.stage import StageShell, inputs_digest
 from ..tracking import METHOD_TAG, STEP_TAG
-from . import mlm, retrieval, tagging
+from . import retrieval, tagging
 from .languages import resolve
 from .model import check_model_vocabulary, hidden_state_index, resolve_model_dir
 
@@ -205,7 +206,7 @@ def _heldout_languages(config: Config, task: str) -> tuple[dict[str, str], dict[
 def heldout_texts(config: Config, model_dir: Path) -> tuple[dict[str, list[str]], dict[str, str], dict[str, float]]:
     """({requested code: the first evaluate.heldout_sentences held-out lines as text}, {skipped code: why},
     {language-prefixed counts of lossy lines}) for bpb and fertility (evaluate/causal.py)."""
-    from ..pretrain.causal import recorded_frame
+    from ..models.causal import recorded_frame
     from .causal import decode_lines, heldout_lines
 
     _, tokenizer_dir = heldout_tokenizer_dir(config, model_dir)
@@ -242,8 +243,7 @@ def evaluate_model(
         started = time.perf_counter()
         if task in ("srt", "srb"):
             if encoder is None:
-                # A decoder's base model has no pooling layer to leave out.
-                kwargs = {} if causal else {"add_pooling_layer": False}
+                kwargs = base_model_kwargs(read_model_config(model_dir))
                 encoder = load_model(model_dir, "AutoModel", **kwargs).to(device)
                 check_model_vocabulary(tokenizer, encoder, model_dir)
             layer = hidden_state_index(ev.layer, encoder.config.num_hidden_layers, model_dir)
@@ -283,7 +283,7 @@ def evaluate_model(
                 source = source_tokenizer(config)
                 per_language = {lang: causal_eval.fertility(source, tokenizer, lines) for lang, lines in texts.items()}
         elif task in ("pos", "ner"):
-            from ..init.factorised import plan_factorised
+            from ..models.factorised import plan_factorised
 
             t = ev.tagging
             settings = tagging.TaggingSettings(
@@ -330,7 +330,9 @@ def evaluate_model(
                 raise HyperofaError(f"{_heldout_dir(config)}: no held-out blocks for the requested languages")
             # Masks are seeded by the shards' own code, as in the pretraining job's evaluations; results and
             # skips are reported under the requested code.
-            by_code, unscored = mlm.mlm_loss_per_language(
+            from ..models.mlm import mlm_loss_per_language
+
+            by_code, unscored = mlm_loss_per_language(
                 model,
                 tokenizer,
                 blocks,

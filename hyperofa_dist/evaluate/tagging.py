@@ -29,6 +29,7 @@ import numpy as np
 from ..errors import HyperofaError
 from ..formats.models import load_model
 from ..formats.text import split_lines
+from ..models import sep_token_extra
 from .languages import resolve
 
 IGNORE = -100
@@ -139,14 +140,6 @@ def word_ids(tokenizer: Any, words: Sequence[str]) -> dict[str, list[int]]:
         return {}
     encoded = tokenizer(unique, add_special_tokens=False)["input_ids"]
     return dict(zip(unique, encoded))
-
-
-# Model types whose tagging input ends in two separators (the reference's `sep_token_extra`).
-SEP_EXTRA_TYPES = ("roberta", "xlm-roberta")
-
-
-def sep_token_extra(model_type: Optional[str]) -> bool:
-    return model_type in SEP_EXTRA_TYPES
 
 
 def to_pieces(sentences: list[Sentence], tokenizer: Any, max_length: int,
@@ -345,7 +338,7 @@ def evaluate_tagging(
     )
     if settings.factors_dir is not None:
         from ..formats.init import load_factors
-        from ..init.factorised import factorise
+        from ..models.factorised import factorise
 
         factorise(model, *load_factors(settings.factors_dir))
     model.to(device)

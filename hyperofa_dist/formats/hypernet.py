@@ -1,7 +1,7 @@
 """The hypernet stage's output, `<run.dir>/hypernet/`: the trained hypernetwork and its predictions.
 
     model.pt                     best weights by validation loss (a state dict; the word table is not in it)
-    model_config.json            architecture and sizes to rebuild the model (`hypernet.models.model_from_spec`)
+    model_config.json            architecture and sizes to rebuild the model (`method.hypernet.models.model_from_spec`)
     metrics.jsonl                one line per epoch: train and validation losses, lr
     train_state.json             how the job ended: finished, last and best epoch, early stop
     predicted_ids.npy            target token ids that got a prediction (int64, ascending)

@@ -2,7 +2,7 @@
 
     F_t.npy                  target coordinates, float32 [V_t, k]
     P.npy                    the primitives P [k, D] (the source's, reused): E_t = F_t P
-    provenance.npy           uint8 [V_t]: 0 copy, 1 hyperofa, 2 ofa, 3 random, 4 mean (`init.assemble.PROVENANCE_NAMES`)
+    provenance.npy           uint8 [V_t]: 0 copy, 1 hyperofa, 2 ofa, 3 random, 4 mean (`method.assemble.PROVENANCE_NAMES`)
     provenance_counts.json   those counts overall, per word language and per script
     quality.json             `heldout_cosine` (each method's coordinate cosine on the hypernetwork's test split),
                              `test_tokens`, `new_token_mlm` or `new_token_causal` (step-0 loss per language and

@@ -103,7 +103,7 @@ def load_model_reporting_missing(
     name: str | Path, auto_class: str = "AutoModelForMaskedLM", key: str = "", **kwargs: Any
 ) -> tuple[Any, list[str]]:
     """`load_model`, plus the sorted names of the weights the checkpoint lacked: transformers fills those with
-    its own unseeded random init, which a caller that needs them must replace (`init.head`)."""
+    its own unseeded random init, which a caller that needs them must replace (`models.head`)."""
     return _from_pretrained(name, auto_class, key, output_loading_info=True, **kwargs)
 
 
@@ -285,12 +285,12 @@ def read_model_config(path: Path) -> dict[str, Any]:
     return read_json(path / CONFIG, "model config")
 
 
-def read_word_embeddings(path: Path, rows: Any) -> Any:
-    """Rows of a model directory's input word-embedding matrix as float64, read without loading the model (only
-    those rows from a safetensors file; a pickled `pytorch_model.bin` is memory-mapped)."""
+def read_word_embeddings(path: Path, rows: Any, suffix: str) -> Any:
+    """Rows of a model directory's input word-embedding matrix (the one tensor whose name ends in `suffix`, as its
+    model family names it) as float64, read without loading the model (only those rows from a safetensors file; a
+    pickled `pytorch_model.bin` is memory-mapped)."""
     import numpy as np
 
-    suffix = "word_embeddings.weight"
     safetensors = path / "model.safetensors"
     index = path / "model.safetensors.index.json"
     if index.is_file():  # sharded: the index names the file holding the tensor

@@ -20,13 +20,13 @@ from ..formats.jobdir import (
 )
 from ..formats.mapping import SPLIT, load_mapping
 from ..formats.vectors import configured_vectors_path
+from ..method.hypernet.models import model_spec
+from ..method.hypernet.settings import check_batches, training_split
 from ..runtime.device import job_device_type, resolve_precision
 from ..runtime.dsconfig import fill_ds_config, load_template, validate_ds_config
 from ..runtime.job import change_tags, check_resume, fresh_provenance, resume_fingerprint
 from ..runtime.launch import LaunchTarget, launch_command, planned_world_size, run_launcher
 from ..runtime.stage import StageShell
-from .models import model_spec
-from .train import check_batches, training_split
 
 TARGET = LaunchTarget("hyperofa_dist.hypernet.train", "hypernet")
 

@@ -29,27 +29,15 @@ import torch
 from ..errors import HyperofaError
 from ..formats import hypernet as out_format
 from ..formats.jobdir import DS_CONFIG, latest_tag, read_rng, write_failure, write_rng
-from ..formats.mapping import SPLIT, Mapping, load_mapping
+from ..formats.mapping import load_mapping
+from ..method.hypernet import loop
+from ..method.hypernet.data import TokenSet, WordTable, rank_batches
+from ..method.hypernet.models import build_model, model_spec, trainable_parameters
+from ..method.hypernet.settings import augment_spec, check_batches, context_rule, loss_spec, training_split
 from ..runtime.job import NAN_EXIT, JobContext, job_main, weights_only_loads
 from ..runtime.seeds import mix_seed
-from . import loop
-from .data import AugmentSpec, ContextRule, TokenSet, WordTable, rank_batches
-from .models import build_model, model_spec, trainable_parameters
 
 COMMAND = "hypernet"
-
-
-def augment_spec(hp: Any) -> AugmentSpec:
-    return AugmentSpec(prob=hp.augment_prob, threshold=hp.augment_threshold, min_fraction=hp.augment_min_fraction,
-                       shuffle=hp.shuffle_words)
-
-
-def context_rule(hp: Any, seed: int, side: str) -> ContextRule:
-    return ContextRule(hp.context, seed, side)
-
-
-def loss_spec(hp: Any) -> loop.LossSpec:
-    return loop.LossSpec(lam=hp.loss_lambda, temperature=hp.temperature)
 
 
 RNG_ARRAYS = ("torch", "numpy_keys", "numpy_rest", "python", "cuda")
@@ -78,24 +66,6 @@ def set_rng_state(state: dict[str, np.ndarray]) -> None:
     random.setstate((int(python[0]), tuple(int(x) for x in python[1:-1]), None if np.isnan(python[-1]) else python[-1]))
     if len(state["cuda"]) and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([torch.from_numpy(np.ascontiguousarray(s)) for s in state["cuda"]])
-
-
-def training_split(mapping: Mapping) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-    """The split restricted to tokens that have postings, and how many each part lost."""
-    splits, without = {}, {}
-    for part, ids in mapping.split.items():
-        covered = mapping.source_postings.lengths(ids) > 0
-        splits[part], without[part] = ids[covered], int((~covered).sum())
-    return splits, without
-
-
-def check_batches(mapping: Mapping, train_ids: np.ndarray, batch_size: int, ranks: int, grad_accum: int) -> None:
-    need = batch_size * ranks * grad_accum
-    if len(train_ids) < need:
-        raise HyperofaError(
-            f"{mapping.where(SPLIT)}: {len(train_ids)} training tokens, fewer than "
-            f"hypernet.batch_size x ranks x grad_accum = {need}; lower hypernet.batch_size"
-        )
 
 
 class HypernetJob(JobContext):
@@ -278,8 +248,8 @@ class HypernetJob(JobContext):
                 f"saving, {kept}: lower hypernet.lr or check the mapping's word vectors")
 
     def predict(self, tracker: Any) -> dict[str, Any]:
-        from .models import model_from_spec
-        from .predict import predict_all
+        from ..method.hypernet.models import model_from_spec
+        from ..method.hypernet.predict import predict_all
 
         model = model_from_spec(self.spec).to(self.device)
         model.load_state_dict(

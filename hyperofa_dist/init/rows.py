@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .assemble import COPY, PROVENANCE_NAMES
+from ..method.assemble import COPY, PROVENANCE_NAMES
 
 COPY_GROUP, NEW_GROUP = "copy", "new"
 STATS = ("rows", "norm_mean", "norm_sd", "mean_norm", "mean_share", "cosine_to_copy_mean")

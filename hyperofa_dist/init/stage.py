@@ -9,7 +9,7 @@ so bad input leaves nothing behind.
 The source's kind (`formats.models.model_kind`) decides the export and the new-token loss: a masked LM gets the
 tied MLM export and the masked-LM loss at masked new-token positions; a causal LM gets its input embeddings (and an
 untied output projection, from the columns D.. of P) with copied rows exact, and the next-token loss at positions
-whose label is a new token (`nexttoken.py`).
+whose label is a new token (`models/nexttoken.py`).
 """
 
 from __future__ import annotations
@@ -40,20 +40,18 @@ from ..formats.modelcard import ModelCard, corpus_facts, write_model_card
 from ..formats.rundir import Stage
 from ..formats.shards import STAGE as PREPARE_STAGE
 from ..formats.tokenizer import ignored_settings, load_tokenizer, target_tokenizer_dir, tokenizer_fingerprint
+from ..method import assemble as asm
+from ..method.heldout import init_seed, new_token_loss
+from ..method.random import column_stats, random_rows
+from ..models.export import build_expanded_any, merge_copy_pairs, special_token_pairs
+from ..models.head import HeadReport, complete_head
 from ..runtime.device import resolve_device
 from ..runtime.stage import StageShell
 from ..tracking import METHOD_TAG, STAGE_TAG, STEP_TAG, registered_model_name
-from . import assemble as asm
-from .export import build_expanded_any, merge_copy_pairs, special_token_pairs
-from .head import HeadReport, complete_head
 from .mean import piece_means
 from .ofa import ofa_for_tokens
-from .random import column_stats, random_rows
 from .rows import describe as describe_rows
 from .rows import row_metrics, row_statistics
-
-def init_seed(config: Config) -> int:
-    return config.init.seed if config.init.seed is not None else config.run.seed
 
 
 def _ofa_settings(config: Config) -> dict[str, Any]:
@@ -103,47 +101,6 @@ def heldout_quality(
             raise HyperofaError(f"hypernet test predictions: source test token {missing[0]} has no prediction")
         out["hyperofa"] = asm.mean_cosine(rows[[where[int(t)] for t in test]], truth)
     return out
-
-
-def new_token_loss(
-    config: Config, model: Any, tokenizer: Any, target_fingerprint: dict[str, str], provenance: np.ndarray,
-    kind: str = "masked",
-) -> dict[str, Any]:
-    """Step-0 loss on held-out text at the positions where the init methods differ: for a masked LM the MLM loss at
-    masked positions whose label is a new (not copied) token, masked with the same HELDOUT stream as evaluate and
-    the pretraining job; for a causal LM the next-token loss at positions whose next token is new. Uses the prepare
-    stage's held-out shards when they were made with the target tokenizer; {} otherwise."""
-    from ..evaluate.mlm import mlm_loss_per_language
-    from ..formats.shards import first_blocks, heldout_shards, prepare_dir
-    from ..formats.tokenizer import TOKENIZER_JSON
-    from .nexttoken import next_token_loss_per_language
-
-    c = config.init
-    shards_dir = prepare_dir(config.run_dir)
-    manifest = Stage(shards_dir.parent, shards_dir.name).manifest() if c.heldout_blocks else None
-    made_with = ((manifest or {}).get("inputs") or {}).get("tokenizer", {}).get(TOKENIZER_JSON)
-    if manifest is None or made_with != target_fingerprint.get(TOKENIZER_JSON):
-        return {}
-    blocks = first_blocks(heldout_shards(shards_dir), c.heldout_blocks)
-    if not blocks:
-        return {}
-    scored = np.zeros(model.get_input_embeddings().num_embeddings, dtype=bool)
-    scored[: len(provenance)] = provenance != asm.COPY
-    device = resolve_device(c.device, "init.device")
-    if kind == CAUSAL:
-        per_language, _ = next_token_loss_per_language(
-            model.to(device), blocks, scored, batch_size=c.heldout_batch_size, device=device
-        )
-    else:
-        per_language, _ = mlm_loss_per_language(
-            model.to(device), tokenizer, blocks, seed=config.run.seed, probability=config.evaluate.mlm_probability,
-            batch_size=c.heldout_batch_size, device=device, scored_labels=scored,
-        )
-    model.to("cpu")
-    losses = {lang: round(v["loss"], 6) for lang, v in per_language.items()}
-    if losses:
-        losses["average"] = round(float(np.mean(list(losses.values()))), 6)
-    return {"loss": losses, "positions": {lang: v["positions"] for lang, v in per_language.items()}}
 
 
 def probe_texts(tokenizer: Any, first_new: int, n: int = 200, width: int = 6) -> list[str]:

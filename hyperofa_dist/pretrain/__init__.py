@@ -1,1 +1,2 @@
-"""Continued MLM pretraining: masking, the masked-positions LM head, the DeepSpeed loop, checkpoints, export."""
+"""Continued pretraining: data, optimizer groups, the DeepSpeed loop, checkpoints, export (the objectives are in
+`models/`)."""

@@ -9,7 +9,7 @@ number of micro-batches per epoch with `with_epoch`: every rank takes exactly th
 
 Determinism: a slot's stream is a function of (global seed, epoch start step, rank, worker) only, and the MLM mask
 of each micro-batch of (…, batch index). A causal LM gets the blocks unmasked (`mask=None`): its targets, positions
-and attention follow from the ids (pretrain/causal.py). The training loop starts a data epoch at step 0, at every checkpoint
+and attention follow from the ids (models/causal.py). The training loop starts a data epoch at step 0, at every checkpoint
 step and at the resume step, so a run resumed from a checkpoint reads exactly what the uninterrupted run read.
 
 Languages are mixed sample by sample with the configured weights (default: proportional to each language's
@@ -27,8 +27,8 @@ import torch
 
 from ..errors import HyperofaError
 from ..formats.shards import ShardSet, first_blocks, read_shard
+from ..models.mlm import mask_tokens
 from ..runtime.seeds import HELDOUT, mix_seed
-from .mlm import mask_tokens
 
 
 @dataclass(frozen=True)

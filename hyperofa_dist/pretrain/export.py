@@ -59,7 +59,7 @@ def export_hf(ckpt_dir: str | Path, tag: Optional[str], start_model: str | Path,
 
     from ..formats.init import save_factors
     from ..formats.models import CAUSAL, model_kind_of
-    from ..init.factorised import full_rank_state
+    from ..models.factorised import full_rank_state
 
     out_dir, start_model = Path(out_dir), Path(start_model)
     state, factors = full_rank_state(consolidated_state_dict(ckpt_dir, tag))

@@ -16,7 +16,7 @@ own embeddings are F_t P on a sample of rows, so factors left beside another mod
 The export then holds both forms: the stock full-rank `model/` (E = F_t P) and the trained F_t.npy and P.npy.
 
 Causal LMs (Llama, Mistral, Qwen, Gemma; the model's config decides, `formats.models.model_kind`) train with the
-next-token objective on the same shards (pretrain/causal.py): the job file carries `objective: causal` and the
+next-token objective on the same shards (models/causal.py): the job file carries `objective: causal` and the
 ids prepare framed the blocks with (from the prepare manifest, else the tokenizer), and the export is a stock
 causal-LM directory. Their embeddings train full-rank (the factorised form is the masked-LM method's).
 """
@@ -39,6 +39,7 @@ from ..formats.rundir import MANIFEST
 from ..formats.shards import ShardSet, check_shards, load_shardset
 from ..formats.shards import prepare_dir as default_prepare_dir
 from ..formats.tokenizer import TOKENIZER_JSON, tokenizer_fingerprint
+from ..models import position_offset
 from ..runtime.device import job_device_type, resolve_precision
 from ..runtime.dsconfig import fill_ds_config, load_template, validate_ds_config
 from ..runtime.job import change_tags, check_resume, fresh_provenance, resume_fingerprint
@@ -89,7 +90,7 @@ def block_frame(shardset: ShardSet, model_dir: Path) -> dict[str, Optional[int]]
     """The ids that frame the blocks (start, separator, padding): as the prepare manifest recorded them, else as
     prepare would take them from the model's tokenizer."""
     from ..formats.tokenizer import load_tokenizer
-    from .causal import recorded_frame
+    from ..models.causal import recorded_frame
 
     frame = recorded_frame(shardset.manifest.get("special_tokens"), load_tokenizer(model_dir), model_dir)
     return {"start": frame.start, "sep": frame.sep, "pad": frame.pad}
@@ -97,7 +98,7 @@ def block_frame(shardset: ShardSet, model_dir: Path) -> dict[str, Optional[int]]
 
 def embeddings_plan(config: Config, model_dir: Path, objective: str = "masked") -> tuple[str, Optional[Path]]:
     """("factorised", the directory holding F_t.npy and P.npy) or ("full", None)."""
-    from ..init.factorised import plan_factorised
+    from ..models.factorised import plan_factorised
 
     if objective == "causal":
         if config.pretrain.embeddings == "factorised":
@@ -235,9 +236,7 @@ def run(config: Config, tracker: Any) -> int:
     every_shard = [s for split in (shardset.train, shardset.heldout) for paths in split.values() for s in paths]
     check_shards(every_shard, prepare_dir, verify=config.run.verify_inputs, block_size=block_size)
     model_cfg = read_model_config(model_dir)
-    max_pos = int(model_cfg.get("max_position_embeddings", 10**9)) - (
-        2 if model_cfg.get("model_type") in ("xlm-roberta", "roberta") else 0
-    )
+    max_pos = int(model_cfg.get("max_position_embeddings", 10**9)) - position_offset(model_cfg)
     if block_size > max_pos:
         raise HyperofaError(f"{prepare_dir}: blocks of {block_size} tokens exceed the model's {max_pos} positions")
     if p.language_weights:

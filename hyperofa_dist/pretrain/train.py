@@ -7,7 +7,7 @@ config) and launches this module; it can also be launched by hand with the same 
 
 The loop, top to bottom: load the HF masked LM (swapping in F_t P when the stage planned factorised embeddings), wrap it so the engine's forward returns the masked-positions-only
 MLM loss (a causal LM, `objective: causal` in the job file: the next-token loss over documents with the chunked
-head, pretrain/causal.py), `deepspeed.initialize` with our AdamW groups, optionally resume, then per data epoch (checkpoint
+head, models/causal.py), `deepspeed.initialize` with our AdamW groups, optionally resume, then per data epoch (checkpoint
 interval) build a loader that yields exactly the epoch's micro-batches on every rank and train. Each micro-step's
 dropout seed and each batch's mask are functions of (seed, rank, step), so a resumed run repeats the
 uninterrupted one. A non-finite loss (checked on all ranks together, before backward) stops the job at once:
@@ -27,12 +27,12 @@ from ..errors import HyperofaError
 from ..formats import pretrain as out_format
 from ..formats.files import disk_full, free_bytes
 from ..formats.shards import ShardSet
+from ..models.causal import Frame, HeadTransform, block_layout, causal_lm_loss, head_transform, hf_labels, output_head
+from ..models.mlm import masked_lm_loss, sparse_embedding_grad
 from ..runtime.faults import Hooks, hooks_from_env
 from ..runtime.job import NAN_EXIT, JobContext, job_main, weights_only_loads
 from ..runtime.seeds import mix_seed
 from . import data as data_mod
-from .causal import Frame, HeadTransform, block_layout, causal_lm_loss, head_transform, hf_labels, output_head
-from .mlm import masked_lm_loss, sparse_embedding_grad
 from .optim import EmbeddingWarmup, apply_settings, group_settings, lr_at, param_groups
 from .perf import model_flops_per_token, mfu, peak_flops
 
@@ -62,7 +62,7 @@ class MaskedLMObjective(torch.nn.Module):
 
 class CausalLMObjective(torch.nn.Module):
     """Wraps an HF causal LM so `engine(input_ids)` is the next-token loss over the blocks' documents, with the
-    output projection applied chunk by chunk (pretrain/causal.py); returns (mean loss, labelled positions).
+    output projection applied chunk by chunk (models/causal.py); returns (mean loss, labelled positions).
 
     The head's weight is read here, outside the head module's own forward: under ZeRO-3 it is registered as this
     module's external parameter so DeepSpeed gathers it for the forward and again for the backward (the chunked
@@ -126,13 +126,13 @@ class PretrainJob(JobContext):
             from pathlib import Path
 
             from ..formats.init import load_factors
-            from ..init.factorised import factorise, zero3_external_parameters
+            from ..models.factorised import factorise, zero3_external_parameters
 
             factorise(model, *load_factors(Path(spec["factors_dir"])))
             if (spec["ds_config"].get("zero_optimization") or {}).get("stage") == 3:
                 zero3_external_parameters(model)
         if self.rank == 0:
-            from ..init.factorised import parameter_counts
+            from ..models.factorised import parameter_counts
 
             out_format.write_parameter_counts(self.out, parameter_counts(model))
         self.seq_len = int(spec["block_size"])

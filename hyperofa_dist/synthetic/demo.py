@@ -13,6 +13,7 @@ Llama-3, Llama-2 or Qwen2-style tokenizer, pretrained with the next-token loss.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,8 +103,7 @@ def build_world(run_dir: Path, spec: WorldSpec, tracker=None) -> WorldPaths:
     family = spec.tokenizer if causal else "xlmr"
     tok_dir = synthetic.train_source_tokenizer(family, source_texts, spec.source_vocab, stage.path / "source_tokenizer")
     started = time.perf_counter()
-    train = pretrain_causal_source_model if causal else pretrain_source_model
-    loss_first, loss_last = train(tok_dir, source_texts, paths.source_model, spec)
+    loss_first, loss_last = pretrain_source_model(tok_dir, source_texts, paths.source_model, spec)
     log.info("world: source model pretrained %d steps in %.1fs (%s loss %.3f -> %.3f)", spec.pretrain_steps,
              time.perf_counter() - started, "next-token" if causal else "MLM", loss_first, loss_last)
     outputs = [p.relative_to(stage.path) for p in sorted(stage.path.rglob("*")) if p.is_file() and p.name != MANIFEST]
@@ -118,24 +118,31 @@ def build_world(run_dir: Path, spec: WorldSpec, tracker=None) -> WorldPaths:
 
 
 def pretrain_source_model(tokenizer_dir: Path, texts: list[str], out_dir: Path, spec: WorldSpec) -> tuple[float, float]:
-    """A few hundred MLM steps on the source language, seeded, one thread: the same weights on every run."""
+    """A few hundred steps on the source language, seeded, one thread: the same weights on every run. The family is
+    XLM-R, or the `CausalWorldSpec`'s; its kind picks the objective: masked (MLM on the tokenized sentences) or
+    causal (next-token loss on sentences packed into blocks, each closed by EOS)."""
     import torch
-    from transformers import AutoModelForMaskedLM, AutoTokenizer
+    import transformers
 
-    from ..pretrain.mlm import mask_tokens, masked_lm_loss
+    from ..formats.models import AUTO_CLASS, CAUSAL
+    from ..models import family_named
+    from ..models.mlm import mask_tokens, masked_lm_loss
 
+    family = family_named(spec.family if isinstance(spec, CausalWorldSpec) else "xlmr")
+    causal = family.kind == CAUSAL
     init_dir = out_dir.parent / "source_model_init"
     synthetic.make_tiny_model(
-        "xlmr", tokenizer_dir, init_dir, hidden_size=spec.hidden_size, num_layers=spec.num_layers,
-        num_heads=2, seed=spec.seed, max_position=spec.block_size + 2,
+        family.name, tokenizer_dir, init_dir, hidden_size=spec.hidden_size, num_layers=spec.num_layers,
+        num_heads=2, seed=spec.seed, max_position=spec.block_size + family.position_offset,
     )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         torch.manual_seed(spec.seed)
-        tok = AutoTokenizer.from_pretrained(init_dir)
-        model = AutoModelForMaskedLM.from_pretrained(init_dir)
-        ids = np.concatenate([np.asarray(x, dtype=np.int64) for x in tok(texts)["input_ids"]])
+        tok = transformers.AutoTokenizer.from_pretrained(init_dir)
+        model = getattr(transformers, AUTO_CLASS[family.kind]).from_pretrained(init_dir)
+        closing = [tok.eos_token_id] if causal else []
+        ids = np.concatenate([np.asarray(x + closing, dtype=np.int64) for x in tok(texts)["input_ids"]])
         n_blocks = len(ids) // spec.block_size
         blocks = torch.from_numpy(ids[: n_blocks * spec.block_size].reshape(n_blocks, spec.block_size))
         special = torch.tensor(tok.all_special_ids)
@@ -143,61 +150,24 @@ def pretrain_source_model(tokenizer_dir: Path, texts: list[str], out_dir: Path, 
         optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
         model.train()
         losses = []
-        for step in range(spec.pretrain_steps):
-            rows = torch.randint(n_blocks, (32,), generator=gen)
-            inputs, labels = mask_tokens(blocks[rows], special, tok.mask_token_id, len(tok), gen)
-            loss, _ = masked_lm_loss(model, inputs, labels)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-        model.eval()
-        model.save_pretrained(out_dir)
-        tok.save_pretrained(out_dir)
-    finally:
-        torch.set_num_threads(threads)
-    return float(np.mean(losses[:10])), float(np.mean(losses[-10:]))
-
-
-def pretrain_causal_source_model(
-    tokenizer_dir: Path, texts: list[str], out_dir: Path, spec: CausalWorldSpec
-) -> tuple[float, float]:
-    """A few hundred next-token steps on the source language (sentences packed into blocks, each closed by EOS),
-    seeded, one thread: the same weights on every run."""
-    import shutil
-
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    init_dir = out_dir.parent / "source_model_init"
-    synthetic.make_tiny_model(
-        spec.family, tokenizer_dir, init_dir, hidden_size=spec.hidden_size, num_layers=spec.num_layers,
-        num_heads=2, seed=spec.seed, max_position=spec.block_size,
-    )
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        torch.manual_seed(spec.seed)
-        tok = AutoTokenizer.from_pretrained(init_dir)
-        model = AutoModelForCausalLM.from_pretrained(init_dir)
-        ids = np.concatenate([np.asarray(x + [tok.eos_token_id], dtype=np.int64) for x in tok(texts)["input_ids"]])
-        n_blocks = len(ids) // spec.block_size
-        blocks = torch.from_numpy(ids[: n_blocks * spec.block_size].reshape(n_blocks, spec.block_size))
-        gen = torch.Generator().manual_seed(spec.seed)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
-        model.train()
-        losses = []
         for _ in range(spec.pretrain_steps):
             batch = blocks[torch.randint(n_blocks, (32,), generator=gen)]
-            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+            if causal:
+                loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+            else:
+                inputs, labels = mask_tokens(batch, special, tok.mask_token_id, len(tok), gen)
+                loss, _ = masked_lm_loss(model, inputs, labels)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
         model.eval()
         model.save_pretrained(out_dir)
-        for name in ("tokenizer.json", "tokenizer_config.json"):  # as written (save_pretrained renames the class)
-            shutil.copyfile(init_dir / name, out_dir / name)
+        if causal:
+            for name in ("tokenizer.json", "tokenizer_config.json"):  # as written (save_pretrained renames the class)
+                shutil.copyfile(init_dir / name, out_dir / name)
+        else:
+            tok.save_pretrained(out_dir)
     finally:
         torch.set_num_threads(threads)
     return float(np.mean(losses[:10])), float(np.mean(losses[-10:]))

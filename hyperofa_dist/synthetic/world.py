@@ -356,75 +356,27 @@ def make_tiny_model(
     seed: int = 0,
     max_position: int = 130,
 ) -> Path:
-    """A randomly initialised masked LM of the family's architecture (a causal LM for CAUSAL_FAMILIES), saved with
-    its tokenizer."""
+    """A randomly initialised model of the family's architecture (`models.family_named`: a masked LM, or a causal
+    LM tied as CAUSAL_FAMILIES says), saved with its tokenizer."""
     import torch
+    from transformers import AutoTokenizer
 
-    if family in CAUSAL_FAMILIES:
-        return _causal_model(family, tokenizer_dir, Path(out_dir), hidden_size, num_layers, num_heads, seed, max_position)
-    from transformers import (
-        AutoTokenizer,
-        BertConfig,
-        BertForMaskedLM,
-        RobertaConfig,
-        RobertaForMaskedLM,
-        XLMRobertaConfig,
-        XLMRobertaForMaskedLM,
-    )
+    from ..models import CausalFamily, TinySizes, family_named
 
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    common = dict(
-        vocab_size=len(tok),
-        hidden_size=hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        intermediate_size=hidden_size * 4,
-        pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(seed)
-    if family == "bert":
-        model = BertForMaskedLM(BertConfig(max_position_embeddings=max_position, **common))
-    else:
-        cfg_cls, model_cls = (
-            (XLMRobertaConfig, XLMRobertaForMaskedLM) if family == "xlmr" else (RobertaConfig, RobertaForMaskedLM)
-        )
-        common.update(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-        model = model_cls(cfg_cls(max_position_embeddings=max_position + 2, **common))
-    out_dir = Path(out_dir)
-    model.save_pretrained(out_dir)
-    tok.save_pretrained(out_dir)
-    return out_dir
-
-
-def _causal_model(family: str, tokenizer_dir: str | Path, out_dir: Path, hidden_size: int, num_layers: int,
-                  num_heads: int, seed: int, max_position: int) -> Path:
-    """A tiny LlamaForCausalLM (untied) or Qwen2ForCausalLM (tied), with grouped-query attention as both use."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
+    record = family_named(family)
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     if family == "qwen2" and type(tok).__name__ != "Qwen2Tokenizer":
         raise ValueError("a qwen2 model needs a qwen2 tokenizer (transformers loads any other as Qwen2Tokenizer)")
-    cfg_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if family == "llama" else (Qwen2Config, Qwen2ForCausalLM)
-    config = cfg_cls(
-        vocab_size=len(tok),
-        hidden_size=hidden_size,
-        intermediate_size=hidden_size * 4,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=max(1, num_heads // 2),
-        max_position_embeddings=max_position,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        # no pad_token_id: the embedding would then freeze that row's input gradient, and Llama has no pad token
-        tie_word_embeddings=CAUSAL_FAMILIES[family],
-    )
+    sizes = TinySizes(hidden_size, num_layers, num_heads, max_position, tied=CAUSAL_FAMILIES.get(family, True))
     torch.manual_seed(seed)
-    model = model_cls(config)
+    model = record.tiny_model(tok, sizes)
+    out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
-    for name in ("tokenizer.json", "tokenizer_config.json"):  # as written: save_pretrained renames the class
-        shutil.copyfile(Path(tokenizer_dir) / name, out_dir / name)
+    if isinstance(record, CausalFamily):
+        for name in ("tokenizer.json", "tokenizer_config.json"):  # as written: save_pretrained renames the class
+            shutil.copyfile(Path(tokenizer_dir) / name, out_dir / name)
+    else:
+        tok.save_pretrained(out_dir)
     return out_dir
 
 

@@ -18,6 +18,7 @@ from typing import Any, Iterator
 
 from ..config import Config
 from ..errors import HyperofaError
+from ..fertility import fertility as sample_fertility
 from ..formats.tokenizer import save_tokenizer
 from . import learn
 
@@ -241,7 +242,7 @@ def describe(config: Config, source: Any, target: Any, info: dict[str, Any], sam
         heads = [s for lang in langs for s in sample.heads[lang]]
         counts["new_pieces_used_in_sample"] = learn.pieces_used(target, heads, source_size)
     extra = {
-        "fertility": {lang: learn.fertility(backend, target, sample.heads[lang]).as_dict() for lang in langs},
+        "fertility": {lang: sample_fertility(backend, target, sample.heads[lang]).as_dict() for lang in langs},
         "shortfall": info["shortfall"],
         "special_tokens": {role: [tok, target.token_to_id(tok)] for role, tok in special_roles(source).items()},
     }

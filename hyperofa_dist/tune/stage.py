@@ -27,7 +27,7 @@ from ..formats.shards import STAGE as PREPARE_STAGE
 from ..formats.shards import first_blocks, heldout_shards, prepare_dir
 from ..formats.tokenizer import TOKENIZER_JSON, target_tokenizer_dir, tokenizer_fingerprint
 from ..formats.vectors import configured_vectors_path
-from ..hypernet.train import check_batches, training_split
+from ..method.hypernet.settings import check_batches, training_split
 from ..runtime.ray import ray_session
 from ..runtime.stage import StageShell
 from .space import hypernet_changes, sample_settings, tune_seed, winner

@@ -1,6 +1,6 @@
 """One trial of `tune hypernet`, in one process (a Ray Tune worker, or a test): no DeepSpeed launch.
 
-The hypernetwork trains through the same `hypernet.loop` functions as the DeepSpeed job (one rank, a plain Adam
+The hypernetwork trains through the same `method.hypernet.loop` functions as the DeepSpeed job (one rank, a plain Adam
 step), keeps its best weights by validation loss as the job does, and reports every epoch's losses. At its last
 epoch (the budget, or `hypernet.early_stopping_patience`) the best weights predict the new tokens' coordinates,
 init's assembly turns them into a HyperOFA-initialised model, and init's `new_token_loss` scores it on the held-out
@@ -23,16 +23,16 @@ from ..config import Config
 from ..formats.mapping import Mapping, load_mapping
 from ..formats.models import CAUSAL, Source, load_source
 from ..formats.tokenizer import load_tokenizer, target_tokenizer_dir, tokenizer_fingerprint
-from ..hypernet import loop
-from ..hypernet.data import TokenSet, WordTable, rank_batches
-from ..hypernet.models import build_model
-from ..hypernet.predict import predict_rows, tokens_to_predict
-from ..hypernet.train import augment_spec, context_rule, loss_spec, training_split
-from ..init import assemble as asm
-from ..init.export import build_expanded_any, merge_copy_pairs, special_token_pairs
-from ..init.head import complete_head
-from ..init.random import column_stats
-from ..init.stage import init_seed, new_token_loss
+from ..method import assemble as asm
+from ..method.heldout import init_seed, new_token_loss
+from ..method.hypernet import loop
+from ..method.hypernet.data import TokenSet, WordTable, rank_batches
+from ..method.hypernet.models import build_model
+from ..method.hypernet.predict import predict_rows, tokens_to_predict
+from ..method.hypernet.settings import augment_spec, context_rule, loss_spec, training_split
+from ..method.random import column_stats
+from ..models.export import build_expanded_any, merge_copy_pairs, special_token_pairs
+from ..models.head import complete_head
 from ..runtime.seeds import mix_seed
 
 Report = Callable[[dict[str, Any]], None]

@@ -1,4 +1,5 @@
-"""MLM masking and the masked-positions-only LM head (pure torch, no DeepSpeed).
+"""The masked-LM objective: MLM masking, the masked-positions-only LM head (pure torch, no DeepSpeed), and the
+per-language held-out loss.
 
 With a 401k-token vocabulary the output projection dominates compute and activation memory (docs/DISTRIBUTED.md §3,
 6.2): the stock HF head computes logits at every position and then ignores the 85% that carry label -100.
@@ -9,14 +10,29 @@ own head (the same modules, so the same weights and tying) only there. The loss 
 batch's ids, yet the stock embedding backward materialises a dense vocabulary-sized matrix of zeros and adds it to
 the decoder's (dense) gradient. Marking the lookup sparse lets autograd add those rows into the decoder's gradient
 in place; the parameter still receives one dense gradient, so ZeRO's hooks see what they expect.
+
+`mlm_loss_per_language`: per-language masked-LM loss and perplexity on the held-out shards that `prepare` writes.
+
+Held-out blocks are read per language (at most `max_blocks` each, in shard order), masked with the same 80/10/10
+rule as pretraining from a generator seeded by (seed, language) alone, so a language's numbers do not move when
+other languages or the batch size change. The loss is the mean cross-entropy over all masked tokens of the
+language; perplexity is its exponential. A block may end in padding (prepare pads a held-out part shorter than one
+block): padding is never masked (it is a special token) and gets attention 0, so it changes no number. With
+`scored_labels`, the same positions are masked but only those whose label is a marked token id count (the init
+stage scores the new tokens: where the init methods differ).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Any, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ..errors import HyperofaError
+from ..runtime.seeds import HELDOUT, mix_seed
 
 IGNORE = -100
 
@@ -47,12 +63,10 @@ def mask_tokens(
 
 
 def lm_head_of(model: torch.nn.Module) -> torch.nn.Module:
-    """The position-wise prediction head of an HF masked LM (RoBERTa/XLM-R: lm_head; BERT: cls)."""
-    for name in ("lm_head", "cls"):
-        head = getattr(model, name, None)
-        if head is not None:
-            return head
-    raise TypeError(f"{type(model).__name__} has no lm_head or cls prediction head")
+    """The position-wise prediction head of an HF masked LM, as its family names it."""
+    from . import masked_family
+
+    return masked_family(model.config, type(model).__name__).prediction_head(model)
 
 
 def encoder_of(model: torch.nn.Module) -> torch.nn.Module:
@@ -64,7 +78,7 @@ def sparse_embedding_grad(model: torch.nn.Module) -> bool:
 
     A factorised model's coordinate lookup F_t[ids] is tied the same way (the decoder multiplies by all of F_t).
     Untied embeddings keep the dense gradient: a sparse `.grad` alone would reach the optimizer and ZeRO."""
-    from ..init.factorised import FactorisedDecoder, FactorisedEmbedding
+    from .factorised import FactorisedDecoder, FactorisedEmbedding
 
     lookup, decoder = model.get_input_embeddings(), model.get_output_embeddings()
     if isinstance(lookup, FactorisedEmbedding):
@@ -104,3 +118,57 @@ def full_lm_loss(
 ) -> torch.Tensor:
     """The stock HF path (logits at every position): the reference the masked head must equal."""
     return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+
+
+def mlm_loss_per_language(
+    model: Any,
+    tokenizer: Any,
+    blocks: dict[str, np.ndarray],
+    *,
+    seed: int,
+    probability: float = 0.15,
+    batch_size: int = 16,
+    device: Any = "cpu",
+    scored_labels: Any = None,
+) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
+    """({language: {'loss', 'perplexity', 'positions'}}, {skipped language: why}) of a stock masked LM on
+    fixed-seed masked blocks; a language whose blocks got no (scored) masked token is skipped, not scored.
+
+    `scored_labels` (bool per token id): count only masked positions whose label is marked."""
+    import torch
+    from tqdm.auto import tqdm
+
+    rows = model.get_input_embeddings().num_embeddings
+    special = torch.tensor(sorted(set(int(i) for i in tokenizer.all_special_ids)), dtype=torch.long)
+    pad = tokenizer.pad_token_id
+    out, skipped = {}, {}
+    for lang, array in blocks.items():
+        if array.size and int(array.max()) >= rows:
+            raise HyperofaError(
+                f"held-out blocks of {lang} contain token id {int(array.max())} but the model has {rows} embedding "
+                "rows; the shards were tokenized with another tokenizer"
+            )
+        ids = torch.from_numpy(array.astype(np.int64))
+        generator = torch.Generator().manual_seed(mix_seed(seed, HELDOUT, lang))
+        inputs, labels = mask_tokens(ids, special, tokenizer.mask_token_id, len(tokenizer), generator, probability)
+        if scored_labels is not None:
+            keep = torch.as_tensor(scored_labels, dtype=torch.bool)
+            labels = torch.where((labels >= 0) & keep[labels.clamp(min=0)], labels, torch.full_like(labels, -100))
+        # From the ids before masking: a random replacement that happens to be the pad id is still a real position.
+        attention = (ids != pad).long() if pad is not None else torch.ones_like(ids)
+        total, count = 0.0, 0
+        with torch.inference_mode():
+            for start in tqdm(range(0, len(ids), batch_size), desc=f"mlm {lang}", leave=False, disable=None):
+                batch_in = inputs[start : start + batch_size].to(device)
+                batch_labels = labels[start : start + batch_size].to(device)
+                batch_attention = attention[start : start + batch_size].to(device)
+                loss, n = masked_lm_loss(model, batch_in, batch_labels, batch_attention)
+                total += float(loss) * n
+                count += n
+        if count == 0:
+            what = "new-token position" if scored_labels is not None else "token"
+            skipped[lang] = f"no {what} of its {len(ids)} held-out blocks was masked"
+            continue
+        mean = total / count
+        out[lang] = {"loss": mean, "perplexity": math.exp(min(mean, 700.0)), "positions": count}
+    return out, skipped

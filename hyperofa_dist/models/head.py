@@ -15,9 +15,8 @@ from typing import Any, Optional
 
 from ..errors import HyperofaError
 from ..runtime.seeds import mix_seed
-from .export import model_family
+from . import masked_family
 
-HEAD_MODULE = {"xlmr": "lm_head", "roberta": "lm_head", "bert": "cls"}
 SEED_STREAM = "mlm_head"
 
 
@@ -35,8 +34,8 @@ class HeadReport:
 def head_weights(model: Any, missing: list[str]) -> list[str]:
     """The missing weights that belong to the MLM head; any other missing weight is an error (a broken encoder
     cannot be made up). The decoder weight is the word embedding (tied) and is rebuilt by the export anyway."""
-    prefix = HEAD_MODULE[model_family(model.config)] + "."
-    outside = [name for name in missing if not name.startswith(prefix)]
+    prefixes = tuple(module + "." for module in masked_family(model.config).head_modules)
+    outside = [name for name in missing if not name.startswith(prefixes)]
     if outside:
         raise HyperofaError(
             f"source.model: the checkpoint lacks {len(outside)} weights outside the MLM head (e.g. "
@@ -79,7 +78,7 @@ def copy_head(model: Any, names: list[str], donor_name: str) -> None:
 
     key = f"source.mlm_head={donor_name}"
     donor, donor_missing = load_model_reporting_missing(donor_name, key="source.mlm_head")
-    if model_family(donor.config, key) != model_family(model.config):
+    if masked_family(donor.config, key) != masked_family(model.config):
         raise HyperofaError(
             f"{key}: a {donor.config.model_type} model cannot give its head to a {model.config.model_type} source"
         )

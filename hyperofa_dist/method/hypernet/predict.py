@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..formats.hypernet import write_predictions, write_test_predictions
-from ..formats.mapping import Postings
+from ...formats.hypernet import write_predictions, write_test_predictions
+from ...formats.mapping import Postings
 from .data import ContextRule, TokenSet, WordTable
 
 

@@ -29,27 +29,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ..errors import HyperofaError
-
-# config.model_type -> family name used throughout the project
-FAMILIES = {"xlm-roberta": "xlmr", "roberta": "roberta", "bert": "bert"}
-# The vocabulary-sized tensors of each family's masked LM: rebuilt, never copied.
-_ROBERTA_VOCAB = ("roberta.embeddings.word_embeddings.weight", "lm_head.decoder.weight", "lm_head.decoder.bias", "lm_head.bias")
-VOCAB_KEYS = {
-    "xlmr": _ROBERTA_VOCAB,
-    "roberta": _ROBERTA_VOCAB,
-    "bert": ("bert.embeddings.word_embeddings.weight", "cls.predictions.decoder.weight",
-             "cls.predictions.decoder.bias", "cls.predictions.bias"),
-}
-
-
-def model_family(model_config: Any, where: str = "source model") -> str:
-    family = FAMILIES.get(getattr(model_config, "model_type", None))
-    if family is None:
-        raise HyperofaError(
-            f"{where}: model_type {getattr(model_config, 'model_type', None)!r} is not supported; "
-            f"expected one of {sorted(FAMILIES)}"
-        )
-    return family
+from . import masked_family
 
 
 def special_token_pairs(
@@ -102,7 +82,7 @@ class ExportInfo:
     vocab_size: int  # len(target tokenizer)
     model_vocab_size: int  # rows of the embedding matrix (>= vocab_size with padding)
     padded_rows: list[int] = field(default_factory=list)  # [first, end) of the padding rows, empty without
-    position_shift: int = 0  # RoBERTa-family position table shift when the pad id moved
+    position_shift: int = 0  # position table shift when the pad id moved (families counting positions from it)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -110,17 +90,6 @@ class ExportInfo:
 
 def _round_up(n: int, multiple: Optional[int]) -> int:
     return n if not multiple else -(-n // multiple) * multiple
-
-
-def _shift_positions(weight, old_pad: int, new_pad: int):
-    """RoBERTa position ids start at pad_token_id + 1; keep every real position's row when the pad id moves."""
-    import torch
-
-    delta = new_pad - old_pad
-    rows, dim = weight.shape
-    out = torch.zeros(rows + delta, dim, dtype=weight.dtype)
-    out[new_pad + 1 :] = weight[old_pad + 1 :]
-    return out
 
 
 def build_expanded_model(
@@ -138,7 +107,7 @@ def build_expanded_model(
     """
     import torch
 
-    family = model_family(source_model.config)
+    family = masked_family(source_model.config)
     vocab_size = len(target_tokenizer)
     if embeddings.shape[0] != vocab_size:
         raise HyperofaError(f"E_t has {embeddings.shape[0]} rows but the target tokenizer has {vocab_size} tokens")
@@ -152,25 +121,15 @@ def build_expanded_model(
     cfg.tie_word_embeddings = True
     old_pad = source_model.config.pad_token_id
     cfg.pad_token_id = target_tokenizer.pad_token_id
-    shift = 0
-    if family != "bert":
-        bos = target_tokenizer.bos_token_id if target_tokenizer.bos_token_id is not None else target_tokenizer.cls_token_id
-        eos = target_tokenizer.eos_token_id if target_tokenizer.eos_token_id is not None else target_tokenizer.sep_token_id
-        cfg.bos_token_id, cfg.eos_token_id = bos, eos
-        shift = cfg.pad_token_id - old_pad
-        cfg.max_position_embeddings = source_model.config.max_position_embeddings + shift
-        if cfg.max_position_embeddings <= cfg.pad_token_id + 2:
-            raise HyperofaError(
-                f"target pad id {cfg.pad_token_id} leaves no room in the position table of the source model"
-            )
+    id_map = dict(zip(np.asarray(copy_source_ids).tolist(), np.asarray(copy_target_ids).tolist()))
+    shift = family.expand_config(cfg, source_model.config, target_tokenizer, id_map)
 
     state = {k: v for k, v in source_model.state_dict().items()}
     source_bias = source_model.get_output_embeddings().bias.detach().float().cpu().numpy()[: len(source_tokenizer)]
     model = type(source_model)(cfg).float()
-    vocab_keys = set(VOCAB_KEYS[family])
+    vocab_keys = set(family.vocab_keys)
     if shift:
-        key = next(k for k in state if k.endswith("position_embeddings.weight"))
-        state[key] = _shift_positions(state[key], old_pad, cfg.pad_token_id)
+        family.shift_positions(state, old_pad, cfg.pad_token_id)
     missing, unexpected = model.load_state_dict({k: v for k, v in state.items() if k not in vocab_keys}, strict=False)
     unexplained = [k for k in missing if k not in vocab_keys]
     if unexplained or unexpected:
@@ -191,7 +150,7 @@ def build_expanded_model(
     _require_tied(model)
     model.eval()
     info = ExportInfo(
-        family=family,
+        family=family.name,
         vocab_size=vocab_size,
         model_vocab_size=model_vocab,
         padded_rows=[vocab_size, model_vocab] if model_vocab > vocab_size else [],

@@ -25,9 +25,9 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ..formats.files import load_npy
-from ..formats.mapping import Postings
-from ..runtime.seeds import generator
+from ...formats.files import load_npy
+from ...formats.mapping import Postings
+from ...runtime.seeds import generator
 
 PAD = -1
 

@@ -10,8 +10,9 @@ an ordinary checkpoint that `AutoModelForMaskedLM` loads.
 The decoder reads F_t and P without owning them (they are registered once, under the input embedding): a module
 shared by two parents would appear twice in state dicts and be gathered twice by ZeRO-3. Under ZeRO-3 the job
 registers them as the decoder's external parameters (`zero3_external_parameters`) so they are gathered for the
-head too. State dicts of a factorised model name the two tensors `<...>word_embeddings.coordinates.weight` and
-`<...>word_embeddings.primitives`; `full_rank_state` turns such a dict into the stock one.
+head too. State dicts of a factorised model name the two tensors `<embedding>.coordinates.weight` and
+`<embedding>.primitives` (`<embedding>` the family's word-embedding module, e.g. `roberta.embeddings.word_embeddings`);
+`full_rank_state` turns such a dict into the stock one.
 """
 
 from __future__ import annotations
@@ -56,9 +57,11 @@ class FactorisedDecoder(nn.Module):
         return down @ self.embedding.coordinates.weight.T + self.bias
 
 
-COORDINATES_KEY = "word_embeddings.coordinates.weight"
-PRIMITIVES_KEY = "word_embeddings.primitives"
-FULL_KEY = "word_embeddings.weight"
+# Names under the word-embedding module (`<...>word_embeddings.` for BERT and RoBERTa, `<...>tok_embeddings.` for
+# ModernBERT): the factorised form's two tensors, and the stock weight they become.
+COORDINATES_KEY = ".coordinates.weight"
+PRIMITIVES_KEY = ".primitives"
+FULL_KEY = ".weight"
 
 
 def is_factorised(model: Any) -> bool:
@@ -198,10 +201,13 @@ def plan_factorised(model_dir: Path, want: str, key: str) -> Optional[Path]:
 
 def _check_factors_match(model_dir: Path, coordinates: np.ndarray, primitives: np.ndarray, key: str) -> None:
     from ..errors import HyperofaError
-    from ..formats.models import read_word_embeddings
+    from ..formats.models import read_model_config, read_word_embeddings
 
     rows = np.unique(np.linspace(0, len(coordinates) - 1, min(_FACTOR_SAMPLE_ROWS, len(coordinates))).astype(np.int64))
-    stored = read_word_embeddings(model_dir, rows)
+    from . import masked_family
+
+    suffix = masked_family(read_model_config(model_dir), str(model_dir)).embedding_suffix
+    stored = read_word_embeddings(model_dir, rows, suffix)
     product = np.asarray(coordinates[rows], dtype=np.float64) @ np.asarray(primitives, dtype=np.float64)
     error = float(np.linalg.norm(stored - product) / max(np.linalg.norm(product), 1e-12))
     if error > _FACTOR_RTOL:

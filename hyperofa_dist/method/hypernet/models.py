@@ -65,7 +65,7 @@ def build_model(name: str, *, word_dim: int, k: int, num_layers: int, hidden_siz
         return BiLSTMHypernet(word_dim, k, num_layers=num_layers, hidden_size=hidden_size, dropout=dropout)
     if name == "setformer":
         if word_dim % num_heads:
-            from ..errors import HyperofaError
+            from ...errors import HyperofaError
 
             raise HyperofaError(f"hypernet.num_heads={num_heads} must divide the word-vector dimension {word_dim}")
         return SetFormerHypernet(word_dim, k, num_layers=num_layers, num_heads=num_heads, dropout=dropout)
