@@ -76,8 +76,7 @@ def run(config: Config, tracker: Any) -> int:
         inputs = {
             "source_tokenizer": source_fingerprint(source),
             "corpus_sample": sample.sha256,
-            **config.fingerprint("tokenizer"),
-            "normalization": config.prepare.normalization,
+            "config": config.fingerprint("tokenizer", "prepare.normalization"),
         }
         with StageShell.open(config, tracker, STAGE, Stage(config.run_dir, STAGE), inputs) as shell:
             if shell.up_to_date:

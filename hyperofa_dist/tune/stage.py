@@ -174,8 +174,7 @@ def run(config: Config, tracker: Any) -> int:
     target = tokenizer_fingerprint(target_tokenizer_dir(config))
     shardset = require_heldout(config, target)
     inputs = {
-        **config.fingerprint("tune", "hypernet", "init", "source", "run"),
-        "mlm_probability": config.evaluate.mlm_probability,
+        "config": config.fingerprint("tune", "hypernet", "init", "source", "run", "evaluate.mlm_probability"),
         "mapping": mapping_stage(run_dir).require().get("outputs"),
         "target_tokenizer": target,
         "heldout": shardset.inputs_digest,
