@@ -35,6 +35,7 @@ from ..formats import init as init_format
 from ..formats import pretrain as pretrain_format
 from ..formats.models import load_model, model_fingerprint
 from ..formats.shards import find_shardset, first_blocks, heldout_shards, prepare_dir, shards_by_language
+from ..formats.tokenizer import STAGE as TOKENIZER_STAGE
 from ..formats.tokenizer import ignored_settings, load_tokenizer
 from ..runtime import preflight
 from ..runtime.device import resolve_device
@@ -104,8 +105,8 @@ def default_name(model_dir: Path, run_dir: Path) -> str:
     try:
         parts = list(model_dir.relative_to(run_dir).parts)
     except ValueError:
-        parts = [model_dir.parent.name, model_dir.name] if model_dir.name == "model" else [model_dir.name]
-    if len(parts) > 1 and parts[-1] == "model":
+        parts = [model_dir.parent.name, model_dir.name] if model_dir.name == init_format.MODEL else [model_dir.name]
+    if len(parts) > 1 and parts[-1] == init_format.MODEL:
         parts = parts[:-1]
     return re.sub(r"[^A-Za-z0-9._-]+", "_", "-".join(parts)) or "model"
 
@@ -144,7 +145,7 @@ def heldout_tokenizer_dir(config: Config, model_dir: Path) -> tuple[str, Path]:
     else:
         candidates = [("evaluate.model", model_dir),
                       ("tokenizer.path", given("tokenizer.path", config.tokenizer.path)),
-                      ("<run.dir>/tokenizer", config.run_dir / "tokenizer")]
+                      (f"<run.dir>/{TOKENIZER_STAGE}", config.run_dir / TOKENIZER_STAGE)]
     return shards_tokenizer(heldout, recorded, candidates)
 
 
