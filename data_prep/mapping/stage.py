@@ -159,16 +159,9 @@ def run(config: Config, tracker: Any) -> int:
         stats = mapping_stats(c)
         shell.begin()
         parts = MappingParts(
-            source_postings=c.source_postings,
-            target_postings=c.target_postings,
-            overlap_target=overlap.target_ids,
-            overlap_source=overlap.source_ids,
-            overlap_kinds=overlap.kinds,
-            split=c.split,
-            coordinates=factors.coordinates,
-            primitives=factors.primitives,
-            words=words.keys,
-            stats=stats,
+            source_postings=c.source_postings, target_postings=c.target_postings, overlap_target=overlap.target_ids,
+            overlap_source=overlap.source_ids, overlap_kinds=overlap.kinds, split=c.split,
+            coordinates=factors.coordinates, primitives=factors.primitives, words=words.keys, stats=stats,
         )
         word_blocks = (words.matrix(start, start + WORD_CHUNK_ROWS) for start in range(0, len(words), WORD_CHUNK_ROWS))
         outputs = write_mapping(shell.path, parts, word_blocks, words.dim, vectors_path)
