@@ -262,3 +262,11 @@ def test_random_predicts_nothing_and_hyperofa_reads_the_hypernet_predictions(tmp
         METHODS["hyperofa"].predict(ctx)
     with pytest.raises(HyperofaError, match="rows have dimension 4 but the mapping's k is 3"):
         METHODS["hyperofa"].predict(dataclasses.replace(ctx, mapping=SimpleNamespace(k=3)))
+
+
+def test_the_evaluation_tasks_table_has_every_configurable_task():
+    from hyperofa_dist.config import EvaluateConfig
+    from hyperofa_dist.evaluate.stage import MAIN_METRIC, TASKS
+
+    (task,) = typing.get_args(EvaluateConfig.model_fields["tasks"].annotation)
+    assert set(TASKS) == set(typing.get_args(task)) == set(MAIN_METRIC)
