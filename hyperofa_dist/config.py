@@ -822,8 +822,17 @@ class Config(Section):
     def fingerprint(self, *sections: str) -> dict[str, Any]:
         """The result-changing keys of the named sections (execution-only keys and the locations of inputs left
         out): what a stage's inputs digest holds of the config, so "what changes the result" is decided once, here,
-        in the schema."""
-        return {name: _result_values(getattr(self, name)) for name in sections}
+        in the schema. A dotted name (`prepare.normalization`) takes that one key of its section."""
+        out: dict[str, Any] = {}
+        for name in sections:
+            section, *key = name.split(".")
+            value: Any = _result_values(getattr(self, section))
+            for part in key:
+                if not isinstance(value, dict) or part not in value:
+                    raise KeyError(f"{name} is not a result-changing config key")
+                value = value[part]
+            out[name] = value
+        return out
 
     def with_changes(self, changes: dict[str, Any]) -> "Config":
         """The config with dotted keys replaced (`{"init.method": "ofa"}`), validated like overrides."""

@@ -24,6 +24,7 @@ from .errors import HyperofaError
 from .formats import init as init_format
 from .formats import pretrain as pretrain_format
 from .formats import results as results_format
+from .formats import summary as summary_format
 from .formats.hypernet import stage_of as hypernet_stage
 from .formats.jobdir import has_checkpoint
 from .formats.pretrain import stage_of as pretrain_stage
@@ -172,23 +173,11 @@ def columns_of(rows: list[dict[str, Any]]) -> tuple[str, ...]:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    def cell(v: Any) -> str:
-        return "n/a" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
-
-    columns = columns_of(rows)
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(r[c]) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
+    return summary_format.markdown(rows, columns_of(rows))
 
 
 def write_results(config: Config, rows: list[dict[str, Any]]) -> None:
-    from .formats.files import atomic_write_bytes
-
-    out = config.run_dir / "results"
-    atomic_write_bytes(out / "summary.md", (markdown(rows) + "\n").encode())
-    columns = columns_of(rows)
-    lines = [",".join(columns)] + [",".join("" if r[c] is None else str(r[c]) for c in columns) for r in rows]
-    atomic_write_bytes(out / "summary.csv", ("\n".join(lines) + "\n").encode())
+    summary_format.write_summary(config.run_dir, rows, columns_of(rows))
 
 
 def print_summary(config: Config, rows: list[dict[str, Any]], seconds: float) -> None:
@@ -201,15 +190,17 @@ def print_summary(config: Config, rows: list[dict[str, Any]], seconds: float) ->
     print(markdown(rows))
     print()
     print(f"finished in {seconds:.0f}s")
-    print(f"results:        {run_dir / 'results' / 'summary.md'} (and .csv; per-task JSON in {run_dir / results_format.STAGE})")
+    print(f"results:        {summary_format.markdown_path(run_dir)} (and .csv; per-task JSON in {run_dir / results_format.STAGE})")
     for method in config.pipeline.methods:
         final = pretrain_format.model_dir(run_dir, method)
         current = final.is_dir() and trained_from_current_init(config, method)
         print(f"model {method:9s} {final if current else init_format.model_dir(run_dir, method)}")
     if config.tracking.enabled and config.pipeline.compare:
         from .compare.stage import output_dir_of
+        from .formats import comparison as cmp
 
-        print(f"compare:        {output_dir_of(config)} (training_loss.png, eval_loss.png, table.md, summary.md, ...)")
+        files = (cmp.TRAINING_LOSS, cmp.figure_name("eval_loss"), cmp.TABLE_MD, cmp.SUMMARY_MD)
+        print(f"compare:        {output_dir_of(config)} ({', '.join(files)}, ...)")
     print(f"MLflow store:   {uri}  (mlflow ui --backend-store-uri {uri})")
 
 

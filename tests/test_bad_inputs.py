@@ -77,7 +77,7 @@ def test_a_file_where_a_stage_directory_belongs_is_refused_before_the_stage_runs
     stage = Stage(tmp_path, "mapping" if where == "mapping" else "init/ofa")
     config = load_config(None, [f"run.dir={tmp_path}", "tracking.enabled=false"])
     with pytest.raises(HyperofaError, match=f"{tmp_path / where}: exists and is not a directory; stage x writes"):
-        with StageShell.open(config, NullTracker(), "x", stage, {"a": 1}):
+        with StageShell.open(config, NullTracker(), "x", stage, {"config": {}, "a": 1}):
             pytest.fail("the stage body must not run")
     assert (tmp_path / where).read_text() == "not a directory\n"
     assert not list(tmp_path.glob(".*.lock"))

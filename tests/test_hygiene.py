@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 def toy_stage(run_dir: Path, inputs: dict, calls: list) -> int:
     config = load_config(None, [f"run.dir={run_dir}", "tracking.enabled=false"])
     stage = Stage(config.run_dir, "toy")
-    with StageShell.open(config, NullTracker(), "toy", stage, inputs) as shell:
+    with StageShell.open(config, NullTracker(), "toy", stage, {"config": {}, **inputs}) as shell:
         if shell.up_to_date:
             return 0
         calls.append(1)
@@ -97,7 +97,7 @@ def test_inputs_inside_the_run_dir_are_recorded_relative_so_a_moved_run_dir_stay
 
     toy_stage(old, inputs(old), calls)
     manifest = json.loads((old / "toy" / "manifest.json").read_text())
-    assert manifest["inputs"] == {"corpus": "<run.dir>/world/corpus", "model": {"path": "<run.dir>/world/model"},
+    assert manifest["inputs"] == {"config": {}, "corpus": "<run.dir>/world/corpus", "model": {"path": "<run.dir>/world/model"},
                                   "vectors": str(outside), "name": "xlm-roberta-base"}
     shutil.move(old, new)
     capsys.readouterr()
@@ -153,7 +153,7 @@ def test_a_refused_stage_in_a_new_run_dir_leaves_no_directory(tmp_path):
     run = tmp_path / "fresh" / "run"
     config = load_config(None, [f"run.dir={run}", "tracking.enabled=false"])
     with pytest.raises(HyperofaError, match="bad input"):
-        with StageShell.open(config, NullTracker(), "toy", Stage(config.run_dir, "toy"), {}):
+        with StageShell.open(config, NullTracker(), "toy", Stage(config.run_dir, "toy"), {"config": {}}):
             raise HyperofaError("bad input")
     assert not (tmp_path / "fresh").exists()
 

@@ -270,6 +270,9 @@ def test_a_moved_run_dir_finds_every_stage_up_to_date(world, tmp_path):
             assert any(line.startswith(f"hyperofa {stage}: up to date") for line in said), (stage, said)
         assert not any("rebuilding" in line or "launching" in line for line in said), said
         assert time.time() - started < 300
+        recorded = [json.loads(p.read_text()) for p in moved.rglob("manifest.json") if "world" not in p.parts]
+        assert len(recorded) >= len(stages)  # every stage's inputs in the one shape (runtime/stage.py)
+        assert all(isinstance(m["inputs"]["config"], dict) for m in recorded), [m["stage"] for m in recorded]
     finally:
         shutil.copytree(moved, run_dir)
 

@@ -14,6 +14,7 @@ choice against two factorisations).
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -59,8 +60,85 @@ def source_embeddings(config: Config):
     return tokenizer, np.ascontiguousarray(embeddings[: len(tokenizer)]), matrices
 
 
+@dataclass
+class Computed:
+    """Everything the mapping is made of, computed before the stage directory is touched."""
+
+    source_tok: Any
+    target_tok: Any
+    identical: bool  # the target tokenizer is the source's: nothing to initialise
+    words: Any  # formats.vectors.WordVectors
+    overlap: Any  # vocab.Overlap
+    factors: Any  # factorize.Factors
+    hidden: int  # D, per matrix
+    matrices: int  # 1, or 2 for an untied causal LM (input and output rows side by side)
+    source_postings: Any
+    target_postings: Any
+    split: dict[str, np.ndarray]
+    timings: dict[str, float]
+
+
+def compute(config: Config, shell: StageShell, vectors_path: Any, target_dir: Any) -> Computed:
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+    source_tok, embeddings, matrices = source_embeddings(config)
+    check_rank(config.mapping.num_primitives, embeddings.shape)
+    target_tok = load_tokenizer(target_dir)
+    identical = same_vocabulary(source_tok, target_tok)
+    if identical:
+        shell.say(f"warning: the target tokenizer {target_dir} is identical to the source tokenizer: nothing to initialise")
+    words = load_word_vectors(vectors_path, config.vectors.languages)
+    timings["load_s"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    overlap = compute_overlap(target_tok, source_tok)
+    timings["overlap_s"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    factors = factorize(embeddings, config.mapping.num_primitives, blocks=matrices)
+    timings["factorize_s"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    with ray_session(config):
+        source_postings, target_postings = build_postings(
+            [source_tok, target_tok], words.keys, config.mapping.words_per_task, config.mapping.max_retries
+        )
+    timings["postings_s"] = time.perf_counter() - clock
+
+    covered = source_postings.covered()
+    trainable = covered[~np.isin(covered, sorted(special_ids(source_tok)))]  # specials are copied by role, never predicted
+    seed = config.mapping.split_seed if config.mapping.split_seed is not None else config.run.seed
+    split = split_tokens(trainable, config.mapping.split, seed)
+    return Computed(source_tok, target_tok, identical, words, overlap, factors, int(embeddings.shape[1]) // matrices,
+                    matrices, source_postings, target_postings, split, timings)
+
+
+def mapping_stats(c: Computed) -> dict[str, Any]:
+    words = c.words
+    return {
+        "words": {
+            "keys": words.n_keys,
+            "kept": len(words),
+            "skipped_unexpected_format": words.skipped,
+            "skipped_examples": words.skipped_examples,
+            "languages": len(words.languages),
+            "dim": words.dim,
+        },
+        "overlap": c.overlap.stats,
+        "factorization": {
+            "k": c.factors.k,
+            "D": c.hidden,
+            "matrices": c.matrices,
+            "factorized": c.factors.factorized,
+            "relative_reconstruction_error": c.factors.relative_error,
+        },
+        "source": coverage_stats(c.source_postings, words.lang_ids, words.languages, special_ids(c.source_tok)),
+        "target": coverage_stats(c.target_postings, words.lang_ids, words.languages, special_ids(c.target_tok)),
+        "split": {name: int(ids.size) for name, ids in c.split.items()},
+        "target_identical_to_source": c.identical,
+    }
+
+
 def run(config: Config, tracker: Any) -> int:
-    k = config.mapping.num_primitives
     vectors_path = resolve_vectors_path(config)
     target_dir = target_tokenizer_dir(config)
     inputs = {
@@ -68,105 +146,39 @@ def run(config: Config, tracker: Any) -> int:
         "vectors": {"fingerprint": fingerprint_path(vectors_path)},
         "source": source_identity(config),
         "target_tokenizer": tokenizer_fingerprint(target_dir),
-        "k": k,
-        "config": config.fingerprint("mapping", "run") | {"vectors.languages": config.vectors.languages},
+        "k": config.mapping.num_primitives,
+        "config": config.fingerprint("mapping", "run", "vectors.languages"),
         "format": FORMAT_VERSION,
     }
     with StageShell.open(config, tracker, STAGE, Stage(config.run_dir, STAGE), inputs) as shell:
         if shell.up_to_date:
             return 0
-        timings: dict[str, float] = {}
-        clock = time.perf_counter()
-
-        source_tok, embeddings, matrices = source_embeddings(config)
-        check_rank(k, embeddings.shape)
-        target_tok = load_tokenizer(target_dir)
-        identical = same_vocabulary(source_tok, target_tok)
-        if identical:
-            shell.say(f"warning: the target tokenizer {target_dir} is identical to the source tokenizer: nothing to initialise")
-        words = load_word_vectors(vectors_path, config.vectors.languages)
-        timings["load_s"] = time.perf_counter() - clock
-
-        clock = time.perf_counter()
-        overlap = compute_overlap(target_tok, source_tok)
-        timings["overlap_s"] = time.perf_counter() - clock
-        clock = time.perf_counter()
-        factors = factorize(embeddings, k, blocks=matrices)
-        timings["factorize_s"] = time.perf_counter() - clock
-
-        clock = time.perf_counter()
-        with ray_session(config):
-            source_postings, target_postings = build_postings(
-                [source_tok, target_tok], words.keys, config.mapping.words_per_task, config.mapping.max_retries
-            )
-        timings["postings_s"] = time.perf_counter() - clock
-
-        source_specials = special_ids(source_tok)
-        covered = source_postings.covered()
-        trainable = covered[~np.isin(covered, sorted(source_specials))]  # specials are copied by role, never predicted
-        seed = config.mapping.split_seed if config.mapping.split_seed is not None else config.run.seed
-        split = split_tokens(trainable, config.mapping.split, seed)
-
-        stats = {
-            "words": {
-                "keys": words.n_keys,
-                "kept": len(words),
-                "skipped_unexpected_format": words.skipped,
-                "skipped_examples": words.skipped_examples,
-                "languages": len(words.languages),
-                "dim": words.dim,
-            },
-            "overlap": overlap.stats,
-            "factorization": {
-                "k": factors.k,
-                "D": int(embeddings.shape[1]) // matrices,
-                "matrices": matrices,
-                "factorized": factors.factorized,
-                "relative_reconstruction_error": factors.relative_error,
-            },
-            "source": coverage_stats(source_postings, words.lang_ids, words.languages, source_specials),
-            "target": coverage_stats(target_postings, words.lang_ids, words.languages, special_ids(target_tok)),
-            "split": {name: int(ids.size) for name, ids in split.items()},
-            "target_identical_to_source": identical,
-        }
-
+        c = compute(config, shell, vectors_path, target_dir)
+        words, overlap, factors = c.words, c.overlap, c.factors
+        stats = mapping_stats(c)
         shell.begin()
         parts = MappingParts(
-            source_postings=source_postings,
-            target_postings=target_postings,
-            overlap_target=overlap.target_ids,
-            overlap_source=overlap.source_ids,
-            overlap_kinds=overlap.kinds,
-            split=split,
-            coordinates=factors.coordinates,
-            primitives=factors.primitives,
-            words=words.keys,
-            stats=stats,
+            source_postings=c.source_postings, target_postings=c.target_postings, overlap_target=overlap.target_ids,
+            overlap_source=overlap.source_ids, overlap_kinds=overlap.kinds, split=c.split,
+            coordinates=factors.coordinates, primitives=factors.primitives, words=words.keys, stats=stats,
         )
         word_blocks = (words.matrix(start, start + WORD_CHUNK_ROWS) for start in range(0, len(words), WORD_CHUNK_ROWS))
         outputs = write_mapping(shell.path, parts, word_blocks, words.dim, vectors_path)
         counts = {
-            "V_s": len(source_tok),
-            "V_t": len(target_tok),
-            "D": int(embeddings.shape[1]) // matrices,
-            "matrices": matrices,
-            "k": factors.k,
-            "n_words": len(words),
-            "word_dim": words.dim,
-            "overlap_pairs": len(overlap),
-            "source_covered": stats["source"]["covered"],
-            "target_covered": stats["target"]["covered"],
+            "V_s": len(c.source_tok), "V_t": len(c.target_tok), "D": c.hidden, "matrices": c.matrices, "k": factors.k,
+            "n_words": len(words), "word_dim": words.dim, "overlap_pairs": len(overlap),
+            "source_covered": stats["source"]["covered"], "target_covered": stats["target"]["covered"],
             **{f"split_{name}": n for name, n in stats["split"].items()},
         }
         tokenizers = {"source": config.source.tokenizer or config.source.model, "target": target_dir}
         shell.finish(outputs=outputs, counts=counts,
-                     extra={"factorized": factors.factorized, "timings": timings, "vectors_path": str(vectors_path),
+                     extra={"factorized": factors.factorized, "timings": c.timings, "vectors_path": str(vectors_path),
                             **ignored_settings(tokenizers, shell.say)})
-        shell.run.log_metrics(numeric_metrics(stats) | timings)
+        shell.run.log_metrics(numeric_metrics(stats) | c.timings)
         shell.run.log_artifact(shell.path / STATS)
         shell.say(
-            f"{len(words)} words; source {stats['source']['covered']}/{len(source_tok)} tokens covered, target "
-            f"{stats['target']['covered']}/{len(target_tok)}; {len(overlap)} copy pairs; k={factors.k} "
+            f"{len(words)} words; source {stats['source']['covered']}/{len(c.source_tok)} tokens covered, target "
+            f"{stats['target']['covered']}/{len(c.target_tok)}; {len(overlap)} copy pairs; k={factors.k} "
             f"(error {factors.relative_error:.4f}) -> {shell.path}"
         )
     return 0

@@ -211,6 +211,94 @@ def _count_and_plan(
     return plans
 
 
+def _prepare_units(
+    config: Config, shell: StageShell, units: list[Unit], holds_out: dict[str, bool], specials: Specials, tokenizer: Any
+) -> tuple[list[dict[str, Any]], float, int]:
+    """(every unit's record, seconds spent counting, Ray tasks run): units finished by an earlier run with the same
+    inputs keep their records (a damaged shard of theirs is written again), the others run as Ray tasks."""
+    prep = config.prepare
+    started = time.perf_counter()
+    unit_digests = [_unit_digest(shell.digest, u) for u in units]
+    previous = [_finished_record(shell.path, u, d) for u, d in zip(units, unit_digests)]
+    settings = Settings(
+        stage_dir=str(shell.path),
+        specials=specials,
+        seed=config.run.seed,
+        normalization=prep.normalization,
+        heldout_fraction=prep.heldout_fraction,
+        block_size=prep.block_size,
+        blocks_per_sample=prep.blocks_per_sample,
+        samples_per_shard=prep.samples_per_shard,
+        batch_size=prep.tokenize_batch_size,
+    )
+    with ray_session(config) as ray:
+        plans: Optional[dict[tuple[str, int], ChunkPlan]] = None
+        if needs_corpus_counts(prep.sampling.total_sentences, prep.sampling.cap_per_language):
+            plans = _count_and_plan(units, previous, prep, holds_out)
+        count_s = time.perf_counter() - started
+
+        jobs: list[ChunkJob] = []
+        records: list[dict[str, Any]] = []
+        for unit, record_digest, record in zip(units, unit_digests, previous):
+            if record is not None:
+                damaged = shell.stage.damaged_records(record["shards"])
+                if not damaged:
+                    records.append(record)
+                    continue
+                for shard, _ in damaged:  # a shard that differs is written again, like a missing one
+                    (shell.path / shard["path"]).unlink(missing_ok=True)
+            plan = plans[(unit.lang, unit.chunk)] if plans is not None else None
+            jobs.append(
+                ChunkJob(unit, plan, record_digest, keep_existing=record is not None, holds_out=holds_out[unit.lang])
+            )
+        by_unit = {job.unit: job for job in jobs}
+        job_groups = [[by_unit[u] for u in g] for g in group_units([j.unit for j in jobs], prep.chunk_bytes)]
+        tokenizer_ref = ray.put(backend_json(tokenizer))
+        calls = [(g, settings, tokenizer_ref) for g in job_groups]
+        for result in run_tasks(
+            prepare_chunks, calls, desc="prepare", retries_key=RETRIES_KEY, max_retries=prep.max_retries
+        ):
+            records.extend(result)
+    return records, count_s, len(job_groups)
+
+
+def _shard_listing(shard_files: list[dict[str, Any]]) -> dict[str, Any]:
+    """The manifest's outputs and shards, from the records alone."""
+    return {
+        # Tasks hashed every shard from the bytes they wrote; re-reading them all here would double the I/O of the
+        # stage, so the records' hashes are the manifest's outputs.
+        "outputs": sorted(
+            ({k: s[k] for k in ("path", "bytes", "sha256")} for s in shard_files), key=lambda s: s["path"]
+        ),
+        "shards": sorted(
+            ({k: v for k, v in s.items() if k not in ("bytes", "sha256")} for s in shard_files),
+            key=lambda s: s["path"],
+        ),
+    }
+
+
+def _report(shell: StageShell, per_lang: dict[str, dict[str, int]], totals: dict[str, int], skipped: dict[str, str],
+            no_heldout: dict[str, str], block_size: int, run_metrics: dict[str, float]) -> None:
+    """The stage's MLflow metrics and tags, and its closing lines."""
+    run_ = shell.run
+    run_.log_metrics(_metrics(per_lang, totals))
+    run_.log_metrics(run_metrics)
+    if skipped:
+        run_.set_tags({"hyperofa.skipped_languages": ",".join(sorted(skipped))})
+    if no_heldout:
+        run_.set_tags({"hyperofa.languages_without_heldout": ",".join(sorted(no_heldout))})
+    shell.say(heldout_summary(per_lang, no_heldout, skipped))
+    crlf = {lang: stats["cr_line_ends"] for lang, stats in per_lang.items() if stats["cr_line_ends"]}
+    if crlf:
+        shell.say(f"{totals['cr_line_ends']} lines ended in \\r or \\r\\n, read as line ends: "
+                  + ", ".join(f"{lang} {n}" for lang, n in sorted(crlf.items())))
+    shell.say(
+        f"{totals['train_blocks']} train and {totals['heldout_blocks']} held-out blocks of "
+        f"{block_size} tokens from {len(per_lang) - len(skipped)} languages in {run_metrics['time/wall_s']:.1f}s -> "
+        f"{shell.path}"
+    )
+
+
 def run(config: Config, tracker) -> int:
     prep = config.prepare
     tokenizer_dir = target_tokenizer_dir(config)
@@ -234,9 +322,8 @@ def run(config: Config, tracker) -> int:
     )
 
     with StageShell.open(config, tracker, STAGE, Stage(config.run_dir, STAGE), inputs) as shell:
-        run_ = shell.run
         if shell.up_to_date:
-            run_.log_metrics(_metrics(shell.manifest["counts"]["languages"], shell.manifest["counts"]["totals"]))
+            shell.run.log_metrics(_metrics(shell.manifest["counts"]["languages"], shell.manifest["counts"]["totals"]))
             return 0
 
         started = time.perf_counter()
@@ -246,48 +333,7 @@ def run(config: Config, tracker) -> int:
         with_units = {u.lang for u in units if u.role != HELDOUT}
         skipped = {lang: "empty file" for lang in languages if lang not in with_units}
         shell.begin()
-
-        unit_digests = [_unit_digest(shell.digest, u) for u in units]
-        previous = [_finished_record(shell.path, u, d) for u, d in zip(units, unit_digests)]
-        settings = Settings(
-            stage_dir=str(shell.path),
-            specials=specials,
-            seed=config.run.seed,
-            normalization=prep.normalization,
-            heldout_fraction=prep.heldout_fraction,
-            block_size=prep.block_size,
-            blocks_per_sample=prep.blocks_per_sample,
-            samples_per_shard=prep.samples_per_shard,
-            batch_size=prep.tokenize_batch_size,
-        )
-        with ray_session(config) as ray:
-            plans: Optional[dict[tuple[str, int], ChunkPlan]] = None
-            if needs_corpus_counts(prep.sampling.total_sentences, prep.sampling.cap_per_language):
-                plans = _count_and_plan(units, previous, prep, holds_out)
-            count_s = time.perf_counter() - started
-
-            jobs: list[ChunkJob] = []
-            records: list[dict[str, Any]] = []
-            for unit, record_digest, record in zip(units, unit_digests, previous):
-                if record is not None:
-                    damaged = shell.stage.damaged_records(record["shards"])
-                    if not damaged:
-                        records.append(record)
-                        continue
-                    for shard, _ in damaged:  # a shard that differs is written again, like a missing one
-                        (shell.path / shard["path"]).unlink(missing_ok=True)
-                plan = plans[(unit.lang, unit.chunk)] if plans is not None else None
-                jobs.append(
-                    ChunkJob(unit, plan, record_digest, keep_existing=record is not None, holds_out=holds_out[unit.lang])
-                )
-            by_unit = {job.unit: job for job in jobs}
-            job_groups = [[by_unit[u] for u in g] for g in group_units([j.unit for j in jobs], prep.chunk_bytes)]
-            tokenizer_ref = ray.put(backend_json(tokenizer))
-            calls = [(g, settings, tokenizer_ref) for g in job_groups]
-            for result in run_tasks(
-                prepare_chunks, calls, desc="prepare", retries_key=RETRIES_KEY, max_retries=prep.max_retries
-            ):
-                records.extend(result)
+        records, count_s, tasks = _prepare_units(config, shell, units, holds_out, specials, tokenizer)
         wall_s = time.perf_counter() - started
 
         records.sort(key=lambda r: (r["lang"], r["chunk"]))
@@ -315,45 +361,17 @@ def run(config: Config, tracker) -> int:
             "splits": {s.lang: s.split for s in sources if s.split},
             "heldout_from": {lang: heldout_from[lang] for lang in languages},
         }
-        shell.finish(
-            outputs=[],
-            counts=counts,
-            extra={
-                # Tasks hashed every shard from the bytes they wrote; re-reading them all here would double
-                # the I/O of the stage, so the records' hashes are the manifest's outputs.
-                "outputs": sorted(
-                    ({k: s[k] for k in ("path", "bytes", "sha256")} for s in shard_files), key=lambda s: s["path"]
-                ),
-                "shards": sorted(
-                    ({k: v for k, v in s.items() if k not in ("bytes", "sha256")} for s in shard_files),
-                    key=lambda s: s["path"],
-                ),
-                "block_size": prep.block_size,
-                "special_tokens": {"cls": specials.cls, "sep": specials.sep, "pad": specials.pad},
-                **ignored_settings({"tokenizer": tokenizer_dir}, shell.say),
-            },
-        )
-        run_.log_metrics(_metrics(per_lang, totals))
-        run_.log_metrics(
-            {
-                "time/wall_s": wall_s,
-                "time/count_s": count_s,
-                "time/encoded_tokens_per_s": totals["encoded_tokens"] / max(wall_s, 1e-9),
-                "tasks": len(job_groups),
-                "languages_without_heldout": len(no_heldout),
-            }
-        )
-        if skipped:
-            run_.set_tags({"hyperofa.skipped_languages": ",".join(sorted(skipped))})
-        if no_heldout:
-            run_.set_tags({"hyperofa.languages_without_heldout": ",".join(sorted(no_heldout))})
-        shell.say(heldout_summary(per_lang, no_heldout, skipped))
-        crlf = {lang: stats["cr_line_ends"] for lang, stats in per_lang.items() if stats["cr_line_ends"]}
-        if crlf:
-            shell.say(f"{totals['cr_line_ends']} lines ended in \\r or \\r\\n, read as line ends: "
-                      + ", ".join(f"{lang} {n}" for lang, n in sorted(crlf.items())))
-        shell.say(
-            f"{totals['train_blocks']} train and {totals['heldout_blocks']} held-out blocks of "
-            f"{prep.block_size} tokens from {len(languages) - len(skipped)} languages in {wall_s:.1f}s -> {shell.path}"
-        )
+        shell.finish(outputs=[], counts=counts, extra={
+            **_shard_listing(shard_files),
+            "block_size": prep.block_size,
+            "special_tokens": {"cls": specials.cls, "sep": specials.sep, "pad": specials.pad},
+            **ignored_settings({"tokenizer": tokenizer_dir}, shell.say),
+        })
+        _report(shell, per_lang, totals, skipped, no_heldout, prep.block_size, {
+            "time/wall_s": wall_s,
+            "time/count_s": count_s,
+            "time/encoded_tokens_per_s": totals["encoded_tokens"] / max(wall_s, 1e-9),
+            "tasks": tasks,
+            "languages_without_heldout": len(no_heldout),
+        })
     return 0

@@ -23,15 +23,14 @@ Tables:
 
 from __future__ import annotations
 
-import csv
 import fnmatch
 import io
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import Any, Callable, Optional, Sequence
 
+from ..formats.comparison import EVAL_LOSS_BY_LANGUAGE, TRAINING_LOSS, figure_name
 from ..tracking import COMMAND_TAG, METHOD_TAG, OBJECTIVE_TAG, PIPELINE_TAG, RUN_DIR_TAG, STAGE_TAG, RunRecord
 
 UNKNOWN = "unknown"
@@ -266,15 +265,15 @@ def compare(
     objective = objective_name(runs)
     loss = _by_label(curves(runs, series, loss_metric))
     if loss:
-        figures["training_loss.png"] = Figure(f"training {objective} loss ({loss_metric})", loss_metric, {"": loss})
+        figures[TRAINING_LOSS] = Figure(f"training {objective} loss ({loss_metric})", loss_metric, {"": loss})
     languages = sorted({m.group("lang") for r in runs for k in r.history if (m := HELDOUT_LANGUAGE.match(k))})
     if languages:
         panels = {lang: _by_label(curves(runs, series, f"eval/{lang}/loss")) for lang in languages}
-        figures["eval_loss_by_language.png"] = Figure(f"held-out {objective} loss per language (eval/<lang>/loss)",
+        figures[EVAL_LOSS_BY_LANGUAGE] = Figure(f"held-out {objective} loss per language (eval/<lang>/loss)",
                                                       "eval loss", panels)
     for metric in metrics:
         lines = _by_label(curves(runs, series, metric))
-        figures[f"{file_stem(metric)}.png"] = Figure(title(metric, objective), metric, {"": lines})
+        figures[figure_name(file_stem(metric))] = Figure(title(metric, objective), metric, {"": lines})
     return Comparison(list(runs), sorted(set(series.values()), key=lambda s: s.label), loss_metric, metrics, table,
                       summary, figures, init_metrics)
 
@@ -311,29 +310,6 @@ def file_stem(metric: str) -> str:
 
 
 # --- rendering -----------------------------------------------------------------------------------------------------
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.4g}" if math.isfinite(value) else str(value)
-    return str(value)
-
-
-def markdown(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
-def to_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(columns)
-    for r in rows:
-        writer.writerow(["" if r.get(c) is None else repr(r[c]) if isinstance(r[c], float) else r[c] for c in columns])
-    return buffer.getvalue()
 
 
 def table_columns(result: Comparison) -> list[str]:

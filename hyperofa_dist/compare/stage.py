@@ -17,7 +17,7 @@ from typing import Any, Optional, Sequence
 
 from ..config import Config
 from ..errors import HyperofaError
-from ..formats.files import atomic_write_bytes
+from ..formats import comparison as out_format
 from ..formats.rundir import Stage
 from ..runtime.stage import StageShell, say
 from ..tracking import RunStore, open_store, tracking_uri_of
@@ -48,18 +48,13 @@ def load_runs(
 def write(comparison: core.Comparison, output_dir: Path) -> Written:
     """The tables and figures of a comparison as files in `output_dir`."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    columns, summary = core.table_columns(comparison), core.summary_columns(comparison)
-    files = [
-        atomic_write_bytes(output_dir / "table.md", core.markdown(comparison.table, columns).encode()),
-        atomic_write_bytes(output_dir / "table.csv", core.to_csv(comparison.table, columns).encode()),
-        atomic_write_bytes(output_dir / "summary.md", core.markdown(comparison.summary, summary).encode()),
-        atomic_write_bytes(output_dir / "summary.csv", core.to_csv(comparison.summary, summary).encode()),
-    ]
+    files = out_format.write_tables(output_dir, comparison.table, core.table_columns(comparison),
+                                    comparison.summary, core.summary_columns(comparison))
     style = core.styles(comparison.series)
     plots = {}
     for name, figure in comparison.figures.items():
         png, plots[name] = core.render(figure, style)
-        files.append(atomic_write_bytes(output_dir / name, png))
+        files.append(out_format.write_figure(output_dir, name, png))
     return Written(output_dir, files, comparison, plots)
 
 
@@ -77,7 +72,7 @@ def output_dir_of(config: Config) -> Path:
     if cmp.output_dir:
         return Path(cmp.output_dir).resolve()
     label = "runs" if cmp.run_ids else core.file_stem(cmp.experiment or config.tracking.experiment)
-    return config.run_dir / "compare" / label
+    return config.run_dir / out_format.ROOT / label
 
 
 def run(config: Config, tracker: Any) -> int:

@@ -22,7 +22,8 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -33,9 +34,11 @@ from ..formats.files import output_file, sha256_file
 from ..formats import init as init_format
 from ..formats import pretrain as pretrain_format
 from ..formats.models import check_model, load_model, model_fingerprint, read_model_config
-from ..formats.shards import check_shards, first_blocks, heldout_shards, prepare_dir, shards_by_language
+from ..formats.shards import check_shards, find_shardset, first_blocks, heldout_shards, prepare_dir, shards_by_language
+from ..formats.tokenizer import STAGE as TOKENIZER_STAGE
 from ..formats.tokenizer import ignored_settings, load_tokenizer
 from ..models import base_model_kwargs
+from ..models.mlm import mlm_loss_per_language
 from ..runtime.device import resolve_device
 from ..runtime.stage import StageShell, inputs_digest
 from ..tracking import METHOD_TAG, STEP_TAG
@@ -103,8 +106,8 @@ def default_name(model_dir: Path, run_dir: Path) -> str:
     try:
         parts = list(model_dir.relative_to(run_dir).parts)
     except ValueError:
-        parts = [model_dir.parent.name, model_dir.name] if model_dir.name == "model" else [model_dir.name]
-    if len(parts) > 1 and parts[-1] == "model":
+        parts = [model_dir.parent.name, model_dir.name] if model_dir.name == init_format.MODEL else [model_dir.name]
+    if len(parts) > 1 and parts[-1] == init_format.MODEL:
         parts = parts[:-1]
     return re.sub(r"[^A-Za-z0-9._-]+", "_", "-".join(parts)) or "model"
 
@@ -122,15 +125,6 @@ def _heldout_dir(config: Config) -> Path:
     return Path(config.evaluate.heldout_dir) if config.evaluate.heldout_dir else prepare_dir(config.run_dir)
 
 
-def _prepare_manifest(heldout_dir: Path) -> dict[str, Any]:
-    """The prepare manifest of the held-out directory, or {} for a bare directory of shards."""
-    from ..formats.files import read_json
-    from ..formats.rundir import MANIFEST
-
-    path = heldout_dir / MANIFEST
-    return read_json(path, "prepare manifest") if path.is_file() else {}
-
-
 def heldout_tokenizer_dir(config: Config, model_dir: Path) -> tuple[str, Path]:
     """(config key, directory) of the tokenizer that made the held-out shards, by the sha256 prepare recorded:
     `evaluate.heldout_tokenizer` when set, else the first match of the model's, `tokenizer.path` and
@@ -140,7 +134,8 @@ def heldout_tokenizer_dir(config: Config, model_dir: Path) -> tuple[str, Path]:
     from ..formats.tokenizer import tokenizer_dir
 
     heldout = _heldout_dir(config)
-    recorded = ((_prepare_manifest(heldout).get("inputs") or {}).get("tokenizer") or {}).get("tokenizer.json")
+    shardset = find_shardset(heldout)
+    recorded = shardset.tokenizer_sha256 if shardset else None
     ev = config.evaluate
 
     def given(key: str, where: Optional[str]) -> Optional[Path]:  # a SentencePiece-only one by its converted copy
@@ -151,13 +146,13 @@ def heldout_tokenizer_dir(config: Config, model_dir: Path) -> tuple[str, Path]:
     else:
         candidates = [("evaluate.model", model_dir),
                       ("tokenizer.path", given("tokenizer.path", config.tokenizer.path)),
-                      ("<run.dir>/tokenizer", config.run_dir / "tokenizer")]
+                      (f"<run.dir>/{TOKENIZER_STAGE}", config.run_dir / TOKENIZER_STAGE)]
     return shards_tokenizer(heldout, recorded, candidates)
 
 
 def _inputs(config: Config, model_dir: Path) -> dict[str, Any]:
     inputs: dict[str, Any] = {
-        **config.fingerprint("evaluate", "run"),
+        "config": config.fingerprint("evaluate", "run"),
         "model": model_fingerprint(model_dir),
         "data": {},
     }
@@ -211,7 +206,8 @@ def heldout_texts(config: Config, model_dir: Path) -> tuple[dict[str, list[str]]
 
     _, tokenizer_dir = heldout_tokenizer_dir(config, model_dir)
     made_with = load_tokenizer(tokenizer_dir)
-    frame = recorded_frame(_prepare_manifest(_heldout_dir(config)).get("special_tokens"), made_with, tokenizer_dir)
+    shardset = find_shardset(_heldout_dir(config))
+    frame = recorded_frame(shardset.special_tokens if shardset else None, made_with, tokenizer_dir)
     chosen, by_lang, skipped = _heldout_languages(config, "bpb/fertility")
     texts: dict[str, list[str]] = {}
     lossy: dict[str, float] = {}
@@ -226,126 +222,141 @@ def heldout_texts(config: Config, model_dir: Path) -> tuple[dict[str, list[str]]
     return texts, skipped, lossy
 
 
+@dataclass
+class TaskRun:
+    """One evaluation's shared state: the model's tokenizer and device, and what more than one task loads once."""
+
+    config: Config
+    model_dir: Path
+    tokenizer: Any
+    device: Any
+    causal: bool
+    _encoder: Any = None
+    _texts: Any = None
+
+    def encoder(self) -> Any:
+        if self._encoder is None:
+            kwargs = base_model_kwargs(read_model_config(self.model_dir))
+            self._encoder = load_model(self.model_dir, "AutoModel", **kwargs).to(self.device)
+            check_model_vocabulary(self.tokenizer, self._encoder, self.model_dir)
+        return self._encoder
+
+    def texts(self) -> tuple[dict[str, list[str]], dict[str, str], dict[str, float]]:
+        if self._texts is None:
+            self._texts = heldout_texts(self.config, self.model_dir)
+        return self._texts
+
+    def model(self, auto_class: str) -> Any:
+        model = load_model(self.model_dir, auto_class).to(self.device)
+        check_model_vocabulary(self.tokenizer, model, self.model_dir)
+        return model
+
+
+# A task: (per-language metrics, skipped languages with why, extra metrics).
+TaskResult = tuple[dict[str, dict[str, float]], dict[str, str], dict[str, float]]
+
+
+def _retrieval(r: TaskRun, task: str) -> TaskResult:
+    ev = r.config.evaluate
+    encoder = r.encoder()
+    layer = hidden_state_index(ev.layer, encoder.config.num_hidden_layers, r.model_dir)
+    per_language, skipped = retrieval.evaluate_retrieval(
+        encoder, r.tokenizer, task_data_dir(ev.data_dir, task), layer_index=layer, center=ev.center,
+        languages=ev.languages, batch_size=ev.batch_size, max_length=ev.max_length, max_sentences=ev.max_sentences,
+        device=r.device, task=task, pool_special=not r.causal,
+    )
+    return per_language, skipped, {}
+
+
+def _bpb(r: TaskRun, task: str) -> TaskResult:
+    from . import causal as causal_eval
+
+    ev = r.config.evaluate
+    texts, skipped, lossy = r.texts()
+    model = r.model("AutoModelForCausalLM")
+    per_language = {
+        lang: {**causal_eval.bits_per_byte(model, r.tokenizer, lines, batch_size=ev.bpb_batch_size,
+                                           chunk=ev.loss_chunk, device=r.device, where=r.model_dir),
+               "lossy": lossy[lang]}
+        for lang, lines in texts.items()
+    }
+    return per_language, dict(skipped), {}
+
+
+def _fertility(r: TaskRun, task: str) -> TaskResult:
+    from ..formats.tokenizer import source_tokenizer
+    from . import causal as causal_eval
+
+    texts, skipped, _ = r.texts()
+    source = source_tokenizer(r.config)
+    return {lang: causal_eval.fertility(source, r.tokenizer, lines) for lang, lines in texts.items()}, dict(skipped), {}
+
+
+def _tagging(r: TaskRun, task: str) -> TaskResult:
+    from ..models.factorised import plan_factorised
+
+    ev, t = r.config.evaluate, r.config.evaluate.tagging
+    settings = tagging.TaggingSettings(
+        epochs=t.epochs, lr=t.lr, batch_size=t.batch_size, max_length=t.max_length, weight_decay=t.weight_decay,
+        seed=r.config.run.seed if t.seed is None else t.seed, max_train_sentences=t.max_train_sentences,
+        max_test_sentences=ev.max_sentences, select_every=t.select_every, score_unit=t.score_unit,
+        factors_dir=plan_factorised(r.model_dir, t.embeddings, "evaluate.tagging.embeddings"),
+    )
+    outcome = tagging.evaluate_tagging(
+        r.model_dir, r.tokenizer, task_data_dir(ev.data_dir, task), task, english=ev.english,
+        languages=ev.languages, settings=settings, device=r.device,
+    )
+    extra = {f"{task}.english_dev.f1": outcome.dev_f1, f"{task}.best_step": float(outcome.best_step),
+             f"{task}.steps": float(outcome.steps), f"{task}.factorised": float(outcome.factorised)}
+    return outcome.per_language, outcome.skipped, extra
+
+
+def _mlm(r: TaskRun, task: str) -> TaskResult:
+    ev, heldout = r.config.evaluate, _heldout_dir(r.config)
+    model = r.model("AutoModelForMaskedLM")
+    by_lang = shards_by_language(heldout_shards(heldout))
+    if ev.languages is None:
+        chosen, skipped = {lang: lang for lang in by_lang}, {}
+    else:  # corpus codes (deu_Latn) or a bare ISO code that names one of them
+        chosen, skipped = resolve(ev.languages, by_lang, "no held-out blocks")
+    blocks = first_blocks(sorted(p for code in chosen.values() for p in by_lang[code]), ev.mlm_blocks, chosen.values())
+    skipped |= {key: "no held-out blocks" for key, code in chosen.items() if code not in blocks}
+    if not blocks:
+        raise HyperofaError(f"{heldout}: no held-out blocks for the requested languages")
+    # Masks are seeded by the shards' own code, as in the pretraining job's evaluations; results and skips are
+    # reported under the requested code.
+    by_code, unscored = mlm_loss_per_language(
+        model, r.tokenizer, blocks, seed=r.config.run.seed, probability=ev.mlm_probability,
+        batch_size=ev.mlm_batch_size, device=r.device,
+    )
+    per_language = {key: by_code[code] for key, code in chosen.items() if code in by_code}
+    skipped |= {key: unscored[code] for key, code in chosen.items() if code in unscored}
+    if not per_language:
+        raise HyperofaError(f"{heldout}: no held-out token was masked in any language")
+    return per_language, skipped, {}
+
+
+TASKS: dict[str, Callable[[TaskRun, str], TaskResult]] = {
+    "srt": _retrieval, "srb": _retrieval, "bpb": _bpb, "fertility": _fertility, "pos": _tagging, "ner": _tagging,
+    "mlm": _mlm,
+}
+
+
 def evaluate_model(
     config: Config, model_dir: Path
 ) -> tuple[dict[str, Any], dict[str, dict[str, str]], dict[str, float]]:
     """(results, skipped languages per task, extra metrics such as tagging selection and timings)."""
     ev = config.evaluate
-    device = resolve_device(ev.device, "evaluate.device")
     tokenizer = load_tokenizer(model_dir)
-    causal = model_kind_of(model_dir) == "causal"
+    run = TaskRun(config, model_dir, tokenizer, resolve_device(ev.device, "evaluate.device"),
+                  model_kind_of(model_dir) == "causal")
     results: dict[str, Any] = {}
     skipped: dict[str, dict[str, str]] = {}
     extra: dict[str, float] = {}
-    encoder = None
-    texts = None
     for task in ev.tasks:
         started = time.perf_counter()
-        if task in ("srt", "srb"):
-            if encoder is None:
-                kwargs = base_model_kwargs(read_model_config(model_dir))
-                encoder = load_model(model_dir, "AutoModel", **kwargs).to(device)
-                check_model_vocabulary(tokenizer, encoder, model_dir)
-            layer = hidden_state_index(ev.layer, encoder.config.num_hidden_layers, model_dir)
-            per_language, skipped[task] = retrieval.evaluate_retrieval(
-                encoder,
-                tokenizer,
-                task_data_dir(ev.data_dir, task),
-                layer_index=layer,
-                center=ev.center,
-                languages=ev.languages,
-                batch_size=ev.batch_size,
-                max_length=ev.max_length,
-                max_sentences=ev.max_sentences,
-                device=device,
-                task=task,
-                pool_special=not causal,
-            )
-        elif task in ("bpb", "fertility"):
-            from . import causal as causal_eval
-
-            if texts is None:
-                texts, text_skipped, lossy = heldout_texts(config, model_dir)
-            skipped[task] = dict(text_skipped)
-            if task == "bpb":
-                model = load_model(model_dir, "AutoModelForCausalLM").to(device)
-                check_model_vocabulary(tokenizer, model, model_dir)
-                per_language = {
-                    lang: {**causal_eval.bits_per_byte(model, tokenizer, lines, batch_size=ev.bpb_batch_size,
-                                                       chunk=ev.loss_chunk, device=device, where=model_dir),
-                           "lossy": lossy[lang]}
-                    for lang, lines in texts.items()
-                }
-                del model
-            else:
-                from ..formats.tokenizer import source_tokenizer
-
-                source = source_tokenizer(config)
-                per_language = {lang: causal_eval.fertility(source, tokenizer, lines) for lang, lines in texts.items()}
-        elif task in ("pos", "ner"):
-            from ..models.factorised import plan_factorised
-
-            t = ev.tagging
-            settings = tagging.TaggingSettings(
-                epochs=t.epochs,
-                lr=t.lr,
-                batch_size=t.batch_size,
-                max_length=t.max_length,
-                weight_decay=t.weight_decay,
-                seed=config.run.seed if t.seed is None else t.seed,
-                max_train_sentences=t.max_train_sentences,
-                max_test_sentences=ev.max_sentences,
-                select_every=t.select_every,
-                score_unit=t.score_unit,
-                factors_dir=plan_factorised(model_dir, t.embeddings, "evaluate.tagging.embeddings"),
-            )
-            outcome = tagging.evaluate_tagging(
-                model_dir,
-                tokenizer,
-                task_data_dir(ev.data_dir, task),
-                task,
-                english=ev.english,
-                languages=ev.languages,
-                settings=settings,
-                device=device,
-            )
-            per_language, skipped[task] = outcome.per_language, outcome.skipped
-            extra[f"{task}.english_dev.f1"] = outcome.dev_f1
-            extra[f"{task}.best_step"] = float(outcome.best_step)
-            extra[f"{task}.steps"] = float(outcome.steps)
-            extra[f"{task}.factorised"] = float(outcome.factorised)
-        else:
-            model = load_model(model_dir, "AutoModelForMaskedLM").to(device)
-            check_model_vocabulary(tokenizer, model, model_dir)
-            by_lang = shards_by_language(heldout_shards(_heldout_dir(config)))
-            if ev.languages is None:
-                chosen, skipped[task] = {lang: lang for lang in by_lang}, {}
-            else:  # corpus codes (deu_Latn) or a bare ISO code that names one of them
-                chosen, skipped[task] = resolve(ev.languages, by_lang, "no held-out blocks")
-            blocks = first_blocks(
-                sorted(p for code in chosen.values() for p in by_lang[code]), ev.mlm_blocks, chosen.values()
-            )
-            skipped[task] |= {key: "no held-out blocks" for key, code in chosen.items() if code not in blocks}
-            if not blocks:
-                raise HyperofaError(f"{_heldout_dir(config)}: no held-out blocks for the requested languages")
-            # Masks are seeded by the shards' own code, as in the pretraining job's evaluations; results and
-            # skips are reported under the requested code.
-            from ..models.mlm import mlm_loss_per_language
-
-            by_code, unscored = mlm_loss_per_language(
-                model,
-                tokenizer,
-                blocks,
-                seed=config.run.seed,
-                probability=ev.mlm_probability,
-                batch_size=ev.mlm_batch_size,
-                device=device,
-            )
-            per_language = {key: by_code[code] for key, code in chosen.items() if code in by_code}
-            skipped[task] |= {key: unscored[code] for key, code in chosen.items() if code in unscored}
-            if not per_language:
-                raise HyperofaError(f"{_heldout_dir(config)}: no held-out token was masked in any language")
-            del model
+        per_language, skipped[task], task_extra = TASKS[task](run, task)
+        extra.update(task_extra)
         results[task] = with_average(per_language)
         extra[f"time/{task}_s"] = time.perf_counter() - started
         for lang, reason in sorted(skipped.get(task, {}).items()):

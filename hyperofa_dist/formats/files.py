@@ -200,6 +200,27 @@ def read_json(path: str | Path, what: str = "JSON file") -> Any:
         raise HyperofaError(f"{path}: {what} is not valid JSON ({exc.__class__.__name__})") from None
 
 
+def read_csv_rows(path: str | Path, what: str, columns: Iterable[str] = ()) -> list[dict[str, Optional[str]]]:
+    """The rows of a CSV table with a header (an empty cell as None); a missing or damaged file, or one without
+    the named columns, is one line naming it."""
+    import csv
+
+    path = Path(path)
+    if not path.is_file():
+        raise HyperofaError(f"{path}: {what} not found")
+    try:
+        with open(path, encoding="utf-8", newline="") as handle:
+            reader = csv.DictReader(handle)
+            rows = list(reader)
+            header = reader.fieldnames or []
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise HyperofaError(f"{path}: {what} is not valid CSV ({exc.__class__.__name__})") from None
+    missing = [c for c in columns if c not in header]
+    if missing:
+        raise HyperofaError(f"{path}: {what} has no {missing[0]} column")
+    return [{k: (v if v != "" else None) for k, v in row.items()} for row in rows]
+
+
 # --- arrays ------------------------------------------------------------------------------------------------
 
 

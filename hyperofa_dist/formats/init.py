@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import HyperofaError
 from .files import atomic_write_json, load_npy, save_npy
-from .rundir import Stage
+from .rundir import PerMethod
 
 STAGE = "init"
 COORDINATES = "F_t.npy"
@@ -33,20 +33,8 @@ MODEL = "model"
 FACTORS = (COORDINATES, PRIMITIVES)
 
 
-def stage_of(run_dir: str | Path, method: str) -> Stage:
-    return Stage(run_dir, f"{STAGE}/{method}")
-
-
-def model_dir(run_dir: str | Path, method: str) -> Path:
-    return stage_of(run_dir, method).path / MODEL
-
-
-def method_of(model_path: Path) -> str | None:
-    """`.../init/<method>/model` (where this stage writes) names its method; any other path is unknown."""
-    parts = model_path.parts
-    if len(parts) >= 3 and parts[-1] == MODEL and parts[-3] == STAGE:
-        return parts[-2]
-    return None
+LAYOUT = PerMethod(STAGE, MODEL)  # `<run.dir>/init/<method>/`, the model in `model/`
+stage_of, model_dir, method_of = LAYOUT.stage_of, LAYOUT.model_dir, LAYOUT.method_of
 
 
 def write_arrays(out: Path, coordinates: np.ndarray, primitives: np.ndarray, provenance: np.ndarray,

@@ -24,7 +24,7 @@ from .files import atomic_write_bytes, atomic_write_json, read_json, write_error
 from .init import FACTORS  # noqa: F401 - a factorised pretrain output holds the same two files
 from .jobdir import checkpoint_bytes
 from .jobdir import FAILURE, read_failure, write_failure  # noqa: F401 - a job's own stop, shared with the hypernet
-from .rundir import Stage
+from .rundir import PerMethod
 
 STAGE = "pretrain"
 MODEL = "model"
@@ -38,20 +38,8 @@ PARAMETERS = "parameters.json"
 JOB_OUTPUTS = (TRAIN_LOG, EVAL_LOG, PROBE, FAILURE, PARAMETERS)  # one run's files, removed before a fresh one
 
 
-def stage_of(run_dir: str | Path, method: str) -> Stage:
-    return Stage(Path(run_dir) / STAGE, method)
-
-
-def model_dir(run_dir: str | Path, method: str) -> Path:
-    return stage_of(run_dir, method).path / MODEL
-
-
-def method_of(model_path: Path) -> str | None:
-    """`.../pretrain/<method>/model` (where this stage exports) names its method; any other path is unknown."""
-    parts = model_path.parts
-    if len(parts) >= 3 and parts[-1] == MODEL and parts[-3] == STAGE:
-        return parts[-2]
-    return None
+LAYOUT = PerMethod(STAGE, MODEL)  # `<run.dir>/pretrain/<method>/`, the model in `model/`
+stage_of, model_dir, method_of = LAYOUT.stage_of, LAYOUT.model_dir, LAYOUT.method_of
 
 
 def append_line(path: Path, record: dict[str, Any]) -> None:

@@ -8,14 +8,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .files import atomic_write_json, read_json
-from .rundir import Stage
+from .rundir import PerMethod
 
 STAGE = "evaluate"
 RESULTS = "results.json"
 
 
-def stage_of(run_dir: str | Path, name: str) -> Stage:
-    return Stage(run_dir, f"{STAGE}/{name}")
+stage_of = PerMethod(STAGE).stage_of  # `<run.dir>/evaluate/<name>/`
 
 
 def write_results(path: Path, results: dict[str, Any]) -> Path:

@@ -25,6 +25,7 @@ import os
 import shutil
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -234,6 +235,29 @@ class Stage:
 
 
 # --- verified outputs: a hash per (size, mtime) --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PerMethod:
+    """A stage run once per method (or name): `<run.dir>/<stage>/<method>/`, a Stage named by the method whose lock
+    and hash cache sit beside it in `<stage>/`, holding its model in `<method>/<model>/` when it makes one."""
+
+    stage: str
+    model: str = ""
+
+    def stage_of(self, run_dir: str | Path, method: str) -> Stage:
+        return Stage(Path(run_dir) / self.stage, method)
+
+    def model_dir(self, run_dir: str | Path, method: str) -> Path:
+        return self.stage_of(run_dir, method).path / self.model
+
+    def method_of(self, model_path: Path) -> Optional[str]:
+        """`.../<stage>/<method>/<model>` (where this stage writes its model) names its method; any other path is
+        unknown."""
+        parts = Path(model_path).parts
+        if len(parts) >= 3 and parts[-1] == self.model and parts[-3] == self.stage:
+            return parts[-2]
+        return None
 
 
 class HashCache:

@@ -33,6 +33,7 @@ from .corpus import TextSample
 from .files import atomic_write_bytes, npy_bytes, read_json, sha256_file
 from .rundir import MANIFEST, Stage
 from .text import split_lines
+from .tokenizer import TOKENIZER_JSON
 
 STAGE = "prepare"
 SPLITS = ("train", "heldout")
@@ -306,22 +307,40 @@ def first_blocks(
     return {lang: np.concatenate(parts) for lang, parts in sorted(found.items())}
 
 
-# --- the listing of a prepare directory --------------------------------------------------------------------
+# --- prepare's hand-off: its manifest, read once ---------------------------------------------------------------
+
+TOKENIZER_KEY = ("inputs", "tokenizer", TOKENIZER_JSON)  # the sha256 of the tokenizer prepare tokenized with
+FRAME_ROLES = ("cls", "sep", "pad")  # special_tokens: the ids the blocks are framed with (pad may be null)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ShardSet:
-    """Tar shard paths per split and language (sorted), the blocks per language, and the prepare manifest."""
+    """What a prepare directory hands to the stages that read its shards: shard paths per split and language
+    (absolute, sorted), the training blocks per language, and from its manifest the block size, the sha256 of the
+    tokenizer that made the ids, the ids that frame the blocks and the inputs digest. A job rebuilds one from its
+    job file with the shard lists only."""
 
     train: dict[str, list[str]]
     heldout: dict[str, list[str]]
     blocks: dict[str, int] = field(default_factory=dict)
-    manifest: dict[str, Any] = field(default_factory=dict)
+    block_size: Optional[int] = None
+    tokenizer_sha256: Optional[str] = None
+    special_tokens: dict[str, Optional[int]] = field(default_factory=dict)
+    inputs_digest: Optional[str] = None
+    manifest_path: Optional[Path] = None
 
-    @property
-    def block_size(self) -> Optional[int]:
-        size = self.manifest.get("block_size")
-        return int(size) if size else None
+    def require_tokenizer(self, tokenizer_sha256: str, whose: str, remedy: str) -> None:
+        """The shards are token ids of the tokenizer whose `tokenizer.json` has this sha256, else one line naming
+        the manifest and its key (a record missing or of another tokenizer)."""
+        key = ".".join(TOKENIZER_KEY)
+        if self.tokenizer_sha256 is None:
+            raise HyperofaError(f"{self.manifest_path}: key '{key}' is missing (the tokenizer that made the shards); "
+                                "re-run `hyperofa prepare`")
+        if self.tokenizer_sha256 != tokenizer_sha256:
+            raise HyperofaError(
+                f"{self.manifest_path}: key '{key}': the shards were made with another tokenizer than {whose} "
+                f"(sha256 {self.tokenizer_sha256[:12]} recorded != {tokenizer_sha256[:12]}); {remedy}"
+            )
 
 
 def prepare_dir(run_dir: str | Path) -> Path:
@@ -329,26 +348,66 @@ def prepare_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / STAGE
 
 
-def load_shardset(prepare_dir: str | Path) -> ShardSet:
-    """The shards a finished prepare stage lists in its manifest (absolute paths); a missing one is an error."""
+def load_shardset(prepare_dir: str | Path, check_files: bool = True) -> ShardSet:
+    """The shards a finished prepare stage lists in its manifest (absolute paths), with what the manifest says
+    about them. A key missing or of the wrong type is one line naming the manifest and the key; with
+    `check_files`, so is a listed shard that is missing."""
     prepare_dir = Path(prepare_dir).resolve()
-    manifest = Stage(prepare_dir.parent, prepare_dir.name).require()
+    stage = Stage(prepare_dir.parent, prepare_dir.name)
+    return _shardset(stage.require(), stage.manifest_path, check_files)
+
+
+def find_shardset(prepare_dir: str | Path, check_files: bool = False) -> Optional[ShardSet]:
+    """`load_shardset` of a directory with a prepare manifest; None for one without (a bare directory of shards,
+    or prepare has not run)."""
+    prepare_dir = Path(prepare_dir).resolve()
+    if not (prepare_dir / MANIFEST).is_file():
+        return None
+    return load_shardset(prepare_dir, check_files)
+
+
+def _shardset(manifest: Any, where: Path, check_files: bool) -> ShardSet:
+    def bad(key: str, want: str) -> HyperofaError:
+        return HyperofaError(f"{where}: key '{key}' is missing or not {want}; re-run `hyperofa prepare`")
+
+    if not isinstance(manifest, dict):
+        raise bad("(top level)", "an object")
     listed = manifest.get("shards")
     if not isinstance(listed, list):
-        raise HyperofaError(f"{prepare_dir / MANIFEST}: no 'shards' list; re-run `hyperofa prepare`")
+        raise bad("shards", "a list")
     sets: dict[str, dict[str, list[str]]] = {split: {} for split in SPLITS}
     blocks: dict[str, int] = {}
+    for i, shard in enumerate(listed):
+        if not (isinstance(shard, dict) and isinstance(shard.get("path"), str) and isinstance(shard.get("lang"), str)
+                and isinstance(shard.get("blocks", 0), int)):
+            raise bad(f"shards[{i}]", "an object with a path, a lang and a block count")
     for shard in sorted(listed, key=lambda s: s["path"]):
         split = shard.get("split")
         if split not in sets:
             continue
-        path = prepare_dir / shard["path"]
-        if not path.is_file():
+        path = where.parent / shard["path"]
+        if check_files and not path.is_file():
             raise HyperofaError(f"{path}: shard listed in the prepare manifest is missing; re-run `hyperofa prepare`")
         sets[split].setdefault(shard["lang"], []).append(str(path))
         if split == "train":
             blocks[shard["lang"]] = blocks.get(shard["lang"], 0) + int(shard.get("blocks", 0))
-    return ShardSet(sets["train"], sets["heldout"], blocks, manifest)
+    inputs = manifest.get("inputs")
+    if not isinstance(inputs, dict) or not isinstance(inputs.get(TOKENIZER_KEY[1], {}), dict):
+        raise bad(".".join(TOKENIZER_KEY[:2]), "an object")
+    tokenizer = inputs.get(TOKENIZER_KEY[1], {}).get(TOKENIZER_KEY[2])
+    if not isinstance(tokenizer, (str, type(None))):
+        raise bad(".".join(TOKENIZER_KEY), "a sha256")
+    special = manifest.get("special_tokens", {})  # unrecorded: the frame is the tokenizer's (pretrain/causal.py)
+    if not (isinstance(special, dict) and all(isinstance(special.get(r), (int, type(None))) for r in FRAME_ROLES)):
+        raise bad("special_tokens", "token ids")
+    block_size = manifest.get("block_size")
+    if not isinstance(block_size, int) or block_size < 1:
+        raise bad("block_size", "a positive integer")
+    digest = manifest.get("inputs_digest")
+    if not isinstance(digest, str):
+        raise bad("inputs_digest", "a digest")
+    return ShardSet(sets["train"], sets["heldout"], blocks, block_size, tokenizer,
+                    {role: special[role] for role in FRAME_ROLES if role in special}, digest, where)
 
 
 def heldout_shards(path: str | Path) -> list[Path]:

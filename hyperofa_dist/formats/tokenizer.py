@@ -82,6 +82,16 @@ ADDED_TOKENS = "added_tokens.json"
 CONVERSION_INPUTS = (*SENTENCEPIECE_FILES, TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP, ADDED_TOKENS)
 CONVERTED = "tokenizers"  # <run.dir>/tokenizers/<name>-<digest>/
 CONVERSION = "conversion.json"
+SAMPLE_FILE = ".sample.txt"  # the corpus sample the stage learns from, in its private build directory
+
+
+def build_dir(run_dir: Path) -> Path:
+    """The tokenizer stage's private scratch directory, one per host and process: `.tokenizer.build-<host>-<pid>`."""
+    import socket
+
+    return Path(run_dir) / f".{STAGE}.build-{socket.gethostname()}-{os.getpid()}"
+
+
 CONVERSION_VERSION = 1  # part of the digest: a change to the conversion converts again
 SAMPLE_TEXTS = 2000  # texts cut from the vocabulary, every normal piece in one of them
 FIXED_TEXTS = (

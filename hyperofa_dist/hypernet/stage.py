@@ -64,7 +64,7 @@ def run(config: Config, tracker: Any) -> int:
     check_batches(mapping, splits["train"], hp.batch_size, world, hp.grad_accum)
     ds_config = build_ds_config(config, job_device_type())
     inputs = {
-        **config.fingerprint("hypernet", "run"),
+        "config": config.fingerprint("hypernet", "run"),
         "mapping": mapping.identity(),
         "world_size": world,
         "ds_config": ds_config,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
@@ -23,12 +24,13 @@ import numpy as np
 from ..config import Config
 from ..errors import HyperofaError
 from ..formats import init as out_format
-from ..formats.hypernet import load_predictions, load_test_predictions
+from ..formats.hypernet import load_test_predictions
 from ..formats.hypernet import stage_of as hypernet_stage
 from ..formats.mapping import Mapping, load_mapping
 from ..formats.mapping import stage_of as mapping_stage
 from ..formats.models import (
     CAUSAL,
+    Source,
     check_tokenizer_beside,
     load_source,
     model_files,
@@ -37,32 +39,18 @@ from ..formats.models import (
     source_identity,
 )
 from ..formats.modelcard import ModelCard, corpus_facts, write_model_card
-from ..formats.rundir import Stage
-from ..formats.shards import STAGE as PREPARE_STAGE
 from ..formats.tokenizer import ignored_settings, load_tokenizer, target_tokenizer_dir, tokenizer_fingerprint
 from ..method import assemble as asm
-from ..method.heldout import init_seed, new_token_loss
+from ..method.heldout import OBJECTIVES, heldout_shardset, init_seed, new_token_loss
 from ..method.random import column_stats, random_rows
-from ..models.export import build_expanded_any, merge_copy_pairs, special_token_pairs
+from ..models.export import ExportInfo, build_expanded_any, merge_copy_pairs, special_token_pairs
 from ..models.head import HeadReport, complete_head
-from ..runtime.device import resolve_device
 from ..runtime.stage import StageShell
 from ..tracking import METHOD_TAG, STAGE_TAG, STEP_TAG, registered_model_name
-from .mean import piece_means
+from .methods import METHODS, MethodContext, ofa_settings
 from .ofa import ofa_for_tokens
 from .rows import describe as describe_rows
 from .rows import row_metrics, row_statistics
-
-
-def _ofa_settings(config: Config) -> dict[str, Any]:
-    c = config.init
-    return dict(top_k=c.top_k, temperature=c.temperature, chunk_size=c.chunk_size, weighting=c.ofa_weighting,
-                device=resolve_device(c.device, "init.device").type)
-
-
-def covered_new_tokens(mapping: Mapping, copied: np.ndarray) -> np.ndarray:
-    """Target tokens with words that are not copied: the set HyperOFA predicts and OFA initialises (docs/METHOD.md §1.8)."""
-    return np.setdiff1d(mapping.target_postings.covered(), copied)
 
 
 def heldout_quality(
@@ -87,7 +75,7 @@ def heldout_quality(
         test,
         exclude_sources=test,
         progress=progress,
-        **_ofa_settings(config),
+        **ofa_settings(config),
     )
     out["ofa"] = asm.mean_cosine(ofa_rows, truth)
     out["random"] = asm.mean_cosine(random_rows(test, mean, std, init_seed(config)), truth)
@@ -124,15 +112,10 @@ def _count_groups(mapping: Mapping, provenance: np.ndarray) -> dict[str, Any]:
     }
 
 
-def run(config: Config, tracker: Any) -> int:
-    method = config.init.method
+def _inputs(config: Config, target_dir: Any) -> dict[str, Any]:
     run_dir = config.run_dir
-    stage = out_format.stage_of(run_dir, method)
-    progress = sys.stderr.isatty()
-    t0 = time.perf_counter()
-    target_dir = target_tokenizer_dir(config)
     inputs: dict[str, Any] = {
-        **config.fingerprint("init", "source"),
+        "config": config.fingerprint("init", "source"),
         "source": source_identity(config),  # by content: the same model at another path is the same input
         "seed": init_seed(config),
         "target_tokenizer": tokenizer_fingerprint(target_dir),
@@ -143,168 +126,205 @@ def run(config: Config, tracker: Any) -> int:
             **(model_identity(config.source.mlm_head) if config.source.mlm_head else {}),
         },
     }
-    if method == "hyperofa":
+    if METHODS[config.init.method].reads_hypernet:
         inputs["hypernet"] = hypernet_stage(run_dir).require().get("outputs")
     if config.init.heldout_blocks:  # the new-token loss reads prepare's held-out shards when there are any
-        prepared = Stage(run_dir, PREPARE_STAGE).manifest()
-        inputs["heldout"] = {"shards": (prepared or {}).get("inputs_digest"), "mlm": config.evaluate.mlm_probability}
+        shardset = heldout_shardset(config, inputs["target_tokenizer"])
+        inputs["heldout"] = {"shards": shardset.inputs_digest if shardset else None,
+                             "mlm": config.evaluate.mlm_probability}
+    return inputs
+
+
+@dataclass
+class Loaded:
+    """Every input, read and checked against the others before anything is computed or written."""
+
+    mapping: Mapping
+    source: Source
+    head: HeadReport
+    target_tok: Any
+    roles: dict[str, Any]  # special tokens paired by role
+    copy_t: np.ndarray
+    copy_s: np.ndarray
+    stats: tuple[np.ndarray, np.ndarray]  # column mean and std of F_s: the random rows' distribution
+
+
+def _head(config: Config, source: Source) -> HeadReport:
+    if source.kind != CAUSAL:
+        return complete_head(source.model, source.missing, seed=config.run.seed, donor=config.source.mlm_head)
+    if source.missing:
+        raise HyperofaError(
+            f"source.model={config.source.model}: the causal LM's checkpoint lacks {len(source.missing)} "
+            f"weights ({', '.join(source.missing[:3])}); only a complete model can be expanded"
+        )
+    return HeadReport("checkpoint", [])
+
+
+def _load(config: Config, inputs: dict[str, Any], target_dir: Any) -> Loaded:
+    mapping = load_mapping(config.run_dir)
+    source = load_source(config)
+    head = _head(config, source)
+    target_tok = load_tokenizer(target_dir)
+    special_t, special_s, roles = special_token_pairs(
+        source.tokenizer, target_tok, f"target tokenizer {target_dir}", source.kind
+    )
+    hidden = source.model.get_input_embeddings().embedding_dim
+    mapping.require_source(inputs["source"], len(source.tokenizer), hidden, 2 if source.untied else 1)
+    mapping.require_target(len(target_tok), inputs["target_tokenizer"])
+    copy_t, copy_s = merge_copy_pairs(mapping.overlap_target, mapping.overlap_source, special_t, special_s)
+    return Loaded(mapping, source, head, target_tok, roles, copy_t, copy_s, column_stats(mapping.source_coordinates))
+
+
+def _say_head(shell: StageShell, config: Config, head: HeadReport) -> None:
+    if head.origin != "checkpoint":
+        made = (
+            f"copied from source.mlm_head={head.donor}" if head.origin == "copied" else
+            f"made from run.seed={head.seed}, the same for every init method (set source.mlm_head to copy a "
+            "trained one)"
+        )
+        shell.say(f"warning: the source model {config.source.model} has no MLM head (missing "
+                  f"{', '.join(head.missing)}); the head is {made}")
+    elif config.source.mlm_head:
+        shell.say(f"warning: source.mlm_head is set but the source model {config.source.model} has its own MLM "
+                  "head; it is kept")
+
+
+@dataclass
+class Built:
+    """The expanded model and everything measured on it, before anything is written."""
+
+    assembly: asm.Assembly
+    shift: Optional[np.ndarray]
+    model: Any
+    info: ExportInfo
+    counts: dict[str, Any]
+    rows: dict[str, Any]
+    quality: dict[str, float]
+    new_tokens: dict[str, Any]
+
+
+def _assemble(config: Config, loaded: Loaded, target_dir: Any, shell: StageShell) -> tuple[asm.Assembly, Any]:
+    """The method's rows, then F_t (copied, predicted, random rows) and the shift `init.recentre` applied."""
+    m, method = loaded.mapping, config.init.method
+    predicted = METHODS[method].predict(MethodContext(
+        config, m, loaded.source.tokenizer, loaded.target_tok, target_dir, loaded.copy_t, sys.stderr.isatty(),
+    ))
+    if predicted.note:
+        shell.say(predicted.note)
+    _say_head(shell, config, loaded.head)
+    return asm.method_coordinates(
+        len(loaded.target_tok), m.source_coordinates, loaded.copy_t, loaded.copy_s, predicted.ids, predicted.rows,
+        method, *loaded.stats, init_seed(config), config.init.recentre,
+    )
+
+
+def _build(config: Config, loaded: Loaded, assembly: asm.Assembly, shift: Any, inputs: dict[str, Any],
+           target_dir: Any) -> Built:
+    m, source, target_tok = loaded.mapping, loaded.source, loaded.target_tok
+    embeddings = asm.full_embeddings(assembly.coordinates, m.primitives)
+    model, info = build_expanded_any(
+        source.model, source.tokenizer, target_tok, embeddings, loaded.copy_t, loaded.copy_s,
+        config.init.pad_to_multiple_of, causal=source.kind == CAUSAL, untied=source.untied,
+    )
+    del embeddings
+    check_tokenizer_beside(model.config, target_tok, probe_texts(target_tok, len(source.tokenizer)),
+                           f"target tokenizer {target_dir}")
+    return Built(
+        assembly, shift, model, info, _count_groups(m, assembly.provenance),
+        row_statistics(assembly.coordinates, m.primitives, assembly.provenance),
+        heldout_quality(m, config, *loaded.stats, sys.stderr.isatty()),
+        new_token_loss(config, model, target_tok, inputs["target_tokenizer"], assembly.provenance, source.kind),
+    )
+
+
+def _write(shell: StageShell, config: Config, loaded: Loaded, built: Built, target_dir: Any) -> Any:
+    """The arrays, the model with its card, and the manifest, last; returns the model directory."""
+    method, m, source, info = config.init.method, loaded.mapping, loaded.source, built.info
+    objective = OBJECTIVES[source.kind]
+    outputs = out_format.write_arrays(
+        shell.path, built.assembly.coordinates, m.primitives, built.assembly.provenance, built.counts,
+        {"heldout_cosine": built.quality, "test_tokens": len(m.split["test"]), objective.name: built.new_tokens,
+         "rows": built.rows},
+    )
+    model_dir = save_model_dir(built.model, loaded.target_tok, shell.path / out_format.MODEL)
+    languages, data = corpus_facts(config)
+    write_model_card(model_dir, ModelCard(
+        base_model=config.source.model, method=method, stage="init", kind=source.kind, languages=languages,
+        data=data, source_vocab=len(source.tokenizer), target_vocab=len(loaded.target_tok),
+        model_vocab=info.model_vocab_size, steps=0,
+        target_tokenizer=config.tokenizer.path or "built by `hyperofa tokenizer`",
+        metrics={f"new-token {objective.label} loss, step 0": built.new_tokens.get("loss", {})},
+    ))
+    shell.finish(
+        outputs=outputs + model_files(model_dir),
+        counts={
+            "V_t": len(loaded.target_tok), "V_s": m.source_vocab, "k": m.k, "D": m.hidden_size,
+            "model_vocab_size": info.model_vocab_size,
+            "predictions_overridden_by_copy": built.assembly.predictions_overridden,
+            **{f"provenance_{kind}": n for kind, n in built.counts["overall"].items()},
+        },
+        extra={
+            "method": method, "kind": source.kind, "tied": not source.untied, "mlm_head": loaded.head.as_dict(),
+            "family": info.family, "factorized": not asm.is_identity(m.primitives),
+            "padded_rows": info.padded_rows, "position_shift": info.position_shift, "special_tokens": loaded.roles,
+            "heldout_cosine": built.quality, f"{objective.name}_loss": built.new_tokens.get("loss", {}),
+            "rows": built.rows,
+            **({"recentre_shift_norm": float(np.linalg.norm(built.shift))} if built.shift is not None else {}),
+            **ignored_settings({"source": config.source.tokenizer or config.source.model, "target": target_dir},
+                               shell.say),
+        },
+    )
+    return model_dir
+
+
+def init_metrics(built: Built, method: str, loss_name: str) -> dict[str, float]:
+    """What the stage's MLflow run records: provenance counts (overall and per script), held-out cosines,
+    the new-token loss per language, the rows' statistics."""
+    overall = built.counts["overall"]
+    metrics: dict[str, float] = {f"provenance/{kind}": n for kind, n in overall.items()}
+    metrics["provenance/total"] = int(sum(overall.values()))
+    for script, by_kind in built.counts["by_script"].items():
+        for provenance_kind, n in by_kind.items():
+            metrics[f"provenance_script/{script}/{provenance_kind}"] = n
+    metrics.update({f"heldout_cosine/{m}": v for m, v in built.quality.items()})
+    if method in built.quality:
+        metrics["heldout_cosine"] = built.quality[method]
+    for lang, value in built.new_tokens.get("loss", {}).items():
+        metrics[f"{loss_name}_loss" if lang == "average" else f"{loss_name}_loss/{lang}"] = value
+    metrics.update(row_metrics(built.rows))
+    return metrics
+
+
+def run(config: Config, tracker: Any) -> int:
+    method = config.init.method
+    stage = out_format.stage_of(config.run_dir, method)
+    t0 = time.perf_counter()
+    target_dir = target_tokenizer_dir(config)
+    inputs = _inputs(config, target_dir)
     with StageShell.open(config, tracker, "init", stage, inputs, run_name=f"init/{method}",
                          tags={METHOD_TAG: method}) as shell:
         if shell.up_to_date:
             return 0
-        t = shell.run
-
-        # --- validate every input before writing anything --------------------------------------------------
-        mapping = load_mapping(run_dir)
-        source = load_source(config)
-        source_model, source_tok, kind = source.model, source.tokenizer, source.kind
-        if kind == CAUSAL:
-            if source.missing:
-                raise HyperofaError(
-                    f"source.model={config.source.model}: the causal LM's checkpoint lacks {len(source.missing)} "
-                    f"weights ({', '.join(source.missing[:3])}); only a complete model can be expanded"
-                )
-            head = HeadReport("checkpoint", [])
-        else:
-            head = complete_head(source_model, source.missing, seed=config.run.seed, donor=config.source.mlm_head)
-        target_tok = load_tokenizer(target_dir)
-        special_t, special_s, roles = special_token_pairs(
-            source_tok, target_tok, f"target tokenizer {target_dir}", kind
-        )
-        hidden = source_model.get_input_embeddings().embedding_dim
-        mapping.require_source(inputs["source"], len(source_tok), hidden, 2 if source.untied else 1)
-        mapping.require_target(len(target_tok), inputs["target_tokenizer"])
-        copy_t, copy_s = merge_copy_pairs(mapping.overlap_target, mapping.overlap_source, special_t, special_s)
-        predicted_ids: Optional[np.ndarray] = None
-        predicted_rows: Optional[np.ndarray] = None
-        if method == "hyperofa":
-            predicted_ids, predicted_rows = load_predictions(run_dir)
-            asm.check_predictions(predicted_ids, predicted_rows, len(target_tok), mapping.k, "hypernet predictions")
-        elif method == "mean":
-            uncopied = np.setdiff1d(np.arange(len(target_tok), dtype=np.int64), copy_t)
-            means = piece_means(source_tok, target_tok, uncopied, mapping.source_coordinates,
-                                f"target tokenizer {target_dir}")
-            predicted_ids, predicted_rows = means.token_ids, means.rows
-        load_s = time.perf_counter() - t0
-        if method == "mean" and means.without:
-            shell.say(f"{means.without} new tokens split into the source's unknown token: they stay random")
-        if head.origin != "checkpoint":
-            made = (
-                f"copied from source.mlm_head={head.donor}" if head.origin == "copied" else
-                f"made from run.seed={head.seed}, the same for every init method (set source.mlm_head to copy a "
-                "trained one)"
-            )
-            shell.say(f"warning: the source model {config.source.model} has no MLM head (missing "
-                      f"{', '.join(head.missing)}); the head is {made}")
-        elif config.source.mlm_head:
-            shell.say(f"warning: source.mlm_head is set but the source model {config.source.model} has its own MLM "
-                      "head; it is kept")
-
-        # --- assemble ---------------------------------------------------------------------------------------
+        loaded = _load(config, inputs, target_dir)
         t1 = time.perf_counter()
-        mean, std = column_stats(mapping.source_coordinates)
-        if method == "ofa":
-            predicted_ids = covered_new_tokens(mapping, copy_t)
-            predicted_rows = ofa_for_tokens(
-                mapping.target_postings,
-                mapping.source_postings,
-                mapping.word_vectors,
-                mapping.source_coordinates,
-                predicted_ids,
-                progress=progress,
-                **_ofa_settings(config),
-            )
-        assembly, shift = asm.method_coordinates(
-            len(target_tok), mapping.source_coordinates, copy_t, copy_s, predicted_ids, predicted_rows, method, mean,
-            std, init_seed(config), config.init.recentre,
-        )
-        embeddings = asm.full_embeddings(assembly.coordinates, mapping.primitives)
-        assemble_s = time.perf_counter() - t1
-
+        assembly, shift = _assemble(config, loaded, target_dir, shell)
         t2 = time.perf_counter()
-        model, info = build_expanded_any(
-            source_model, source_tok, target_tok, embeddings, copy_t, copy_s, config.init.pad_to_multiple_of,
-            causal=kind == CAUSAL, untied=source.untied,
-        )
-        del embeddings
-        check_tokenizer_beside(model.config, target_tok, probe_texts(target_tok, len(source_tok)),
-                               f"target tokenizer {target_dir}")
-        counts = _count_groups(mapping, assembly.provenance)
-        rows = row_statistics(assembly.coordinates, mapping.primitives, assembly.provenance)
-        quality = heldout_quality(mapping, config, mean, std, progress)
-        new_tokens = new_token_loss(config, model, target_tok, inputs["target_tokenizer"], assembly.provenance, kind)
-        loss_name = "new_token_causal" if kind == CAUSAL else "new_token_mlm"
-
+        built = _build(config, loaded, assembly, shift, inputs, target_dir)
         shell.begin()
-        outputs = out_format.write_arrays(
-            stage.path, assembly.coordinates, mapping.primitives, assembly.provenance, counts,
-            {"heldout_cosine": quality, "test_tokens": len(mapping.split["test"]), loss_name: new_tokens,
-             "rows": rows},
-        )
-        model_dir = save_model_dir(model, target_tok, stage.path / out_format.MODEL)
-        languages, data = corpus_facts(config)
-        write_model_card(model_dir, ModelCard(
-            base_model=config.source.model, method=method, stage="init", kind=kind, languages=languages, data=data,
-            source_vocab=len(source_tok), target_vocab=len(target_tok), model_vocab=info.model_vocab_size, steps=0,
-            target_tokenizer=config.tokenizer.path or "built by `hyperofa tokenizer`",
-            metrics={f"new-token {'next-token' if kind == CAUSAL else 'MLM'} loss, step 0": new_tokens.get("loss", {})},
-        ))
-        overall = counts["overall"]
-        manifest_counts = {
-            "V_t": len(target_tok),
-            "V_s": mapping.source_vocab,
-            "k": mapping.k,
-            "D": mapping.hidden_size,
-            "model_vocab_size": info.model_vocab_size,
-            "predictions_overridden_by_copy": assembly.predictions_overridden,
-            **{f"provenance_{kind}": n for kind, n in overall.items()},
-        }
-        shell.finish(
-            outputs=outputs + model_files(model_dir),
-            counts=manifest_counts,
-            extra={
-                "method": method,
-                "kind": kind,
-                "tied": not source.untied,
-                "mlm_head": head.as_dict(),
-                "family": info.family,
-                "factorized": not asm.is_identity(mapping.primitives),
-                "padded_rows": info.padded_rows,
-                "position_shift": info.position_shift,
-                "special_tokens": roles,
-                "heldout_cosine": quality,
-                f"{loss_name}_loss": new_tokens.get("loss", {}),
-                "rows": rows,
-                **({"recentre_shift_norm": float(np.linalg.norm(shift))} if shift is not None else {}),
-                **ignored_settings({"source": config.source.tokenizer or config.source.model, "target": target_dir},
-                                   shell.say),
-            },
-        )
-        export_s = time.perf_counter() - t2
-
-        metrics: dict[str, float] = {f"provenance/{kind}": n for kind, n in overall.items()}
-        metrics["provenance/total"] = int(sum(overall.values()))
-        for script, by_kind in counts["by_script"].items():
-            for provenance_kind, n in by_kind.items():
-                metrics[f"provenance_script/{script}/{provenance_kind}"] = n
-        metrics.update({f"heldout_cosine/{m}": v for m, v in quality.items()})
-        if method in quality:
-            metrics["heldout_cosine"] = quality[method]
-        for lang, value in new_tokens.get("loss", {}).items():
-            metrics[f"{loss_name}_loss" if lang == "average" else f"{loss_name}_loss/{lang}"] = value
-        metrics.update(row_metrics(rows))
-        metrics.update({"seconds/load": load_s, "seconds/assemble": assemble_s, "seconds/export": export_s})
-        t.log_metrics(metrics)
-        t.set_tags({"init.family": info.family, "init.kind": kind, "init.mlm_head": head.origin})
+        model_dir = _write(shell, config, loaded, built, target_dir)
+        objective, kind = OBJECTIVES[loaded.source.kind], loaded.source.kind
+        t = shell.run
+        t.log_metrics({**init_metrics(built, method, objective.name), "seconds/load": t1 - t0,
+                       "seconds/assemble": t2 - t1, "seconds/export": time.perf_counter() - t2})
+        t.set_tags({"init.family": built.info.family, "init.kind": kind, "init.mlm_head": loaded.head.origin})
         t.log_model(model_dir, registered_model_name(config.tracking.experiment, method),
                     {STAGE_TAG: "init", METHOD_TAG: method, STEP_TAG: 0})
         t.log_artifact(stage.path / out_format.PROVENANCE_COUNTS)
         t.log_artifact(stage.path / out_format.QUALITY)
-    new_loss = new_tokens.get("loss", {}).get("average")
-    objective = "next-token" if kind == CAUSAL else "MLM"
+    new_loss, quality = built.new_tokens.get("loss", {}).get("average"), built.quality
     shell.say(
-        f"{method}: {overall} -> {model_dir}" + (f"; held-out cosine {quality}" if quality else "")
-        + (f"; new-token {objective} loss {new_loss:.4f}" if new_loss is not None else "")
-        + (f"; {describe_rows(rows)}" if describe_rows(rows) else "")
+        f"{method}: {built.counts['overall']} -> {model_dir}" + (f"; held-out cosine {quality}" if quality else "")
+        + (f"; new-token {objective.label} loss {new_loss:.4f}" if new_loss is not None else "")
+        + (f"; {describe_rows(built.rows)}" if describe_rows(built.rows) else "")
     )
     return 0

@@ -92,7 +92,7 @@ def block_frame(shardset: ShardSet, model_dir: Path) -> dict[str, Optional[int]]
     from ..formats.tokenizer import load_tokenizer
     from ..models.causal import recorded_frame
 
-    frame = recorded_frame(shardset.manifest.get("special_tokens"), load_tokenizer(model_dir), model_dir)
+    frame = recorded_frame(shardset.special_tokens, load_tokenizer(model_dir), model_dir)
     return {"start": frame.start, "sep": frame.sep, "pad": frame.pad}
 
 
@@ -142,17 +142,11 @@ def batch_plan(config: Config, world: int) -> tuple[int, int]:
 
 def check_tokenizer_match(shardset: ShardSet, prepare_dir: Path, model_dir: Path) -> None:
     """Shards are token ids: they only mean something under the tokenizer that made them."""
-    recorded = (shardset.manifest.get("inputs") or {}).get("tokenizer") or {}
-    made_with = recorded.get(TOKENIZER_JSON)
     model_has = tokenizer_fingerprint(model_dir)[TOKENIZER_JSON]
-    if made_with is None:
-        raise HyperofaError(f"{prepare_dir / MANIFEST}: records no tokenizer fingerprint; re-run prepare")
-    if made_with != model_has:
-        raise HyperofaError(
-            f"{prepare_dir}: shards were made with another tokenizer than the model's ({model_dir}/{TOKENIZER_JSON} "
-            f"sha256 {model_has[:12]} != {made_with[:12]} recorded by prepare); re-run prepare with the model's "
-            "tokenizer or train the model that goes with these shards"
-        )
+    shardset.require_tokenizer(
+        model_has, f"the model's ({model_dir}/{TOKENIZER_JSON})",
+        "re-run prepare with the model's tokenizer or train the model that goes with these shards",
+    )
 
 
 def build_ds_config(config: Config, precision: str) -> dict[str, Any]:
@@ -262,7 +256,7 @@ def run(config: Config, tracker: Any) -> int:
     inputs = {
         "config": config.fingerprint("pretrain", "run"),
         "model": model_fingerprint(model_dir),
-        "shards": shardset.manifest.get("inputs_digest"),
+        "shards": shardset.inputs_digest,
         "ds_config": ds_config,
         "precision": precision,
         "world_size": world,

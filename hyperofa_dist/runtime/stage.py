@@ -1,7 +1,9 @@
 """The shape every stage shares: inputs -> fingerprint -> (up to date? stop) -> compute -> write -> manifest.
 
 A stage's `run(config, tracker)` opens a `StageShell` with the stage directory and the inputs that decide its
-result (config fingerprint, input files' hashes); the shell takes the stage's lock (one writer per stage
+result, in one shape for every stage: `{"config": config.fingerprint(<the sections and keys it reads>), <input>:
+its identity by content, ...}` (the config is never spread at the top level, where a section could shadow an input
+of the same name); the shell takes the stage's lock (one writer per stage
 directory), answers whether the manifest already matches, opens the stage's MLflow run (named and tagged by the
 stage; none when up to date), and writes the manifest last. What is computed in between is the stage's own pure
 code.
@@ -37,6 +39,16 @@ from ..formats.tokenizer import take_conversions
 def say(command: str, text: str) -> None:
     """A progress or result line of a stage, on stderr (stdout carries only results: tables, bench JSON)."""
     print(f"hyperofa {command}: {text}", file=sys.stderr, flush=True)
+
+
+CONFIG_INPUT = "config"  # the key of a stage's inputs that holds its config fingerprint
+
+
+def check_inputs_shape(inputs: dict[str, Any], name: str) -> None:
+    """A stage's inputs hold its config fingerprint under "config" (a programming error otherwise, not bad input)."""
+    if not isinstance(inputs.get(CONFIG_INPUT), dict):
+        raise TypeError(f"stage {name}: inputs must hold config.fingerprint(...) under {CONFIG_INPUT!r}, got keys "
+                        f"{sorted(inputs)}")
 
 
 def inputs_digest(config: Any, inputs: dict[str, Any]) -> str:
@@ -82,6 +94,7 @@ class StageShell:
         stage's lock is held until the block ends."""
         from ..tracking import NullTracker
 
+        check_inputs_shape(inputs, name)
         shell = cls(config, name, stage, portable(inputs, config.run_dir))
         _refuse_non_directory(stage.path, name)
         with stage.lock(name) as lock:

@@ -20,7 +20,7 @@ from ..config import Config
 from ..formats.corpus import checked_samples, discover
 from ..formats.models import source_vocabulary
 from ..formats.rundir import Stage
-from ..formats.tokenizer import STAGE, file_settings, source_tokenizer
+from ..formats.tokenizer import SAMPLE_FILE, STAGE, build_dir, file_settings, source_tokenizer
 from ..runtime.stage import StageShell, say
 from .build import (
     build_target,
@@ -34,7 +34,6 @@ from .build import (
     verify_hf,
 )
 
-SAMPLE_FILE = ".sample.txt"
 
 
 def _swap_into_place(built: Path, final: Path) -> None:
@@ -63,7 +62,7 @@ def run(config: Config, tracker: Any) -> int:
     elif config.tokenizer.model_type == "bpe":
         refuse_train_bpe(source, "source.tokenizer" if config.source.tokenizer else "source.model")
     config.run_dir.mkdir(parents=True, exist_ok=True)
-    build = config.run_dir / f".{STAGE}.build-{socket.gethostname()}-{os.getpid()}"
+    build = build_dir(config.run_dir)
     if build.is_symlink():  # a predictable name: a link planted there goes, never what it points to
         build.unlink()
     elif build.exists():
@@ -76,8 +75,7 @@ def run(config: Config, tracker: Any) -> int:
         inputs = {
             "source_tokenizer": source_fingerprint(source),
             "corpus_sample": sample.sha256,
-            **config.fingerprint("tokenizer"),
-            "normalization": config.prepare.normalization,
+            "config": config.fingerprint("tokenizer", "prepare.normalization"),
         }
         with StageShell.open(config, tracker, STAGE, Stage(config.run_dir, STAGE), inputs) as shell:
             if shell.up_to_date:

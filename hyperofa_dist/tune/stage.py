@@ -22,9 +22,7 @@ from ..errors import HyperofaError
 from ..formats import tune as out_format
 from ..formats.mapping import load_mapping
 from ..formats.mapping import stage_of as mapping_stage
-from ..formats.rundir import Stage
-from ..formats.shards import STAGE as PREPARE_STAGE
-from ..formats.shards import first_blocks, heldout_shards, prepare_dir
+from ..formats.shards import ShardSet, find_shardset, first_blocks, heldout_shards, prepare_dir
 from ..formats.tokenizer import TOKENIZER_JSON, target_tokenizer_dir, tokenizer_fingerprint
 from ..formats.vectors import configured_vectors_path
 from ..method.hypernet.settings import check_batches, training_split
@@ -37,19 +35,21 @@ RUN_NAME = "tune/hypernet"
 FAILED = "failed"
 
 
-def require_heldout(config: Config, target_fingerprint: dict[str, str]) -> None:
+def require_heldout(config: Config, target_fingerprint: dict[str, str]) -> ShardSet:
     """The new-token loss needs prepare's held-out shards made with the target tokenizer (what init reads)."""
     shards = prepare_dir(config.run_dir)
     if config.init.heldout_blocks == 0:
         raise HyperofaError("config key init.heldout_blocks is 0: tune hypernet judges trials by the new-token loss "
                             "on that many held-out blocks per language")
-    manifest = Stage(shards.parent, shards.name).manifest()
-    made_with = ((manifest or {}).get("inputs") or {}).get("tokenizer", {}).get(TOKENIZER_JSON)
-    if manifest is None or made_with != target_fingerprint.get(TOKENIZER_JSON):
-        raise HyperofaError(f"{shards}: no held-out shards made with the target tokenizer; run `hyperofa prepare` "
+    shardset = find_shardset(shards)
+    if shardset is None:
+        raise HyperofaError(f"{shards}: no held-out shards (prepare has not run); run `hyperofa prepare` "
                             "first (tune hypernet judges trials by the new-token loss on them)")
+    shardset.require_tokenizer(target_fingerprint[TOKENIZER_JSON], "the target tokenizer",
+                               "re-run `hyperofa prepare` (tune hypernet judges trials by the new-token loss on them)")
     if not first_blocks(heldout_shards(shards), 1):
         raise HyperofaError(f"{shards}: the prepare stage has no held-out blocks to measure the new-token loss on")
+    return shardset
 
 
 def trial_configs(config: Config) -> list[tuple[dict[str, Any], Config]]:
@@ -172,14 +172,12 @@ def run(config: Config, tracker: Any) -> int:
     for _, trial in trials:
         check_batches(mapping, splits["train"], trial.hypernet.batch_size, 1, 1)
     target = tokenizer_fingerprint(target_tokenizer_dir(config))
-    require_heldout(config, target)
-    prepared = Stage(run_dir, PREPARE_STAGE).manifest() or {}
+    shardset = require_heldout(config, target)
     inputs = {
-        **config.fingerprint("tune", "hypernet", "init", "source", "run"),
-        "mlm_probability": config.evaluate.mlm_probability,
+        "config": config.fingerprint("tune", "hypernet", "init", "source", "run", "evaluate.mlm_probability"),
         "mapping": mapping_stage(run_dir).require().get("outputs"),
         "target_tokenizer": target,
-        "heldout": prepared.get("inputs_digest"),
+        "heldout": shardset.inputs_digest,
     }
     with StageShell.open(config, tracker, "tune", stage, inputs, run_name=RUN_NAME) as shell:
         if shell.up_to_date:

@@ -26,8 +26,7 @@ def run(config: Config, tracker: Any) -> int:
     lines = parallel_corpus(files, settings.prefix_aligned)
     inputs = {
         "corpus": {iso + ":" + path.name: sha256_file(path) for iso, path in files},
-        "train": config.fingerprint("vectors")["vectors"]["train"] | {"corpus": None},
-        "seed": config.run.seed,
+        "config": config.fingerprint("vectors.train", "run.seed"),
     }
     with StageShell.open(config, tracker, STAGE, Stage(config.run_dir, STAGE), inputs) as shell:
         if shell.up_to_date:
