@@ -210,3 +210,33 @@ def test_hypernet_stage_plans_before_launch_like_pretrain(tmp_path, hypernet_kit
         run(hypernet_kit.config(m, "hypernet.ranks_per_node=2"), NullTracker())
     assert not (out / "job.json").exists() and (out / "checkpoints" / "epoch00001" / CLIENT_INFO).is_file()
     assert json.loads((out / "checkpoints" / "epoch00001" / CLIENT_INFO).read_text())["world_size"] == 4
+
+
+class NoLaunch:
+    """In place of the DeepSpeed launcher: records what the job directory held when the stage launched, and
+    reports a failed job (no ranks are started: what is under test is the stage's plan, not the job)."""
+
+    def __init__(self, out: Path):
+        self.out, self.seen = out, None
+
+    def __call__(self, cmd):
+        self.seen = {"checkpoints": sorted(p.name for p in (self.out / "checkpoints").glob("*")),
+                     "job": json.loads((self.out / "job.json").read_text())}
+        return subprocess.CompletedProcess(cmd, 1)
+
+
+def test_hypernet_stage_rebuilding_a_finished_run_removes_its_checkpoints_before_launch(tmp_path, hypernet_kit,
+                                                                                        monkeypatch):
+    from hyperofa_dist.hypernet import stage
+    from hyperofa_dist.tracking import NullTracker
+
+    m = hypernet_kit.mapping(tmp_path / "run")
+    out = m.run_dir / "hypernet"
+    fake_checkpoint(out / "checkpoints", "epoch00003", 2, epoch=3)
+    (out / "manifest.json").write_text(json.dumps({"inputs_digest": "of the finished run, with other inputs"}))
+    launcher = NoLaunch(out)
+    monkeypatch.setattr(stage, "run_launcher", launcher)
+    with pytest.raises(HyperofaError, match=r"^the hypernet training job exited with status 1$"):
+        stage.run(hypernet_kit.config(m, "hypernet.ranks_per_node=2"), NullTracker())
+    assert launcher.seen["checkpoints"] == []
+    assert (launcher.seen["job"]["resume"], launcher.seen["job"]["resume_tag"]) == (False, None)
