@@ -105,7 +105,7 @@ def test_resume_plan_names_the_verified_latest_tag_and_refuses_another_rank_coun
         pretrain.plan_start(resume=True, world=2, **plan_args)
     saved(tmp_path / "p", "pretrain", [4, 8])
     plan = pretrain.plan_start(resume=True, world=2, **plan_args)
-    assert (plan.resume_tag, plan.universal, plan.clear, plan.kept) == ("step00000008", False, False, 2)
+    assert (plan.resume_tag, plan.universal, plan.clear) == ("step00000008", False, False)
     assert plan.provenance == {"fingerprint": fingerprint, "changes": []}
     with pytest.raises(HyperofaError, match=r"step00000008: written by 2 ranks, this launch has 4; set "
                                             r"pretrain.universal=true to resume through a universal checkpoint$"):

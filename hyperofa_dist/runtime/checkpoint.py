@@ -70,7 +70,6 @@ class StartPlan:
     universal: bool
     provenance: dict[str, Any]
     clear: bool
-    kept: int  # committed tags that stay on disk (what is still to be written is the rest)
 
 
 class Checkpointer:
@@ -123,16 +122,15 @@ class Checkpointer:
                     f"{self.dir}: checkpoints of an earlier run exist and it did not finish (`latest` names {last}); "
                     f"set {self.section}.resume=true to continue it, or remove the directory to start over"
                 )
-            return StartPlan(None, False, fresh_provenance(fingerprint), clear=True, kept=0)
+            return StartPlan(None, False, fresh_provenance(fingerprint), clear=True)
         if last is None:
             raise HyperofaError(f"{self.dir}: no checkpoint to resume from ({self.section}.resume=true)")
         provenance = check_resume(self.dir, last, fingerprint, allow=allow_change, position=self.kind.unit,
                                   allow_key=f"{self.section}.allow_config_change")
-        kept = len(self.tags())
         if universal and self.kind.universal and convert is not None:
-            return StartPlan(convert(self.dir, last), True, provenance, clear=False, kept=kept)
+            return StartPlan(convert(self.dir, last), True, provenance, clear=False)
         self.check_world(last, (read_client_info(self.dir, last) or {}).get("world_size"), world)
-        return StartPlan(last, False, provenance, clear=False, kept=kept)
+        return StartPlan(last, False, provenance, clear=False)
 
     def check_world(self, tag: str, written_by: Any, world: int) -> None:
         """A ZeRO checkpoint is sharded by rank: it loads only on the rank count that wrote it."""
@@ -149,11 +147,6 @@ class Checkpointer:
         free = free_bytes(out)
         full = f": {out} is on a full filesystem ({free} bytes free)" if free < LOW_SPACE else ""
         return f"the {self.section} training job exited with status {code}{full}{kept}"
-
-    def last_kept(self) -> str:
-        last = self.latest()
-        return (f"the last checkpoint is {self.dir / last} and `latest` still names it" if last
-                else "no checkpoint had been written yet")
 
     # --- the ranks ---------------------------------------------------------------------------------------------
 
