@@ -424,6 +424,9 @@ class PretrainConfig(LaunchConfig):
     num_workers: int = Field(2, ge=0, description="DataLoader worker processes per rank.")
     prefetch_factor: int = Execution(4, ge=1, description="Batches each loader worker prepares ahead.")
     save_every: int = Field(1000, ge=1, description="Checkpoint (all ranks) every N steps; also the data epoch.")
+    keep_checkpoints: Optional[int] = Execution(
+        None, ge=1, description="Newest checkpoints kept after each save (older ones are removed); unset: every one."
+    )
     eval_every: int = Execution(
         500, ge=1, description="Held-out MLM loss per language at step 0, every N steps and at the end."
     )
@@ -702,7 +705,9 @@ class HypernetConfig(LaunchConfig):
         "the last (the reference: 20); 1: every epoch.",
     )
     checkpoint_every: int = Execution(10, ge=1, description="Checkpoint (all ranks) every N epochs, and at the end.")
-    keep_checkpoints: int = Execution(2, ge=1, description="Newest checkpoints kept.")
+    keep_checkpoints: Optional[int] = Execution(
+        2, ge=1, description="Newest checkpoints kept after each save (older ones are removed); unset: every one."
+    )
     early_stopping_patience: Optional[int] = Field(
         None, ge=1, description="Stop after this many epochs without a lower validation loss; unset: never."
     )

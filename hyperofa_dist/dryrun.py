@@ -432,7 +432,10 @@ def _hypernet_bytes(config: Config, new_rows: Optional[int], world: Optional[int
 
         with torch.device("meta"):
             model = model_from_spec(model_spec(config.hypernet, word_dim=config.vectors.train.dim, k=k))
-        total += config.hypernet.keep_checkpoints * checkpoint_bytes(trainable_parameters(model), world)
+        hp = config.hypernet
+        saves = len({*range(hp.checkpoint_every - 1, hp.epochs, hp.checkpoint_every), hp.epochs - 1})
+        kept = hp.keep_checkpoints if hp.keep_checkpoints is not None else saves  # unset: every one
+        total += kept * checkpoint_bytes(trainable_parameters(model), world)
     return total
 
 

@@ -219,6 +219,34 @@ def test_resume_errors_before_launch(quick_world, tmp_path):
         run_pretrain_stage(_config(quick_world, tmp_path, "pretrain.language_weights={zzz_Latn: 1.0}"), NullTracker())
 
 
+def test_rebuilding_a_finished_run_removes_its_checkpoints_before_launch(quick_world, tmp_path, monkeypatch):
+    """The fresh-run policy both stages share (runtime/checkpoint.py; hypernet: tests/test_checkpoint.py): an
+    unfinished run's checkpoints are refused above, a finished run's (its manifest exists) go with its stale
+    outputs. The launcher is replaced by one that records what the job directory held and reports a failure."""
+    import subprocess
+
+    from hyperofa_dist.pretrain import stage
+
+    out = tmp_path / "run" / "pretrain" / "hyperofa"
+    ckpt = out / "checkpoints"
+    (ckpt / "step00000004").mkdir(parents=True)
+    (ckpt / "step00000004" / "hyperofa.json").write_text(json.dumps({"world_size": 2, "step": 4}))
+    write_checkpoint_hashes(ckpt, "step00000004")
+    (ckpt / "latest").write_text("step00000004")
+    (out / "manifest.json").write_text(json.dumps({"inputs_digest": "of the finished run, with other inputs"}))
+    seen = {}
+
+    def no_launch(cmd):
+        seen["checkpoints"] = sorted(p.name for p in ckpt.glob("*"))
+        seen["job"] = json.loads((out / "job.json").read_text())
+        return subprocess.CompletedProcess(cmd, 1)
+
+    monkeypatch.setattr(stage, "run_launcher", no_launch)
+    with pytest.raises(HyperofaError, match=r"^the pretrain training job exited with status 1$"):
+        run_pretrain_stage(_config(quick_world, tmp_path), NullTracker())
+    assert seen["checkpoints"] == [] and (seen["job"]["resume"], seen["job"]["resume_tag"]) == (False, None)
+
+
 def test_flop_model_equals_a_count_of_every_matmul_in_a_tiny_step():
     """perf.py's 6 N + 12 L d T + 6 d V f against torch's FLOP counter over one forward and backward of a tiny
     XLM-R with logits everywhere (f = 1): equal once N keeps only the matmul weights (biases and LayerNorms are

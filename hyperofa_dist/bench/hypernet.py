@@ -21,7 +21,7 @@ import torch
 from ..config import Config, load_config
 from ..errors import HyperofaError
 from ..formats.files import atomic_write_json
-from ..formats.jobdir import write_job
+from ..formats.jobdir import HypernetJobSpec, write_job
 from ..formats.mapping import load_mapping
 from ..hypernet.stage import build_ds_config, job_spec
 from ..hypernet.train import HypernetJob
@@ -123,8 +123,8 @@ def probe(worker: HypernetJob, steps: int, warmup: int) -> dict[str, Any]:
     return {"samples_per_s": total / seconds, "seconds": seconds, "samples": int(total), "world_size": worker.world}
 
 
-def _job(job: dict[str, Any], args: Any) -> int:
-    worker = HypernetJob(job, resume=False)
+def _job(spec: HypernetJobSpec, args: Any) -> int:
+    worker = HypernetJob(spec)
     worker.setup()
     result = probe(worker, STEPS, WARMUP)
     if worker.rank == 0:
@@ -133,7 +133,7 @@ def _job(job: dict[str, Any], args: Any) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    return job_main(argv, "bench hypernet", _job)
+    return job_main(argv, "bench hypernet", HypernetJobSpec, _job)
 
 
 # --- the command ------------------------------------------------------------------------------------------------

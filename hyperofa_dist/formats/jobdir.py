@@ -2,8 +2,10 @@
 checkpoints they leave.
 
     job.json                      the effective config, resolved paths, the filled DeepSpeed config, the id of
-                                  the stage's MLflow run (`run_id`, which rank 0 logs into): everything a rank
-                                  needs (also for a launch by hand)
+                                  the stage's MLflow run (`run_id`, which rank 0 logs into), the checkpoint to
+                                  resume from: everything a rank needs (also for a launch by hand); one typed
+                                  spec per job (`HypernetJobSpec`, `PretrainJobSpec`), checked key by key when
+                                  read
     ds_config.json                the filled DeepSpeed config alone, for the reader
     checkpoints/latest            the tag of the newest complete checkpoint (DeepSpeed writes it last)
     checkpoints/<tag>/            DeepSpeed's files, plus
@@ -22,10 +24,13 @@ checkpoints they leave.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
+import typing
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, TypeVar, Union
 
 import numpy as np
 
@@ -44,15 +49,97 @@ PROVENANCE = "provenance"
 FAILURE = "failure.json"
 
 
-def write_job(out: Path, job: dict[str, Any]) -> Path:
-    """job.json and, beside it, ds_config.json (when the job carries one)."""
-    if "ds_config" in job:
-        atomic_write_json(out / DS_CONFIG, job["ds_config"])
-    return atomic_write_json(out / JOB, job)
+# --- job.json: the stage's hand-off to the ranks ----------------------------------------------------------------
 
 
-def read_job(path: str | Path) -> dict[str, Any]:
-    return read_json(path, "job file")
+@dataclass(frozen=True)
+class HypernetJobSpec:
+    """What `hyperofa hypernet` hands every rank of its job."""
+
+    config: dict[str, Any]  # the effective config (Config.effective())
+    out_dir: str
+    ds_config: dict[str, Any]
+    run_id: Optional[str]  # the stage's MLflow run, which rank 0 logs into
+    provenance: Optional[dict[str, Any]]  # recorded in every checkpoint (runtime/job.py)
+    resume: bool = False
+    resume_tag: Optional[str] = None  # the checkpoint the stage checked and the ranks load (runtime/checkpoint.py)
+
+
+@dataclass(frozen=True)
+class PretrainJobSpec:
+    """What `hyperofa pretrain` hands every rank of its job."""
+
+    config: dict[str, Any]
+    out_dir: str
+    model_dir: str
+    block_size: int
+    train_shards: dict[str, list[str]]  # language -> shard paths
+    heldout_shards: dict[str, list[str]]
+    train_blocks: dict[str, int]  # language -> blocks in its training shards
+    ds_config: dict[str, Any]
+    precision: str
+    resume: bool
+    resume_tag: Optional[str]
+    trainable_rows: Optional[str]  # the embedding warm-up's rows (formats/pretrain.py)
+    factors_dir: Optional[str]  # F_t.npy and P.npy for factorised training
+    objective: str  # "masked" or "causal"
+    frame: Optional[dict[str, Optional[int]]]  # a causal job's block framing ids: start, sep, pad
+    provenance: Optional[dict[str, Any]]
+    run_id: Optional[str]
+
+
+JobSpec = Union[HypernetJobSpec, PretrainJobSpec]
+Spec = TypeVar("Spec", HypernetJobSpec, PretrainJobSpec)
+
+
+def write_job(out: Path, spec: JobSpec) -> Path:
+    """job.json and, beside it, ds_config.json (the filled DeepSpeed config alone, for the reader)."""
+    atomic_write_json(out / DS_CONFIG, spec.ds_config)
+    return atomic_write_json(out / JOB, dataclasses.asdict(spec))
+
+
+def read_job(path: str | Path, kind: type[Spec]) -> Spec:
+    """The job file as `kind`; a missing, unknown or mistyped key is one line naming the file and the key."""
+    data = read_json(path, "job file")
+    if not isinstance(data, dict):
+        raise HyperofaError(f"{path}: job file is not a JSON object")
+    hints = typing.get_type_hints(kind)
+    fields = {f.name: f for f in dataclasses.fields(kind)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise HyperofaError(f"{path}: unknown key '{unknown[0]}' in a {kind.__name__} job file (written by another version?)")
+    values = {}
+    for name, f in fields.items():
+        if name not in data:
+            if f.default is dataclasses.MISSING:
+                raise HyperofaError(f"{path}: key '{name}' missing from the job file")
+            continue
+        if not _has_type(data[name], hints[name]):
+            raise HyperofaError(f"{path}: key '{name}' must be {_describe(hints[name])}, not {data[name]!r:.60}")
+        values[name] = data[name]
+    return kind(**values)
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    """Whether a JSON value fits a field's annotation (the few shapes job specs use)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin is Union:
+        return any(_has_type(value, arg) for arg in args)
+    if hint is type(None):
+        return value is None
+    if origin is dict:
+        return isinstance(value, dict) and all(isinstance(k, str) and _has_type(v, args[1]) for k, v in value.items())
+    if origin is list:
+        return isinstance(value, list) and all(_has_type(v, args[0]) for v in value)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _describe(hint: Any) -> str:
+    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 
 def previous_run_id(out: Path) -> Optional[str]:
@@ -61,7 +148,8 @@ def previous_run_id(out: Path) -> Optional[str]:
     if not path.is_file():
         return None
     try:
-        return read_job(path).get(RUN_ID) or None
+        found = read_json(path, "job file")
+        return (found.get(RUN_ID) if isinstance(found, dict) else None) or None
     except HyperofaError:  # a damaged job file only means: start a fresh run
         return None
 

@@ -93,7 +93,11 @@ def audit_path(out: Path, rank: int) -> Path:
 
 
 def pretrain_bytes(parameters: int, config: Any, world: int, done_tags: int = 0) -> int:
-    """Estimated bytes pretraining writes: every checkpoint still to come (all are kept) and the exported model."""
+    """Estimated bytes pretraining writes: the checkpoints still to come that lie on disk at once (every one, or
+    `pretrain.keep_checkpoints` + 1) and the exported model."""
+    from ..runtime.checkpoint import checkpoints_to_write
+
     p = config.pretrain
     saves = len({*range(p.save_every, p.steps + 1, p.save_every), p.steps})
-    return max(0, saves - done_tags) * checkpoint_bytes(parameters, world) + parameters * 4
+    return (checkpoints_to_write(saves - done_tags, done_tags, p.keep_checkpoints) * checkpoint_bytes(parameters, world)
+            + parameters * 4)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import random
-import shutil
 import sys
 import time
 from typing import Any, Optional
@@ -26,15 +25,15 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from ..errors import HyperofaError
 from ..formats import hypernet as out_format
-from ..formats.jobdir import DS_CONFIG, latest_tag, read_rng, write_failure, write_rng
+from ..formats.jobdir import DS_CONFIG, HypernetJobSpec, read_rng, write_failure
 from ..formats.mapping import load_mapping
 from ..method.hypernet import loop
 from ..method.hypernet.data import TokenSet, WordTable, rank_batches
 from ..method.hypernet.models import build_model, model_spec, trainable_parameters
 from ..method.hypernet.settings import augment_spec, check_batches, context_rule, loss_spec, training_split
-from ..runtime.job import NAN_EXIT, JobContext, job_main, weights_only_loads
+from ..runtime.checkpoint import Checkpointer
+from ..runtime.job import NAN_EXIT, JobContext, job_main
 from ..runtime.seeds import mix_seed
 
 COMMAND = "hypernet"
@@ -71,11 +70,11 @@ def set_rng_state(state: dict[str, np.ndarray]) -> None:
 class HypernetJob(JobContext):
     """One rank's view of the training job."""
 
-    def __init__(self, job: dict[str, Any], resume: bool):
-        super().__init__(job, COMMAND)
+    def __init__(self, spec: HypernetJobSpec, resume: bool = False):
+        super().__init__(spec, COMMAND)
         self.hp = self.config.hypernet
-        self.ds_config = job["ds_config"]
-        self.resume = resume
+        self.ds_config = spec.ds_config
+        self.resume = spec.resume or resume  # `--resume`: a launch by hand over the newest checkpoint
 
     # --- setup -------------------------------------------------------------------------------------------------
 
@@ -83,6 +82,8 @@ class HypernetJob(JobContext):
         import deepspeed
 
         self.init_distributed(self.hp.threads_per_rank)
+        self.checkpoints = Checkpointer(self.out, COMMAND, keep=self.hp.keep_checkpoints, rank=self.rank,
+                                        barrier=self.barrier)
         # The stage shell checked the vectors' fingerprint; ranks may not see the original vector file.
         self.mapping = load_mapping(self.config.run_dir)
         self.splits, _ = training_split(self.mapping)
@@ -95,7 +96,7 @@ class HypernetJob(JobContext):
         self.val_set = TokenSet(self.splits["val"], source, coords, self.mapping.k, context)
 
         torch.manual_seed(self.seed)  # same initial weights on every rank (DeepSpeed also broadcasts rank 0's)
-        self.spec = model_spec(self.hp, word_dim=self.mapping.word_dim, k=self.mapping.k)
+        self.model_spec = model_spec(self.hp, word_dim=self.mapping.word_dim, k=self.mapping.k)
         model = build_model(
             self.hp.model, word_dim=self.mapping.word_dim, k=self.mapping.k, num_layers=self.hp.num_layers,
             hidden_size=self.hp.hidden_size, num_heads=self.hp.num_heads, dropout=self.hp.dropout,
@@ -120,28 +121,12 @@ class HypernetJob(JobContext):
     # --- checkpoints -------------------------------------------------------------------------------------------
 
     def save_checkpoint(self, epoch: int, client: dict[str, Any]) -> None:
-        tag = f"epoch{epoch:05d}"
-        (self.ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
-        write_rng(self.ckpt_dir, tag, self.rank, rng_state())
-        self.write_checkpoint_info(tag, {"epoch": epoch, "world_size": self.world, "seed": self.seed})
-        self.barrier()  # every rank's RNG file exists before `latest` can point at the tag
-        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client, save_latest=False)
-        self.commit_checkpoint(tag)  # `latest` moves only once every rank has written its part
-        if self.rank == 0:
-            tags = sorted(p for p in self.ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("epoch"))
-            for old in tags[: -self.hp.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+        self.checkpoints.save(self.engine, epoch, client, rng=rng_state(), provenance=self.spec.provenance,
+                              info={"epoch": epoch, "world_size": self.world, "seed": self.seed})
 
     def load_checkpoint(self) -> dict[str, Any]:
-        with weights_only_loads(self.ckpt_dir):
-            path, client = self.engine.load_checkpoint(str(self.ckpt_dir))
-        if path is None or client is None:
-            raise HyperofaError(f"{self.ckpt_dir}: no checkpoint to resume from (hypernet.resume=true)")
-        if client.get("world_size") != self.world:
-            raise HyperofaError(
-                f"{self.ckpt_dir}: written by {client.get('world_size')} ranks, this job has {self.world}; resume with the same count"
-            )
-        set_rng_state(read_rng(self.ckpt_dir, latest_tag(self.ckpt_dir), self.rank, RNG_ARRAYS))
+        tag, client = self.checkpoints.load(self.engine, self.spec.resume_tag, self.world)
+        set_rng_state(read_rng(self.checkpoints.dir, tag, self.rank, RNG_ARRAYS))
         return client
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
@@ -167,83 +152,90 @@ class HypernetJob(JobContext):
         self.engine.step()
 
     def train(self, tracker: Any) -> dict[str, Any]:
+        """Every epoch from the checkpoint's next (or 0) to the last, early stop or `stop_after_epoch`: the job's
+        result for train_state.json, or {"finished": False, "failure": line} after a non-finite loss."""
         hp = self.hp
         client: dict[str, Any] = {"epoch": -1, "history": [], "best_loss": None, "best_epoch": None, "since_best": 0}
         if self.resume:
             client.update(self.load_checkpoint())
+        state = {key: client[key] for key in ("best_loss", "best_epoch", "since_best")}
         history: list[dict[str, Any]] = list(client["history"])
-        best_loss, best_epoch, since_best = client["best_loss"], client["best_epoch"], client["since_best"]
-        negatives = self.gather_negatives if hp.gather_negatives and self.world > 1 else None
         finished, stopped_early, epoch = True, False, client["epoch"]
         from tqdm import tqdm
 
         epochs = range(client["epoch"] + 1, hp.epochs)
         for epoch in tqdm(epochs, desc="hypernet epochs", disable=self.rank != 0, file=sys.stderr):
-            lr = loop.lr_at(epoch, hp.lr, hp.lr_decay, hp.lr_decay_every)
-            for group in self.engine.optimizer.param_groups:
-                group["lr"] = lr
-            audit: list[np.ndarray] = []
-            start = time.perf_counter()
-            self.engine.train()
-            sums = loop.train_epoch(
-                self.engine, self.update, self.table, self.train_set, self.epoch_batches(epoch),
-                seed=self.seed, epoch=epoch, rank=self.rank, cap=hp.max_context, augment=augment_spec(hp),
-                loss=loss_spec(hp), device=self.device, dtype=self.dtype, negatives=negatives,
-                on_batch=(lambda b: audit.append(b.token_ids.numpy())) if hp.data_audit else None,
-            )
-            seconds = time.perf_counter() - start
-            self.engine.eval()
-            val = loop.evaluate(
-                self.engine, self.table, self.val_set, batch_size=hp.batch_size, world_size=self.world,
-                rank=self.rank, cap=hp.max_context, loss=loss_spec(hp), device=self.device, dtype=self.dtype,
-            )
-            sums, val = self.all_sum(sums), self.all_sum(val)
-            row = {"epoch": epoch, "lr": lr, **loop.means(sums, loop.TRAIN_KEYS, "train_"),
-                   **loop.means(val, loop.EVAL_KEYS, "val_")}
+            row, seconds, samples, audit = self.train_one_epoch(epoch)
             diverged = [key for key in ("train_loss", "val_loss") if not math.isfinite(row[key])]
             if diverged:  # sums are all-reduced: every rank stops here, before anything of this epoch is saved
-                return {"finished": False, "failure": self.non_finite(diverged[0], row[diverged[0]], epoch, lr)}
+                return {"finished": False, "failure": self.non_finite(diverged[0], row[diverged[0]], epoch, row["lr"])}
             history.append(row)
-            if hp.data_audit:
+            if audit is not None:
                 from ..formats.files import save_npy
 
-                save_npy(out_format.audit_path(self.out, epoch, self.rank),
-                         np.concatenate(audit) if audit else np.zeros(0, np.int64))
-
-            candidate = loop.selects(epoch, hp.select_every, hp.epochs)
-            improved = candidate and (best_loss is None or row["val_loss"] < best_loss)
-            state = self.full_state_dict() if improved else None  # `improved` agrees on all ranks
-            if improved:
-                best_loss, best_epoch, since_best = row["val_loss"], epoch, 0
-                if self.rank == 0:
-                    out_format.save_torch(self.out / out_format.BEST_MODEL, state)
-            else:
-                since_best += 1
+                save_npy(out_format.audit_path(self.out, epoch, self.rank), audit)
+            self.select(epoch, row, state)
             if self.rank == 0:
                 out_format.write_metrics(self.out, history)
-                tracker.log_metrics(
-                    {**{k: v for k, v in row.items() if k != "epoch"}, "epoch_seconds": seconds,
-                     "train_samples_per_s": sums[-1] / max(seconds, 1e-9)}, step=epoch,
-                )
-            stopped_early = (hp.early_stopping_patience is not None and best_epoch is not None
-                             and since_best >= hp.early_stopping_patience)
+                tracker.log_metrics({**{k: v for k, v in row.items() if k != "epoch"}, "epoch_seconds": seconds,
+                                     "train_samples_per_s": samples / max(seconds, 1e-9)}, step=epoch)
+            stopped_early = (hp.early_stopping_patience is not None and state["best_epoch"] is not None
+                             and state["since_best"] >= hp.early_stopping_patience)
             last = epoch == hp.epochs - 1 or stopped_early
             stop_here = hp.stop_after_epoch is not None and epoch >= hp.stop_after_epoch and not last
             if last or stop_here or (epoch + 1) % hp.checkpoint_every == 0:
-                self.save_checkpoint(epoch, {"epoch": epoch, "history": history, "best_loss": best_loss,
-                                             "best_epoch": best_epoch, "since_best": since_best,
-                                             "world_size": self.world, "seed": self.seed})
-            if stopped_early:
+                self.save_checkpoint(epoch, {"epoch": epoch, "history": history, **state, "world_size": self.world,
+                                             "seed": self.seed})
+            if stopped_early or stop_here:
+                finished = not stop_here
                 break
-            if stop_here:
-                finished = False
-                break
-        return {"finished": finished, "last_epoch": epoch, "best_epoch": best_epoch, "best_val_loss": best_loss,
-                "stopped_early": stopped_early, "epochs_run": len(history)}
+        return {"finished": finished, "last_epoch": epoch, "best_epoch": state["best_epoch"],
+                "best_val_loss": state["best_loss"], "stopped_early": stopped_early, "epochs_run": len(history)}
+
+    def train_one_epoch(self, epoch: int) -> tuple[dict[str, Any], float, float, Optional[np.ndarray]]:
+        """One epoch's training and validation, summed over ranks: (the metrics row, seconds of training, samples
+        trained, with `data_audit` this rank's token ids of the epoch)."""
+        hp = self.hp
+        lr = loop.lr_at(epoch, hp.lr, hp.lr_decay, hp.lr_decay_every)
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        audit: list[np.ndarray] = []
+        negatives = self.gather_negatives if hp.gather_negatives and self.world > 1 else None
+        start = time.perf_counter()
+        self.engine.train()
+        sums = loop.train_epoch(
+            self.engine, self.update, self.table, self.train_set, self.epoch_batches(epoch),
+            seed=self.seed, epoch=epoch, rank=self.rank, cap=hp.max_context, augment=augment_spec(hp),
+            loss=loss_spec(hp), device=self.device, dtype=self.dtype, negatives=negatives,
+            on_batch=(lambda b: audit.append(b.token_ids.numpy())) if hp.data_audit else None,
+        )
+        seconds = time.perf_counter() - start
+        self.engine.eval()
+        val = loop.evaluate(
+            self.engine, self.table, self.val_set, batch_size=hp.batch_size, world_size=self.world,
+            rank=self.rank, cap=hp.max_context, loss=loss_spec(hp), device=self.device, dtype=self.dtype,
+        )
+        sums, val = self.all_sum(sums), self.all_sum(val)
+        row = {"epoch": epoch, "lr": lr, **loop.means(sums, loop.TRAIN_KEYS, "train_"),
+               **loop.means(val, loop.EVAL_KEYS, "val_")}
+        ids = (np.concatenate(audit) if audit else np.zeros(0, np.int64)) if hp.data_audit else None
+        return row, seconds, float(sums[-1]), ids
+
+    def select(self, epoch: int, row: dict[str, Any], state: dict[str, Any]) -> None:
+        """Keep the model of a candidate epoch whose validation loss is the lowest so far (rank 0 saves it)."""
+        candidate = loop.selects(epoch, self.hp.select_every, self.hp.epochs)
+        improved = candidate and (state["best_loss"] is None or row["val_loss"] < state["best_loss"])
+        weights = self.full_state_dict() if improved else None  # `improved` agrees on all ranks
+        if improved:
+            state.update(best_loss=row["val_loss"], best_epoch=epoch, since_best=0)
+            if self.rank == 0:
+                out_format.save_torch(self.out / out_format.BEST_MODEL, weights)
+        else:
+            state["since_best"] += 1
 
     def non_finite(self, key: str, value: float, epoch: int, lr: float) -> str:
-        last = latest_tag(self.ckpt_dir)
-        kept = f"the last checkpoint is {self.ckpt_dir / last}" if last else "no checkpoint had been written yet"
+        last = self.checkpoints.latest()
+        kept = f"the last checkpoint is {self.checkpoints.where(last)}" if last else "no checkpoint had been written yet"
         return (f"hypernet {key.replace('_', ' ')} became {value} in epoch {epoch} (lr {lr:g}); stopped without "
                 f"saving, {kept}: lower hypernet.lr or check the mapping's word vectors")
 
@@ -251,7 +243,7 @@ class HypernetJob(JobContext):
         from ..method.hypernet.models import model_from_spec
         from ..method.hypernet.predict import predict_all
 
-        model = model_from_spec(self.spec).to(self.device)
+        model = model_from_spec(self.model_spec).to(self.device)
         model.load_state_dict(
             torch.load(self.out / out_format.BEST_MODEL, map_location=self.device, weights_only=True)
         )
@@ -265,8 +257,8 @@ class HypernetJob(JobContext):
         tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         return metrics
 
-def run(job: dict[str, Any], args: Any) -> int:
-    worker = HypernetJob(job, args.resume)
+def run(spec: HypernetJobSpec, args: Any) -> int:
+    worker = HypernetJob(spec, args.resume)
     worker.setup()
     with worker.tracked() as stage_run:  # rank 0: the stage shell's `hypernet` run, named in the job file
         stage_run.log_params({"trainable_params": worker.trainable, "world_size": worker.world,
@@ -290,8 +282,8 @@ def run(job: dict[str, Any], args: Any) -> int:
 
 def main(argv: Optional[list[str]] = None) -> int:
     return job_main(
-        argv, COMMAND, run, lambda parser: parser.add_argument("--resume", action="store_true",
-                                                               help="continue from the latest checkpoint"),
+        argv, COMMAND, HypernetJobSpec, run,
+        lambda parser: parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint"),
     )
 
 

@@ -30,6 +30,7 @@ from typing import Optional
 
 from ..errors import HyperofaError, exit_status
 from ..formats.tokenizer import TOKENIZER_CONFIG, portable_config
+from ..runtime.checkpoint import universal_tag
 
 PREFIX = "model."  # the training wrapper (train.MaskedLMObjective) holds the HF model as `.model`
 TOKENIZER_GLOBS = ("tokenizer*", "special_tokens_map.json", "sentencepiece.bpe.model", "vocab.*", "merges.txt")
@@ -99,7 +100,7 @@ def export_hf(ckpt_dir: str | Path, tag: Optional[str], start_model: str | Path,
 def to_universal(ckpt_dir: str | Path, tag: str) -> str:
     """Convert `ckpt_dir/<tag>` to `ckpt_dir/<tag>_universal` once (ds_to_universal); returns the new tag."""
     ckpt_dir = Path(ckpt_dir)
-    target = f"{tag}_universal"
+    target = universal_tag(tag)
     if not (ckpt_dir / target).is_dir():
         tmp = ckpt_dir / f".{target}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)

@@ -24,6 +24,7 @@ causal-LM directory. Their embeddings train full-rank (the factorised form is th
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -31,18 +32,19 @@ from ..config import Config
 from ..errors import HyperofaError
 from ..formats import init as init_format
 from ..formats import pretrain as out_format
-from ..formats.files import LOW_SPACE, free_bytes, free_space, human, sha256_file
-from ..formats.jobdir import RUN_ID, checkpoint_dir, latest_tag, previous_run_id, read_client_info, write_job
+from ..formats.files import free_space, sha256_file, used_bytes
+from ..formats.jobdir import CHECKPOINTS, PretrainJobSpec, previous_run_id, write_job
 from ..formats.modelcard import ModelCard, corpus_facts, write_model_card
 from ..formats.models import check_model, model_files, model_fingerprint, read_model_config, require_model_dir
-from ..formats.rundir import MANIFEST
+from ..formats.rundir import MANIFEST, Stage
 from ..formats.shards import ShardSet, check_shards, load_shardset
 from ..formats.shards import prepare_dir as default_prepare_dir
 from ..formats.tokenizer import TOKENIZER_JSON, tokenizer_fingerprint
 from ..models import position_offset
 from ..runtime.device import job_device_type, resolve_precision
 from ..runtime.dsconfig import fill_ds_config, load_template, validate_ds_config
-from ..runtime.job import change_tags, check_resume, fresh_provenance, resume_fingerprint
+from ..runtime.checkpoint import Checkpointer, StartPlan
+from ..runtime.job import change_tags, resume_fingerprint
 from ..runtime.launch import LaunchTarget, launch_command, planned_world_size, run_launcher
 from ..runtime.stage import StageShell
 from ..tracking import METHOD_TAG, OBJECTIVE_TAG, STAGE_TAG, STEP_TAG, registered_model_name
@@ -173,29 +175,6 @@ def build_ds_config(config: Config, precision: str) -> dict[str, Any]:
     return cfg
 
 
-# --- checkpoints -------------------------------------------------------------------------------------------
-
-
-def resume_plan(config: Config, ckpt_dir: Path, world: int) -> tuple[Optional[str], bool]:
-    """(tag to load or None for `latest`, load_universal) after checking the checkpoint fits this launch."""
-    p = config.pretrain
-    tag = latest_tag(ckpt_dir)
-    if tag is None:
-        raise HyperofaError(f"{ckpt_dir}: no checkpoint to resume from (pretrain.resume=true)")
-    info = read_client_info(ckpt_dir, tag)
-    written_by = info["world_size"] if info else None
-    if not p.universal:
-        if written_by is not None and written_by != world:
-            raise HyperofaError(
-                f"{ckpt_dir / tag}: written by {written_by} ranks, this launch has {world}; set "
-                "pretrain.universal=true to resume through a universal checkpoint"
-            )
-        return None, False
-    from .export import to_universal
-
-    return to_universal(ckpt_dir, tag), True
-
-
 # --- the stage ---------------------------------------------------------------------------------------------
 
 
@@ -214,13 +193,33 @@ def trainable_rows_file(config: Config, model_dir: Path, out: Path) -> Optional[
     return path
 
 
-def run(config: Config, tracker: Any) -> int:
+@dataclass(frozen=True)
+class Plan:
+    """Everything `run` resolved and checked before the stage shell opens."""
+
+    config: Config  # with pretrain.grad_accum resolved
+    model_dir: Path
+    objective: str
+    shardset: ShardSet
+    block_size: int
+    world: int
+    global_batch: int
+    precision: str
+    ds_config: dict[str, Any]
+    embeddings: str
+    factors: Optional[Path]
+    frame: Optional[dict[str, Optional[int]]]
+    parameters: int  # of the model to train
+
+
+def checkpointer(config: Config, out: Path) -> Checkpointer:
+    return Checkpointer(out, "pretrain", keep=config.pretrain.keep_checkpoints)
+
+
+def checked_shards(config: Config, model_dir: Path) -> tuple[ShardSet, int]:
+    """The prepare shards (made with the model's tokenizer, whole, their blocks within the model's positions,
+    every weighted language among them) and their block size."""
     p = config.pretrain
-    stage = out_format.stage_of(config.run_dir, p.method)
-    model_dir = resolve_model(config)
-    objective = objective_of(model_dir)
-    # A causal tokenizer has no mask token and needs none: only masked-LM training asks for one.
-    model = check_model(model_dir, "pretrain.model" if p.model else "pretrain.method", mask=objective == "masked")
     prepare_dir = Path(p.shards).resolve() if p.shards else default_prepare_dir(config.run_dir)
     shardset = load_shardset(prepare_dir)
     if not shardset.train:
@@ -237,127 +236,158 @@ def run(config: Config, tracker: Any) -> int:
         from .data import mixing_probabilities
 
         mixing_probabilities(sorted(shardset.train), shardset.blocks, p.language_weights)
+    return shardset, block_size
+
+
+def check_space(plan: Plan, stage: Stage, *, rebuild: bool = False) -> None:
+    """Room for the checkpoints still to come and the export. Before the shell opens: for a resume (the tags on
+    disk count as written) or a fresh run over no committed checkpoint. `rebuild`: in the shell, for a fresh run
+    that removes a finished run's checkpoints (an up-to-date stage is never refused for space)."""
+    p = plan.config.pretrain
+    ckpt = checkpointer(plan.config, stage.path)
+    if not (p.resume or ckpt.latest() is None or rebuild):
+        return  # up to date, refused by the checkpoint plan, or checked again as a rebuild in the shell
+    kept = len(ckpt.tags()) if p.resume else 0
+    free_space(
+        stage.path, out_format.pretrain_bytes(plan.parameters, plan.config, plan.world, kept),
+        f"pretraining ({plan.parameters} parameters: every checkpoint and the exported model)",
+        0 if p.resume else used_bytes(ckpt.dir),
+    )
+
+
+def plan_run(config: Config, stage: Stage) -> Plan:
+    """Resolve and check every input before anything is written or launched."""
+    p = config.pretrain
+    model_dir = resolve_model(config)
+    objective = objective_of(model_dir)
+    # A causal tokenizer has no mask token and needs none: only masked-LM training asks for one.
+    model = check_model(model_dir, "pretrain.model" if p.model else "pretrain.method", mask=objective == "masked")
+    shardset, block_size = checked_shards(config, model_dir)
     world = planned_world_size(p, "pretrain")
     accum, global_batch = batch_plan(config, world)
     # Every reader downstream (the DeepSpeed config, the job file the ranks read) sees the resolved accumulation.
     config = config.with_changes({"pretrain.grad_accum": accum})
-    p = config.pretrain
-    if p.resume or latest_tag(checkpoint_dir(stage.path)) is None:  # else: up to date, or refused below
-        kept = sum(1 for d in checkpoint_dir(stage.path).glob("step*") if d.is_dir())
-        free_space(
-            stage.path, out_format.pretrain_bytes(model.parameters, config, world, kept),
-            f"pretraining ({model.parameters} parameters: every checkpoint and the exported model)",
-        )
     precision = resolve_precision(p.precision, job_device_type(), "pretrain.precision")
-    ds_config = build_ds_config(config, precision)
     embeddings, factors = embeddings_plan(config, model_dir, objective)
-    frame = block_frame(shardset, model_dir) if objective == "causal" else None
+    plan = Plan(config, model_dir, objective, shardset, block_size, world, global_batch, precision,
+                build_ds_config(config, precision), embeddings, factors,
+                block_frame(shardset, model_dir) if objective == "causal" else None, model.parameters)
+    check_space(plan, stage)
+    return plan
 
+
+def stage_inputs(plan: Plan) -> dict[str, Any]:
     inputs = {
-        "config": config.fingerprint("pretrain", "run"),
-        "model": model_fingerprint(model_dir),
-        "shards": shardset.inputs_digest,
-        "ds_config": ds_config,
-        "precision": precision,
-        "world_size": world,
-        "embeddings": embeddings,
+        "config": plan.config.fingerprint("pretrain", "run"),
+        "model": model_fingerprint(plan.model_dir),
+        "shards": plan.shardset.inputs_digest,
+        "ds_config": plan.ds_config,
+        "precision": plan.precision,
+        "world_size": plan.world,
+        "embeddings": plan.embeddings,
     }
-    if factors is not None:
-        inputs["factors"] = {n: sha256_file(factors / n) for n in (init_format.COORDINATES, init_format.PRIMITIVES)}
-    if frame is not None:
-        inputs["objective"] = {"kind": objective, "frame": frame}
-    out = stage.path
-    ckpt_dir = checkpoint_dir(out)
+    if plan.factors is not None:
+        inputs["factors"] = {n: sha256_file(plan.factors / n) for n in (init_format.COORDINATES, init_format.PRIMITIVES)}
+    if plan.frame is not None:
+        inputs["objective"] = {"kind": plan.objective, "frame": plan.frame}
+    return inputs
+
+
+def job_spec(plan: Plan, out: Path, start: StartPlan, rows_file: Optional[Path], run_id: Optional[str]) -> PretrainJobSpec:
+    return PretrainJobSpec(
+        config=plan.config.effective(), out_dir=str(out), model_dir=str(plan.model_dir), block_size=plan.block_size,
+        train_shards=plan.shardset.train, heldout_shards=plan.shardset.heldout, train_blocks=plan.shardset.blocks,
+        ds_config=plan.ds_config, precision=plan.precision, resume=plan.config.pretrain.resume,
+        resume_tag=start.resume_tag, trainable_rows=str(rows_file) if rows_file else None,
+        factors_dir=str(plan.factors) if plan.factors else None, objective=plan.objective, frame=plan.frame,
+        # Rank 0, wherever it runs, logs into this stage's run (no environment reaches a remote node).
+        provenance=start.provenance, run_id=run_id,
+    )
+
+
+def launch(plan: Plan, shell: Any, start: StartPlan, ckpt: Checkpointer) -> Path:
+    """Write the job file, launch the ranks, turn a failed job into one line; returns the job file."""
+    p, out = plan.config.pretrain, shell.path
+    rows_file = trainable_rows_file(plan.config, plan.model_dir, out)
+    job_file = write_job(out, job_spec(plan, out, start, rows_file, shell.run.run_id))
+    cmd = launch_command(p, job_file, TARGET)
+    shell.run.set_tags({"hyperofa.world_size": plan.world, "hyperofa.grad_accum": p.grad_accum,
+                        "hyperofa.global_batch_size": plan.global_batch, "hyperofa.precision": plan.precision,
+                        "hyperofa.zero": p.zero, "hyperofa.embeddings": plan.embeddings, OBJECTIVE_TAG: plan.objective,
+                        **change_tags(start.provenance)})
+    shell.say(f"launching {plan.world} ranks ({plan.global_batch} sequences per step: {p.micro_batch_size} per "
+              f"micro-batch x {p.grad_accum} micro-batches x {plan.world} ranks): {' '.join(cmd)}")
+    if plan.world > 1 and not p.hostfile and plan.precision == "fp32":
+        # CPU ranks: split the cores instead of every rank spawning a thread per core.
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // plan.world)))
+    code = run_launcher(cmd).returncode
+    failure = out_format.read_failure(out)
+    if failure:
+        raise HyperofaError(failure)
+    if code != 0:
+        raise HyperofaError(ckpt.failure(code, out))
+    return job_file
+
+
+def export(plan: Plan, shell: Any, start: StartPlan, ckpt: Checkpointer, job_file: Path) -> None:
+    """The last checkpoint as a stock HF model directory with its card, the manifest, the MLflow model."""
+    from .export import export_hf
+
+    config, p, out, run_ = plan.config, plan.config.pretrain, shell.path, shell.run
+    tag = ckpt.latest()
+    exported, factor_files = export_hf(ckpt.dir, tag, plan.model_dir, out / out_format.MODEL)
+    final_eval = out_format.last_line(out / out_format.EVAL_LOG)
+    write_model_card(exported, pretrain_card(config, exported, plan.objective, final_eval))
+    sizes = out_format.read_parameter_counts(out)
+    shell.finish(
+        outputs=model_files(exported) + factor_files,
+        counts={"steps": p.steps, "world_size": plan.world, "final_checkpoint": tag, "grad_accum": p.grad_accum,
+                "global_batch_size": plan.global_batch, **sizes},
+        extra={"eval_loss": (final_eval or {}).get("loss", {}), "embeddings": plan.embeddings,
+               "objective": plan.objective, "config_changes": start.provenance["changes"]},
+    )
+    run_.log_artifact(job_file)
+    run_.set_tags({"hyperofa.checkpoints": str(ckpt.dir)})
+    run_.log_model(exported, registered_model_name(config.tracking.experiment, p.method),
+                   {STAGE_TAG: "pretrain", METHOD_TAG: p.method, STEP_TAG: p.steps})
+    shell.say(f"{p.steps} steps done ({plan.objective} LM, {plan.embeddings} embeddings); model exported to {exported}"
+              + (f", factors beside it ({', '.join(factor_files)})" if factor_files else ""))
+
+
+def to_universal(ckpt_dir: Path, tag: str) -> str:
+    from .export import to_universal as convert
+
+    return convert(ckpt_dir, tag)
+
+
+def run(config: Config, tracker: Any) -> int:
+    stage = out_format.stage_of(config.run_dir, config.pretrain.method)
+    plan = plan_run(config, stage)
+    p = plan.config.pretrain
+    inputs = stage_inputs(plan)
     # What a checkpoint must have been trained with for a resume to continue it (runtime/job.py).
-    fingerprint = resume_fingerprint(config, ("pretrain", "run"), {k: inputs[k] for k in ("model", "shards", "precision")})
-    provenance = fresh_provenance(fingerprint)
+    fingerprint = resume_fingerprint(plan.config, ("pretrain", "run"),
+                                     {k: inputs[k] for k in ("model", "shards", "precision")})
     # One MLflow run per method holds the job's curves: the shell opens `pretrain/<method>`, the job's rank 0 logs
     # into it (its id travels in job.json); a resumed job continues the run of the interrupted one.
-    resume_run = previous_run_id(out) if p.resume else None
-    with StageShell.open(config, tracker, "pretrain", stage, inputs, run_name=f"pretrain/{p.method}",
+    resume_run = previous_run_id(stage.path) if p.resume else None
+    with StageShell.open(plan.config, tracker, "pretrain", stage, inputs, run_name=f"pretrain/{p.method}",
                          tags={METHOD_TAG: p.method}, resume_run_id=resume_run) as shell:
         if shell.up_to_date and not p.resume:
             return 0
-        resume_tag, universal = None, False
-        if p.resume:
-            last = latest_tag(ckpt_dir)
-            if last is not None:
-                provenance = check_resume(ckpt_dir, last, fingerprint, allow=p.allow_config_change,
-                                          allow_key="pretrain.allow_config_change")
-            resume_tag, universal = resume_plan(config, ckpt_dir, world)
-        elif latest_tag(ckpt_dir) is not None:
-            raise HyperofaError(
-                f"{ckpt_dir}: checkpoints of an earlier run exist; set pretrain.resume=true to continue it, or remove "
-                "the directory to start over"
-            )
-        if universal:
-            ds_config.setdefault("checkpoint", {})["load_universal"] = True
-        run_ = shell.run
+        ckpt = checkpointer(plan.config, stage.path)
+        start = ckpt.plan_start(resume=p.resume, finished=stage.manifest_path.is_file(), world=plan.world,
+                                fingerprint=fingerprint, allow_change=p.allow_config_change, universal=p.universal,
+                                convert=to_universal)
+        if start.clear and stage.manifest_path.is_file():
+            check_space(plan, stage, rebuild=True)
+        if start.universal:
+            plan.ds_config.setdefault("checkpoint", {})["load_universal"] = True
         shell.begin()
-        if not p.resume:
+        if start.clear:
             stage.clear((*out_format.JOB_OUTPUTS, *out_format.FACTORS, out_format.RANKS, out_format.AUDIT,
-                         out_format.MODEL))
+                         out_format.MODEL, CHECKPOINTS))
         stage.clear((out_format.FAILURE,))
-        rows_file = trainable_rows_file(config, model_dir, out)
-        job = {
-            "config": config.effective(),
-            "out_dir": str(out),
-            "model_dir": str(model_dir),
-            "block_size": block_size,
-            "train_shards": shardset.train,
-            "heldout_shards": shardset.heldout,
-            "train_blocks": shardset.blocks,
-            "ds_config": ds_config,
-            "precision": precision,
-            "resume": p.resume,
-            "resume_tag": resume_tag,
-            "trainable_rows": str(rows_file) if rows_file else None,
-            "factors_dir": str(factors) if factors else None,
-            "objective": objective,
-            "frame": frame,
-            "provenance": provenance,
-            # Rank 0, wherever it runs, logs into this stage's run (no environment reaches a remote node).
-            RUN_ID: run_.run_id,
-        }
-        job_file = write_job(out, job)
-        cmd = launch_command(p, job_file, TARGET)
-        run_.set_tags({"hyperofa.world_size": world, "hyperofa.grad_accum": accum,
-                       "hyperofa.global_batch_size": global_batch, "hyperofa.precision": precision, "hyperofa.zero": p.zero,
-                       "hyperofa.embeddings": embeddings, OBJECTIVE_TAG: objective, **change_tags(provenance)})
-        shell.say(f"launching {world} ranks ({global_batch} sequences per step: {p.micro_batch_size} per micro-batch "
-                  f"x {accum} micro-batches x {world} ranks): {' '.join(cmd)}")
-        if world > 1 and not p.hostfile and precision == "fp32":
-            # CPU ranks: split the cores instead of every rank spawning a thread per core.
-            os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world)))
-        code = run_launcher(cmd).returncode
-        failure = out_format.read_failure(out)
-        if failure:
-            raise HyperofaError(failure)
-        if code != 0:
-            last = latest_tag(ckpt_dir)
-            kept = f"; the last checkpoint is {ckpt_dir / last} (resume with pretrain.resume=true)" if last else ""
-            free = free_bytes(out)
-            full = f": {out} is on a full filesystem ({human(free)} free)" if free < LOW_SPACE else ""
-            raise HyperofaError(f"the training job exited with status {code}{full}{kept}")
-
-        from .export import export_hf
-
-        tag = latest_tag(ckpt_dir)
-        exported, factor_files = export_hf(ckpt_dir, tag, model_dir, out / out_format.MODEL)
-        final_eval = out_format.last_line(out / out_format.EVAL_LOG)
-        write_model_card(exported, pretrain_card(config, exported, objective, final_eval))
-        sizes = out_format.read_parameter_counts(out)
-        shell.finish(
-            outputs=model_files(exported) + factor_files,
-            counts={"steps": p.steps, "world_size": world, "final_checkpoint": tag, "grad_accum": accum,
-                "global_batch_size": global_batch, **sizes},
-            extra={"eval_loss": (final_eval or {}).get("loss", {}), "embeddings": embeddings, "objective": objective,
-                   "config_changes": provenance["changes"]},
-        )
-        run_.log_artifact(job_file)
-        run_.set_tags({"hyperofa.checkpoints": str(ckpt_dir)})
-        run_.log_model(exported, registered_model_name(config.tracking.experiment, p.method),
-                       {STAGE_TAG: "pretrain", METHOD_TAG: p.method, STEP_TAG: p.steps})
-        shell.say(f"{p.steps} steps done ({objective} LM, {embeddings} embeddings); model exported to {exported}"
-                  + (f", factors beside it ({', '.join(factor_files)})" if factor_files else ""))
+        job_file = launch(plan, shell, start, ckpt)
+        export(plan, shell, start, ckpt, job_file)
     return 0

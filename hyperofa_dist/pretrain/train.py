@@ -18,21 +18,21 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from typing import Any, Optional
 
 import torch
 
-from ..errors import HyperofaError
 from ..formats import pretrain as out_format
-from ..formats.files import disk_full, free_bytes
+from ..formats.jobdir import PretrainJobSpec
 from ..formats.shards import ShardSet
 from ..models.causal import Frame, HeadTransform, block_layout, causal_lm_loss, head_transform, hf_labels, output_head
 from ..models.mlm import masked_lm_loss, sparse_embedding_grad
+from ..runtime.checkpoint import Checkpointer
 from ..runtime.faults import Hooks, hooks_from_env
-from ..runtime.job import NAN_EXIT, JobContext, job_main, weights_only_loads
+from ..runtime.job import NAN_EXIT, JobContext, job_main
 from ..runtime.seeds import mix_seed
 from . import data as data_mod
+from .meter import ThroughputMeter, Window
 from .optim import EmbeddingWarmup, apply_settings, group_settings, lr_at, param_groups
 from .perf import model_flops_per_token, mfu, peak_flops
 
@@ -87,10 +87,6 @@ class CausalLMObjective(torch.nn.Module):
         return loss, torch.tensor(float(n), device=loss.device)
 
 
-def tag_of(step: int) -> str:
-    return f"step{step:08d}"
-
-
 def _memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -103,44 +99,46 @@ def _memory_gb(device: torch.device) -> float:
 
 
 class PretrainJob(JobContext):
-    def __init__(self, spec: dict[str, Any], hooks: Optional[Hooks] = None):
+    def __init__(self, spec: PretrainJobSpec, hooks: Optional[Hooks] = None):
         import deepspeed
 
         from ..formats.models import load_model
         from ..formats.tokenizer import load_tokenizer
 
         super().__init__(spec, COMMAND)
-        self.spec = spec
         self.hooks = hooks or Hooks()
         self.p = self.config.pretrain
         self.init_distributed()
+        self.checkpoints = Checkpointer(self.out, COMMAND, keep=self.p.keep_checkpoints, rank=self.rank,
+                                        barrier=self.barrier)
 
-        self.causal = spec.get("objective") == "causal"
-        self.frame = Frame(**spec["frame"]) if self.causal else None
+        self.causal = spec.objective == "causal"
+        self.frame = Frame(**spec.frame) if self.causal else None
         # A causal LM predicts every position: no masking, so no mask token is needed.
-        self.mask = None if self.causal else data_mod.mask_spec(load_tokenizer(spec["model_dir"]), self.p.mlm_probability)
+        self.mask = None if self.causal else data_mod.mask_spec(load_tokenizer(spec.model_dir), self.p.mlm_probability)
         torch.manual_seed(self.seed)
-        model = load_model(spec["model_dir"], "AutoModelForCausalLM" if self.causal else "AutoModelForMaskedLM",
+        model = load_model(spec.model_dir, "AutoModelForCausalLM" if self.causal else "AutoModelForMaskedLM",
                            dtype=torch.float32)
-        if spec.get("factors_dir"):
+        zero3 = (spec.ds_config.get("zero_optimization") or {}).get("stage") == 3
+        if spec.factors_dir:
             from pathlib import Path
 
             from ..formats.init import load_factors
             from ..models.factorised import factorise, zero3_external_parameters
 
-            factorise(model, *load_factors(Path(spec["factors_dir"])))
-            if (spec["ds_config"].get("zero_optimization") or {}).get("stage") == 3:
+            factorise(model, *load_factors(Path(spec.factors_dir)))
+            if zero3:
                 zero3_external_parameters(model)
         if self.rank == 0:
             from ..models.factorised import parameter_counts
 
             out_format.write_parameter_counts(self.out, parameter_counts(model))
-        self.seq_len = int(spec["block_size"])
+        self.seq_len = spec.block_size
         self.flops_token = model_flops_per_token(model, self.seq_len, 1.0 if self.causal else self.p.mlm_probability)
         self.peak = peak_flops(self.p.peak_tflops)
         self.warmup: Optional[EmbeddingWarmup] = None
         if self.p.embedding_warmup_steps > 0:
-            rows = torch.load(spec["trainable_rows"], weights_only=True)
+            rows = torch.load(spec.trainable_rows, weights_only=True)
             self.warmup = EmbeddingWarmup(model, rows)
         if self.p.gradient_checkpointing:
             # Non-reentrant: works with ZeRO-3's parameter hooks and inputs that need no gradient; the RNG state is
@@ -153,20 +151,18 @@ class PretrainJob(JobContext):
         self.group_names = [g["name"] for g in groups]
         # AdamW comes from the config's optimizer block (torch's implementation); the groups carry their names so
         # the loop can set each group's lr and weight decay per step.
-        zero3 = (spec["ds_config"].get("zero_optimization") or {}).get("stage") == 3
         objective = (
             CausalLMObjective(model, self.frame, chunk=self.p.loss_chunk, attention=self.p.causal_attention, zero3=zero3)
             if self.causal else MaskedLMObjective(model)
         )
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=objective, model_parameters=groups, config=spec["ds_config"]
+            model=objective, model_parameters=groups, config=spec.ds_config
         )
-        self.shardset = ShardSet(spec["train_shards"], spec["heldout_shards"], spec["train_blocks"])
+        self.shardset = ShardSet(spec.train_shards, spec.heldout_shards, spec.train_blocks)
         self.probs = data_mod.mixing_probabilities(
             sorted(self.shardset.train), self.shardset.blocks, self.p.language_weights
         )
-        self.step, self.tokens_seen = 0, 0
-        self.last_good: Optional[str] = None
+        self.step, self.tokens_seen, self.micro_steps = 0, 0, 0
         self.eval_sets = {
             lang: data_mod.heldout_batches(shards, self.p.eval_blocks, self.p.micro_batch_size, self.mask, self.seed, lang)
             for lang, shards in sorted(self.shardset.heldout.items())
@@ -175,34 +171,15 @@ class PretrainJob(JobContext):
     # --- checkpoints ------------------------------------------------------------------------------------------
 
     def resume(self) -> None:
-        tag = self.spec.get("resume_tag")
-        with weights_only_loads(self.ckpt_dir):
-            path, client = self.engine.load_checkpoint(
-                str(self.ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
-            )
-        if path is None:
-            raise HyperofaError(f"{self.ckpt_dir}: no checkpoint to resume from (pretrain.resume=true)")
+        tag, client = self.checkpoints.load(self.engine, self.spec.resume_tag, self.world,
+                                            load_optimizer_states=True, load_lr_scheduler_states=False)
         self.step = int(client["step"])
         self.tokens_seen = int(client["tokens_seen"])
-        self.last_good = str(path)
-        self.say(f"resumed from {path} at step {self.step} ({self.tokens_seen} tokens seen)")
+        self.say(f"resumed from {self.checkpoints.where(tag)} at step {self.step} ({self.tokens_seen} tokens seen)")
 
     def save(self) -> None:
-        tag = tag_of(self.step)
         client = {"step": self.step, "data_seed": self.seed, "tokens_seen": self.tokens_seen, "world_size": self.world}
-        self.write_checkpoint_info(tag, client)
-        try:
-            self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client, save_latest=False)
-        except Exception as exc:  # torch's writer reports a full disk as "file write failed" or an iostream error
-            if not disk_full(self.ckpt_dir, exc):
-                raise
-            kept = f"`latest` still names {self.last_good}" if self.last_good else "no checkpoint was written before"
-            raise HyperofaError(
-                f"{self.ckpt_dir / tag}: cannot write the checkpoint: no space left on device "
-                f"({free_bytes(self.ckpt_dir)} bytes free); {kept}"
-            ) from None
-        self.commit_checkpoint(tag)  # `latest` moves only once every rank has written its part
-        self.last_good = str(self.ckpt_dir / tag)
+        self.checkpoints.save(self.engine, self.step, client, info=client, provenance=self.spec.provenance)
 
     # --- evaluation -------------------------------------------------------------------------------------------
 
@@ -250,122 +227,145 @@ class PretrainJob(JobContext):
     # --- the loop -----------------------------------------------------------------------------------------------
 
     def run(self, tracker) -> int:
-        p = self.p
-        if self.spec.get("resume"):
+        self.start(tracker)
+        audit = open(out_format.audit_path(self.out, self.rank), "a") if self.p.data_audit else None
+        meter = ThroughputMeter()
+        self.engine.train()
+        try:
+            while self.step < self.p.steps:
+                code = self.train_epoch(tracker, meter, audit)
+                if code:
+                    return code
+        finally:
+            if audit is not None:
+                audit.close()
+        self.finish(self.micro_steps)
+        return 0
+
+    def start(self, tracker) -> None:
+        """Resume (the tag the stage planned), end a finished warm-up, drop the log lines of steps that are trained
+        again, and evaluate the starting model: every held-out curve begins at step 0."""
+        if self.spec.resume:
             self.resume()
-        if self.warmup is not None and self.step >= p.embedding_warmup_steps:
+        if self.warmup is not None and self.step >= self.p.embedding_warmup_steps:
             self.warmup.remove()
-        log_path = self.out / out_format.TRAIN_LOG
         if self.rank == 0:
             # Steps a killed run logged after its last checkpoint are trained again now: drop their old lines.
             for name in (out_format.TRAIN_LOG, out_format.EVAL_LOG):
                 out_format.truncate_log(self.out / name, self.step)
         if self.step == 0:
-            self.evaluate_and_log(tracker)  # the starting model: every held-out curve begins at step 0
-        audit = open(out_format.audit_path(self.out, self.rank), "a") if p.data_audit else None
-        micro_steps, window_tokens, window_blocks, window_loss, window_steps = 0, 0, 0, 0.0, 0
-        window_start = time.perf_counter()
-        engine = self.engine
-        engine.train()
-        while self.step < p.steps:
-            epoch_start = self.step
-            epoch_steps = min(p.save_every - self.step % p.save_every, p.steps - self.step)
-            loader = data_mod.train_loader(
-                self.shardset,
-                self.probs,
-                seed=self.seed,
-                epoch_start=epoch_start,
-                rank=self.rank,
-                world_size=self.world,
-                micro_batch_size=p.micro_batch_size,
-                n_batches=epoch_steps * p.grad_accum,
-                shuffle_buffer=p.shuffle_buffer,
-                mask=self.mask,
-                num_workers=p.num_workers,
-                prefetch_factor=p.prefetch_factor,
-                audit=p.data_audit,
-            )
-            step_loss = torch.zeros(2, dtype=torch.float64, device=self.device)
-            for index, batch in enumerate(loader):
-                micro = index % p.grad_accum
-                if micro == 0:
-                    self.hooks.before_step(self.step + 1, self.rank)
-                    settings = group_settings(
-                        self.step,
-                        lr=lr_at(self.step, peak=p.lr, warmup=p.warmup_steps, total=p.steps, schedule=p.schedule),
-                        weight_decay=p.weight_decay,
-                        warmup_embedding_steps=p.embedding_warmup_steps,
-                    )
-                    apply_settings(self.optimizer, self.group_names, settings)
-                torch.manual_seed(mix_seed(self.seed, "dropout", self.rank, self.step, micro))
-                loss, n_masked = self._loss(batch)
-                loss = self.hooks.loss(self.step + 1, loss)
-                check = torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=self.device)])
-                torch.distributed.all_reduce(check)
-                if not torch.isfinite(check[0]):
-                    return self.stop_non_finite(float(check[0]), micro)
-                engine.backward(loss)
-                engine.step()
-                step_loss += check
-                micro_steps += 1
-                window_tokens += batch["input_ids"].numel() * self.world
-                window_blocks += batch["input_ids"].shape[0] * self.world
-                if audit is not None:
-                    audit.write(json.dumps({"step": self.step + 1, "blocks": batch["block_ids"]}) + "\n")
-                if micro != p.grad_accum - 1:
-                    continue
-                self.step += 1
-                self.tokens_seen += p.grad_accum * p.micro_batch_size * self.seq_len * self.world
+            self.evaluate_and_log(tracker)
+
+    def epoch_loader(self) -> Any:
+        """The data epoch from this step to the next checkpoint step (or the end): a function of (seed, epoch
+        start, rank, worker), so a resumed run reads what the uninterrupted one read."""
+        p = self.p
+        epoch_steps = min(p.save_every - self.step % p.save_every, p.steps - self.step)
+        return data_mod.train_loader(
+            self.shardset, self.probs, seed=self.seed, epoch_start=self.step, rank=self.rank, world_size=self.world,
+            micro_batch_size=p.micro_batch_size, n_batches=epoch_steps * p.grad_accum,
+            shuffle_buffer=p.shuffle_buffer, mask=self.mask, num_workers=p.num_workers,
+            prefetch_factor=p.prefetch_factor, audit=p.data_audit,
+        )
+
+    def train_epoch(self, tracker, meter: ThroughputMeter, audit: Any) -> int:
+        """The data epoch's micro-batches; 0, or NAN_EXIT when the loss became non-finite."""
+        p = self.p
+        step_loss = torch.zeros(2, dtype=torch.float64, device=self.device)
+        settings: dict[str, Any] = {}
+        for index, batch in enumerate(self.epoch_loader()):
+            micro = index % p.grad_accum
+            if micro == 0:
+                settings = self.begin_step()
+            check = self.micro_step(batch, micro)
+            if not torch.isfinite(check[0]):
+                return self.stop_non_finite(float(check[0]), micro)
+            step_loss += check
+            self.micro_steps += 1
+            meter.micro_batch(batch["input_ids"].numel() * self.world, batch["input_ids"].shape[0] * self.world)
+            if audit is not None:
+                audit.write(json.dumps({"step": self.step + 1, "blocks": batch["block_ids"]}) + "\n")
+            if micro == p.grad_accum - 1:
                 loss_value = float(step_loss[0] / step_loss[1])
                 step_loss.zero_()
-                window_loss += loss_value
-                window_steps += 1
-                grad_norm = engine.get_global_grad_norm()
-                grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-                lr_now = settings["embedding"][0] if "embedding" in settings else p.lr
-                if self.rank == 0:
-                    out_format.append_line(log_path, {"step": self.step, "loss": loss_value, "lr": lr_now,
-                                                      "grad_norm": grad_norm, "tokens_seen": self.tokens_seen})
-                if self.warmup is not None and self.step == p.embedding_warmup_steps:
-                    self.warmup.remove()
-                    self.say(f"embedding warm-up done at step {self.step}; training every parameter")
-                if self.step % p.log_every == 0 or self.step == p.steps:
-                    elapsed = max(time.perf_counter() - window_start, 1e-9)
-                    tok_s = window_tokens / elapsed
-                    metrics = {
-                        "train/loss": window_loss / window_steps,
-                        "train/lr": lr_now,
-                        "train/grad_norm": grad_norm,
-                        "perf/tokens_per_s": tok_s,
-                        "perf/samples_per_s": window_blocks / elapsed,
-                        "perf/memory_gb": _memory_gb(self.device),
-                        "train/tokens_seen": self.tokens_seen,
-                    }
-                    share = mfu(tok_s / self.world, self.flops_token, self.peak)
-                    if share is not None:
-                        metrics["perf/mfu"] = share
-                    tracker.log_metrics(metrics, step=self.step)
-                    self.say(
-                        f"step {self.step}/{p.steps} loss {metrics['train/loss']:.4f} lr {lr_now:.3g} "
-                        f"{tok_s:,.0f} tok/s" + (f" mfu {share:.3f}" if share is not None else "")
-                    )
-                    window_tokens = window_blocks = window_steps = 0
-                    window_loss = 0.0
-                if self.step % p.eval_every == 0 or self.step == p.steps:
-                    self.evaluate_and_log(tracker)
-                if self.step % p.save_every == 0 or self.step == p.steps:
-                    self.save()
-                window_start = time.perf_counter() if self.step % p.log_every == 0 else window_start
-        if audit is not None:
-            audit.close()
-        self.finish(micro_steps)
+                self.end_step(tracker, meter, loss_value, settings)
         return 0
 
+    def begin_step(self) -> dict[str, Any]:
+        """The fault hook, then each parameter group's lr and weight decay for the coming step."""
+        p = self.p
+        self.hooks.before_step(self.step + 1, self.rank)
+        settings = group_settings(
+            self.step, lr=lr_at(self.step, peak=p.lr, warmup=p.warmup_steps, total=p.steps, schedule=p.schedule),
+            weight_decay=p.weight_decay, warmup_embedding_steps=p.embedding_warmup_steps,
+        )
+        apply_settings(self.optimizer, self.group_names, settings)
+        return settings
+
+    def micro_step(self, batch: dict, micro: int) -> torch.Tensor:
+        """Forward; the loss summed over ranks with the rank count ([loss, ranks]) is checked on every rank
+        before the backward, so a non-finite loss stops every rank before any update."""
+        torch.manual_seed(mix_seed(self.seed, "dropout", self.rank, self.step, micro))
+        loss, _ = self._loss(batch)
+        loss = self.hooks.loss(self.step + 1, loss)
+        check = torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=self.device)])
+        torch.distributed.all_reduce(check)
+        if torch.isfinite(check[0]):
+            self.engine.backward(loss)
+            self.engine.step()
+        return check
+
+    def end_step(self, tracker, meter: ThroughputMeter, loss_value: float, settings: dict[str, Any]) -> None:
+        """After a step's last micro-batch: its log line, the end of the warm-up, and at their intervals the
+        window's metrics, the held-out evaluation and the checkpoint."""
+        p = self.p
+        self.step += 1
+        self.tokens_seen += p.grad_accum * p.micro_batch_size * self.seq_len * self.world
+        meter.step(loss_value)
+        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        lr_now = settings["embedding"][0] if "embedding" in settings else p.lr
+        if self.rank == 0:
+            out_format.append_line(self.out / out_format.TRAIN_LOG, {
+                "step": self.step, "loss": loss_value, "lr": lr_now, "grad_norm": grad_norm,
+                "tokens_seen": self.tokens_seen})
+        if self.warmup is not None and self.step == p.embedding_warmup_steps:
+            self.warmup.remove()
+            self.say(f"embedding warm-up done at step {self.step}; training every parameter")
+        if self.step % p.log_every == 0 or self.step == p.steps:
+            self.log_window(tracker, meter.take(), lr_now, grad_norm)
+        if self.step % p.eval_every == 0 or self.step == p.steps:
+            self.evaluate_and_log(tracker)
+        if self.step % p.save_every == 0 or self.step == p.steps:
+            self.save()
+        if self.step % p.log_every == 0:  # the next window starts after this step's evaluation and checkpoint
+            meter.restart()
+
+    def log_window(self, tracker, window: Window, lr_now: float, grad_norm: float) -> None:
+        metrics = {
+            "train/loss": window.loss,
+            "train/lr": lr_now,
+            "train/grad_norm": grad_norm,
+            "perf/tokens_per_s": window.tokens_per_s,
+            "perf/samples_per_s": window.samples_per_s,
+            "perf/memory_gb": _memory_gb(self.device),
+            "train/tokens_seen": self.tokens_seen,
+        }
+        share = mfu(window.tokens_per_s / self.world, self.flops_token, self.peak)
+        if share is not None:
+            metrics["perf/mfu"] = share
+        tracker.log_metrics(metrics, step=self.step)
+        self.say(
+            f"step {self.step}/{self.p.steps} loss {window.loss:.4f} lr {lr_now:.3g} "
+            f"{window.tokens_per_s:,.0f} tok/s" + (f" mfu {share:.3f}" if share is not None else "")
+        )
+
     def stop_non_finite(self, value: float, micro: int) -> int:
+        last = self.checkpoints.latest()
         where = (
-            f"the last good checkpoint is {self.last_good} and `latest` still names it; "
+            f"the last good checkpoint is {self.checkpoints.where(last)} and `latest` still names it; "
             "resume with pretrain.resume=true after lowering pretrain.lr or checking the data"
-            if self.last_good
+            if last
             else "no checkpoint had been written yet"
         )
         message = f"loss became {value} at step {self.step + 1} (micro-batch {micro}); stopped without saving: {where}"
@@ -403,7 +403,7 @@ class PretrainJob(JobContext):
                 "loss": loss}
 
 
-def run(spec: dict[str, Any], args: Any) -> int:
+def run(spec: PretrainJobSpec, args: Any) -> int:
     job = PretrainJob(spec, hooks_from_env())
     for sub in (out_format.RANKS, out_format.AUDIT):
         (job.out / sub).mkdir(parents=True, exist_ok=True)
@@ -414,7 +414,7 @@ def run(spec: dict[str, Any], args: Any) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    return job_main(argv, COMMAND, run)
+    return job_main(argv, COMMAND, PretrainJobSpec, run)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@ A job module is launched on every rank by the `deepspeed` launcher (runtime/laun
 
     python -m <job module> --local_rank=<r> --job <stage dir>/job.json
 
-and does: `ctx = JobContext(read_job(path))`, `ctx.init_distributed(threads)`, build its model and engine, run its
-loop, and exit 0 (or `NAN_EXIT` when the guard stopped it). Only global rank 0 logs to MLflow, into the run its
+and does: `ctx = JobContext(read_job(path, <its spec type>))`, `ctx.init_distributed(threads)`, build its model and
+engine, run its loop (checkpoints: runtime/checkpoint.py), and exit 0 (or `NAN_EXIT` when the guard stopped it). Only global rank 0 logs to MLflow, into the run its
 stage shell opened (`ctx.tracked()`): the run id travels in the job file, because pdsh/ssh launchers forward only
 MLFLOW*/PYTHON* variables to remote ranks.
 
@@ -36,10 +36,7 @@ import numpy as np
 from ..config import Config, build_config, flatten
 from ..errors import HyperofaError
 from ..formats.files import digest
-from ..formats.jobdir import (
-    PROVENANCE, RUN_ID, checkpoint_dir, read_client_info, read_job, verify_checkpoint, write_checkpoint_hashes,
-    write_client_info, write_latest,
-)
+from ..formats.jobdir import PROVENANCE, JobSpec, read_client_info, read_job, verify_checkpoint
 from ..formats.rundir import portable
 from ..tracking import make_tracker
 from .process import Interrupted, raise_on_termination, set_parent_death_signal
@@ -50,15 +47,14 @@ NAN_EXIT = 3
 class JobContext:
     """One rank's view of a DeepSpeed job."""
 
-    def __init__(self, job: dict[str, Any], command: str):
+    def __init__(self, spec: JobSpec, command: str):
         import torch
 
-        self.job = job
+        self.spec = spec
         self.command = command
-        self.config: Config = build_config(job["config"])
+        self.config: Config = build_config(spec.config)
         self.seed = self.config.run.seed
-        self.out = Path(job["out_dir"])
-        self.ckpt_dir = checkpoint_dir(self.out)
+        self.out = Path(spec.out_dir)
         self.rank = int(os.environ.get("RANK", "0"))
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -91,27 +87,11 @@ class JobContext:
     def tracked(self) -> Any:
         """Context: the stage's MLflow run (named in the job file) on rank 0, opened and closed by the stage shell;
         no new run is created here."""
-        return self.tracker().attach(self.job.get(RUN_ID))
+        return self.tracker().attach(self.spec.run_id)
 
     def say(self, text: str) -> None:
         if self.rank == 0:
             print(f"hyperofa {self.command}: {text}", file=sys.stderr, flush=True)
-
-    def write_checkpoint_info(self, tag: str, client: dict[str, Any]) -> None:
-        """Rank 0: the checkpoint's `hyperofa.json` (client state and provenance), written into the tag directory
-        before DeepSpeed saves there and updates `latest`, so every tag `latest` names has it."""
-        if self.rank == 0:
-            write_client_info(self.ckpt_dir, tag, {**client, PROVENANCE: self.job.get(PROVENANCE)})
-
-    def commit_checkpoint(self, tag: str) -> None:
-        """After `engine.save_checkpoint(..., save_latest=False)` on every rank: once all ranks are past it (their
-        files of `tag` written), rank 0 records the sha256 of every file of the tag and points `latest` at it;
-        then every rank continues."""
-        self.barrier()
-        if self.rank == 0:
-            write_checkpoint_hashes(self.ckpt_dir, tag)  # what a resume verifies before it unpickles anything
-            write_latest(self.ckpt_dir, tag)
-        self.barrier()
 
     # --- collectives -----------------------------------------------------------------------------------------
 
@@ -133,10 +113,12 @@ class JobContext:
 def job_main(
     argv: Optional[list[str]],
     command: str,
-    run: Callable[[dict[str, Any], argparse.Namespace], int],
+    spec_type: type,
+    run: Callable[[Any, argparse.Namespace], int],
     add_arguments: Callable[[argparse.ArgumentParser], None] = lambda parser: None,
 ) -> int:
-    """Parse the launcher's arguments, read the job file, run; a HyperofaError is one line and exit 2."""
+    """Parse the launcher's arguments, read the job file as `spec_type` (formats/jobdir.py), run; a HyperofaError
+    is one line and exit 2."""
     parser = argparse.ArgumentParser(prog=f"hyperofa {command} job", description=f"hyperofa {command} (one rank)")
     parser.add_argument("--job", required=True, help=f"job.json written by `hyperofa {command}`")
     parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
@@ -147,7 +129,7 @@ def job_main(
     set_parent_death_signal(signal.SIGKILL)
     raise_on_termination()
     try:
-        return run(read_job(args.job), args)
+        return run(read_job(args.job, spec_type), args)
     except HyperofaError as exc:
         print(f"hyperofa {command}: error: {exc}", file=sys.stderr, flush=True)
         return 2
