@@ -10,9 +10,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LIMIT = 80
-# Stage shells still being split on another branch (issue 23 item 4); drop each name when its split lands.
-AWAITING_SPLIT = {"data_prep/mapping/stage.py", "data_prep/prepare/stage.py", "hyperofa_dist/evaluate/stage.py",
-                  "hyperofa_dist/init/stage.py"}
 
 
 def shells_and_job_files() -> list[str]:
@@ -37,11 +34,10 @@ def test_the_files_checked_include_both_deepspeed_jobs_and_their_stages():
     files = shells_and_job_files()
     assert {"hyperofa_dist/hypernet/train.py", "hyperofa_dist/pretrain/train.py", "hyperofa_dist/hypernet/stage.py",
             "hyperofa_dist/pretrain/stage.py", "hyperofa_dist/bench/hypernet.py"} <= set(files)
-    assert AWAITING_SPLIT <= set(files)
+    assert {"data_prep/prepare/stage.py", "data_prep/mapping/stage.py", "hyperofa_dist/init/stage.py",
+            "hyperofa_dist/evaluate/stage.py"} <= set(files)
 
 
 @pytest.mark.parametrize("name", shells_and_job_files())
 def test_no_function_over_80_lines(name):
-    if name in AWAITING_SPLIT:
-        pytest.skip("split on the shells branch (issue 23 item 4)")
     assert long_functions(ROOT / name) == []
