@@ -141,8 +141,12 @@ def _stage_modules() -> list[str]:
 
 
 def _fingerprint_call(node: ast.AST) -> bool:
-    return (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "fingerprint"
-            and isinstance(node.func.value, ast.Name) and node.func.value.id == "config")
+    """`config.fingerprint(...)`, or the same on a config held by another object (`plan.config.fingerprint(...)`)."""
+    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "fingerprint"):
+        return False
+    owner = node.func.value
+    return (isinstance(owner, ast.Name) and owner.id == "config") or (
+        isinstance(owner, ast.Attribute) and owner.attr == "config")
 
 
 @pytest.mark.parametrize("module", _stage_modules())

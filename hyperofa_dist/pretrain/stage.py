@@ -239,18 +239,19 @@ def checked_shards(config: Config, model_dir: Path) -> tuple[ShardSet, int]:
     return shardset, block_size
 
 
-def check_space(plan: Plan, stage: Stage, *, rebuild: bool = False) -> None:
-    """Room for the checkpoints still to come and the export. Before the shell opens: for a resume (the tags on
-    disk count as written) or a fresh run over no committed checkpoint. `rebuild`: in the shell, for a fresh run
-    that removes a finished run's checkpoints (an up-to-date stage is never refused for space)."""
-    p = plan.config.pretrain
-    ckpt = checkpointer(plan.config, stage.path)
+def check_space(config: Config, parameters: int, world: int, stage: Stage, *, rebuild: bool = False) -> None:
+    """Room for the checkpoints still to come and the export. Before the shell opens (and before the device is
+    probed, whose libraries talk on stderr): for a resume (the tags on disk count as written) or a fresh run over no
+    committed checkpoint. `rebuild`: in the shell, for a fresh run that removes a finished run's checkpoints (an
+    up-to-date stage is never refused for space)."""
+    p = config.pretrain
+    ckpt = checkpointer(config, stage.path)
     if not (p.resume or ckpt.latest() is None or rebuild):
         return  # up to date, refused by the checkpoint plan, or checked again as a rebuild in the shell
     kept = len(ckpt.tags()) if p.resume else 0
     free_space(
-        stage.path, out_format.pretrain_bytes(plan.parameters, plan.config, plan.world, kept),
-        f"pretraining ({plan.parameters} parameters: every checkpoint and the exported model)",
+        stage.path, out_format.pretrain_bytes(parameters, config, world, kept),
+        f"pretraining ({parameters} parameters: every checkpoint and the exported model)",
         0 if p.resume else used_bytes(ckpt.dir),
     )
 
@@ -267,12 +268,12 @@ def plan_run(config: Config, stage: Stage) -> Plan:
     accum, global_batch = batch_plan(config, world)
     # Every reader downstream (the DeepSpeed config, the job file the ranks read) sees the resolved accumulation.
     config = config.with_changes({"pretrain.grad_accum": accum})
+    check_space(config, model.parameters, world, stage)
     precision = resolve_precision(p.precision, job_device_type(), "pretrain.precision")
     embeddings, factors = embeddings_plan(config, model_dir, objective)
     plan = Plan(config, model_dir, objective, shardset, block_size, world, global_batch, precision,
                 build_ds_config(config, precision), embeddings, factors,
                 block_frame(shardset, model_dir) if objective == "causal" else None, model.parameters)
-    check_space(plan, stage)
     return plan
 
 
@@ -380,7 +381,7 @@ def run(config: Config, tracker: Any) -> int:
                                 fingerprint=fingerprint, allow_change=p.allow_config_change, universal=p.universal,
                                 convert=to_universal)
         if start.clear and stage.manifest_path.is_file():
-            check_space(plan, stage, rebuild=True)
+            check_space(plan.config, plan.parameters, plan.world, stage, rebuild=True)
         if start.universal:
             plan.ds_config.setdefault("checkpoint", {})["load_universal"] = True
         shell.begin()
