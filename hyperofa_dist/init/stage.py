@@ -257,6 +257,11 @@ def run(config: Config, tracker: Any) -> int:
                 progress=progress,
                 **_ofa_settings(config),
             )
+        if method == "hyperofa" and config.init.ofa_blend > 0:
+            ofa_rows = ofa_for_tokens(mapping.target_postings, mapping.source_postings, mapping.word_vectors,
+                                      mapping.source_coordinates, predicted_ids, progress=progress,
+                                      **_ofa_settings(config))
+            predicted_rows = asm.blend(predicted_ids, predicted_rows, predicted_ids, ofa_rows, config.init.ofa_blend)
         assembly, shift = asm.method_coordinates(
             len(target_tok), mapping.source_coordinates, copy_t, copy_s, predicted_ids, predicted_rows, method, mean,
             std, init_seed(config), config.init.recentre,
