@@ -30,8 +30,11 @@ def main() -> int:
     parser.add_argument("--head-seeds", default="0,1,2")
     parser.add_argument("--mask-seeds", default="0")
     parser.add_argument("--fitted", help="a model directory whose MLM head is used as one more head")
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
+    args, rest = parser.parse_known_args()
+    stray = [a for a in rest if "=" not in a]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    args.overrides = rest
 
     from hyperofa_dist.config import DEMO_CONFIG, load_config
     from hyperofa_dist.formats.files import load_npy
