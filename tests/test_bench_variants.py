@@ -30,3 +30,8 @@ def test_every_variant_modifies_a_listed_variant_of_the_same_method_or_is_a_base
         if spec.parent is not None:
             assert V.VARIANTS[spec.parent].method == spec.method, name
     assert {"random", "ofa", "hyperofa"} <= {n for n, s in V.VARIANTS.items() if s.parent is None}
+
+
+def test_the_passes_run_every_variant_once_the_acceptance_figures_first():
+    assert sorted(n for names in V.PASSES for n in names) == sorted(V.VARIANTS)
+    assert {"random", "ofa", "hyperofa"} <= set(V.PASSES[0])
