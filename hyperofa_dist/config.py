@@ -485,6 +485,11 @@ class InitConfig(Section):
         description="Shift the method's predicted rows (hyperofa, ofa, mean) in coordinate space so that their mean "
         "is the copied rows' mean; their spread is kept.",
     )
+    ofa_blend: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="hyperofa: mix OFA's row into each predicted row, (1 - w) * hypernetwork + w * OFA (the same "
+        "covered new tokens get both); 0: the hypernetwork's rows alone (the reference).",
+    )
 
 
 EVAL_TASKS = ("srt", "srb", "pos", "ner", "mlm")  # the default: a masked LM's tasks

@@ -10,6 +10,7 @@ import pytest
 
 from hyperofa_dist import synthetic
 from hyperofa_dist.cli import main as cli_main
+from hyperofa_dist.errors import HyperofaError
 from hyperofa_dist.formats import init as init_format
 from hyperofa_dist.formats.mapping import load_mapping
 from hyperofa_dist.formats.rundir import Stage
@@ -184,3 +185,41 @@ def test_init_recentre_shifts_only_the_predicted_rows(init_worlds, tmp_path, one
     assert stats["moved"]["hyperofa"]["mean_norm"] == pytest.approx(stats["moved"]["copy"]["mean_norm"], rel=1e-4)
     manifest = Stage(moved.run_dir, "init/hyperofa").require()
     assert manifest["recentre_shift_norm"] == pytest.approx(float(np.linalg.norm(shift[0])), rel=1e-5)
+
+
+# --- init.ofa_blend --------------------------------------------------------------------------------------------
+
+
+def test_blend_mixes_each_predicted_row_with_the_other_methods_row_of_the_same_token():
+    ids = np.array([7, 3, 9])
+    rows = np.array([[1, 0], [0, 1], [2, 2]], dtype=np.float32)
+    other_ids = np.array([9, 7, 3, 5])  # another order, and a token without a prediction
+    other = np.array([[0, 0], [3, 4], [2, -1], [9, 9]], dtype=np.float32)
+    np.testing.assert_allclose(asm.blend(ids, rows, other_ids, other, 0.25), [[1.5, 1], [0.5, 0.5], [1.5, 1.5]])
+    np.testing.assert_allclose(asm.blend(ids, rows, other_ids, other, 0.0), rows)
+    with pytest.raises(HyperofaError, match="init.ofa_blend: token 9"):
+        asm.blend(ids, rows, other_ids[1:], other[1:], 0.5)
+
+
+def test_init_ofa_blend_averages_hyperofa_rows_with_ofa_rows(init_worlds, tmp_path, one_thread):
+    from hyperofa_dist.method.hypernet.predict import tokens_to_predict
+
+    w = init_worlds.fresh_run(init_worlds.get("xlmr", k=8), tmp_path / "run")
+    mapping = load_mapping(w.run_dir)
+    ids = tokens_to_predict(mapping.target_postings, mapping.overlap_target)
+    rows = np.random.default_rng(0).standard_normal((len(ids), w.k)).astype(np.float32) * 0.05 + 0.2
+    init_worlds.write_hypernet(w.run_dir, ids, rows)
+    assert cli_main(["init", *w.overrides("init.method=ofa")]) == 0
+    assert cli_main(["init", *w.overrides("init.method=hyperofa")]) == 0
+    plain = np.load(w.run_dir / "init/hyperofa" / init_format.COORDINATES)
+    assert cli_main(["init", *w.overrides("init.method=hyperofa", "init.ofa_blend=0.5")]) == 0
+    blended = np.load(w.run_dir / "init/hyperofa" / init_format.COORDINATES)
+    ofa = np.load(w.run_dir / "init/ofa" / init_format.COORDINATES)
+    provenance = np.load(w.run_dir / "init/hyperofa" / init_format.PROVENANCE)
+    ofa_provenance = np.load(w.run_dir / "init/ofa" / init_format.PROVENANCE)
+    predicted = provenance == asm.HYPEROFA
+    assert predicted.sum() > 10
+    np.testing.assert_array_equal(ofa_provenance[predicted], asm.OFA)  # OFA initialises the same tokens
+    np.testing.assert_allclose(blended[predicted], 0.5 * plain[predicted] + 0.5 * ofa[predicted], atol=1e-6)
+    np.testing.assert_array_equal(blended[~predicted], plain[~predicted])  # copies and random rows unchanged
+    assert not np.allclose(blended[predicted], plain[predicted])

@@ -60,6 +60,12 @@ def covered_new_tokens(mapping: Mapping, copied: np.ndarray) -> np.ndarray:
 def hyperofa(ctx: MethodContext) -> Predicted:
     ids, rows = load_predictions(ctx.config.run_dir)
     asm.check_predictions(ids, rows, len(ctx.target_tokenizer), ctx.mapping.k, "hypernet predictions")
+    weight = ctx.config.init.ofa_blend
+    if weight > 0:  # each row mixed with OFA's row of the same token (docs/METHOD.md §1.15)
+        m = ctx.mapping
+        ofa_rows = ofa_for_tokens(m.target_postings, m.source_postings, m.word_vectors, m.source_coordinates, ids,
+                                  progress=ctx.progress, **ofa_settings(ctx.config))
+        rows = asm.blend(ids, rows, ids, ofa_rows, weight)
     return Predicted(ids, rows)
 
 

@@ -82,6 +82,18 @@ def assemble_coordinates(
     return Assembly(coordinates, provenance, overridden)
 
 
+def blend(predicted_ids: np.ndarray, predicted_rows: np.ndarray, other_ids: np.ndarray, other_rows: np.ndarray,
+          weight: float) -> np.ndarray:
+    """`(1 - weight) * predicted + weight * other` for every predicted token (`init.ofa_blend`, docs/METHOD.md §1.15):
+    the other method's row of the same token, matched by id. A predicted token the other method lacks is an error."""
+    where = {int(t): i for i, t in enumerate(other_ids)}
+    missing = [int(t) for t in predicted_ids if int(t) not in where]
+    if missing:
+        raise HyperofaError(f"init.ofa_blend: token {missing[0]} has a prediction but no OFA row to blend with")
+    other = np.asarray(other_rows, dtype=np.float32)[[where[int(t)] for t in predicted_ids]]
+    return ((1.0 - weight) * np.asarray(predicted_rows, dtype=np.float32) + weight * other).astype(np.float32)
+
+
 def recentre(coordinates: np.ndarray, provenance: np.ndarray, kind: int) -> np.ndarray:
     """Shift the rows of provenance `kind` (in place, in coordinate space) so that their mean is the copied rows'
     mean (`init.recentre`, docs/METHOD.md §1.14); their spread around it is kept. Returns the shift applied."""
