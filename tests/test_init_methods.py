@@ -158,7 +158,8 @@ def test_recentre_moves_the_predicted_rows_mean_onto_the_copied_rows_mean():
     assert not asm.recentre(coordinates, provenance, asm.HYPEROFA).any()  # no such rows: nothing moves
 
 
-def test_init_recentre_shifts_only_the_predicted_rows(init_worlds, tmp_path, one_thread):
+def _world_with_predictions(init_worlds, tmp_path):
+    """A fresh xlmr run with hypernet predictions for every token HyperOFA predicts: (world, ids, rows)."""
     from hyperofa_dist.method.hypernet.predict import tokens_to_predict
 
     w = init_worlds.fresh_run(init_worlds.get("xlmr", k=8), tmp_path / "run")
@@ -166,6 +167,11 @@ def test_init_recentre_shifts_only_the_predicted_rows(init_worlds, tmp_path, one
     ids = tokens_to_predict(mapping.target_postings, mapping.overlap_target)
     rows = np.random.default_rng(0).standard_normal((len(ids), w.k)).astype(np.float32) * 0.05 + 0.2
     init_worlds.write_hypernet(w.run_dir, ids, rows)
+    return w, ids, rows
+
+
+def test_init_recentre_shifts_only_the_predicted_rows(init_worlds, tmp_path, one_thread):
+    w, ids, rows = _world_with_predictions(init_worlds, tmp_path)
     plain, moved = init_worlds.fresh_run(w, tmp_path / "plain"), w
     init_worlds.write_hypernet(plain.run_dir, ids, rows)
     assert cli_main(["init", *plain.overrides("init.method=hyperofa")]) == 0
@@ -202,13 +208,7 @@ def test_blend_mixes_each_predicted_row_with_the_other_methods_row_of_the_same_t
 
 
 def test_init_ofa_blend_averages_hyperofa_rows_with_ofa_rows(init_worlds, tmp_path, one_thread):
-    from hyperofa_dist.method.hypernet.predict import tokens_to_predict
-
-    w = init_worlds.fresh_run(init_worlds.get("xlmr", k=8), tmp_path / "run")
-    mapping = load_mapping(w.run_dir)
-    ids = tokens_to_predict(mapping.target_postings, mapping.overlap_target)
-    rows = np.random.default_rng(0).standard_normal((len(ids), w.k)).astype(np.float32) * 0.05 + 0.2
-    init_worlds.write_hypernet(w.run_dir, ids, rows)
+    w, ids, rows = _world_with_predictions(init_worlds, tmp_path)
     assert cli_main(["init", *w.overrides("init.method=ofa")]) == 0
     assert cli_main(["init", *w.overrides("init.method=hyperofa")]) == 0
     plain = np.load(w.run_dir / "init/hyperofa" / init_format.COORDINATES)

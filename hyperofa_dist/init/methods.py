@@ -62,19 +62,20 @@ def hyperofa(ctx: MethodContext) -> Predicted:
     asm.check_predictions(ids, rows, len(ctx.target_tokenizer), ctx.mapping.k, "hypernet predictions")
     weight = ctx.config.init.ofa_blend
     if weight > 0:  # each row mixed with OFA's row of the same token (docs/METHOD.md §1.15)
-        m = ctx.mapping
-        ofa_rows = ofa_for_tokens(m.target_postings, m.source_postings, m.word_vectors, m.source_coordinates, ids,
-                                  progress=ctx.progress, **ofa_settings(ctx.config))
-        rows = asm.blend(ids, rows, ids, ofa_rows, weight)
+        rows = asm.blend(ids, rows, ids, ofa_rows(ctx, ids), weight)
     return Predicted(ids, rows)
+
+
+def ofa_rows(ctx: MethodContext, ids: np.ndarray) -> np.ndarray:
+    """OFA's coordinates for the target tokens `ids`."""
+    m = ctx.mapping
+    return ofa_for_tokens(m.target_postings, m.source_postings, m.word_vectors, m.source_coordinates, ids,
+                          progress=ctx.progress, **ofa_settings(ctx.config))
 
 
 def ofa(ctx: MethodContext) -> Predicted:
-    m = ctx.mapping
-    ids = covered_new_tokens(m, ctx.copy_t)
-    rows = ofa_for_tokens(m.target_postings, m.source_postings, m.word_vectors, m.source_coordinates, ids,
-                          progress=ctx.progress, **ofa_settings(ctx.config))
-    return Predicted(ids, rows)
+    ids = covered_new_tokens(ctx.mapping, ctx.copy_t)
+    return Predicted(ids, ofa_rows(ctx, ids))
 
 
 def mean(ctx: MethodContext) -> Predicted:
