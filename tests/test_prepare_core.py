@@ -263,3 +263,39 @@ def test_group_units_groups_small_units_and_puts_large_groups_first():
     assert sorted((u.lang, u.chunk) for g in groups for u in g) == sorted((u.lang, u.chunk) for u in units)
     assert [sum(u.bytes for u in g) for g in groups] == [100, 100, 100, 60, 0]
     assert [u.lang for u in groups[3]] == ["bbb_Latn", "ccc_Latn"]
+
+
+class _CountingModel:
+    """A tokenizer model that counts how often its word cache is emptied."""
+
+    def __init__(self) -> None:
+        self.cleared = 0
+
+    def _clear_cache(self) -> None:
+        self.cleared += 1
+
+
+class _ClearCountingBackend:
+    def __init__(self, backend) -> None:
+        self.backend, self.model = backend, _CountingModel()
+
+    def encode_batch_fast(self, *args, **kwargs):
+        return self.backend.encode_batch_fast(*args, **kwargs)
+
+
+def test_each_unit_is_tokenized_with_an_emptied_word_cache_and_the_same_ids(source_tokenizers, small_corpus):
+    from data_prep.prepare.chunk import encode
+    from hyperofa_dist import synthetic
+    from hyperofa_dist.formats.tokenizer import TOKENIZER_JSON, backend_from_json, fresh_word_cache
+
+    units = [synthetic.read_lines(small_corpus / f"{lang}.txt")[:200] for lang in ("qad_Grek", "qaa_Latn", "qad_Grek")]
+    for family, folder in source_tokenizers.items():  # Unigram (xlmr), byte-level BPE (roberta), WordPiece (bert)
+        backend = backend_from_json((folder / TOKENIZER_JSON).read_text(encoding="utf-8"))
+        expected = [[e.ids for e in backend.encode_batch_fast(u, add_special_tokens=False)] for u in units]
+        counting = _ClearCountingBackend(backend)
+        for n, unit in enumerate(units, start=1):
+            flat, offsets = encode(counting, unit, batch_size=64)
+            assert counting.model.cleared == n, family  # once per unit, before its first batch
+            assert [flat[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])] == expected[n - 1], family
+        fresh_word_cache(backend)  # a model without a cache (WordPiece) is left as it is
+        assert [e.ids for e in backend.encode_batch_fast(units[0], add_special_tokens=False)] == expected[0], family

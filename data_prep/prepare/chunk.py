@@ -20,7 +20,7 @@ from hyperofa_dist.errors import HyperofaError
 from hyperofa_dist.formats.corpus import HELDOUT, Unit, read_unit_sentences
 from hyperofa_dist.formats.files import atomic_write_json
 from hyperofa_dist.formats.shards import SPLITS, build_shards, write_shard
-from hyperofa_dist.formats.tokenizer import worker_backend
+from hyperofa_dist.formats.tokenizer import fresh_word_cache, worker_backend
 
 from .packing import Specials, flatten_ids, pack_sentences
 from .sampling import ChunkPlan, all_heldout_plan, kept_order, select_sentences, unbudgeted_plan
@@ -63,6 +63,7 @@ def count_unit(unit: Unit, normalization: str) -> int:
 
 def encode(tokenizer: Any, sentences: list[str], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Flat uint32 ids and per-sentence offsets from the Rust tokenizer's batched encoder (no specials)."""
+    fresh_word_cache(tokenizer)  # a worker's units come in any language order; the cache should serve this one's
     batches = (
         tokenizer.encode_batch_fast(sentences[start : start + batch_size], add_special_tokens=False)
         for start in range(0, len(sentences), batch_size)
