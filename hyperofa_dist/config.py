@@ -490,6 +490,11 @@ class InitConfig(Section):
         description="hyperofa: mix OFA's row into each predicted row, (1 - w) * hypernetwork + w * OFA (the same "
         "covered new tokens get both); 0: the hypernetwork's rows alone (the reference).",
     )
+    ofa_centre: bool = Field(
+        False,
+        description="hyperofa: move the predicted rows by one shared vector so that their mean is OFA's mean over "
+        "the same tokens; each row's offset from the mean stays the hypernetwork's. false: the reference.",
+    )
 
 
 EVAL_TASKS = ("srt", "srb", "pos", "ner", "mlm")  # the default: a masked LM's tasks

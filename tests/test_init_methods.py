@@ -223,3 +223,41 @@ def test_init_ofa_blend_averages_hyperofa_rows_with_ofa_rows(init_worlds, tmp_pa
     np.testing.assert_allclose(blended[predicted], 0.5 * plain[predicted] + 0.5 * ofa[predicted], atol=1e-6)
     np.testing.assert_array_equal(blended[~predicted], plain[~predicted])  # copies and random rows unchanged
     assert not np.allclose(blended[predicted], plain[predicted])
+
+
+# --- init.ofa_centre -------------------------------------------------------------------------------------------
+
+
+def test_centre_on_moves_rows_onto_the_other_rows_mean_and_keeps_their_offsets():
+    rows = np.array([[1, 0], [3, 2]], dtype=np.float32)  # mean (2, 1)
+    other = np.array([[10, 10], [0, 0], [-4, 5]], dtype=np.float32)  # mean (2, 5)
+    np.testing.assert_allclose(asm.centre_on(rows, other), [[1, 4], [3, 6]])
+
+
+def test_init_ofa_centre_gives_hyperofa_rows_ofas_mean_and_the_hypernetworks_offsets(init_worlds, tmp_path, one_thread):
+    w, ids, rows = _world_with_predictions(init_worlds, tmp_path)
+    assert cli_main(["init", *w.overrides("init.method=ofa")]) == 0
+    assert cli_main(["init", *w.overrides("init.method=hyperofa")]) == 0
+    plain = np.load(w.run_dir / "init/hyperofa" / init_format.COORDINATES)
+    assert cli_main(["init", *w.overrides("init.method=hyperofa", "init.ofa_centre=true")]) == 0
+    centred = np.load(w.run_dir / "init/hyperofa" / init_format.COORDINATES)
+    ofa = np.load(w.run_dir / "init/ofa" / init_format.COORDINATES)
+    predicted = np.load(w.run_dir / "init/hyperofa" / init_format.PROVENANCE) == asm.HYPEROFA
+    assert predicted.sum() > 10
+    np.testing.assert_allclose(centred[predicted].mean(0), ofa[predicted].mean(0), atol=1e-5)
+    offsets = centred[predicted] - plain[predicted]
+    np.testing.assert_allclose(offsets, np.broadcast_to(offsets[0], offsets.shape), atol=1e-5)  # one shift for all
+    assert np.linalg.norm(offsets[0]) > 0.05  # the generated predictions sit at 0.2, away from OFA's mean
+    np.testing.assert_array_equal(centred[~predicted], plain[~predicted])  # copies and random rows unchanged
+
+
+def test_hyperofa_rows_blends_then_centres_and_needs_ofa_only_when_combining():
+    ids = np.array([4, 2])
+    predicted = np.array([[1, 0], [3, 2]], dtype=np.float32)
+    ofa = np.array([[5, 5], [1, 1]], dtype=np.float32)  # mean (3, 3)
+    assert asm.hyperofa_rows(ids, predicted, None, 0.0, False) is predicted  # the reference: untouched
+    np.testing.assert_allclose(asm.hyperofa_rows(ids, predicted, ofa, 0.5, False), [[3, 2.5], [2, 1.5]])
+    np.testing.assert_allclose(asm.hyperofa_rows(ids, predicted, ofa, 0.0, True), [[2, 2], [4, 4]])
+    np.testing.assert_allclose(asm.hyperofa_rows(ids, predicted, ofa, 0.5, True), [[3.5, 3.5], [2.5, 2.5]])
+    with pytest.raises(HyperofaError, match="needs OFA's rows"):
+        asm.hyperofa_rows(ids, predicted, None, 0.0, True)

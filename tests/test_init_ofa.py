@@ -5,7 +5,7 @@ import pytest
 
 from hyperofa_dist.errors import HyperofaError
 from hyperofa_dist.formats.mapping import Postings
-from hyperofa_dist.init.ofa import ofa_for_tokens, ofa_predict, token_mean_vectors
+from hyperofa_dist.method.ofa import ofa_for_tokens, ofa_predict, token_mean_vectors
 
 
 def random_postings(rng, vocab, n_words, covered_share=0.7, max_len=9):

@@ -118,6 +118,15 @@ def test_a_trial_reports_every_epoch_and_scores_its_model_as_init_does(tune_worl
     assert quality["new_token_mlm"]["loss"]["average"] == pytest.approx(scored, abs=1e-5)
     assert scored != pytest.approx(last[tr.NEW_TOKEN_LOSS], abs=1e-4)  # a trained hypernetwork scores otherwise
 
+    # With init.ofa_centre a trial scores the centred rows, as init makes them.
+    centred = load_config(None, tune_world.overrides(*TINY, "init.ofa_centre=true"))
+    scored_centred = tr.hyperofa_loss(tr.open_workspace(centred, torch.device("cpu")), hp, model)["loss"]["average"]
+    assert main(["init", *tune_world.overrides("init.method=hyperofa", "init.heldout_blocks=4",
+                                               "init.ofa_centre=true")]) == 0
+    quality = json.loads((tune_world.run_dir / "init" / "hyperofa" / "quality.json").read_text())
+    assert quality["new_token_mlm"]["loss"]["average"] == pytest.approx(scored_centred, abs=1e-5)
+    assert scored_centred != pytest.approx(scored, abs=1e-4)
+
 
 def test_tune_refuses_a_run_without_held_out_text(tmp_path, init_worlds, one_line_error):
     import subprocess

@@ -85,7 +85,7 @@ def generate_inputs(root: Path, scale: BenchScale, seed: int = 0) -> None:
 def _measured(root: str, settings: dict[str, Any], seed: int, queue: Any) -> None:
     """The measured run, in a fresh process so peak RSS is the assembly's own."""
     from ..method.assemble import assemble_coordinates, provenance_counts
-    from ..init.ofa import ofa_for_tokens
+    from ..method.ofa import ofa_for_tokens
     from ..method.random import column_stats
 
     start = time.perf_counter()
@@ -118,7 +118,7 @@ def _measured(root: str, settings: dict[str, Any], seed: int, queue: Any) -> Non
 
 def _baseline(root: str, n_tokens: int, top_k: int, temperature: float, queue: Any) -> None:
     """The reference algorithm (docs/METHOD.md §2) on n_tokens: dense float64 cosine to every source token + argpartition."""
-    from ..init.ofa import token_mean_vectors
+    from ..method.ofa import token_mean_vectors
 
     mapping = load_mapping(root)
     f_s, words = mapping.source_coordinates, mapping.word_vectors

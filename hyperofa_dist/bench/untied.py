@@ -85,7 +85,7 @@ def train_hypernet(mapping: Any, hp: Any, split: dict[str, np.ndarray], targets:
 
 
 def _ofa(mapping: Any, config: Any, coordinates: np.ndarray, test: np.ndarray) -> np.ndarray:
-    from ..init.ofa import ofa_for_tokens
+    from ..method.ofa import ofa_for_tokens
 
     c = config.init
     return ofa_for_tokens(mapping.source_postings, mapping.source_postings, mapping.word_vectors, coordinates, test,

@@ -14,6 +14,9 @@ for a source without an MLM head and no `source.mlm_head`, the seeded head. For 
     hyperofa+ofa                    the hypernetwork's rows averaged with OFA's (init.ofa_blend=0.5)
     shuffled, shuffled+recentre     the hypernetwork trained with hypernet.shuffle_words=true, raw and re-centred
     shuffled+ofa                    shuffled, averaged with OFA's rows
+    hyperofa+ofacentre, shuffled+ofacentre
+                                    the hypernetwork's rows moved onto OFA's mean for the same tokens
+                                    (init.ofa_centre)
 
 With `--workdir` the files stay, and a re-run goes on where it stopped: finished stages are kept (each stage's own
 up-to-date check) and the figures of finished variants are read back from `<workdir>/figures.jsonl`. Every
@@ -61,6 +64,7 @@ class Variant:
     shuffle: bool = False
     recentre: bool = False
     blend: float = 0.0
+    ofa_centre: bool = False
     parent: Optional[str] = None  # the variant it modifies
 
 
@@ -74,11 +78,14 @@ VARIANTS: dict[str, Variant] = {
     "shuffled": Variant("hyperofa", shuffle=True, parent="hyperofa"),
     "shuffled+recentre": Variant("hyperofa", shuffle=True, recentre=True, parent="shuffled"),
     "shuffled+ofa": Variant("hyperofa", shuffle=True, blend=BLEND, parent="shuffled"),
+    "hyperofa+ofacentre": Variant("hyperofa", ofa_centre=True, parent="hyperofa"),
+    "shuffled+ofacentre": Variant("hyperofa", shuffle=True, ofa_centre=True, parent="shuffled"),
 }
 # The baselines and the plain hypernetwork first, for every seed, then the rest: on a slow machine the acceptance's
 # figures come first.
 PASSES = (("random", "ofa", "hyperofa", "hyperofa+ofa"),
-          ("shuffled", "shuffled+ofa", "ofa+recentre", "hyperofa+recentre", "shuffled+recentre"))
+          ("shuffled", "shuffled+ofa", "ofa+recentre", "hyperofa+recentre", "shuffled+recentre"),
+          ("hyperofa+ofacentre", "shuffled+ofacentre"))
 ROW_FIGURES = ("norm_mean", "mean_norm", "mean_share", "cosine_to_copy_mean")
 
 
@@ -143,6 +150,7 @@ def run(config: Any, args: Any) -> int:
                 run_dir = seed_dir(root, seed, spec.shuffle)
                 return load_config(DEMO_CONFIG, [f"run.dir={run_dir}", f"run.seed={seed}", *common]).with_changes(
                     {"init.method": spec.method, "init.recentre": spec.recentre, "init.ofa_blend": spec.blend,
+                     "init.ofa_centre": spec.ofa_centre,
                      "hypernet.shuffle_words": spec.shuffle})
 
             # The pass's hypernetworks first (each trains once per run directory, then is up to date).

@@ -3,7 +3,7 @@ are not copied (ids ascending or as the method found them, coordinates [n, k]); 
 the copied rows first and seeded random rows wherever no row was predicted (docs/METHOD.md §1.8).
 
 - hyperofa: the hypernetwork stage's predictions, checked against the target vocabulary and the mapping's k;
-- ofa: the similarity-weighted combination of source rows over each covered new token's words (`ofa.py`);
+- ofa: the similarity-weighted combination of source rows over each covered new token's words (`method/ofa.py`);
 - mean: the mean of the source rows of the pieces the source tokenizer splits a new token into (`mean.py`);
 - random: nothing predicted, every row not copied is random.
 
@@ -22,10 +22,9 @@ import numpy as np
 from ..config import Config
 from ..formats.hypernet import load_predictions
 from ..formats.mapping import Mapping
-from ..runtime.device import resolve_device
 from ..method import assemble as asm
 from .mean import piece_means
-from .ofa import ofa_for_tokens
+from ..method.ofa import ofa_rows_of
 
 
 @dataclass(frozen=True)
@@ -46,12 +45,6 @@ class Predicted:
     note: Optional[str] = None  # a line for the user about rows the method could not predict
 
 
-def ofa_settings(config: Config) -> dict[str, Any]:
-    c = config.init
-    return dict(top_k=c.top_k, temperature=c.temperature, chunk_size=c.chunk_size, weighting=c.ofa_weighting,
-                device=resolve_device(c.device, "init.device").type)
-
-
 def covered_new_tokens(mapping: Mapping, copied: np.ndarray) -> np.ndarray:
     """Target tokens with words that are not copied: the set HyperOFA predicts and OFA initialises (docs/METHOD.md §1.8)."""
     return np.setdiff1d(mapping.target_postings.covered(), copied)
@@ -60,17 +53,15 @@ def covered_new_tokens(mapping: Mapping, copied: np.ndarray) -> np.ndarray:
 def hyperofa(ctx: MethodContext) -> Predicted:
     ids, rows = load_predictions(ctx.config.run_dir)
     asm.check_predictions(ids, rows, len(ctx.target_tokenizer), ctx.mapping.k, "hypernet predictions")
-    weight = ctx.config.init.ofa_blend
-    if weight > 0:  # each row mixed with OFA's row of the same token (docs/METHOD.md §1.15)
-        rows = asm.blend(ids, rows, ids, ofa_rows(ctx, ids), weight)
-    return Predicted(ids, rows)
+    c = ctx.config.init
+    # OFA covers exactly the tokens the hypernetwork predicts (docs/METHOD.md §2)
+    ofa = ofa_rows(ctx, ids) if c.ofa_blend > 0 or c.ofa_centre else None
+    return Predicted(ids, asm.hyperofa_rows(ids, rows, ofa, c.ofa_blend, c.ofa_centre))
 
 
 def ofa_rows(ctx: MethodContext, ids: np.ndarray) -> np.ndarray:
     """OFA's coordinates for the target tokens `ids`."""
-    m = ctx.mapping
-    return ofa_for_tokens(m.target_postings, m.source_postings, m.word_vectors, m.source_coordinates, ids,
-                          progress=ctx.progress, **ofa_settings(ctx.config))
+    return ofa_rows_of(ctx.mapping, ctx.config, ids, ctx.progress)
 
 
 def ofa(ctx: MethodContext) -> Predicted:

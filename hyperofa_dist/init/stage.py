@@ -47,8 +47,8 @@ from ..models.export import ExportInfo, build_expanded_any, merge_copy_pairs, sp
 from ..models.head import HeadReport, complete_head
 from ..runtime.stage import StageShell
 from ..tracking import METHOD_TAG, STAGE_TAG, STEP_TAG, registered_model_name
-from .methods import METHODS, MethodContext, ofa_settings
-from .ofa import ofa_for_tokens
+from .methods import METHODS, MethodContext
+from ..method.ofa import ofa_for_tokens, ofa_settings
 from .rows import describe as describe_rows
 from .rows import row_metrics, row_statistics
 

@@ -94,6 +94,26 @@ def blend(predicted_ids: np.ndarray, predicted_rows: np.ndarray, other_ids: np.n
     return ((1.0 - weight) * np.asarray(predicted_rows, dtype=np.float32) + weight * other).astype(np.float32)
 
 
+def centre_on(rows: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """`rows` moved by one shared vector so that their mean is `other`'s mean (`init.ofa_centre`, docs/METHOD.md
+    §1.16): each row's offset from the mean is kept."""
+    rows = np.asarray(rows, dtype=np.float64)
+    return (rows - rows.mean(0) + np.asarray(other, dtype=np.float64).mean(0)).astype(np.float32)
+
+
+def hyperofa_rows(ids: np.ndarray, predicted: np.ndarray, ofa: Optional[np.ndarray], blend_weight: float,
+                  ofa_centre: bool) -> np.ndarray:
+    """HyperOFA's rows for the tokens `ids` from the hypernetwork's `predicted` rows: blended with OFA's row of the
+    same token (`init.ofa_blend`, §1.15), then centred on OFA's mean (`init.ofa_centre`, §1.16); `ofa` holds OFA's
+    rows for the same `ids` and is needed only when either is on."""
+    if blend_weight <= 0 and not ofa_centre:
+        return predicted
+    if ofa is None:
+        raise HyperofaError("hyperofa: init.ofa_blend or init.ofa_centre needs OFA's rows of the predicted tokens")
+    rows = blend(ids, predicted, ids, ofa, blend_weight) if blend_weight > 0 else predicted
+    return centre_on(rows, ofa) if ofa_centre else rows
+
+
 def recentre(coordinates: np.ndarray, provenance: np.ndarray, kind: int) -> np.ndarray:
     """Shift the rows of provenance `kind` (in place, in coordinate space) so that their mean is the copied rows'
     mean (`init.recentre`, docs/METHOD.md §1.14); their spread around it is kept. Returns the shift applied."""

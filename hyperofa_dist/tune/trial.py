@@ -30,6 +30,7 @@ from ..method.hypernet.data import TokenSet, WordTable, rank_batches
 from ..method.hypernet.models import build_model
 from ..method.hypernet.predict import predict_rows, tokens_to_predict
 from ..method.hypernet.settings import augment_spec, context_rule, loss_spec, training_split
+from ..method.ofa import ofa_rows_of
 from ..method.random import column_stats
 from ..models.export import build_expanded_any, merge_copy_pairs, special_token_pairs
 from ..models.head import complete_head
@@ -58,6 +59,7 @@ class Workspace:
     mean: np.ndarray
     std: np.ndarray
     device: torch.device
+    ofa: Optional[np.ndarray]  # OFA's rows of new_ids, when init combines HyperOFA's rows with them
 
 
 def open_workspace(config: Config, device: torch.device) -> Workspace:
@@ -75,13 +77,15 @@ def open_workspace(config: Config, device: torch.device) -> Workspace:
                                                   source.kind)
     copy_t, copy_s = merge_copy_pairs(mapping.overlap_target, mapping.overlap_source, special_t, special_s)
     mean, std = column_stats(mapping.source_coordinates)
+    new_ids = tokens_to_predict(mapping.target_postings, mapping.overlap_target)
+    combines = config.init.ofa_blend > 0 or config.init.ofa_centre  # a trial scores the rows init will make
     return Workspace(
         config=config, mapping=mapping, table=WordTable(mapping.word_vectors_path, device),
         train_set=TokenSet(splits["train"], mapping.source_postings, coords, mapping.k, context),
         val_set=TokenSet(splits["val"], mapping.source_postings, coords, mapping.k, context),
-        new_ids=tokens_to_predict(mapping.target_postings, mapping.overlap_target), source=source,
+        new_ids=new_ids, source=source,
         target_tok=target_tok, target_fingerprint=tokenizer_fingerprint(target_dir), copy_t=copy_t, copy_s=copy_s,
-        mean=mean, std=std, device=device,
+        mean=mean, std=std, device=device, ofa=ofa_rows_of(mapping, config, new_ids) if combines else None,
     )
 
 
@@ -93,6 +97,7 @@ def hyperofa_loss(ws: Workspace, hp: Any, model: torch.nn.Module) -> dict[str, A
                       context_rule(hp, config.run.seed, "target"))
     rows = predict_rows(model, ws.table, target, batch_size=hp.predict_batch_size, cap=hp.max_context,
                         device=ws.device)
+    rows = asm.hyperofa_rows(ws.new_ids, rows, ws.ofa, config.init.ofa_blend, config.init.ofa_centre)
     assembly, _ = asm.method_coordinates(
         len(ws.target_tok), mapping.source_coordinates, ws.copy_t, ws.copy_s, ws.new_ids, rows, "hyperofa",
         ws.mean, ws.std, init_seed(config), config.init.recentre,

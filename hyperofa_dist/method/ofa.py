@@ -23,7 +23,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from ..errors import HyperofaError
-from ..formats.mapping import Postings
+from ..formats.mapping import Mapping, Postings
 
 # Word-vector rows gathered at once when averaging: bounds the transient memory of a chunk (x word_dim x 4 bytes).
 GATHER_ENTRIES = 1 << 16
@@ -181,3 +181,18 @@ def ofa_for_tokens(
     candidate_coordinates = np.asarray(source_coordinates[covered], dtype=np.float32)
     target_vectors = means(target_postings, token_ids)
     return ofa_predict(target_vectors, candidate_vectors, candidate_coordinates, **settings)
+
+
+def ofa_settings(config: Any) -> dict[str, Any]:
+    """`ofa_for_tokens`'s settings from a config's `init` section."""
+    from ..runtime.device import resolve_device
+
+    c = config.init
+    return dict(top_k=c.top_k, temperature=c.temperature, chunk_size=c.chunk_size, weighting=c.ofa_weighting,
+                device=resolve_device(c.device, "init.device").type)
+
+
+def ofa_rows_of(mapping: Mapping, config: Any, token_ids: np.ndarray, progress: Any = None) -> np.ndarray:
+    """OFA's coordinates for the target tokens `token_ids` of a mapping, with the config's `init` settings."""
+    return ofa_for_tokens(mapping.target_postings, mapping.source_postings, mapping.word_vectors,
+                          mapping.source_coordinates, token_ids, progress=progress, **ofa_settings(config))
