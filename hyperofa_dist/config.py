@@ -491,9 +491,10 @@ class InitConfig(Section):
         "covered new tokens get both); 0: the hypernetwork's rows alone (the reference).",
     )
     ofa_centre: bool = Field(
-        False,
+        True,
         description="hyperofa: move the predicted rows by one shared vector so that their mean is OFA's mean over "
-        "the same tokens; each row's offset from the mean stays the hypernetwork's. false: the reference.",
+        "the same tokens; each row's offset from the mean stays the hypernetwork's (docs/METHOD.md §1.16). false: "
+        "the reference's rows.",
     )
 
 

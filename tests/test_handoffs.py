@@ -246,7 +246,7 @@ def test_the_init_methods_table_has_every_configurable_method_and_its_provenance
 
 def _context(tmp_path, vocab: int = 10, k: int = 4) -> MethodContext:
     """What the hyperofa and random rows read: the run directory, the target vocabulary's size, the mapping's k."""
-    config = load_config(None, [f"run.dir={tmp_path}", "tracking.enabled=false"])
+    config = load_config(None, [f"run.dir={tmp_path}", "tracking.enabled=false", "init.ofa_centre=false"])
     return MethodContext(config, SimpleNamespace(k=k), None, [0] * vocab, tmp_path / "tokenizer", np.arange(3))
 
 

@@ -174,8 +174,8 @@ def test_init_recentre_shifts_only_the_predicted_rows(init_worlds, tmp_path, one
     w, ids, rows = _world_with_predictions(init_worlds, tmp_path)
     plain, moved = init_worlds.fresh_run(w, tmp_path / "plain"), w
     init_worlds.write_hypernet(plain.run_dir, ids, rows)
-    assert cli_main(["init", *plain.overrides("init.method=hyperofa")]) == 0
-    assert cli_main(["init", *moved.overrides("init.method=hyperofa", "init.recentre=true")]) == 0
+    assert cli_main(["init", *plain.overrides("init.method=hyperofa", "init.ofa_centre=false")]) == 0
+    assert cli_main(["init", *moved.overrides("init.method=hyperofa", "init.recentre=true", "init.ofa_centre=false")]) == 0
     (a, pa), (b, pb) = ((np.load(r.run_dir / "init/hyperofa" / init_format.COORDINATES),
                          np.load(r.run_dir / "init/hyperofa" / init_format.PROVENANCE)) for r in (plain, moved))
     np.testing.assert_array_equal(pa, pb)
@@ -210,9 +210,9 @@ def test_blend_mixes_each_predicted_row_with_the_other_methods_row_of_the_same_t
 def test_init_ofa_blend_averages_hyperofa_rows_with_ofa_rows(init_worlds, tmp_path, one_thread):
     w, ids, rows = _world_with_predictions(init_worlds, tmp_path)
     assert cli_main(["init", *w.overrides("init.method=ofa")]) == 0
-    assert cli_main(["init", *w.overrides("init.method=hyperofa")]) == 0
+    assert cli_main(["init", *w.overrides("init.method=hyperofa", "init.ofa_centre=false")]) == 0
     plain = np.load(w.run_dir / "init/hyperofa" / init_format.COORDINATES)
-    assert cli_main(["init", *w.overrides("init.method=hyperofa", "init.ofa_blend=0.5")]) == 0
+    assert cli_main(["init", *w.overrides("init.method=hyperofa", "init.ofa_blend=0.5", "init.ofa_centre=false")]) == 0
     blended = np.load(w.run_dir / "init/hyperofa" / init_format.COORDINATES)
     ofa = np.load(w.run_dir / "init/ofa" / init_format.COORDINATES)
     provenance = np.load(w.run_dir / "init/hyperofa" / init_format.PROVENANCE)
@@ -237,7 +237,7 @@ def test_centre_on_moves_rows_onto_the_other_rows_mean_and_keeps_their_offsets()
 def test_init_ofa_centre_gives_hyperofa_rows_ofas_mean_and_the_hypernetworks_offsets(init_worlds, tmp_path, one_thread):
     w, ids, rows = _world_with_predictions(init_worlds, tmp_path)
     assert cli_main(["init", *w.overrides("init.method=ofa")]) == 0
-    assert cli_main(["init", *w.overrides("init.method=hyperofa")]) == 0
+    assert cli_main(["init", *w.overrides("init.method=hyperofa", "init.ofa_centre=false")]) == 0
     plain = np.load(w.run_dir / "init/hyperofa" / init_format.COORDINATES)
     assert cli_main(["init", *w.overrides("init.method=hyperofa", "init.ofa_centre=true")]) == 0
     centred = np.load(w.run_dir / "init/hyperofa" / init_format.COORDINATES)

@@ -96,7 +96,8 @@ def test_a_trial_reports_every_epoch_and_scores_its_model_as_init_does(tune_worl
     from hyperofa_dist.tune import trial as tr
 
     config = load_config(None, tune_world.overrides(*TINY, "hypernet.epochs=2", "hypernet.lr=0.003",
-                                               "hypernet.hidden_size=16", "hypernet.num_layers=1"))
+                                               "hypernet.hidden_size=16", "hypernet.num_layers=1",
+                                               "init.ofa_centre=false"))
     hp = config.hypernet
     ws = tr.open_workspace(config, torch.device("cpu"))
     reports: list[dict] = []
@@ -113,7 +114,8 @@ def test_a_trial_reports_every_epoch_and_scores_its_model_as_init_does(tune_worl
                                                   context_rule(hp, config.run.seed, "target")),
                         batch_size=hp.predict_batch_size, cap=hp.max_context, device=torch.device("cpu"))
     init_worlds.write_hypernet(tune_world.run_dir, ws.new_ids, rows)
-    assert main(["init", *tune_world.overrides("init.method=hyperofa", "init.heldout_blocks=4")]) == 0
+    assert main(["init", *tune_world.overrides("init.method=hyperofa", "init.heldout_blocks=4",
+                                               "init.ofa_centre=false")]) == 0
     quality = json.loads((tune_world.run_dir / "init" / "hyperofa" / "quality.json").read_text())
     assert quality["new_token_mlm"]["loss"]["average"] == pytest.approx(scored, abs=1e-5)
     assert scored != pytest.approx(last[tr.NEW_TOKEN_LOSS], abs=1e-4)  # a trained hypernetwork scores otherwise

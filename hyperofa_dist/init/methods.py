@@ -2,7 +2,8 @@
 are not copied (ids ascending or as the method found them, coordinates [n, k]); the assembly (`assemble.py`) puts
 the copied rows first and seeded random rows wherever no row was predicted (docs/METHOD.md §1.8).
 
-- hyperofa: the hypernetwork stage's predictions, checked against the target vocabulary and the mapping's k;
+- hyperofa: the hypernetwork stage's predictions, checked against the target vocabulary and the mapping's k, moved
+  onto OFA's mean over the same tokens (`init.ofa_centre`, docs/METHOD.md §1.16) and optionally blended with OFA;
 - ofa: the similarity-weighted combination of source rows over each covered new token's words (`method/ofa.py`);
 - mean: the mean of the source rows of the pieces the source tokenizer splits a new token into (`mean.py`);
 - random: nothing predicted, every row not copied is random.
