@@ -186,15 +186,10 @@ def run_bench(scale: BenchScale, settings: dict[str, Any], workdir: Path, seed: 
 
 
 def run(config: Any, args: Any) -> int:
-    from ..runtime.device import resolve_device
+    from ..method.ofa import ofa_settings
 
     c = config.init
-    settings = {
-        "top_k": c.top_k,
-        "temperature": c.temperature,
-        "chunk_size": c.chunk_size,
-        "device": resolve_device(c.device, "init.device").type,
-    }
+    settings = ofa_settings(config)
     seed = c.seed if c.seed is not None else config.run.seed
     if getattr(args, "workdir", None):
         result = run_bench(BenchScale(), settings, Path(args.workdir), seed)

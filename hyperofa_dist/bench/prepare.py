@@ -4,9 +4,10 @@ Baseline: the target tokenizer's batched encoder (`encode_batch_fast`, one threa
 sentences, already in memory, language after language: what the stage could do per core if reading, normalising,
 sampling, packing and writing cost nothing. The stage empties the tokenizer's word cache before each unit
 (`formats.tokenizer.fresh_word_cache`), which the plain loop does not, so a second baseline does the same per
-language: the ratio against it is what the stage's own work (and Ray's) costs beside equally cached tokenizing. Then the whole stage (read, normalise, count, sample, tokenize, pack,
-write shards and manifest) with a local Ray of 1 and of 2 CPUs; Ray's start-up (booting the workers, and each
-worker's one-time import of the stage's task module) is timed apart and excluded.
+language: the ratio against it is what the stage's own work (and Ray's) costs beside equally cached tokenizing.
+Then the whole stage (read, normalise, count, sample, tokenize, pack, write shards and manifest) with a local Ray
+of 1 and of 2 CPUs; Ray's start-up (booting the workers, and each worker's one-time import of the stage's task
+module) is timed apart and excluded.
 Every sentence is kept once (no temperature budget), so both sides encode exactly the same text.
 """
 

@@ -85,12 +85,10 @@ def train_hypernet(mapping: Any, hp: Any, split: dict[str, np.ndarray], targets:
 
 
 def _ofa(mapping: Any, config: Any, coordinates: np.ndarray, test: np.ndarray) -> np.ndarray:
-    from ..method.ofa import ofa_for_tokens
+    from ..method.ofa import ofa_for_tokens, ofa_settings
 
-    c = config.init
     return ofa_for_tokens(mapping.source_postings, mapping.source_postings, mapping.word_vectors, coordinates, test,
-                          exclude_sources=test, top_k=c.top_k, temperature=c.temperature, chunk_size=c.chunk_size,
-                          weighting=c.ofa_weighting)
+                          exclude_sources=test, **ofa_settings(config))
 
 
 def _split(mapping: Any, seed: int) -> dict[str, np.ndarray]:

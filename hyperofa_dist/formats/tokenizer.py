@@ -497,7 +497,6 @@ def backend_from_json(text: str) -> Any:
     return tokenizer
 
 
-
 def fresh_word_cache(backend: Any) -> None:
     """Empty the word cache of the backend's model (BPE and Unigram keep one) before a new unit of text.
 

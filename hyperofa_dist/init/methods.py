@@ -24,8 +24,8 @@ from ..config import Config
 from ..formats.hypernet import load_predictions
 from ..formats.mapping import Mapping
 from ..method import assemble as asm
-from .mean import piece_means
 from ..method.ofa import ofa_rows_of
+from .mean import piece_means
 
 
 @dataclass(frozen=True)
@@ -56,18 +56,13 @@ def hyperofa(ctx: MethodContext) -> Predicted:
     asm.check_predictions(ids, rows, len(ctx.target_tokenizer), ctx.mapping.k, "hypernet predictions")
     c = ctx.config.init
     # OFA covers exactly the tokens the hypernetwork predicts (docs/METHOD.md §2)
-    ofa = ofa_rows(ctx, ids) if c.ofa_blend > 0 or c.ofa_centre else None
+    ofa = ofa_rows_of(ctx.mapping, ctx.config, ids, ctx.progress) if c.ofa_blend > 0 or c.ofa_centre else None
     return Predicted(ids, asm.hyperofa_rows(ids, rows, ofa, c.ofa_blend, c.ofa_centre))
-
-
-def ofa_rows(ctx: MethodContext, ids: np.ndarray) -> np.ndarray:
-    """OFA's coordinates for the target tokens `ids`."""
-    return ofa_rows_of(ctx.mapping, ctx.config, ids, ctx.progress)
 
 
 def ofa(ctx: MethodContext) -> Predicted:
     ids = covered_new_tokens(ctx.mapping, ctx.copy_t)
-    return Predicted(ids, ofa_rows(ctx, ids))
+    return Predicted(ids, ofa_rows_of(ctx.mapping, ctx.config, ids, ctx.progress))
 
 
 def mean(ctx: MethodContext) -> Predicted:

@@ -42,13 +42,13 @@ from ..formats.modelcard import ModelCard, corpus_facts, write_model_card
 from ..formats.tokenizer import ignored_settings, load_tokenizer, target_tokenizer_dir, tokenizer_fingerprint
 from ..method import assemble as asm
 from ..method.heldout import OBJECTIVES, heldout_shardset, init_seed, new_token_loss
+from ..method.ofa import ofa_for_tokens, ofa_settings
 from ..method.random import column_stats, random_rows
 from ..models.export import ExportInfo, build_expanded_any, merge_copy_pairs, special_token_pairs
 from ..models.head import HeadReport, complete_head
 from ..runtime.stage import StageShell
 from ..tracking import METHOD_TAG, STAGE_TAG, STEP_TAG, registered_model_name
 from .methods import METHODS, MethodContext
-from ..method.ofa import ofa_for_tokens, ofa_settings
 from .rows import describe as describe_rows
 from .rows import row_metrics, row_statistics
 
